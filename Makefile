@@ -1,0 +1,55 @@
+# One set of checks everywhere: CI calls these same targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pinned so a CPU-only machine installs the CPU build instead of gigabytes of CUDA wheels.
+# On a GPU machine: make install TORCH_SPEC=torch==2.13.0 TORCH_INDEX=<your CUDA wheel index>
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+DB ?= mfbatch.duckdb
+DATASET ?= ml-1m
+SOURCE ?=
+TOPK ?= 20
+PREPROCESS_FLAGS ?=
+SOURCE_FLAG := $(if $(SOURCE),--source $(SOURCE),)
+
+.PHONY: help install test lint bench all preprocess clean
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/.installed ## Create .venv: pinned torch, then mfbatch with [dev]
+
+test: $(BIN)/.installed ## Run the test suite
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/.installed ## ruff + mypy
+	$(BIN)/ruff check mfbatch tests
+	$(BIN)/ruff format --check mfbatch tests
+	$(BIN)/mypy
+
+bench: $(BIN)/.installed ## Benchmarks (not part of the test run); results in bench-results/
+	@mkdir -p bench-results
+	$(BIN)/python tests/bench/bench_preprocess.py --out bench-results/preprocess.json
+
+preprocess: $(BIN)/.installed ## Stage 1 only
+	$(BIN)/mfbatch preprocess --dataset $(DATASET) $(SOURCE_FLAG) --db $(DB) $(PREPROCESS_FLAGS)
+
+all: preprocess ## The whole pipeline (DATASET=, SOURCE= override the input)
+
+clean: ## Remove the venv, caches, databases and exported models
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results
+	rm -f $(DB) $(DB).wal
+	find export -mindepth 1 ! -name README.md -exec rm -rf {} +

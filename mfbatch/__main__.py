@@ -1,0 +1,3 @@
+from mfbatch.cli import app
+
+app(prog_name="mfbatch")

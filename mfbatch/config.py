@@ -1,0 +1,191 @@
+"""Typed configuration, built once per command.
+
+Each stage has a frozen dataclass. `load_config` reads an optional TOML file
+(`[data]`, `[split]`, `[train]`, `[score]` tables and a top-level `db`), applies the CLI's
+overrides on top, validates, and returns one `Config`. Nothing downstream sees a dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+from mfbatch.errors import ConfigError
+
+SplitKind = Literal["time", "user-time", "random"]
+DataType = Literal["movielens", "csv", "parquet", "synthetic"]
+
+MOVIELENS_RELEASES = (
+    "ml-100k",
+    "ml-1m",
+    "ml-10m",
+    "ml-20m",
+    "ml-25m",
+    "ml-32m",
+    "ml-latest",
+    "ml-latest-small",
+)
+GENERIC_DATASETS = ("csv", "parquet", "synthetic")
+
+
+def dataset_type(dataset: str) -> DataType:
+    """The loader key (`data.type`) for a `--dataset` name."""
+    if dataset in MOVIELENS_RELEASES:
+        return "movielens"
+    if dataset in GENERIC_DATASETS:
+        return dataset  # type: ignore[return-value]
+    known = ", ".join((*MOVIELENS_RELEASES, *GENERIC_DATASETS))
+    raise ConfigError(f"--dataset: unknown dataset {dataset!r}; choose one of {known}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where ratings come from and how to read them."""
+
+    dataset: str = "ml-1m"
+    source: Path | None = None
+    # Generic CSV/Parquet column mapping.
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    rating_col: str = "rating"
+    time_col: str | None = "timestamp"
+    separator: str = ","
+    # Rating scale; inferred from the data (or known for MovieLens) when unset.
+    rating_min: float | None = None
+    rating_max: float | None = None
+    # Synthetic generator.
+    users: int = 1_000
+    items: int = 500
+    ratings_per_user: float = 50.0
+    seed: int = 0
+    cache_dir: Path | None = None
+
+    @property
+    def type(self) -> DataType:
+        return dataset_type(self.dataset)
+
+    def __post_init__(self) -> None:
+        dataset_type(self.dataset)
+        if len(self.separator) != 1:
+            raise ConfigError(
+                f"--separator: must be a single character, got {self.separator!r}"
+            )
+        if self.users < 1 or self.items < 1:
+            raise ConfigError("--users/--items: must be at least 1")
+        if not 0 < self.ratings_per_user <= self.items:
+            raise ConfigError(
+                f"--ratings-per-user: must be in (0, items={self.items}], "
+                f"got {self.ratings_per_user}"
+            )
+        if (self.rating_min is None) != (self.rating_max is None):
+            raise ConfigError("--rating-min/--rating-max: give both or neither")
+        if (
+            self.rating_min is not None
+            and self.rating_max is not None
+            and self.rating_min >= self.rating_max
+        ):
+            raise ConfigError(
+                f"--rating-min ({self.rating_min}) must be below --rating-max ({self.rating_max})"
+            )
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How ratings are divided into train and validation."""
+
+    kind: SplitKind = "time"
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(SplitKind):
+            raise ConfigError(
+                f"--split: unknown split {self.kind!r}; choose time, user-time or random"
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(
+                f"--val-fraction: must be strictly between 0 and 1, got {self.val_fraction}"
+            )
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one command needs, resolved from TOML and CLI flags."""
+
+    db: Path = Path("mfbatch.duckdb")
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able view, stored with runs so a result says how it was made."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+
+        return plain(dataclasses.asdict(self))
+
+
+_SECTIONS: dict[str, type[Any]] = {"data": DataConfig, "split": SplitConfig}
+
+
+def _build(cls: type[Any], values: Mapping[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
+        )
+    converted: dict[str, Any] = {}
+    for name, value in values.items():
+        annotation = str(fields[name].type)
+        if "Path" in annotation and isinstance(value, str):
+            value = Path(value).expanduser()
+        converted[name] = value
+    try:
+        return cls(**converted)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    db: Path | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Read `path` (TOML) if given, apply non-None `overrides` per section, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"--config: {path} does not exist; pass an existing TOML file")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--config: {path} is not valid TOML ({exc})") from None
+    unknown = sorted(set(raw) - {*_SECTIONS, "db"})
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown table(s) {', '.join(unknown)}; use [data], [split] and db"
+        )
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        values = dict(raw.get(name, {}))
+        for key, value in (overrides or {}).get(name, {}).items():
+            if value is not None:
+                values[key] = value
+        sections[name] = _build(cls, values, f"[{name}]" if path is None else f"{path} [{name}]")
+    db_path = db if db is not None else Path(raw.get("db", "mfbatch.duckdb")).expanduser()
+    return Config(db=db_path, **sections)

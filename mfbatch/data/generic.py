@@ -1,0 +1,199 @@
+"""Any CSV or Parquet file of ratings, with the columns named on the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from mfbatch.data.base import BaseDataLoader, RawData, sha256_file
+from mfbatch.data.factory import DataLoaderFactory
+from mfbatch.errors import InputDataError
+
+_ROLE_FLAGS = {
+    "user_id": "--user-col",
+    "item_id": "--item-col",
+    "rating": "--rating-col",
+    "ts": "--time-col",
+}
+
+
+class _TableLoader(BaseDataLoader):
+    """Shared by CSV and Parquet: pick the columns, type them, check them."""
+
+    def _source(self) -> Path:
+        source = self.data.source
+        if source is None:
+            raise InputDataError(f"--source: --dataset {self.data.dataset} needs a file path")
+        if not source.is_file():
+            raise InputDataError(f"--source: {source} does not exist or is not a file")
+        return source
+
+    def _columns(self) -> dict[str, str]:
+        """Role -> column name in the file."""
+        roles = {
+            "user_id": self.data.user_col,
+            "item_id": self.data.item_col,
+            "rating": self.data.rating_col,
+        }
+        if self.data.time_col:
+            roles["ts"] = self.data.time_col
+        return roles
+
+    def _check_present(self, source: Path, found: list[str]) -> dict[str, str]:
+        roles = self._columns()
+        for role, column in roles.items():
+            if column not in found:
+                shown = ", ".join(found[:12]) + (", ..." if len(found) > 12 else "")
+                if role == "ts" and self.split.kind == "random":
+                    hint = "pass --time-col, or --no-time-col to read no time"
+                else:
+                    hint = f"pass {_ROLE_FLAGS[role]} with one of them"
+                raise InputDataError(
+                    f"{source}: no column {column!r} for {role} (columns: {shown}); {hint}"
+                )
+        return roles
+
+    def _read(self, source: Path) -> pl.DataFrame:
+        raise NotImplementedError
+
+    def load_data(self) -> RawData:
+        source = self._source()
+        frame = self._read(source)
+        if frame.height == 0:
+            raise InputDataError(f"{source}: the file holds no rating rows")
+        roles = self._columns()
+        line_offset = 2 if self.name == "csv" else 1  # header line, 1-based lines
+        for role in ("user_id", "item_id", "rating"):
+            nulls = frame.with_row_index("__row").filter(pl.col(role).is_null())
+            if nulls.height:
+                where = (
+                    f"line {int(nulls['__row'][0]) + line_offset}"
+                    if self.name == "csv"
+                    else f"row {int(nulls['__row'][0])}"
+                )
+                raise InputDataError(f"{source} {where}, column {roles[role]}: value is missing")
+        frame = frame.with_columns(_as_id(frame["user_id"]), _as_id(frame["item_id"]))
+        bad = frame.with_row_index("__row").filter(~pl.col("rating").is_finite())
+        if bad.height:
+            raise InputDataError(
+                f"{source} row {int(bad['__row'][0])}, column {roles['rating']}: "
+                f"{bad['rating'][0]} is not a finite number"
+            )
+        ts = _as_timestamp(frame, source, roles.get("ts")) if "ts" in frame.columns else None
+        frame = frame.with_columns(
+            ts if ts is not None else pl.lit(None, dtype=pl.Datetime("us")).alias("ts")
+        )
+        return RawData(
+            ratings=frame.select("user_id", "item_id", "rating", "ts"),
+            items=None,
+            source=str(source),
+            source_sha256=sha256_file(source),
+            loader=self.name,
+            layout=self.name,
+            rating_scale=None,
+        )
+
+
+def _as_id(column: pl.Series) -> pl.Series:
+    # Integer ids stay integers (numeric order); anything else is compared as text.
+    if column.dtype.is_integer():
+        return column.cast(pl.Int64)
+    if column.dtype.is_float() and (column == column.round()).all():
+        return column.cast(pl.Int64)
+    return column.cast(pl.String)
+
+
+def _as_timestamp(frame: pl.DataFrame, source: Path, column: str | None) -> pl.Series:
+    ts = frame["ts"]
+    if ts.dtype.is_numeric():
+        # Unix seconds, or milliseconds when the values only make sense as such
+        # (seconds past 1e11 would be the year 5138).
+        unit = "ms" if (ts.abs().max() or 0) > 1e11 else "s"  # type: ignore[operator]
+        return pl.from_epoch(ts.cast(pl.Int64), time_unit=unit).alias("ts")
+    if isinstance(ts.dtype, pl.Datetime):
+        if ts.dtype.time_zone is not None:
+            ts = ts.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+        return ts.cast(pl.Datetime("us"))
+    if isinstance(ts.dtype, pl.Date):
+        return ts.cast(pl.Datetime("us"))
+    parsed = ts.cast(pl.String).str.to_datetime(strict=False, time_unit="us")
+    bad = frame.with_row_index("__row").filter(parsed.is_null() & ts.is_not_null())
+    if bad.height:
+        raise InputDataError(
+            f"{source} row {int(bad['__row'][0])}, column {column}: {bad['ts'][0]!r} is not a "
+            "timestamp (expected Unix seconds or an ISO date-time)"
+        )
+    if isinstance(parsed.dtype, pl.Datetime) and parsed.dtype.time_zone is not None:
+        parsed = parsed.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    return parsed.alias("ts")
+
+
+@DataLoaderFactory.register("csv")
+class CsvLoader(_TableLoader):
+    def _read(self, source: Path) -> pl.DataFrame:
+        sep = self.data.separator
+        try:
+            header = pl.read_csv(source, separator=sep, n_rows=0).columns
+        except (pl.exceptions.NoDataError, pl.exceptions.PolarsError) as exc:
+            if source.stat().st_size == 0 or isinstance(exc, pl.exceptions.NoDataError):
+                raise InputDataError(f"{source}: the file is empty") from None
+            raise InputDataError(f"{source}: unreadable header ({_first(exc)})") from None
+        roles = self._check_present(source, header)
+        rename = {column: role for role, column in roles.items()}
+        try:
+            frame = pl.read_csv(
+                source,
+                separator=sep,
+                columns=list(roles.values()),
+                schema_overrides={roles["rating"]: pl.Float64},
+                infer_schema_length=10_000,
+            )
+        except (pl.exceptions.PolarsError, ValueError) as exc:
+            raise InputDataError(self._explain(source, roles) or f"{source}: {_first(exc)}") from None
+        return frame.rename(rename)
+
+    def _explain(self, source: Path, roles: dict[str, str]) -> str | None:
+        """Read again as text to name the first line whose rating is not a number."""
+        try:
+            text = pl.read_csv(
+                source, separator=self.data.separator, columns=list(roles.values()),
+                infer_schema=False,
+            ).with_row_index("__row")
+        except (pl.exceptions.PolarsError, ValueError) as exc:
+            return f"{source}: malformed CSV ({_first(exc)}); check --separator and quoting"
+        rating = roles["rating"]
+        bad = text.filter(
+            pl.col(rating).is_not_null()
+            & pl.col(rating).str.strip_chars().cast(pl.Float64, strict=False).is_null()
+        )
+        if bad.height:
+            return (
+                f"{source} line {int(bad['__row'][0]) + 2}, column {rating}: "
+                f"{bad[rating][0]!r} is not a number"
+            )
+        return None
+
+
+@DataLoaderFactory.register("parquet")
+class ParquetLoader(_TableLoader):
+    def _read(self, source: Path) -> pl.DataFrame:
+        try:
+            schema = pl.read_parquet_schema(source)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise InputDataError(f"{source}: not a readable Parquet file ({_first(exc)})") from None
+        roles = self._check_present(source, list(schema))
+        rating_type = schema[roles["rating"]]
+        if not rating_type.is_numeric():
+            raise InputDataError(
+                f"{source}: column {roles['rating']} holds {rating_type}, not numbers; "
+                "pass --rating-col naming the numeric rating column"
+            )
+        frame = pl.read_parquet(source, columns=list(roles.values()))
+        return frame.rename({column: role for role, column in roles.items()}).with_columns(
+            pl.col("rating").cast(pl.Float64)
+        )
+
+
+def _first(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,154 @@
+"""DuckDB access: connections, the named queries in `sql/`, and atomic table swaps.
+
+Queries live in `sql/*.sql` as named blocks (`-- name: <query_name>`), with DuckDB's
+`$name` bind parameters. They are parsed once, when first used: a duplicate name, an
+empty block or a syntax error fails loudly at load, not halfway through a run.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from mfbatch.errors import DatabaseError
+
+_NAME_RE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+_PARAM_RE = re.compile(r"(?<![\w$])\$([a-z_][a-z0-9_]*)")
+_LOCK_PID_RE = re.compile(r"\(PID (\d+)\)")
+
+
+@dataclass(frozen=True)
+class Query:
+    name: str
+    sql: str
+    params: frozenset[str]
+    origin: str
+
+
+def _sql_dir() -> Path:
+    # Installed wheel: sql/ is packed into the package. Editable install / source tree:
+    # it sits at the repository root beside the package.
+    packaged = resources.files("mfbatch") / "sql"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+def parse_queries(text: str, origin: str) -> dict[str, Query]:
+    """Split one .sql file into named queries and check each parses as one statement."""
+    matches = list(_NAME_RE.finditer(text))
+    if not matches:
+        raise DatabaseError(f"{origin}: no '-- name: ...' blocks found")
+    queries: dict[str, Query] = {}
+    for match, following in zip(matches, [*matches[1:], None], strict=True):
+        name = match.group(1)
+        body = text[match.end() : following.start() if following else len(text)].strip()
+        code = "\n".join(
+            line for line in body.splitlines() if not line.lstrip().startswith("--")
+        ).strip()
+        if not code:
+            raise DatabaseError(f"{origin}: query {name!r} is empty")
+        if name in queries:
+            raise DatabaseError(f"{origin}: query {name!r} is defined twice")
+        try:
+            statements = duckdb.extract_statements(code)
+        except duckdb.Error as exc:
+            raise DatabaseError(f"{origin}: query {name!r} does not parse: {exc}") from None
+        if len(statements) != 1:
+            raise DatabaseError(
+                f"{origin}: query {name!r} holds {len(statements)} statements; one per name"
+            )
+        queries[name] = Query(name, code, frozenset(_PARAM_RE.findall(code)), origin)
+    return queries
+
+
+@functools.cache
+def queries() -> Mapping[str, Query]:
+    """All named queries from every file in sql/, checked once per process."""
+    directory = _sql_dir()
+    files = sorted(directory.glob("*.sql"))
+    if not files:
+        raise DatabaseError(f"{directory}: no .sql files; the mfbatch install is incomplete")
+    found: dict[str, Query] = {}
+    for path in files:
+        for name, query in parse_queries(path.read_text(encoding="utf-8"), path.name).items():
+            if name in found:
+                raise DatabaseError(
+                    f"query {name!r} is defined in both {found[name].origin} and {path.name}"
+                )
+            found[name] = query
+    return found
+
+
+def run(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> duckdb.DuckDBPyConnection:
+    """Execute the named query with exactly the bind parameters it declares."""
+    query = queries()[name]
+    if set(params) != query.params:
+        raise TypeError(
+            f"query {name!r} takes parameters {sorted(query.params)}, got {sorted(params)}"
+        )
+    return con.execute(query.sql, params or None)
+
+
+def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the database, turning lock and missing-file failures into one-line errors."""
+    if read_only and not path.exists():
+        raise DatabaseError(
+            f"database {path} does not exist; run `mfbatch preprocess --db {path}` first"
+        )
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as exc:
+        message = str(exc)
+        if "lock" in message.lower():
+            pid = _LOCK_PID_RE.search(message)
+            holder = f" (PID {pid.group(1)})" if pid else ""
+            raise DatabaseError(
+                f"database {path} is locked by another process{holder}; "
+                "close that process or pass a different --db"
+            ) from None
+        raise DatabaseError(f"database {path} could not be opened: {_first_line(exc)}") from None
+    except duckdb.Error as exc:
+        raise DatabaseError(f"database {path} could not be opened: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection, what: str) -> Iterator[None]:
+    """All-or-nothing: on any failure the database keeps what it had before."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException as exc:
+        con.execute("ROLLBACK")
+        if isinstance(exc, duckdb.Error):
+            raise DatabaseError(
+                f"writing {what} failed and was rolled back, nothing changed: {_first_line(exc)}"
+            ) from None
+        raise
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    row = run(con, "table_exists", table=table).fetchone()
+    return bool(row and row[0])
+
+
+def require_tables(con: duckdb.DuckDBPyConnection, path: Path, *tables: str) -> None:
+    missing = [t for t in tables if not table_exists(con, t)]
+    if missing:
+        raise DatabaseError(
+            f"database {path} has no {', '.join(missing)} table; "
+            f"run `mfbatch preprocess --db {path}` first"
+        )

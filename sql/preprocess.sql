@@ -1,0 +1,96 @@
+-- The prepared dataset: what `mfbatch preprocess` writes and every later stage reads.
+-- The preprocess stage runs drop_* / create_* / insert_* inside one transaction, reading
+-- the staged_* relations it registers from Arrow, so a failure keeps the previous dataset.
+
+-- name: drop_ratings
+DROP TABLE IF EXISTS ratings;
+
+-- name: drop_users
+DROP TABLE IF EXISTS users;
+
+-- name: drop_items
+DROP TABLE IF EXISTS items;
+
+-- name: drop_dataset_meta
+DROP TABLE IF EXISTS dataset_meta;
+
+-- name: create_users
+-- user_idx is dense 0..n_users-1, assigned in sorted order of the raw id (numeric order
+-- when every raw id is an integer, else byte order), so the same input maps the same way.
+CREATE TABLE users (
+    user_idx  INTEGER PRIMARY KEY,
+    user_id   VARCHAR NOT NULL UNIQUE,
+    n_ratings INTEGER NOT NULL,
+    n_train   INTEGER NOT NULL
+);
+
+-- name: create_items
+CREATE TABLE items (
+    item_idx  INTEGER PRIMARY KEY,
+    item_id   VARCHAR NOT NULL UNIQUE,
+    title     VARCHAR,
+    genres    VARCHAR,
+    n_ratings INTEGER NOT NULL,
+    n_train   INTEGER NOT NULL
+);
+
+-- name: create_ratings
+CREATE TABLE ratings (
+    user_idx    INTEGER NOT NULL,
+    item_idx    INTEGER NOT NULL,
+    rating      DOUBLE  NOT NULL,  -- original scale (stars)
+    rating_norm DOUBLE  NOT NULL,  -- (rating - rating_min) / (rating_max - rating_min), in [0,1]
+    ts          TIMESTAMP,         -- UTC; NULL when the source has no time column
+    split       VARCHAR NOT NULL CHECK (split IN ('train', 'val')),
+    cold_user   BOOLEAN NOT NULL,  -- a val row whose user has no train rating
+    cold_item   BOOLEAN NOT NULL   -- a val row whose item has no train rating
+);
+
+-- name: create_dataset_meta
+CREATE TABLE dataset_meta (
+    dataset_sha256     VARCHAR   NOT NULL,  -- identifies source + preprocessing; runs cite it
+    source             VARCHAR   NOT NULL,
+    source_sha256      VARCHAR   NOT NULL,
+    loader             VARCHAR   NOT NULL,
+    layout             VARCHAR   NOT NULL,
+    rating_min         DOUBLE    NOT NULL,
+    rating_max         DOUBLE    NOT NULL,
+    rows_in            BIGINT    NOT NULL,
+    duplicates_dropped BIGINT    NOT NULL,
+    n_users            INTEGER   NOT NULL,
+    n_items            INTEGER   NOT NULL,
+    n_ratings          BIGINT    NOT NULL,
+    n_train            BIGINT    NOT NULL,
+    n_val              BIGINT    NOT NULL,
+    n_val_cold_user    BIGINT    NOT NULL,
+    n_val_cold_item    BIGINT    NOT NULL,
+    split_kind         VARCHAR   NOT NULL,
+    val_fraction       DOUBLE    NOT NULL,
+    split_seed         INTEGER   NOT NULL,
+    time_cutoff        TIMESTAMP,          -- first val timestamp of a `time` split
+    config             JSON      NOT NULL,
+    mfbatch_version    VARCHAR   NOT NULL,
+    seconds            DOUBLE    NOT NULL,
+    created_at         TIMESTAMP NOT NULL
+);
+
+-- name: insert_users
+INSERT INTO users
+SELECT user_idx, user_id, n_ratings, n_train FROM staged_users;
+
+-- name: insert_items
+INSERT INTO items
+SELECT item_idx, item_id, title, genres, n_ratings, n_train FROM staged_items;
+
+-- name: insert_ratings
+INSERT INTO ratings
+SELECT user_idx, item_idx, rating, rating_norm, ts, split, cold_user, cold_item
+FROM staged_ratings;
+
+-- name: insert_dataset_meta
+INSERT INTO dataset_meta VALUES (
+    $dataset_sha256, $source, $source_sha256, $loader, $layout, $rating_min, $rating_max,
+    $rows_in, $duplicates_dropped, $n_users, $n_items, $n_ratings, $n_train, $n_val,
+    $n_val_cold_user, $n_val_cold_item, $split_kind, $val_fraction, $split_seed,
+    $time_cutoff, $config, $mfbatch_version, $seconds, now()::TIMESTAMP
+);
