@@ -6,7 +6,6 @@ on stderr and an exit code, so a user error never shows a traceback.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -151,4 +150,4 @@ def main() -> None:  # pragma: no cover - console-script shim
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -76,9 +76,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         dataset_type(self.dataset)
         if len(self.separator) != 1:
-            raise ConfigError(
-                f"--separator: must be a single character, got {self.separator!r}"
-            )
+            raise ConfigError(f"--separator: must be a single character, got {self.separator!r}")
         if self.users < 1 or self.items < 1:
             raise ConfigError("--users/--items: must be at least 1")
         if not 0 < self.ratings_per_user <= self.items:

@@ -90,7 +90,9 @@ def preprocess(*, config: Config, console: Console | None = None) -> PreprocessS
     try:
         loader = DataLoaderFactory.create(config.data, config.split)
         with _steps(console, 3) as progress:
-            task = progress.add_task(f"reading {config.data.source or config.data.dataset}", total=3)
+            task = progress.add_task(
+                f"reading {config.data.source or config.data.dataset}", total=3
+            )
             raw = loader.load_data()
             progress.update(task, advance=1, description=f"preparing {raw.ratings.height:,} rows")
             prepared = loader.preprocess_data(raw)

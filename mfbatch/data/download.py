@@ -92,9 +92,7 @@ def download(url: str, target: Path, *, md5: str, timeout: float = 30.0) -> None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
-        raise InputDataError(
-            f"could not download {url} ({reason}); if offline, {hint}"
-        ) from None
+        raise InputDataError(f"could not download {url} ({reason}); if offline, {hint}") from None
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise InputDataError(f"could not write {partial} ({exc}); free space or {hint}") from None

@@ -109,8 +109,8 @@ def _as_timestamp(frame: pl.DataFrame, source: Path, column: str | None) -> pl.S
     if ts.dtype.is_numeric():
         # Unix seconds, or milliseconds when the values only make sense as such
         # (seconds past 1e11 would be the year 5138).
-        unit = "ms" if (ts.abs().max() or 0) > 1e11 else "s"  # type: ignore[operator]
-        return pl.from_epoch(ts.cast(pl.Int64), time_unit=unit).alias("ts")
+        seconds = (ts.abs().max() or 0) <= 1e11  # type: ignore[operator]
+        return pl.from_epoch(ts.cast(pl.Int64), time_unit="s" if seconds else "ms").alias("ts")
     if isinstance(ts.dtype, pl.Datetime):
         if ts.dtype.time_zone is not None:
             ts = ts.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
@@ -150,14 +150,18 @@ class CsvLoader(_TableLoader):
                 infer_schema_length=10_000,
             )
         except (pl.exceptions.PolarsError, ValueError) as exc:
-            raise InputDataError(self._explain(source, roles) or f"{source}: {_first(exc)}") from None
+            raise InputDataError(
+                self._explain(source, roles) or f"{source}: {_first(exc)}"
+            ) from None
         return frame.rename(rename)
 
     def _explain(self, source: Path, roles: dict[str, str]) -> str | None:
         """Read again as text to name the first line whose rating is not a number."""
         try:
             text = pl.read_csv(
-                source, separator=self.data.separator, columns=list(roles.values()),
+                source,
+                separator=self.data.separator,
+                columns=list(roles.values()),
                 infer_schema=False,
             ).with_row_index("__row")
         except (pl.exceptions.PolarsError, ValueError) as exc:

@@ -32,7 +32,10 @@ def _finish(frame: pl.DataFrame, origin: str, line_offset: int) -> pl.DataFrame:
 def _ratings_100k(archive: Archive) -> pl.DataFrame:
     origin = archive.origin("u.data")
     frame = read_delimited(
-        archive.read("u.data"), origin=origin, separator="\t", names=_RATING_NAMES,
+        archive.read("u.data"),
+        origin=origin,
+        separator="\t",
+        names=_RATING_NAMES,
         dtypes=_RATING_DTYPES,
     )
     return _finish(frame, origin, 1)
@@ -61,7 +64,10 @@ def _items_100k(archive: Archive) -> pl.DataFrame | None:
 def _ratings_dat(archive: Archive) -> pl.DataFrame:
     origin = archive.origin("ratings.dat")
     frame = read_delimited(
-        archive.read("ratings.dat"), origin=origin, separator="::", names=_RATING_NAMES,
+        archive.read("ratings.dat"),
+        origin=origin,
+        separator="::",
+        names=_RATING_NAMES,
         dtypes=_RATING_DTYPES,
     )
     return _finish(frame, origin, 1)
@@ -90,7 +96,11 @@ def _ratings_csv(archive: Archive) -> pl.DataFrame:
             "CSV files use --dataset csv with --user-col/--item-col/--rating-col/--time-col"
         )
     frame = read_delimited(
-        data, origin=origin, separator=",", names=_RATING_NAMES, dtypes=_RATING_DTYPES,
+        data,
+        origin=origin,
+        separator=",",
+        names=_RATING_NAMES,
+        dtypes=_RATING_DTYPES,
         skip_header=True,
     )
     return _finish(frame, origin, 2)

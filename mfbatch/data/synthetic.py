@@ -75,8 +75,21 @@ def generate(spec: SyntheticSpec) -> pl.DataFrame:
         budget = np.cumsum(counts[first:] * 3)
         last = first + max(1, int(np.searchsorted(budget, _CANDIDATES_PER_CHUNK)))
         chunks.append(
-            _chunk(rng, first, min(last, n_users), counts, cdf, user_vec, item_vec, scale,
-                   user_bias, item_bias, start, span, n_items)
+            _chunk(
+                rng,
+                first,
+                min(last, n_users),
+                counts,
+                cdf,
+                user_vec,
+                item_vec,
+                scale,
+                user_bias,
+                item_bias,
+                start,
+                span,
+                n_items,
+            )
         )
         first = last
     return pl.concat(chunks)

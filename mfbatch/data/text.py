@@ -59,8 +59,14 @@ def read_delimited(
         )
     except (pl.exceptions.PolarsError, ValueError) as exc:
         raise InputDataError(
-            _explain(data, origin=origin, separator=separator, names=names, dtypes=dtypes,
-                     skip_header=skip_header)
+            _explain(
+                data,
+                origin=origin,
+                separator=separator,
+                names=names,
+                dtypes=dtypes,
+                skip_header=skip_header,
+            )
             or f"{origin}: could not be parsed ({str(exc).splitlines()[0]})"
         ) from None
     frame = frame.select(names)
@@ -70,9 +76,16 @@ def read_delimited(
     if bad.height:
         row = int(bad["__row"][0])
         raise InputDataError(
-            _explain(data, origin=origin, separator=separator, names=names, dtypes=dtypes,
-                     skip_header=skip_header)
-            or f"{origin} line {row + 1 + skip_header}: a field is empty; expected {', '.join(names)}"
+            _explain(
+                data,
+                origin=origin,
+                separator=separator,
+                names=names,
+                dtypes=dtypes,
+                skip_header=skip_header,
+            )
+            or f"{origin} line {row + 1 + skip_header}: a field is empty; "
+            f"expected {', '.join(names)}"
         )
     return frame.filter(~blank)
 

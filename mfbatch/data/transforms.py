@@ -21,9 +21,7 @@ def infer_scale(
     ratings: pl.DataFrame, *, origin: str, declared: tuple[float, float] | None
 ) -> tuple[float, float]:
     """The [min, max] the ratings are normalised from: declared, else the observed range."""
-    lo_seen, hi_seen = ratings.select(
-        lo=pl.col("rating").min(), hi=pl.col("rating").max()
-    ).row(0)
+    lo_seen, hi_seen = ratings.select(lo=pl.col("rating").min(), hi=pl.col("rating").max()).row(0)
     if declared is None:
         if lo_seen == hi_seen:
             raise InputDataError(
@@ -126,7 +124,12 @@ def prepare(
     user_idx, user_ids = dense_ids(ratings["user_id"])
     item_idx, item_ids = dense_ids(ratings["item_id"])
     frame = pl.DataFrame(
-        {"user_idx": user_idx, "item_idx": item_idx, "rating": ratings["rating"], "ts": ratings["ts"]}
+        {
+            "user_idx": user_idx,
+            "item_idx": item_idx,
+            "rating": ratings["rating"],
+            "ts": ratings["ts"],
+        }
     )
     frame, dropped = drop_duplicates(frame, len(item_ids))
 
@@ -144,7 +147,9 @@ def prepare(
         split=pl.when(val_series).then(pl.lit("val")).otherwise(pl.lit("train")),
         cold_user=pl.Series(cold_user),
         cold_item=pl.Series(cold_item),
-    ).select("user_idx", "item_idx", "rating", "rating_norm", "ts", "split", "cold_user", "cold_item")
+    ).select(
+        "user_idx", "item_idx", "rating", "rating_norm", "ts", "split", "cold_user", "cold_item"
+    )
 
     users = pl.DataFrame(
         {
@@ -162,8 +167,10 @@ def prepare(
             "n_train": train_items.astype(np.int32),
         }
     )
-    meta = raw.items if raw.items is not None else pl.DataFrame(
-        schema={"item_id": pl.String, "title": pl.String, "genres": pl.String}
+    meta = (
+        raw.items
+        if raw.items is not None
+        else pl.DataFrame(schema={"item_id": pl.String, "title": pl.String, "genres": pl.String})
     )
     items = items.join(
         meta.select("item_id", "title", "genres").unique("item_id", keep="first"),
