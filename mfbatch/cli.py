@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mfbatch.errors import MfbatchError
 
@@ -43,7 +44,10 @@ def _guard(action: Callable[[], T]) -> T:
     try:
         return action()
     except MfbatchError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        # escape(): messages hold literal brackets ("[data]", "[1.0, 5.0]"), not markup.
+        console.print(
+            f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/bold red] nothing was changed", highlight=False)
@@ -134,6 +138,93 @@ def preprocess(
         if time_col == "":
             resolved = _without_time(resolved)
         summary = run_preprocess(config=resolved, console=console)
+        typer.echo(summary.line())
+
+    _guard(action)
+
+
+@app.command()
+def train(
+    db: DbOpt = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto (CUDA when present), cuda or cpu.")
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(help="ranking (default: sampled softmax + rating MSE) or rating (MSE only)."),
+    ] = None,
+    embedding_dim: Annotated[int | None, typer.Option(help="Latent dimensions (64).")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Most epochs; early stopping may end sooner.")
+    ] = None,
+    patience: Annotated[
+        int | None, typer.Option(help="Epochs without improvement before stopping.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Ratings per batch.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(help="constant or cosine.")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adam, adamw, sparse_adam or adagrad.")
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="Optimizer weight decay (dense optimizers).")
+    ] = None,
+    l2: Annotated[float | None, typer.Option(help="L2 on the batch's embeddings.")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout on both embeddings.")] = None,
+    batch_norm: Annotated[
+        bool | None,
+        typer.Option("--batch-norm/--no-batch-norm", help="BatchNorm1d on both embeddings."),
+    ] = None,
+    negatives: Annotated[
+        int | None, typer.Option(help="ranking: sampled unrated items per batch.")
+    ] = None,
+    rating_weight: Annotated[
+        float | None, typer.Option(help="ranking: weight of the rating MSE term.")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="K of the validation Recall/NDCG.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for init, shuffling and sampling.")] = None,
+    on: Annotated[
+        str | None,
+        typer.Option(
+            help="train (validate, early-stop) or all (refit train+val for the chosen epochs)."
+        ),
+    ] = None,
+    export_dir: Annotated[Path | None, typer.Option(help="Where runs are saved (export/).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train the MF model on the train split, early-stop on val, save export/<run_id>/."""
+    from mfbatch.config import load_config
+    from mfbatch.train import train as run_train
+
+    def action() -> None:
+        resolved = load_config(
+            config,
+            db=db,
+            overrides={
+                "train": _overrides(
+                    device=device,
+                    objective=objective,
+                    embedding_dim=embedding_dim,
+                    epochs=epochs,
+                    patience=patience,
+                    batch_size=batch_size,
+                    lr=lr,
+                    lr_schedule=lr_schedule,
+                    optimizer=optimizer,
+                    weight_decay=weight_decay,
+                    l2=l2,
+                    dropout=dropout,
+                    batch_norm=batch_norm,
+                    negatives=negatives,
+                    rating_weight=rating_weight,
+                    top_k=top_k,
+                    seed=seed,
+                    on=on,
+                    export_dir=export_dir,
+                )
+            },
+        )
+        summary = run_train(config=resolved, console=console)
         typer.echo(summary.line())
 
     _guard(action)

@@ -8,6 +8,7 @@ overrides on top, validates, and returns one `Config`. Nothing downstream sees a
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -115,6 +116,85 @@ class SplitConfig:
             )
 
 
+Device = Literal["auto", "cuda", "cpu"]
+Objective = Literal["ranking", "rating"]
+Optimizer = Literal["adam", "adamw", "sparse_adam", "adagrad"]
+Schedule = Literal["constant", "cosine"]
+TrainOn = Literal["train", "all"]
+
+
+def _choice(flag: str, value: str, kind: object) -> None:
+    allowed = get_args(kind)
+    if value not in allowed:
+        raise ConfigError(f"{flag}: {value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The model and how it is fitted. Defaults were chosen by measurement (README)."""
+
+    device: Device = "auto"
+    objective: Objective = "ranking"
+    embedding_dim: int = 64
+    dropout: float = 0.0
+    batch_norm: bool = False
+    epochs: int = 40
+    patience: int = 4
+    min_delta: float = 1e-4
+    batch_size: int = 2048
+    lr: float = 0.005
+    lr_schedule: Schedule = "constant"
+    optimizer: Optimizer = "adam"
+    weight_decay: float = 0.0
+    l2: float = 0.0
+    negatives: int = 512
+    rating_weight: float = 1.0
+    top_k: int = 20
+    rank_metrics: bool = False  # also compute Recall/NDCG when the objective is rating
+    eval_users: int = 5000
+    seed: int = 0
+    amp: bool = True
+    on: TrainOn = "train"
+    export_dir: Path = Path("export")
+
+    def __post_init__(self) -> None:
+        _choice("--device", self.device, Device)
+        _choice("--objective", self.objective, Objective)
+        _choice("--optimizer", self.optimizer, Optimizer)
+        _choice("--lr-schedule", self.lr_schedule, Schedule)
+        _choice("--on", self.on, TrainOn)
+        positive_ints = {
+            "--embedding-dim": self.embedding_dim,
+            "--epochs": self.epochs,
+            "--patience": self.patience,
+            "--batch-size": self.batch_size,
+            "--negatives": self.negatives,
+            "--top-k": self.top_k,
+            "--eval-users": self.eval_users,
+        }
+        for flag, value in positive_ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{flag}: must be a whole number >= 1, got {value!r}")
+        if self.embedding_dim > 4096:
+            raise ConfigError(f"--embedding-dim: {self.embedding_dim} is too large (max 4096)")
+        if not (math.isfinite(self.lr) and 0.0 < self.lr <= 10.0):
+            raise ConfigError(f"--lr: must be in (0, 10], got {self.lr}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout: must be in [0, 1), got {self.dropout}")
+        for flag, value in (
+            ("--weight-decay", self.weight_decay),
+            ("--l2", self.l2),
+            ("--rating-weight", self.rating_weight),
+        ):
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ConfigError(f"{flag}: must be >= 0, got {value}")
+        if self.optimizer in ("sparse_adam", "adagrad") and self.weight_decay:
+            raise ConfigError(
+                f"--weight-decay: {self.optimizer} updates only the rows a batch touches; "
+                "use --l2 for regularisation instead"
+            )
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything one command needs, resolved from TOML and CLI flags."""
@@ -122,6 +202,7 @@ class Config:
     db: Path = Path("mfbatch.duckdb")
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able view, stored with runs so a result says how it was made."""
@@ -136,7 +217,11 @@ class Config:
         return plain(dataclasses.asdict(self))
 
 
-_SECTIONS: dict[str, type[Any]] = {"data": DataConfig, "split": SplitConfig}
+_SECTIONS: dict[str, type[Any]] = {
+    "data": DataConfig,
+    "split": SplitConfig,
+    "train": TrainConfig,
+}
 
 
 def _build(cls: type[Any], values: Mapping[str, Any], where: str) -> Any:
@@ -176,7 +261,7 @@ def load_config(
     unknown = sorted(set(raw) - {*_SECTIONS, "db"})
     if unknown:
         raise ConfigError(
-            f"{path}: unknown table(s) {', '.join(unknown)}; use [data], [split] and db"
+            f"{path}: unknown table(s) {', '.join(unknown)}; use [data], [split], [train] and db"
         )
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():

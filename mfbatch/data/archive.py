@@ -33,8 +33,10 @@ class Archive:
             for info in self._zip.infolist():
                 if info.is_dir():
                     continue
-                parts = PurePosixPath(info.filename).parts
-                if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                # Backslashes too: a zip made on Windows may separate folders with them.
+                name = info.filename.replace("\\", "/")
+                parts = PurePosixPath(name).parts
+                if not parts or name.startswith("/") or ".." in parts or ":" in parts[0]:
                     raise InputDataError(
                         f"--source: {path} holds an unsafe member path {info.filename!r}; "
                         "refusing to read it"
@@ -45,6 +47,11 @@ class Archive:
             for candidate in sorted([*path.glob("*"), *path.glob("*/*")]):
                 if candidate.is_file():
                     self._members.setdefault(candidate.name, str(candidate))
+        elif path.suffix.lower() == ".zip":
+            raise InputDataError(
+                f"--source: {path} is not a readable zip (truncated or corrupt download?); "
+                "download it again"
+            )
         else:
             self._members[path.name] = str(path)
 

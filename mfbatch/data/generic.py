@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -45,8 +47,10 @@ class _TableLoader(BaseDataLoader):
         for role, column in roles.items():
             if column not in found:
                 shown = ", ".join(found[:12]) + (", ..." if len(found) > 12 else "")
-                if role == "ts" and self.split.kind == "random":
-                    hint = "pass --time-col, or --no-time-col to read no time"
+                if len(found) == 1 and self.name == "csv":
+                    hint = f"only one column: check --separator ({self.data.separator!r} now)"
+                elif role == "ts":
+                    hint = "pass --time-col with one of them, or --time-col '' --split random"
                 else:
                     hint = f"pass {_ROLE_FLAGS[role]} with one of them"
                 raise InputDataError(
@@ -57,30 +61,47 @@ class _TableLoader(BaseDataLoader):
     def _read(self, source: Path) -> pl.DataFrame:
         raise NotImplementedError
 
+    def _where(self, row: int) -> str:
+        """How messages point at the frame's `row` (0-based); CSV names the file line."""
+        return f"row {row}"
+
+    def _explain_missing(self, source: Path, row: int) -> str | None:
+        """Why a value is missing at `row` (a short line), when the format can tell."""
+        return None
+
     def load_data(self) -> RawData:
         source = self._source()
-        frame = self._read(source)
+        frame = self._read(source).with_row_index("__row")
+        roles = self._columns()
+        # A row with no user, item, rating (or time) is a blank line: it holds no rating.
+        frame = frame.filter(~pl.all_horizontal(pl.col(role).is_null() for role in roles))
         if frame.height == 0:
             raise InputDataError(f"{source}: the file holds no rating rows")
-        roles = self._columns()
-        line_offset = 2 if self.name == "csv" else 1  # header line, 1-based lines
-        for role in ("user_id", "item_id", "rating"):
-            nulls = frame.with_row_index("__row").filter(pl.col(role).is_null())
+        checked = [r for r in ("user_id", "item_id", "rating", "ts") if r in roles]
+        if self.split.kind == "random":
+            checked = [r for r in checked if r != "ts"]  # a random split needs no time
+        for role in checked:
+            nulls = frame.filter(pl.col(role).is_null())
             if nulls.height:
-                where = (
-                    f"line {int(nulls['__row'][0]) + line_offset}"
-                    if self.name == "csv"
-                    else f"row {int(nulls['__row'][0])}"
+                need = f"; --split {self.split.kind} needs a time on every rating"
+                need = need if role == "ts" else ""
+                row = int(nulls["__row"][0])
+                raise InputDataError(
+                    self._explain_missing(source, row)
+                    or f"{source} {self._where(row)}, column {roles[role]}: value is missing{need}"
                 )
-                raise InputDataError(f"{source} {where}, column {roles[role]}: value is missing")
         frame = frame.with_columns(_as_id(frame["user_id"]), _as_id(frame["item_id"]))
-        bad = frame.with_row_index("__row").filter(~pl.col("rating").is_finite())
+        bad = frame.filter(~pl.col("rating").is_finite())
         if bad.height:
             raise InputDataError(
-                f"{source} row {int(bad['__row'][0])}, column {roles['rating']}: "
+                f"{source} {self._where(int(bad['__row'][0]))}, column {roles['rating']}: "
                 f"{bad['rating'][0]} is not a finite number"
             )
-        ts = _as_timestamp(frame, source, roles.get("ts")) if "ts" in frame.columns else None
+        ts = (
+            _as_timestamp(frame, source, roles["ts"], self._where)
+            if "ts" in frame.columns
+            else None
+        )
         frame = frame.with_columns(
             ts if ts is not None else pl.lit(None, dtype=pl.Datetime("us")).alias("ts")
         )
@@ -104,7 +125,9 @@ def _as_id(column: pl.Series) -> pl.Series:
     return column.cast(pl.String)
 
 
-def _as_timestamp(frame: pl.DataFrame, source: Path, column: str | None) -> pl.Series:
+def _as_timestamp(
+    frame: pl.DataFrame, source: Path, column: str, where: Callable[[int], str]
+) -> pl.Series:
     ts = frame["ts"]
     if ts.dtype.is_numeric():
         # Unix seconds, or milliseconds when the values only make sense as such
@@ -118,11 +141,11 @@ def _as_timestamp(frame: pl.DataFrame, source: Path, column: str | None) -> pl.S
     if isinstance(ts.dtype, pl.Date):
         return ts.cast(pl.Datetime("us"))
     parsed = ts.cast(pl.String).str.to_datetime(strict=False, time_unit="us")
-    bad = frame.with_row_index("__row").filter(parsed.is_null() & ts.is_not_null())
+    bad = frame.filter(parsed.is_null() & ts.is_not_null())
     if bad.height:
         raise InputDataError(
-            f"{source} row {int(bad['__row'][0])}, column {column}: {bad['ts'][0]!r} is not a "
-            "timestamp (expected Unix seconds or an ISO date-time)"
+            f"{source} {where(int(bad['__row'][0]))}, column {column}: {bad['ts'][0]!r} is not "
+            "a timestamp (expected Unix seconds or an ISO date-time)"
         )
     if isinstance(parsed.dtype, pl.Datetime) and parsed.dtype.time_zone is not None:
         parsed = parsed.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
@@ -155,8 +178,34 @@ class CsvLoader(_TableLoader):
             ) from None
         return frame.rename(rename)
 
+    def _where(self, row: int) -> str:
+        return f"line {row + 2}"  # 1-based, after the header line
+
+    def _explain_missing(self, source: Path, row: int) -> str | None:
+        return self._ragged(source, until=row + 2)
+
+    def _ragged(self, source: Path, until: int | None = None) -> str | None:
+        """The first line (up to `until`) whose field count differs from the header's."""
+        with source.open(encoding="utf-8", errors="replace", newline="") as handle:
+            reader = csv.reader(handle, delimiter=self.data.separator)
+            header = next(reader, [])
+            for fields in reader:
+                if until is not None and reader.line_num > until:
+                    break
+                if fields and len(fields) != len(header):
+                    shown = self.data.separator.join(fields)
+                    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                    return (
+                        f"{source} line {reader.line_num}: expected {len(header)} "
+                        f"{self.data.separator!r}-separated fields like the header, "
+                        f"got {len(fields)}: {shown!r}"
+                    )
+        return None
+
     def _explain(self, source: Path, roles: dict[str, str]) -> str | None:
         """Read again as text to name the first line whose rating is not a number."""
+        if ragged := self._ragged(source):
+            return ragged
         try:
             text = pl.read_csv(
                 source,

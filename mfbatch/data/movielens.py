@@ -88,7 +88,8 @@ def _items_dat(archive: Archive) -> pl.DataFrame | None:
 def _ratings_csv(archive: Archive) -> pl.DataFrame:
     origin = archive.origin("ratings.csv")
     data = archive.read("ratings.csv")
-    header = data.split(b"\n", 1)[0].strip().decode("utf-8", "replace")
+    # utf-8-sig: a file re-saved by a spreadsheet starts with a byte-order mark.
+    header = data.split(b"\n", 1)[0].strip().decode("utf-8-sig", "replace")
     expected = "userId,movieId,rating,timestamp"
     if header != expected:
         raise InputDataError(

@@ -38,6 +38,11 @@ def read_delimited(
     """
     if not data.strip():
         raise InputDataError(f"{origin}: the file is empty; expected lines of {', '.join(names)}")
+    if skip_header and not data.partition(b"\n")[2].strip():
+        raise InputDataError(
+            f"{origin}: the file has a header but no rating lines; "
+            f"expected lines of {', '.join(names)} after it"
+        )
     doubled = len(separator) == 2 and separator[0] == separator[1]
     if len(separator) != 1 and not doubled:
         raise ValueError(f"unsupported separator {separator!r}")

@@ -1,0 +1,389 @@
+"""Stage 2, `mfbatch train`: DuckDB ratings -> trained model in export/<run_id>/ + run record.
+
+All I/O of training lives here: reading the split, choosing the device, saving weights and
+a manifest, recording `training_runs` / `training_epochs`. The loop itself is in trainer.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mfbatch import __version__, db
+from mfbatch.config import Config, TrainConfig
+from mfbatch.errors import ConfigError, DatabaseError, ModelError
+from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.trainer import Csr, EpochRecord, Interactions, Outcome, Validation, train_model
+
+STATE_FILE = "model.pt"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    run_id: str
+    device: str
+    status: str
+    epochs_run: int
+    best_epoch: int
+    data_seen: str
+    n_train: int
+    val: dict[str, float | None]
+    seconds: float
+    examples_per_second: float
+    export_path: Path
+    top_k: int
+
+    def line(self) -> str:
+        figures = ", ".join(
+            f"{name} {value:.4f}" for name, value in self.val.items() if value is not None
+        )
+        return (
+            f"trained {self.run_id} on {self.device}: {self.status}, best epoch "
+            f"{self.best_epoch}/{self.epochs_run}"
+            + (f", val {figures}" if figures else "")
+            + f"; {self.n_train:,} rows ({self.data_seen}), "
+            f"{self.examples_per_second:,.0f} examples/s, {self.seconds:.1f} s -> {self.export_path}"
+        )
+
+
+def resolve_device(requested: str) -> torch.device:
+    available = torch.cuda.is_available()
+    if requested == "cuda" and not available:
+        raise ConfigError(
+            f"--device cuda: CUDA is not available to torch {torch.__version__}; "
+            "use --device cpu or --device auto"
+        )
+    return torch.device(
+        "cuda" if requested == "cuda" or (requested == "auto" and available) else "cpu"
+    )
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def _tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _load(con: Any, path: Path) -> tuple[dict[str, Any], pl.DataFrame]:
+    db.require_tables(con, path, "ratings", "dataset_meta")
+    row = db.run(con, "dataset_info").fetchone()
+    if row is None:
+        raise DatabaseError(f"{path}: dataset_meta is empty; run `mfbatch preprocess` again")
+    keys = ("dataset_sha256", "n_users", "n_items", "rating_min", "rating_max", "n_train", "n_val")
+    info = dict(zip(keys, row, strict=True))
+    frame = pl.from_arrow(db.run(con, "training_ratings").to_arrow_table())
+    assert isinstance(frame, pl.DataFrame)
+    return info, frame
+
+
+def _refit_config(
+    con: Any, path: Path, info: dict[str, Any], config: TrainConfig
+) -> tuple[TrainConfig, str, int]:
+    if not db.table_exists(con, "training_runs"):
+        raise DatabaseError(
+            f"{path}: --on all refits a validated run, and there is none; run `mfbatch train` first"
+        )
+    row = db.run(con, "latest_validated_run", dataset_sha256=info["dataset_sha256"]).fetchone()
+    if row is None:
+        raise DatabaseError(
+            f"{path}: no validated run on the current dataset to refit; run `mfbatch train` first"
+        )
+    parent, best_epoch, stored = row
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in json.loads(stored)["train"].items() if k in fields}
+    values.update(on="all", device=config.device, export_dir=config.export_dir)
+    values["export_dir"] = Path(values["export_dir"])
+    return TrainConfig(**values), parent, max(int(best_epoch), 1)
+
+
+def train(*, config: Config, console: Console | None = None) -> TrainSummary:
+    """Train, save export/<run_id>/, record the run. Raises MfbatchError on bad input."""
+    started_at = datetime.now(timezone.utc).replace(tzinfo=None)
+    started = time.perf_counter()
+    settings = config.train
+    device = resolve_device(settings.device)
+    con = db.connect(config.db, read_only=True)
+    try:
+        info, frame = _load(con, config.db)
+        parent: str | None = None
+        epochs: int | None = None
+        if settings.on == "all":
+            settings, parent, epochs = _refit_config(con, config.db, info, settings)
+    finally:
+        con.close()
+    if console:
+        console.print(f"training on {describe(device)}", highlight=False)
+
+    is_val = frame["is_val"].to_numpy()
+    fit = frame if settings.on == "all" else frame.filter(~pl.col("is_val"))
+    if fit.height == 0:
+        raise DatabaseError(f"{config.db}: the ratings table has no train rows; run preprocess")
+    if settings.on == "train" and not is_val.any():
+        raise DatabaseError(
+            f"{config.db}: the val split is empty, so nothing can be validated; "
+            "preprocess with --val-fraction > 0, or refit with --on all"
+        )
+    data = Interactions(
+        users=_tensor(fit["user_idx"].to_numpy(), device, torch.int64),
+        items=_tensor(fit["item_idx"].to_numpy(), device, torch.int64),
+        ratings=_tensor(fit["rating_norm"].to_numpy(), device, torch.float32),
+    )
+    n_users, n_items = int(info["n_users"]), int(info["n_items"])
+    val = None
+    if settings.on == "train":
+        val = _validation(frame, data, n_users, settings, device, info)
+
+    torch.manual_seed(settings.seed)
+    shape = ModelShape(
+        n_users=n_users,
+        n_items=n_items,
+        dim=settings.embedding_dim,
+        dropout=settings.dropout,
+        batch_norm=settings.batch_norm,
+        sparse=settings.optimizer in ("sparse_adam", "adagrad"),
+    )
+    model = MatrixFactorization(shape).to(device)
+    outcome = _fit(model, data, val, settings, epochs, console)
+
+    run_id = new_run_id()
+    export_path = settings.export_dir / run_id
+    seconds = time.perf_counter() - started
+    examples = len(data) * max(len(outcome.history), 1)
+    fit_seconds = sum(r.seconds for r in outcome.history) or seconds
+    save_model(
+        model,
+        export_path,
+        manifest={
+            "run_id": run_id,
+            "parent_run_id": parent,
+            "dataset_sha256": info["dataset_sha256"],
+            "data_seen": "train+val" if settings.on == "all" else "train",
+            "shape": dataclasses.asdict(shape),
+            "rating_min": info["rating_min"],
+            "rating_max": info["rating_max"],
+            "objective": settings.objective,
+            "best_epoch": outcome.best_epoch,
+            "status": outcome.status,
+            "mfbatch_version": __version__,
+            "torch_version": torch.__version__,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+        },
+    )
+    best = _best(outcome)
+    summary = TrainSummary(
+        run_id=run_id,
+        device=device.type,
+        status=outcome.status,
+        epochs_run=len(outcome.history),
+        best_epoch=outcome.best_epoch,
+        data_seen="train+val" if settings.on == "all" else "train",
+        n_train=len(data),
+        val={
+            "RMSE": best.metrics.rmse if best and best.metrics else None,
+            "MAE": best.metrics.mae if best and best.metrics else None,
+            f"Recall@{settings.top_k}": best.metrics.recall if best and best.metrics else None,
+            f"NDCG@{settings.top_k}": best.metrics.ndcg if best and best.metrics else None,
+        },
+        seconds=seconds,
+        examples_per_second=examples / fit_seconds,
+        export_path=export_path,
+        top_k=settings.top_k,
+    )
+    record_run(config, settings, summary, outcome, info, parent, started_at)
+    if outcome.status == "diverged":
+        raise ModelError(
+            f"training diverged (loss not finite) in epoch {outcome.diverged_epoch}; the last "
+            f"good weights (epoch {outcome.best_epoch}) are in {export_path}; lower --lr "
+            "or raise --l2"
+        )
+    return summary
+
+
+def _validation(
+    frame: pl.DataFrame,
+    data: Interactions,
+    n_users: int,
+    settings: TrainConfig,
+    device: torch.device,
+    info: dict[str, Any],
+) -> Validation:
+    held = frame.filter(pl.col("is_val"))
+    pairs = Interactions(
+        users=_tensor(held["user_idx"].to_numpy(), device, torch.int64),
+        items=_tensor(held["item_idx"].to_numpy(), device, torch.int64),
+        ratings=_tensor(held["rating_norm"].to_numpy(), device, torch.float32),
+    )
+    candidates = np.unique(held["user_idx"].to_numpy())
+    if candidates.size > settings.eval_users:
+        rng = np.random.default_rng(settings.seed)
+        candidates = np.sort(rng.choice(candidates, settings.eval_users, replace=False))
+    return Validation(
+        pairs=pairs,
+        train_items=Csr.build(data.users, data.items, n_users),
+        val_items=Csr.build(pairs.users, pairs.items, n_users),
+        rank_users=_tensor(candidates, device, torch.int64),
+        rating_min=float(info["rating_min"]),
+        rating_max=float(info["rating_max"]),
+    )
+
+
+def _fit(
+    model: MatrixFactorization,
+    data: Interactions,
+    val: Validation | None,
+    settings: TrainConfig,
+    epochs: int | None,
+    console: Console | None,
+) -> Outcome:
+    total_epochs = epochs or settings.epochs
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        disable=console is None,
+    )
+    tasks: dict[int, Any] = {}
+
+    def start(epoch: int, n: int) -> Any:
+        tasks[epoch] = progress.add_task(f"epoch {epoch}/{total_epochs}", total=n, status="")
+        return lambda done: progress.advance(tasks[epoch], done)
+
+    def end(record: EpochRecord) -> None:
+        status = f"loss {record.train_loss:.4f}"
+        if record.metrics is not None:
+            status += f"  val RMSE {record.metrics.rmse:.4f}"
+            if record.metrics.recall is not None:
+                status += f"  Recall@{settings.top_k} {record.metrics.recall:.4f}"
+        progress.update(tasks[record.epoch], status=status)
+
+    with progress:
+        return train_model(
+            model, data, val, settings, epochs=epochs, on_epoch_start=start, on_epoch_end=end
+        )
+
+
+def _best(outcome: Outcome) -> EpochRecord | None:
+    return next((r for r in outcome.history if r.epoch == outcome.best_epoch), None)
+
+
+def save_model(model: MatrixFactorization, path: Path, *, manifest: dict[str, Any]) -> None:
+    """Write weights + manifest to a temporary folder, then rename: never a half-saved run."""
+    staging = path.with_name(f".{path.name}.tmp")
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save(state, staging / STATE_FILE)
+        manifest = {**manifest, "files": {"state_dict": STATE_FILE}}
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(staging, path)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelError(
+            f"could not save the model to {path} ({exc}); free space or pass --export-dir"
+        ) from None
+
+
+def load_model(path: Path) -> tuple[MatrixFactorization, dict[str, Any]]:
+    """Rebuild a saved run from export/<run_id>/ (weights loaded with weights_only=True)."""
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ModelError(
+            f"{path}: no {MANIFEST_FILE}; pass an export/<run_id> folder of mfbatch train"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    model = MatrixFactorization(ModelShape(**manifest["shape"]))
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    return model, manifest
+
+
+def record_run(
+    config: Config,
+    settings: TrainConfig,
+    summary: TrainSummary,
+    outcome: Outcome,
+    info: dict[str, Any],
+    parent: str | None,
+    started_at: datetime,
+) -> None:
+    best = _best(outcome)
+    metrics = best.metrics if best else None
+    epochs = pl.DataFrame(
+        {
+            "run_id": [summary.run_id] * len(outcome.history),
+            "epoch": [r.epoch for r in outcome.history],
+            "train_loss": [r.train_loss for r in outcome.history],
+            "val_rmse": [r.metrics.rmse if r.metrics else None for r in outcome.history],
+            "val_mae": [r.metrics.mae if r.metrics else None for r in outcome.history],
+            "val_recall": [r.metrics.recall if r.metrics else None for r in outcome.history],
+            "val_ndcg": [r.metrics.ndcg if r.metrics else None for r in outcome.history],
+            "seconds": [r.seconds for r in outcome.history],
+        },
+        schema_overrides={c: pl.Float64 for c in ("val_rmse", "val_mae", "val_recall", "val_ndcg")},
+    )
+    resolved = dataclasses.replace(config, train=settings).to_dict()
+    con = db.connect(config.db)
+    try:
+        con.register("staged_epochs", epochs.to_arrow())
+        with db.transaction(con, f"training run {summary.run_id} into {config.db}"):
+            db.run(con, "create_training_runs")
+            db.run(con, "create_training_epochs")
+            db.run(
+                con,
+                "insert_training_run",
+                run_id=summary.run_id,
+                parent_run_id=parent,
+                started_at=started_at,
+                finished_at=datetime.now(timezone.utc).replace(tzinfo=None),
+                status=outcome.status,
+                config=json.dumps(resolved),
+                dataset_sha256=info["dataset_sha256"],
+                data_seen=summary.data_seen,
+                device=summary.device,
+                objective=settings.objective,
+                epochs_run=summary.epochs_run,
+                best_epoch=summary.best_epoch,
+                train_loss=best.train_loss if best else None,
+                val_rmse=metrics.rmse if metrics else None,
+                val_mae=metrics.mae if metrics else None,
+                val_recall=metrics.recall if metrics else None,
+                val_ndcg=metrics.ndcg if metrics else None,
+                top_k=settings.top_k,
+                n_train=summary.n_train,
+                seconds=summary.seconds,
+                examples_per_second=summary.examples_per_second,
+                export_path=str(summary.export_path),
+            )
+            db.run(con, "insert_training_epochs")
+    finally:
+        con.close()

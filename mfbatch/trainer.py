@@ -1,0 +1,298 @@
+"""Training on tensors: `train_model` (orchestration), `train_epoch`, `validate`.
+
+No files and no database here: the stage (mfbatch.train) loads tensors, hands them over,
+and persists what comes back. The whole train split lives on the device; batches are
+slices of a shuffled index, never a per-sample Dataset/DataLoader.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mfbatch.config import TrainConfig
+from mfbatch.model import MatrixFactorization
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """Rated (user, item, normalised rating) triples on the training device."""
+
+    users: torch.Tensor  # int64
+    items: torch.Tensor  # int64
+    ratings: torch.Tensor  # float32 in [0, 1]
+
+    def __len__(self) -> int:
+        return int(self.users.numel())
+
+
+@dataclass(frozen=True)
+class Csr:
+    """Items per user: items of user u are indices[indptr[u]:indptr[u+1]]."""
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+
+    @staticmethod
+    def build(users: torch.Tensor, items: torch.Tensor, n_users: int) -> Csr:
+        order = torch.argsort(users * (int(items.max().item()) + 1 if items.numel() else 1) + items)
+        counts = torch.bincount(users, minlength=n_users)
+        indptr = torch.zeros(n_users + 1, dtype=torch.int64, device=users.device)
+        indptr[1:] = torch.cumsum(counts, 0)
+        return Csr(indptr, items[order])
+
+    def rows_of(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row position in `users`, item) for every item of every user in `users`."""
+        starts, ends = self.indptr[users], self.indptr[users + 1]
+        lengths = ends - starts
+        rows = torch.repeat_interleave(torch.arange(users.numel(), device=users.device), lengths)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        within = torch.arange(rows.numel(), device=users.device) - offsets[rows]
+        return rows, self.indices[starts[rows] + within]
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What `validate` scores against: held-out pairs and, for ranking, the masks."""
+
+    pairs: Interactions
+    train_items: Csr  # excluded from each user's ranking
+    val_items: Csr  # relevant items
+    rank_users: torch.Tensor  # users ranked for Recall/NDCG (a seeded sample when large)
+    rating_min: float
+    rating_max: float
+
+
+@dataclass(frozen=True)
+class Metrics:
+    rmse: float
+    mae: float
+    recall: float | None = None
+    ndcg: float | None = None
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    metrics: Metrics | None
+    seconds: float
+
+
+@dataclass
+class Outcome:
+    model: MatrixFactorization
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int = 0
+    status: str = "completed"  # completed | early_stopped | diverged
+    diverged_epoch: int | None = None
+
+
+def make_optimizers(model: MatrixFactorization, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    if config.optimizer in ("adam", "adamw"):
+        cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        return [cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)]
+    sparse = [p for n, p in model.named_parameters() if n.endswith(("_emb.weight", "_bias.weight"))]
+    dense = [
+        p for n, p in model.named_parameters() if not n.endswith(("_emb.weight", "_bias.weight"))
+    ]
+    if config.optimizer == "adagrad":
+        return [torch.optim.Adagrad(model.parameters(), lr=config.lr)]
+    return [torch.optim.SparseAdam(sparse, lr=config.lr), torch.optim.Adam(dense, lr=config.lr)]
+
+
+def _autocast(device: torch.device, config: TrainConfig) -> torch.autocast | nullcontext[None]:
+    if device.type == "cuda" and config.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def batch_loss(
+    model: MatrixFactorization,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    ratings: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    u = model.user_vectors(users)
+    v = model.item_vectors(items)
+    b_i = model.item_bias(items).squeeze(-1)
+    dot = (u * v).sum(-1)
+    pred = model.global_bias + model.user_bias(users).squeeze(-1) + b_i + dot
+    reg = config.l2 * ((u.float() ** 2).sum() + (v.float() ** 2).sum()) / users.numel()
+    mse = torch.mean((pred.float() - ratings) ** 2)
+    if config.objective == "rating":
+        return mse + reg
+    # Sampled softmax: each observed item against `negatives` items drawn uniformly and
+    # shared by the batch. Scoring is a ranking over the catalogue, so the model is taught
+    # exactly that: rated items above unrated ones.
+    neg = torch.randint(
+        model.shape.n_items, (config.negatives,), device=users.device, generator=generator
+    )
+    neg_logits = u @ model.item_vectors(neg).T + model.item_bias(neg).squeeze(-1)
+    neg_logits = neg_logits.float().masked_fill(neg[None, :] == items[:, None], -math.inf)
+    pos_logits = (dot + b_i).float()
+    logits = torch.cat([pos_logits[:, None], neg_logits], dim=1)
+    softmax = torch.mean(torch.logsumexp(logits, dim=1) - pos_logits)
+    return softmax + config.rating_weight * mse + reg
+
+
+def train_epoch(
+    model: MatrixFactorization,
+    optimizers: list[torch.optim.Optimizer],
+    data: Interactions,
+    config: TrainConfig,
+    generator: torch.Generator,
+    on_batch: Callable[[int], None] | None = None,
+) -> float:
+    """One pass over `data` in shuffled batches; returns the mean batch loss."""
+    model.train()
+    device = data.users.device
+    order = torch.randperm(len(data), device=device, generator=generator)
+    total = torch.zeros((), device=device)
+    n_batches = 0
+    for start in range(0, len(data), config.batch_size):
+        idx = order[start : start + config.batch_size]
+        with _autocast(device, config):
+            loss = batch_loss(
+                model, data.users[idx], data.items[idx], data.ratings[idx], config, generator
+            )
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        # Summed on the device: no host sync per batch.
+        total += loss.detach()
+        n_batches += 1
+        if on_batch is not None:
+            on_batch(idx.numel())
+    return float(total.item()) / max(n_batches, 1)
+
+
+@torch.no_grad()
+def validate(model: MatrixFactorization, val: Validation, config: TrainConfig) -> Metrics:
+    """RMSE/MAE in stars on the held-out pairs; Recall/NDCG@K over each user's ranking."""
+    model.eval()
+    span = val.rating_max - val.rating_min
+    sq = ab = 0.0
+    chunk = 1 << 16
+    for start in range(0, len(val.pairs), chunk):
+        sl = slice(start, start + chunk)
+        pred = model(val.pairs.users[sl], val.pairs.items[sl]).float().clamp(0.0, 1.0)
+        err = (pred - val.pairs.ratings[sl]) * span
+        sq += float((err**2).sum())
+        ab += float(err.abs().sum())
+    n = max(len(val.pairs), 1)
+    rmse, mae = math.sqrt(sq / n), ab / n
+    if config.objective == "rating" and not config.rank_metrics:
+        return Metrics(rmse=rmse, mae=mae)
+    recall, ndcg = rank_metrics(model, val, config.top_k)
+    return Metrics(rmse=rmse, mae=mae, recall=recall, ndcg=ndcg)
+
+
+@torch.no_grad()
+def rank_metrics(model: MatrixFactorization, val: Validation, k: int) -> tuple[float, float]:
+    n_items = model.shape.n_items
+    device = val.rank_users.device
+    all_items = torch.arange(n_items, device=device)
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, device=device, dtype=torch.float32))
+    ideal = torch.cumsum(discounts, 0)
+    recall_sum = ndcg_sum = 0.0
+    counted = 0
+    chunk = max(1, (1 << 24) // n_items)
+    for start in range(0, val.rank_users.numel(), chunk):
+        users = val.rank_users[start : start + chunk]
+        scores = model.item_logits(users, all_items).float()
+        rows, cols = val.train_items.rows_of(users)
+        scores[rows, cols] = -math.inf
+        top = torch.topk(scores, min(k, n_items), dim=1).indices
+        relevant = torch.zeros_like(scores, dtype=torch.bool)
+        rows, cols = val.val_items.rows_of(users)
+        relevant[rows, cols] = True
+        n_rel = relevant.sum(1)
+        keep = n_rel > 0
+        hits = relevant.gather(1, top).float()
+        recall_sum += float((hits.sum(1)[keep] / n_rel[keep]).sum())
+        dcg = (hits * discounts[: hits.shape[1]]).sum(1)
+        idcg = ideal[(n_rel.clamp(max=k) - 1).clamp(min=0)]
+        ndcg_sum += float((dcg[keep] / idcg[keep]).sum())
+        counted += int(keep.sum())
+    return recall_sum / max(counted, 1), ndcg_sum / max(counted, 1)
+
+
+def _score(metrics: Metrics, objective: str) -> float:
+    """Higher is better: -RMSE for the rating objective, Recall@K for ranking."""
+    if objective == "rating" or metrics.recall is None:
+        return -metrics.rmse
+    return metrics.recall
+
+
+def train_model(
+    model: MatrixFactorization,
+    data: Interactions,
+    val: Validation | None,
+    config: TrainConfig,
+    *,
+    epochs: int | None = None,
+    on_epoch_start: Callable[[int, int], Callable[[int], None] | None] | None = None,
+    on_epoch_end: Callable[[EpochRecord], None] | None = None,
+) -> Outcome:
+    """Train with early stopping on `val` and restore the best epoch's weights.
+
+    Without `val` (a refit on all data) it runs exactly `epochs` epochs.
+    """
+    device = data.users.device
+    torch.manual_seed(config.seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed)
+    optimizers = make_optimizers(model, config)
+    max_epochs = epochs or config.epochs
+    schedulers = [
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs)
+        for opt in optimizers
+        if config.lr_schedule == "cosine"
+    ]
+    outcome = Outcome(model=model)
+    best_score = -math.inf
+    # The starting weights are the fallback if the very first epoch diverges.
+    best_state = copy.deepcopy(model.state_dict())
+    stale = 0
+    for epoch in range(1, max_epochs + 1):
+        started = time.perf_counter()
+        on_batch = on_epoch_start(epoch, len(data)) if on_epoch_start else None
+        loss = train_epoch(model, optimizers, data, config, generator, on_batch)
+        for scheduler in schedulers:
+            scheduler.step()
+        if not math.isfinite(loss) or not _finite(model):
+            outcome.status, outcome.diverged_epoch = "diverged", epoch
+            break
+        metrics = validate(model, val, config) if val is not None else None
+        record = EpochRecord(epoch, loss, metrics, time.perf_counter() - started)
+        outcome.history.append(record)
+        if on_epoch_end:
+            on_epoch_end(record)
+        score = _score(metrics, config.objective) if metrics else float(epoch)
+        if score > best_score + config.min_delta:
+            best_score, outcome.best_epoch, stale = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if val is not None and stale >= config.patience:
+                outcome.status = "early_stopped"
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return outcome
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())

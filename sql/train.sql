@@ -1,0 +1,69 @@
+-- Training runs: what `mfbatch train` reads and records.
+
+-- name: training_ratings
+-- Sorted so per-user structures (CSR of rated items) are built without another sort.
+SELECT user_idx, item_idx, rating_norm, split = 'val' AS is_val
+FROM ratings
+ORDER BY user_idx, item_idx;
+
+-- name: dataset_info
+SELECT dataset_sha256, n_users, n_items, rating_min, rating_max, n_train, n_val
+FROM dataset_meta;
+
+-- name: create_training_runs
+CREATE TABLE IF NOT EXISTS training_runs (
+    run_id              VARCHAR PRIMARY KEY,
+    parent_run_id       VARCHAR,            -- the validated run a refit (--on all) copies
+    started_at          TIMESTAMP NOT NULL,
+    finished_at         TIMESTAMP NOT NULL,
+    status              VARCHAR   NOT NULL, -- completed | early_stopped | diverged
+    config              JSON      NOT NULL,
+    dataset_sha256      VARCHAR   NOT NULL,
+    data_seen           VARCHAR   NOT NULL, -- 'train' or 'train+val'
+    device              VARCHAR   NOT NULL,
+    objective           VARCHAR   NOT NULL,
+    epochs_run          INTEGER   NOT NULL,
+    best_epoch          INTEGER   NOT NULL,
+    train_loss          DOUBLE,
+    val_rmse            DOUBLE,             -- stars; NULL for a refit on all data
+    val_mae             DOUBLE,
+    val_recall          DOUBLE,             -- Recall@top_k on the validation split
+    val_ndcg            DOUBLE,
+    top_k               INTEGER   NOT NULL,
+    n_train             BIGINT    NOT NULL,
+    seconds             DOUBLE    NOT NULL,
+    examples_per_second DOUBLE    NOT NULL,
+    export_path         VARCHAR   NOT NULL
+);
+
+-- name: create_training_epochs
+CREATE TABLE IF NOT EXISTS training_epochs (
+    run_id     VARCHAR NOT NULL,
+    epoch      INTEGER NOT NULL,
+    train_loss DOUBLE  NOT NULL,
+    val_rmse   DOUBLE,
+    val_mae    DOUBLE,
+    val_recall DOUBLE,
+    val_ndcg   DOUBLE,
+    seconds    DOUBLE  NOT NULL
+);
+
+-- name: insert_training_run
+INSERT INTO training_runs VALUES (
+    $run_id, $parent_run_id, $started_at, $finished_at, $status, $config, $dataset_sha256,
+    $data_seen, $device, $objective, $epochs_run, $best_epoch, $train_loss, $val_rmse,
+    $val_mae, $val_recall, $val_ndcg, $top_k, $n_train, $seconds, $examples_per_second,
+    $export_path
+);
+
+-- name: insert_training_epochs
+INSERT INTO training_epochs
+SELECT run_id, epoch, train_loss, val_rmse, val_mae, val_recall, val_ndcg, seconds
+FROM staged_epochs;
+
+-- name: latest_validated_run
+SELECT run_id, best_epoch, config
+FROM training_runs
+WHERE dataset_sha256 = $dataset_sha256 AND data_seen = 'train' AND status <> 'diverged'
+ORDER BY finished_at DESC
+LIMIT 1;
