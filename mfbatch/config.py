@@ -181,13 +181,13 @@ class TrainConfig:
             raise ConfigError(f"--lr: must be in (0, 10], got {self.lr}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout: must be in [0, 1), got {self.dropout}")
-        for flag, value in (
+        for flag, amount in (
             ("--weight-decay", self.weight_decay),
             ("--l2", self.l2),
             ("--rating-weight", self.rating_weight),
         ):
-            if not (math.isfinite(value) and value >= 0.0):
-                raise ConfigError(f"{flag}: must be >= 0, got {value}")
+            if not (math.isfinite(amount) and amount >= 0.0):
+                raise ConfigError(f"{flag}: must be >= 0, got {amount}")
         if self.optimizer in ("sparse_adam", "adagrad") and self.weight_decay:
             raise ConfigError(
                 f"--weight-decay: {self.optimizer} updates only the rows a batch touches; "

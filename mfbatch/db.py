@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import polars as pl
 
 from mfbatch.errors import DatabaseError
 
@@ -88,14 +89,29 @@ def queries() -> Mapping[str, Query]:
     return found
 
 
-def run(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> duckdb.DuckDBPyConnection:
-    """Execute the named query with exactly the bind parameters it declares."""
+def _checked(name: str, params: Mapping[str, Any]) -> Query:
     query = queries()[name]
     if set(params) != query.params:
         raise TypeError(
             f"query {name!r} takes parameters {sorted(query.params)}, got {sorted(params)}"
         )
-    return con.execute(query.sql, params or None)
+    return query
+
+
+def run(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> duckdb.DuckDBPyConnection:
+    """Execute the named query with exactly the bind parameters it declares."""
+    return con.execute(_checked(name, params).sql, params or None)
+
+
+def one(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> tuple[Any, ...] | None:
+    """The first row of the named query (fetching all, so no result is left open)."""
+    rows = run(con, name, **params).fetchall()
+    return rows[0] if rows else None
+
+
+def frame(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> pl.DataFrame:
+    """The named query's result as a Polars frame, handed over through Arrow."""
+    return con.sql(_checked(name, params).sql, params=params or None).pl()
 
 
 def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -141,7 +157,7 @@ def transaction(con: duckdb.DuckDBPyConnection, what: str) -> Iterator[None]:
 
 
 def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    row = run(con, "table_exists", table=table).fetchone()
+    row = one(con, "table_exists", table=table)
     return bool(row and row[0])
 
 

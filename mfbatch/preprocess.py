@@ -74,7 +74,8 @@ def _steps(console: Console | None, total: int) -> Iterator[Progress]:
         TimeElapsedColumn(),
         console=console,
         transient=True,
-        disable=console is None,
+        # Off when stderr is not a terminal (cron, CI, pipes): Rich would print a bare newline.
+        disable=console is None or not console.is_terminal,
     )
     with progress:
         yield progress

@@ -57,7 +57,8 @@ class TrainSummary:
             f"{self.best_epoch}/{self.epochs_run}"
             + (f", val {figures}" if figures else "")
             + f"; {self.n_train:,} rows ({self.data_seen}), "
-            f"{self.examples_per_second:,.0f} examples/s, {self.seconds:.1f} s -> {self.export_path}"
+            f"{self.examples_per_second:,.0f} examples/s, {self.seconds:.1f} s "
+            f"-> {self.export_path}"
         )
 
 
@@ -84,7 +85,8 @@ def new_run_id() -> str:
 
 
 def _tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+    # A copy: Arrow-backed arrays are read-only, and torch wants to own its memory.
+    tensor = torch.tensor(array, dtype=dtype)
     if device.type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
@@ -92,14 +94,12 @@ def _tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torc
 
 def _load(con: Any, path: Path) -> tuple[dict[str, Any], pl.DataFrame]:
     db.require_tables(con, path, "ratings", "dataset_meta")
-    row = db.run(con, "dataset_info").fetchone()
+    row = db.one(con, "dataset_info")
     if row is None:
         raise DatabaseError(f"{path}: dataset_meta is empty; run `mfbatch preprocess` again")
     keys = ("dataset_sha256", "n_users", "n_items", "rating_min", "rating_max", "n_train", "n_val")
     info = dict(zip(keys, row, strict=True))
-    frame = pl.from_arrow(db.run(con, "training_ratings").to_arrow_table())
-    assert isinstance(frame, pl.DataFrame)
-    return info, frame
+    return info, db.frame(con, "training_ratings")
 
 
 def _refit_config(
@@ -109,7 +109,7 @@ def _refit_config(
         raise DatabaseError(
             f"{path}: --on all refits a validated run, and there is none; run `mfbatch train` first"
         )
-    row = db.run(con, "latest_validated_run", dataset_sha256=info["dataset_sha256"]).fetchone()
+    row = db.one(con, "latest_validated_run", dataset_sha256=info["dataset_sha256"])
     if row is None:
         raise DatabaseError(
             f"{path}: no validated run on the current dataset to refit; run `mfbatch train` first"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -73,25 +75,40 @@ def download(url: str, target: Path, *, md5: str, timeout: float = 30.0) -> None
         raise InputDataError(f"cache folder {target.parent} can't be created ({exc})") from None
     partial = target.with_name(target.name + ".part")
     digest = hashlib.md5(usedforsecurity=False)
+    received, total = 0, None
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, partial.open("wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
+            # stderr, like every other message: stdout carries only the command's result.
+            console = Console(stderr=True)
             with Progress(
                 TextColumn(f"downloading {name}"),
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),
                 TimeRemainingColumn(),
+                console=console,
                 transient=True,
+                disable=not console.is_terminal,
             ) as progress:
                 task = progress.add_task("download", total=total)
                 while block := response.read(1 << 20):
                     out.write(block)
                     digest.update(block)
+                    received += len(block)
                     progress.advance(task, len(block))
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        if total is not None and received != total:
+            raise ConnectionError(f"connection closed after {received:,} of {total:,} bytes")
+    except (
+        urllib.error.URLError,
+        http.client.HTTPException,
+        TimeoutError,
+        ConnectionError,
+    ) as exc:
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
+        if isinstance(exc, urllib.error.HTTPError):
+            reason = f"HTTP {exc.code} {exc.reason}"
         raise InputDataError(f"could not download {url} ({reason}); if offline, {hint}") from None
     except OSError as exc:
         partial.unlink(missing_ok=True)

@@ -1,0 +1,210 @@
+"""`mfbatch train` end to end through the CLI, on a real DuckDB file in a temp folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mfbatch.cli import app
+from mfbatch.train import load_model
+
+runner = CliRunner()
+SMALL = ["--embedding-dim", "8", "--batch-size", "256", "--negatives", "32"]
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    db = tmp_path / "mf.duckdb"
+    code, out = _invoke(
+        "preprocess",
+        "--dataset",
+        "synthetic",
+        "--users",
+        "60",
+        "--items",
+        "40",
+        "--ratings-per-user",
+        "12",
+        "--db",
+        str(db),
+    )
+    assert code == 0, out
+    return db
+
+
+def _train(db: Path, *extra: str) -> tuple[int, str]:
+    return _invoke(
+        "train", "--db", str(db), "--export-dir", str(db.parent / "export"), *SMALL, *extra
+    )
+
+
+def test_train_records_the_run_and_saves_loadable_weights(dataset: Path) -> None:
+    code, out = _train(dataset, "--epochs", "3", "--objective", "rating")
+    assert code == 0, out
+    assert "training on cpu" in out
+    assert "trained " in out and "val RMSE" in out
+    con = duckdb.connect(str(dataset), read_only=True)
+    run = con.sql(
+        "SELECT run_id, status, device, objective, epochs_run, best_epoch, val_rmse, val_mae, "
+        "data_seen, dataset_sha256, export_path, config FROM training_runs"
+    ).fetchall()
+    assert len(run) == 1
+    run_id, status, device, objective, epochs_run, best_epoch, rmse, mae, seen, sha, path, cfg = (
+        run[0]
+    )
+    assert (device, objective, seen) == ("cpu", "rating", "train")
+    assert 1 <= best_epoch <= epochs_run <= 3
+    assert status in ("completed", "early_stopped")
+    assert 0 < mae <= rmse < 4
+    assert sha == con.sql("SELECT dataset_sha256 FROM dataset_meta").fetchall()[0][0]
+    assert json.loads(cfg)["train"]["embedding_dim"] == 8
+    epochs = con.sql(
+        "SELECT epoch, val_rmse FROM training_epochs WHERE run_id = $r ORDER BY epoch",
+        params={"r": run_id},
+    ).fetchall()
+    assert [e for e, _ in epochs] == list(range(1, epochs_run + 1))
+    assert dict(epochs)[best_epoch] == pytest.approx(rmse)
+    con.close()
+
+    model, manifest = load_model(Path(path))
+    assert manifest["run_id"] == run_id and manifest["best_epoch"] == best_epoch
+    assert manifest["shape"]["n_users"] == 60
+    state = torch.load(Path(path) / "model.pt", weights_only=True)
+    assert torch.equal(state["user_emb.weight"], model.user_emb.weight)
+
+
+def test_ranking_run_reports_recall(dataset: Path) -> None:
+    code, out = _train(dataset, "--epochs", "2")
+    assert code == 0, out
+    assert "Recall@20" in out
+    with duckdb.connect(str(dataset), read_only=True) as con:
+        recall, objective = con.sql("SELECT val_recall, objective FROM training_runs").fetchall()[0]
+    assert objective == "ranking" and 0.0 <= recall <= 1.0
+
+
+def test_refit_on_all_uses_the_validated_epoch_count(dataset: Path) -> None:
+    assert _train(dataset, "--epochs", "3", "--objective", "rating")[0] == 0
+    code, out = _train(dataset, "--on", "all")
+    assert code == 0, out
+    with duckdb.connect(str(dataset), read_only=True) as con:
+        rows = con.sql(
+            "SELECT run_id, parent_run_id, data_seen, epochs_run, best_epoch, objective, n_train, "
+            "val_rmse FROM training_runs ORDER BY finished_at"
+        ).fetchall()
+        total = con.sql("SELECT count(*) FROM ratings").fetchall()[0][0]
+    (parent, _, _, _, chosen, _, _, _), refit = rows
+    assert refit[1] == parent
+    assert refit[2] == "train+val"
+    assert refit[3] == chosen  # exactly the validated run's best epoch count
+    assert refit[5] == "rating"  # the validated run's config, not the CLI default
+    assert refit[6] == total
+    assert refit[7] is None
+
+
+def test_toml_config_with_cli_override(dataset: Path, tmp_path: Path) -> None:
+    toml = tmp_path / "mfbatch.toml"
+    toml.write_text('[train]\nembedding_dim = 6\nepochs = 5\nobjective = "rating"\n')
+    code, out = _invoke(
+        "train",
+        "--db",
+        str(dataset),
+        "--config",
+        str(toml),
+        "--epochs",
+        "1",
+        "--export-dir",
+        str(tmp_path / "export"),
+    )
+    assert code == 0, out
+    with duckdb.connect(str(dataset), read_only=True) as con:
+        stored = json.loads(con.sql("SELECT config FROM training_runs").fetchall()[0][0])
+    assert stored["train"]["embedding_dim"] == 6
+    assert stored["train"]["epochs"] == 1
+    assert stored["train"]["objective"] == "rating"
+
+
+def _runs(db: Path) -> int:
+    with duckdb.connect(str(db), read_only=True) as con:
+        exists = con.sql(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'training_runs'"
+        ).fetchall()[0][0]
+        return con.sql("SELECT count(*) FROM training_runs").fetchall()[0][0] if exists else 0
+
+
+def _one_line_error(code: int, out: str, expected_code: int, *needles: str) -> None:
+    assert code == expected_code, out
+    assert "Traceback" not in out
+    lines = [line for line in out.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error:"), out
+    joined = " ".join(out.split())
+    for needle in needles:
+        assert needle in joined, out
+
+
+def test_missing_database(tmp_path: Path) -> None:
+    code, out = _train(tmp_path / "nope.duckdb")
+    _one_line_error(code, out, 4, "nope.duckdb does not exist", "mfbatch preprocess")
+    assert not (tmp_path / "nope.duckdb").exists()
+
+
+def test_no_train_rows(dataset: Path) -> None:
+    with duckdb.connect(str(dataset)) as con:
+        con.execute("UPDATE ratings SET split = 'val'")
+    _one_line_error(*_train(dataset), 4, "no train rows")
+    assert _runs(dataset) == 0
+
+
+def test_empty_val_split(dataset: Path) -> None:
+    with duckdb.connect(str(dataset)) as con:
+        con.execute("UPDATE ratings SET split = 'train'")
+    _one_line_error(*_train(dataset), 4, "val split is empty", "--val-fraction")
+    assert _runs(dataset) == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [
+        ("--embedding-dim", "0", "--embedding-dim"),
+        ("--lr", "-0.1", "--lr"),
+        ("--lr", "nan", "--lr"),
+        ("--dropout", "1.5", "--dropout"),
+        ("--objective", "accuracy", "--objective"),
+    ],
+)
+def test_senseless_settings(dataset: Path, flag: str, value: str, needle: str) -> None:
+    _one_line_error(*_train(dataset, flag, value), 2, needle)
+    assert _runs(dataset) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
+def test_cuda_requested_but_absent(dataset: Path) -> None:
+    _one_line_error(*_train(dataset, "--device", "cuda"), 2, "--device cuda", "--device cpu")
+    assert _runs(dataset) == 0
+
+
+def test_nan_loss_stops_reports_epoch_and_keeps_weights(dataset: Path) -> None:
+    # A NaN that slipped into the table makes the loss NaN in the first epoch.
+    with duckdb.connect(str(dataset)) as con:
+        con.execute(
+            "UPDATE ratings SET rating_norm = 'nan'::DOUBLE "
+            "WHERE split = 'train' AND user_idx = 0 AND item_idx = "
+            "(SELECT min(item_idx) FROM ratings WHERE user_idx = 0 AND split = 'train')"
+        )
+    code, out = _train(dataset, "--objective", "rating", "--epochs", "3")
+    _one_line_error(code, out, 5, "diverged", "epoch 1", "--lr")
+    with duckdb.connect(str(dataset), read_only=True) as con:
+        status, path = con.sql("SELECT status, export_path FROM training_runs").fetchall()[0]
+    assert status == "diverged"
+    model, manifest = load_model(Path(path))
+    assert manifest["status"] == "diverged"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
