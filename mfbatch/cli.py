@@ -230,6 +230,73 @@ def train(
     _guard(action)
 
 
+@app.command()
+def export(
+    db: DbOpt = None,
+    run_id: Annotated[str, typer.Option(help="Run to export: an id or 'latest'.")] = "latest",
+) -> None:
+    """Re-export a trained run to export/<run_id>/model.onnx (train already does this)."""
+    from mfbatch.export import export_run
+
+    path = _guard(lambda: export_run(db_path=db or Path("mfbatch.duckdb"), run_id=run_id))
+    typer.echo(f"exported {path}")
+
+
+@app.command()
+def score(
+    db: DbOpt = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Run to score with: an id or 'latest'.")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="Items per user (20).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Users per batch (default: sized from --memory-mb).")
+    ] = None,
+    memory_mb: Annotated[
+        int | None, typer.Option(help="Memory budget for one batch (512).")
+    ] = None,
+    provider: Annotated[
+        str | None, typer.Option(help="auto (CUDA when present), cuda or cpu.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (all cores).")] = None,
+    users: Annotated[
+        Path | None, typer.Option(help="File of user ids (one per line) to score.")
+    ] = None,
+    include_items: Annotated[
+        Path | None, typer.Option(help="File of item ids: recommend only these.")
+    ] = None,
+    exclude_items: Annotated[
+        Path | None, typer.Option(help="File of item ids: never recommend these.")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Top-K unrated items for every user with ONNX Runtime, into table recommendations."""
+    from mfbatch.config import load_config
+    from mfbatch.score import score as run_score
+
+    def action() -> None:
+        resolved = load_config(
+            config,
+            db=db,
+            overrides={
+                "score": _overrides(
+                    run_id=run_id,
+                    top_k=top_k,
+                    batch_size=batch_size,
+                    memory_mb=memory_mb,
+                    provider=provider,
+                    threads=threads,
+                    users=users,
+                    include_items=include_items,
+                    exclude_items=exclude_items,
+                )
+            },
+        )
+        typer.echo(run_score(config=resolved, console=console).line())
+
+    _guard(action)
+
+
 def _without_time(resolved: Any) -> Any:
     import dataclasses
 

@@ -195,6 +195,35 @@ class TrainConfig:
             )
 
 
+Provider = Literal["auto", "cuda", "cpu"]
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """What `mfbatch score` computes and how it runs."""
+
+    run_id: str = "latest"
+    top_k: int = 20
+    batch_size: int | None = None  # users per batch; None sizes it from memory_mb
+    memory_mb: int = 512
+    provider: Provider = "auto"
+    threads: int | None = None
+    users: Path | None = None
+    include_items: Path | None = None
+    exclude_items: Path | None = None
+
+    def __post_init__(self) -> None:
+        _choice("--provider", self.provider, Provider)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ConfigError(f"--top-k: must be a whole number >= 1, got {self.top_k!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size: must be >= 1 (or auto), got {self.batch_size}")
+        if self.memory_mb < 16:
+            raise ConfigError(f"--memory-mb: at least 16, got {self.memory_mb}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads: must be >= 1, got {self.threads}")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything one command needs, resolved from TOML and CLI flags."""
@@ -203,6 +232,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able view, stored with runs so a result says how it was made."""
@@ -221,6 +251,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "data": DataConfig,
     "split": SplitConfig,
     "train": TrainConfig,
+    "score": ScoreConfig,
 }
 
 
@@ -261,7 +292,8 @@ def load_config(
     unknown = sorted(set(raw) - {*_SECTIONS, "db"})
     if unknown:
         raise ConfigError(
-            f"{path}: unknown table(s) {', '.join(unknown)}; use [data], [split], [train] and db"
+            f"{path}: unknown table(s) {', '.join(unknown)}; "
+            "use [data], [split], [train], [score] and db"
         )
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():

@@ -22,6 +22,7 @@ import polars as pl
 from mfbatch.errors import DatabaseError
 
 _NAME_RE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+_NAME_LIKE_RE = re.compile(r"^--\s*name\s*:.*$", re.MULTILINE | re.IGNORECASE)
 _PARAM_RE = re.compile(r"(?<![\w$])\$([a-z_][a-z0-9_]*)")
 _LOCK_PID_RE = re.compile(r"\(PID (\d+)\)")
 
@@ -48,13 +49,23 @@ def parse_queries(text: str, origin: str) -> dict[str, Query]:
     matches = list(_NAME_RE.finditer(text))
     if not matches:
         raise DatabaseError(f"{origin}: no '-- name: ...' blocks found")
+    # A name line the pattern refuses would otherwise read as a comment, its SQL silently
+    # joining the previous block or vanishing.
+    for like in _NAME_LIKE_RE.finditer(text):
+        if not _NAME_RE.fullmatch(like.group(0)):
+            line = text.count("\n", 0, like.start()) + 1
+            raise DatabaseError(
+                f"{origin} line {line}: {like.group(0).strip()!r} is not a valid query name; "
+                "use lower_snake_case"
+            )
+    before = _code(text[: matches[0].start()])
+    if before:
+        line = text.count("\n", 0, text.index(before.splitlines()[0])) + 1
+        raise DatabaseError(f"{origin} line {line}: SQL before the first '-- name: ...' line")
     queries: dict[str, Query] = {}
     for match, following in zip(matches, [*matches[1:], None], strict=True):
         name = match.group(1)
-        body = text[match.end() : following.start() if following else len(text)].strip()
-        code = "\n".join(
-            line for line in body.splitlines() if not line.lstrip().startswith("--")
-        ).strip()
+        code = _code(text[match.end() : following.start() if following else len(text)])
         if not code:
             raise DatabaseError(f"{origin}: query {name!r} is empty")
         if name in queries:
@@ -62,13 +73,21 @@ def parse_queries(text: str, origin: str) -> dict[str, Query]:
         try:
             statements = duckdb.extract_statements(code)
         except duckdb.Error as exc:
-            raise DatabaseError(f"{origin}: query {name!r} does not parse: {exc}") from None
+            raise DatabaseError(
+                f"{origin}: query {name!r} does not parse: {_first_line(exc)}"
+            ) from None
         if len(statements) != 1:
             raise DatabaseError(
                 f"{origin}: query {name!r} holds {len(statements)} statements; one per name"
             )
         queries[name] = Query(name, code, frozenset(_PARAM_RE.findall(code)), origin)
     return queries
+
+
+def _code(block: str) -> str:
+    """The block without its comment lines."""
+    lines = block.strip().splitlines()
+    return "\n".join(line for line in lines if not line.lstrip().startswith("--")).strip()
 
 
 @functools.cache

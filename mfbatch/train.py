@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mfbatch import __version__, db
 from mfbatch.config import Config, TrainConfig
 from mfbatch.errors import ConfigError, DatabaseError, ModelError
+from mfbatch.export import export_model
 from mfbatch.model import MatrixFactorization, ModelShape
 from mfbatch.trainer import Csr, EpochRecord, Interactions, Outcome, Validation, train_model
 
@@ -176,7 +177,7 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
     seconds = time.perf_counter() - started
     examples = len(data) * max(len(outcome.history), 1)
     fit_seconds = sum(r.seconds for r in outcome.history) or seconds
-    save_model(
+    manifest = save_model(
         model,
         export_path,
         manifest={
@@ -195,6 +196,7 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
             "created_at": datetime.now(timezone.utc).isoformat(),
         },
     )
+    export_model(model, manifest, export_path)
     best = _best(outcome)
     summary = TrainSummary(
         run_id=run_id,
@@ -295,7 +297,9 @@ def _best(outcome: Outcome) -> EpochRecord | None:
     return next((r for r in outcome.history if r.epoch == outcome.best_epoch), None)
 
 
-def save_model(model: MatrixFactorization, path: Path, *, manifest: dict[str, Any]) -> None:
+def save_model(
+    model: MatrixFactorization, path: Path, *, manifest: dict[str, Any]
+) -> dict[str, Any]:
     """Write weights + manifest to a temporary folder, then rename: never a half-saved run."""
     staging = path.with_name(f".{path.name}.tmp")
     try:
@@ -305,6 +309,7 @@ def save_model(model: MatrixFactorization, path: Path, *, manifest: dict[str, An
         manifest = {**manifest, "files": {"state_dict": STATE_FILE}}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(staging, path)
+        return manifest
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise ModelError(

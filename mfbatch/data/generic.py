@@ -122,6 +122,11 @@ def _as_id(column: pl.Series) -> pl.Series:
         return column.cast(pl.Int64)
     if column.dtype.is_float() and (column == column.round()).all():
         return column.cast(pl.Int64)
+    if column.dtype == pl.String:
+        # Text that is exactly an integer's spelling ("7", not "007" or "+7") is one.
+        as_int = column.cast(pl.Int64, strict=False)
+        if as_int.null_count() == column.null_count() and (as_int.cast(pl.String) == column).all():
+            return as_int
     return column.cast(pl.String)
 
 
@@ -169,7 +174,12 @@ class CsvLoader(_TableLoader):
                 source,
                 separator=sep,
                 columns=list(roles.values()),
-                schema_overrides={roles["rating"]: pl.Float64},
+                # Ids as text: inferring integers would merge "007" and "7" into one id.
+                schema_overrides={
+                    roles["rating"]: pl.Float64,
+                    roles["user_id"]: pl.String,
+                    roles["item_id"]: pl.String,
+                },
                 infer_schema_length=10_000,
             )
         except (pl.exceptions.PolarsError, ValueError) as exc:

@@ -48,8 +48,35 @@ def denormalise(rating_norm: pl.Expr, lo: float, hi: float) -> pl.Expr:
 
 def dense_ids(ids: pl.Series) -> tuple[pl.Series, pl.Series]:
     """(index per row, raw id per index): dense 0..n-1 in sorted order of the raw ids."""
+    if ids.null_count() == 0 and len(ids):
+        if ids.dtype.is_integer():
+            fast = _dense_int_ids(ids)
+            if fast is not None:
+                return fast
+        # A hash lookup of the sorted uniques; `rank("dense")` sorts every row instead
+        # (5x slower on 25M integer ids, 20x on strings).
+        uniques = ids.unique().sort()
+        positions = pl.int_range(len(uniques), dtype=pl.Int32, eager=True)
+        return ids.replace_strict(uniques, positions, return_dtype=pl.Int32), uniques
     index = (ids.rank("dense") - 1).cast(pl.Int32)
     return index, ids.unique().sort()
+
+
+def _dense_int_ids(ids: pl.Series) -> tuple[pl.Series, pl.Series] | None:
+    """Integer ids within a compact range: a lookup table over the range, no sort, no hash."""
+    values = ids.to_numpy()
+    lo, hi = int(values.min()), int(values.max())
+    span = hi - lo + 1
+    if span > max(2 * len(values), 1 << 20) or lo < -(2**62) or hi >= 2**62:
+        return None
+    offsets = values.astype(np.int64) - lo
+    present = np.zeros(span, dtype=bool)
+    present[offsets] = True
+    table = np.cumsum(present, dtype=np.int32)
+    table -= 1
+    index = pl.Series(ids.name, table[offsets], dtype=pl.Int32)
+    uniques = pl.Series(ids.name, np.flatnonzero(present) + lo).cast(ids.dtype)
+    return index, uniques
 
 
 def drop_duplicates(frame: pl.DataFrame, n_items: int) -> tuple[pl.DataFrame, int]:
@@ -58,13 +85,25 @@ def drop_duplicates(frame: pl.DataFrame, n_items: int) -> tuple[pl.DataFrame, in
     Returns the frame sorted by (user_idx, item_idx), which later stages (CSR of rated
     items, per-user queries) read in that order.
     """
-    key = pl.col("user_idx").cast(pl.Int64) * n_items + pl.col("item_idx")
-    frame = frame.with_columns(__key=key)
-    if frame["__key"].n_unique() == frame.height:
-        return frame.sort("__key").drop("__key"), 0
+    key = frame["user_idx"].to_numpy().astype(np.int64) * n_items + frame["item_idx"].to_numpy()
+    if frame.height < 2 or bool((key[1:] > key[:-1]).all()):
+        return frame, 0  # already sorted, so no key repeats
+    # Stable argsort: NumPy's timsort runs in near-linear time on the common input that
+    # is already grouped by user, and equal keys stay adjacent for the duplicate check.
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    has_duplicates = bool((ordered[1:] == ordered[:-1]).any())
+    del key, ordered
+    if not has_duplicates:
+        index = order.astype(np.uint32) if frame.height < 2**32 else order
+        return frame[pl.Series(index)], 0
+    del order
+    frame = frame.with_columns(
+        __key=pl.col("user_idx").cast(pl.Int64) * n_items + pl.col("item_idx")
+    )
     # Stable sort: among equal (key, ts), file order decides, and the last one wins.
-    ordered = frame.sort(["__key", "ts"], maintain_order=True, nulls_last=False)
-    kept = ordered.filter(pl.col("__key") != pl.col("__key").shift(-1, fill_value=-1))
+    ordered_frame = frame.sort(["__key", "ts"], maintain_order=True, nulls_last=False)
+    kept = ordered_frame.filter(pl.col("__key") != pl.col("__key").shift(-1, fill_value=-1))
     return kept.drop("__key"), frame.height - kept.height
 
 
@@ -131,15 +170,24 @@ def prepare(
             "ts": ratings["ts"],
         }
     )
+    del user_idx, item_idx
     frame, dropped = drop_duplicates(frame, len(item_ids))
 
     is_val = split_mask(frame, split, origin=raw.source)
     users_np = frame["user_idx"].to_numpy()
     items_np = frame["item_idx"].to_numpy()
-    train_users = np.bincount(users_np[~is_val], minlength=len(user_ids))
-    train_items = np.bincount(items_np[~is_val], minlength=len(item_ids))
-    cold_user = is_val & (train_users[users_np] == 0)
-    cold_item = is_val & (train_items[items_np] == 0)
+    # Per-id counts over all rows, minus the validation rows: only the ~10% of val rows are
+    # gathered, never the training rows.
+    val_rows = np.flatnonzero(is_val)
+    val_users, val_items = users_np[val_rows], items_np[val_rows]
+    n_user_ratings = np.bincount(users_np, minlength=len(user_ids))
+    n_item_ratings = np.bincount(items_np, minlength=len(item_ids))
+    train_users = n_user_ratings - np.bincount(val_users, minlength=len(user_ids))
+    train_items = n_item_ratings - np.bincount(val_items, minlength=len(item_ids))
+    cold_user = np.zeros(frame.height, dtype=bool)
+    cold_user[val_rows] = train_users[val_users] == 0
+    cold_item = np.zeros(frame.height, dtype=bool)
+    cold_item[val_rows] = train_items[val_items] == 0
 
     val_series = pl.Series("is_val", is_val)
     prepared = frame.with_columns(
@@ -155,7 +203,7 @@ def prepare(
         {
             "user_idx": pl.int_range(len(user_ids), dtype=pl.Int32, eager=True),
             "user_id": user_ids.cast(pl.String),
-            "n_ratings": np.bincount(users_np, minlength=len(user_ids)).astype(np.int32),
+            "n_ratings": n_user_ratings.astype(np.int32),
             "n_train": train_users.astype(np.int32),
         }
     )
@@ -163,7 +211,7 @@ def prepare(
         {
             "item_idx": pl.int_range(len(item_ids), dtype=pl.Int32, eager=True),
             "item_id": item_ids.cast(pl.String),
-            "n_ratings": np.bincount(items_np, minlength=len(item_ids)).astype(np.int32),
+            "n_ratings": n_item_ratings.astype(np.int32),
             "n_train": train_items.astype(np.int32),
         }
     )
@@ -179,10 +227,10 @@ def prepare(
         maintain_order="left",
     ).select("item_idx", "item_id", "title", "genres", "n_ratings", "n_train")
 
-    n_val = int(is_val.sum())
+    n_val = len(val_rows)
     cutoff: datetime | None = None
     if split.kind == "time" and n_val:
-        cutoff = prepared.filter(pl.col("split") == "val")["ts"].min()  # type: ignore[assignment]
+        cutoff = frame["ts"].gather(val_rows).min()  # type: ignore[assignment]
     stats = PrepStats(
         rows_in=rows_in,
         duplicates_dropped=dropped,

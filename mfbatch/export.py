@@ -1,0 +1,167 @@
+"""The compiled inference core: the trained model as one ONNX scoring graph.
+
+Not a trace of the training module: dropout is gone, BatchNorm is folded into the tables,
+and the biases ride in two extra columns, so a single MatMul yields the full prediction:
+
+    U_aug[u] = [p_u, 1, mu + b_u]      V_aug[i] = [q_i, b_i, 1]
+    U_aug[u] . V_aug[i] = p_u.q_i + b_i + mu + b_u = r_hat(u, i)
+
+The graph then masks what must not be recommended and takes the top K:
+
+    users[B] --Gather(U_aug)--> [B, d+2] --MatMul(V_aug^T)--> scores[B, I]
+    scores + item_mask[I]                  (allow/deny lists: 0 or -inf per item)
+    ScatterND(-inf at seen[S, 2])          (the (batch row, item) pairs a user rated)
+    TopK(k) --> top_scores[B, K], top_items[B, K]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from mfbatch import __version__
+from mfbatch.errors import ModelError
+from mfbatch.model import MatrixFactorization
+
+OPSET = 17
+ONNX_FILE = "model.onnx"
+INPUTS = ("users", "seen", "item_mask", "k")
+OUTPUTS = ("top_scores", "top_items")
+
+
+def augmented_tables(model: MatrixFactorization) -> tuple[np.ndarray, np.ndarray]:
+    """(U_aug [n_users, d+2], V_aug^T [d+2, n_items]) as float32, from the eval-mode model."""
+    tables = model.folded()
+    p, q, b_u, b_i = (t.detach().cpu().double().numpy() for t in tables[:4])
+    mu = tables[4]
+    users = np.concatenate([p, np.ones((len(p), 1)), (mu + b_u)[:, None]], axis=1)
+    items = np.concatenate([q, b_i[:, None], np.ones((len(q), 1))], axis=1)
+    # V is stored transposed so the MatMul reads it without a Transpose node.
+    return users.astype(np.float32), np.ascontiguousarray(items.T.astype(np.float32))
+
+
+def build_graph(
+    users_aug: np.ndarray, items_aug_t: np.ndarray, metadata: dict[str, Any]
+) -> onnx.ModelProto:
+    n_items = items_aug_t.shape[1]
+    nodes = [
+        helper.make_node("Gather", ["U_aug", "users"], ["user_rows"], axis=0),
+        helper.make_node("MatMul", ["user_rows", "V_aug_t"], ["scores"]),
+        helper.make_node("Add", ["scores", "item_mask"], ["allowed"]),
+        helper.make_node("Shape", ["seen"], ["seen_shape"]),
+        helper.make_node("Slice", ["seen_shape", "zero", "one"], ["n_seen"]),
+        helper.make_node(
+            "ConstantOfShape",
+            ["n_seen"],
+            ["minus_inf"],
+            value=numpy_helper.from_array(np.array([-np.inf], dtype=np.float32)),
+        ),
+        helper.make_node("ScatterND", ["allowed", "seen", "minus_inf"], ["masked"]),
+        helper.make_node(
+            "TopK", ["masked", "k"], ["top_scores", "top_items"], axis=1, largest=1, sorted=1
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mfbatch_topk",
+        inputs=[
+            helper.make_tensor_value_info("users", TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info("seen", TensorProto.INT64, ["n_seen", 2]),
+            helper.make_tensor_value_info("item_mask", TensorProto.FLOAT, [n_items]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+        ],
+        outputs=[
+            helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["batch", "k"]),
+            helper.make_tensor_value_info("top_items", TensorProto.INT64, ["batch", "k"]),
+        ],
+        initializer=[
+            numpy_helper.from_array(users_aug, "U_aug"),
+            numpy_helper.from_array(items_aug_t, "V_aug_t"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+        ],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="mfbatch",
+        producer_version=__version__,
+    )
+    # ORT 1.x reads IR version 10 at most; keep the file loadable by a range of runtimes.
+    model.ir_version = min(model.ir_version, 9)
+    helper.set_model_props(model, {k: json.dumps(v) for k, v in metadata.items()})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def export_model(model: MatrixFactorization, manifest: dict[str, Any], folder: Path) -> Path:
+    """Write folder/model.onnx (atomically) with the run's identity in its metadata."""
+    users_aug, items_aug_t = augmented_tables(model)
+    metadata = {
+        "run_id": manifest["run_id"],
+        "dataset_sha256": manifest["dataset_sha256"],
+        "data_seen": manifest["data_seen"],
+        "n_users": model.shape.n_users,
+        "n_items": model.shape.n_items,
+        "embedding_dim": model.shape.dim,
+        "rating_min": manifest["rating_min"],
+        "rating_max": manifest["rating_max"],
+        "objective": manifest["objective"],
+        "opset": OPSET,
+        "mfbatch_version": __version__,
+    }
+    graph = build_graph(users_aug, items_aug_t, metadata)
+    target = folder / ONNX_FILE
+    partial = folder / (ONNX_FILE + ".part")
+    try:
+        onnx.save_model(graph, str(partial))
+        partial.replace(target)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise ModelError(
+            f"could not write {target} ({exc}); free space and run `mfbatch export`"
+        ) from None
+    return target
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The metadata export_model stored, without loading the weights into a session."""
+    if not path.is_file():
+        raise ModelError(
+            f"{path} does not exist; run `mfbatch export --run-id <id>` (or `mfbatch train`)"
+        )
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises assorted protobuf/IO errors
+        raise ModelError(
+            f"{path} is not a readable ONNX model ({exc}); re-run `mfbatch export`"
+        ) from None
+    return {p.key: json.loads(p.value) for p in proto.metadata_props}
+
+
+def export_run(*, db_path: Path, run_id: str = "latest") -> Path:
+    """Re-export a recorded run's saved weights to export/<run_id>/model.onnx."""
+    from mfbatch import db
+    from mfbatch.train import load_model
+
+    con = db.connect(db_path, read_only=True)
+    try:
+        if not db.table_exists(con, "training_runs"):
+            raise ModelError(f"{db_path} has no training runs; run `mfbatch train` first")
+        row = (
+            db.one(con, "latest_run")
+            if run_id == "latest"
+            else db.one(con, "run_by_id", run_id=run_id)
+        )
+    finally:
+        con.close()
+    if row is None:
+        raise ModelError(f"--run-id: no run {run_id!r} in {db_path}; see training_runs")
+    folder = Path(row[1])
+    model, manifest = load_model(folder)
+    return export_model(model, manifest, folder)

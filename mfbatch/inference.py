@@ -1,0 +1,133 @@
+"""Running the exported graph: the ONNX Runtime session and the per-batch inputs.
+
+Kept apart from the scoring stage so tests and benchmarks drive exactly the code
+`mfbatch score` runs, without a database.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from mfbatch.errors import ConfigError, ModelError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def machine_threads() -> int:
+    """Cores this process may run on (cgroup/affinity aware where the OS says)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _gpu_present() -> bool:
+    # onnxruntime-gpu lists the CUDA provider even on machines without a GPU; only try it
+    # when the NVIDIA driver is there, so CPU machines don't pay for (and log) a failed load.
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+@dataclass(frozen=True)
+class SeenItems:
+    """Items each user must not be recommended, as CSR over user_idx."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+
+    @staticmethod
+    def from_sorted(users: np.ndarray, items: np.ndarray, n_users: int) -> SeenItems:
+        """From (user, item) pairs sorted by user."""
+        counts = np.bincount(users, minlength=n_users)
+        indptr = np.zeros(n_users + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return SeenItems(indptr, items.astype(np.int64, copy=False))
+
+    def pairs(self, users: np.ndarray) -> np.ndarray:
+        """[S, 2] (row in `users`, item) for every seen item of the batch: ScatterND indices."""
+        starts, ends = self.indptr[users], self.indptr[users + 1]
+        lengths = ends - starts
+        total = int(lengths.sum())
+        rows = np.repeat(np.arange(len(users), dtype=np.int64), lengths)
+        # Position of each entry inside its user's slice, without a Python loop.
+        offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        out = np.empty((total, 2), dtype=np.int64)
+        out[:, 0] = rows
+        out[:, 1] = self.indices[np.arange(total, dtype=np.int64) + offsets]
+        return out
+
+
+@dataclass
+class Scorer:
+    """An ONNX Runtime session over model.onnx, on CUDA when asked/available, else CPU."""
+
+    path: Path
+    provider: str = "auto"
+    threads: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.path.is_file():
+            raise ModelError(f"{self.path} does not exist; run `mfbatch export` for that run")
+        if self.provider not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"--provider: {self.provider!r} is not one of auto, cuda, cpu")
+        available = ort.get_available_providers()
+        want_cuda = self.provider == "cuda" or (
+            self.provider == "auto" and CUDA in available and _gpu_present()
+        )
+        if self.provider == "cuda" and (CUDA not in available or not _gpu_present()):
+            raise ConfigError(
+                "--provider cuda: no CUDA device/provider here "
+                f"(onnxruntime {ort.__version__} offers {', '.join(available)}); use --provider cpu"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads or machine_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        providers = [CUDA, CPU] if want_cuda else [CPU]
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for bad files
+            if want_cuda and self.provider == "auto":
+                self.warnings.append(f"CUDA provider failed to load ({exc}); using the CPU")
+                self.session = ort.InferenceSession(str(self.path), options, providers=[CPU])
+            else:
+                raise ModelError(
+                    f"{self.path} could not be loaded by ONNX Runtime ({exc})"
+                ) from None
+        active = self.session.get_providers()
+        if want_cuda and CUDA not in active:
+            if self.provider == "cuda":
+                raise ConfigError(
+                    "--provider cuda: the CUDA provider failed to load; use --provider cpu"
+                )
+            self.warnings.append("CUDA provider failed to load; using the CPU")
+        self.provider = (
+            "cuda" if CUDA in active else f"cpu ({options.intra_op_num_threads} threads)"
+        )
+
+    @staticmethod
+    def auto_batch_size(n_items: int, memory_mb: int) -> int:
+        # Per user in flight: the score row, its masked copy and TopK's working row.
+        per_user = n_items * 4 * 3
+        return int(np.clip((memory_mb << 20) // per_user, 1, 8192))
+
+    def top_k(
+        self, users: np.ndarray, seen: SeenItems, item_mask: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(items [B, k] int64, scores [B, k] float32), best first; -inf where none is left."""
+        items_scores = self.session.run(
+            ["top_items", "top_scores"],
+            {
+                "users": users.astype(np.int64, copy=False),
+                "seen": seen.pairs(users),
+                "item_mask": item_mask,
+                "k": np.array([k], dtype=np.int64),
+            },
+        )
+        return items_scores[0], items_scores[1]
