@@ -12,13 +12,17 @@ TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
 DB ?= mfbatch.duckdb
+EXPORT_DIR ?= export
 DATASET ?= ml-1m
 SOURCE ?=
 TOPK ?= 20
 PREPROCESS_FLAGS ?=
+TRAIN_FLAGS ?=
+SCORE_FLAGS ?=
 SOURCE_FLAG := $(if $(SOURCE),--source $(SOURCE),)
+MFBATCH := $(BIN)/mfbatch
 
-.PHONY: help install test lint bench all preprocess clean
+.PHONY: help install test lint bench all preprocess train score evaluate clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -43,11 +47,26 @@ lint: $(BIN)/.installed ## ruff + mypy
 bench: $(BIN)/.installed ## Benchmarks (not part of the test run); results in bench-results/
 	@mkdir -p bench-results
 	$(BIN)/python tests/bench/bench_preprocess.py --out bench-results/preprocess.json
+	$(BIN)/python tests/bench/bench_train.py --out bench-results/train.json
+	$(BIN)/python tests/bench/bench_score.py --out bench-results/score.json
 
-preprocess: $(BIN)/.installed ## Stage 1 only
-	$(BIN)/mfbatch preprocess --dataset $(DATASET) $(SOURCE_FLAG) --db $(DB) $(PREPROCESS_FLAGS)
+preprocess: $(BIN)/.installed ## Stage 1: ratings -> DuckDB (DATASET=, SOURCE=)
+	$(MFBATCH) preprocess --dataset $(DATASET) $(SOURCE_FLAG) --db $(DB) $(PREPROCESS_FLAGS)
 
-all: preprocess ## The whole pipeline (DATASET=, SOURCE= override the input)
+train: $(BIN)/.installed ## Stage 2: train, early-stop, export ONNX
+	$(MFBATCH) train --db $(DB) --export-dir $(EXPORT_DIR) $(TRAIN_FLAGS)
+
+score: $(BIN)/.installed ## Stage 3: top-K for every user into DuckDB
+	$(MFBATCH) score --db $(DB) --top-k $(TOPK) $(SCORE_FLAGS)
+
+evaluate: $(BIN)/.installed ## Stage 4: metrics vs popularity, in SQL
+	$(MFBATCH) evaluate --db $(DB) --top-k $(TOPK)
+
+all: ## The whole pipeline: preprocess -> train -> score -> evaluate
+	$(MAKE) --no-print-directory preprocess
+	$(MAKE) --no-print-directory train
+	$(MAKE) --no-print-directory score
+	$(MAKE) --no-print-directory evaluate
 
 clean: ## Remove the venv, caches, databases and exported models
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results

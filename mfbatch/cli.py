@@ -297,6 +297,80 @@ def score(
     _guard(action)
 
 
+@app.command()
+def evaluate(
+    db: DbOpt = None,
+    run_id: Annotated[
+        str, typer.Option(help="Scored run to evaluate: an id or 'latest'.")
+    ] = "latest",
+    top_k: Annotated[int, typer.Option(help="K of the ranking metrics.")] = 20,
+    min_rating: Annotated[
+        float | None,
+        typer.Option(help="Count only validation ratings >= this (stars) as relevant."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """RMSE/MAE and Precision/Recall/NDCG/MAP/HitRate@K vs a popularity baseline, in SQL."""
+    from rich.table import Table
+
+    from mfbatch.evaluate import evaluate as run_evaluate
+
+    result = _guard(
+        lambda: run_evaluate(
+            db_path=db or Path("mfbatch.duckdb"), run_id=run_id, k=top_k, min_rating=min_rating
+        )
+    )
+    if as_json:
+        typer.echo(result.to_json())
+        return
+    table = Table(title=f"run {result.run_id}, K={result.k}")
+    for column in ("metric", "mfbatch", "popularity", "lift"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for row in result.rows():
+        value, base = row["value"], row["baseline_value"]
+        metric = row["metric"]
+        name = metric + (f"@{row['k']}" if row["k"] and metric in _AT_K else "")
+        lift = f"{value / base:.2f}x" if value and base and metric in _AT_K else ""
+        table.add_row(name, _fmt(value, metric), _fmt(base, metric), lift)
+    Console().print(table)
+    typer.echo(result.line())
+
+
+_AT_K = ("precision", "recall", "ndcg", "map", "hit_rate")
+
+
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if metric.startswith("users_") else f"{value:.4f}"
+
+
+@app.command()
+def recommend(
+    user: Annotated[str, typer.Option("--user", help="Raw user id, as in the users table.")],
+    db: DbOpt = None,
+) -> None:
+    """One user's recommendations beside their own top-rated items."""
+    from rich.table import Table
+
+    from mfbatch.evaluate import recommend as run_recommend
+
+    report = _guard(lambda: run_recommend(db_path=db or Path("mfbatch.duckdb"), user_id=user))
+    out = Console()
+    recs = Table(title=f"recommended for user {report.user_id}")
+    for column in ("rank", "item", "title", "genres", "score"):
+        recs.add_column(column)
+    for rank, item, title, genres, score_value, _ in report.recommendations:
+        recs.add_row(str(rank), item, title or "", genres or "", f"{score_value:.3f}")
+    rated = Table(title=f"their top-rated ({report.n_ratings:,} ratings)")
+    for column in ("item", "title", "rating", "split"):
+        rated.add_column(column)
+    for item, title, rating, split in report.top_rated:
+        rated.add_row(item, title or "", f"{rating:g}", split)
+    out.print(recs)
+    out.print(rated)
+
+
 def _without_time(resolved: Any) -> Any:
     import dataclasses
 

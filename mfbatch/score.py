@@ -182,7 +182,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
             TimeElapsedColumn(),
             TextColumn("users"),
             console=console,
-            disable=console is None,
+            disable=console is None or not console.is_terminal,
             transient=True,
         )
         with progress:

@@ -271,7 +271,7 @@ def _fit(
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
-        disable=console is None,
+        disable=console is None or not console.is_terminal,
     )
     tasks: dict[int, Any] = {}
 

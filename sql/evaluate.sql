@@ -1,0 +1,158 @@
+-- Evaluation: every figure `mfbatch evaluate` reports is computed here, by DuckDB, from the
+-- tables the pipeline wrote. eval_recs is a temp table holding the lists being judged
+-- (the model's recommendations, then the popularity baseline), so one metrics query
+-- serves both and they are measured identically.
+
+-- name: run_for_evaluation
+SELECT run_id, export_path, data_seen, dataset_sha256, objective
+FROM training_runs
+WHERE run_id = $run_id;
+
+-- name: recommended_runs
+SELECT DISTINCT run_id FROM recommendations;
+
+-- name: val_pairs
+SELECT user_idx, item_idx, rating FROM ratings WHERE split = 'val' ORDER BY user_idx, item_idx;
+
+-- name: create_val_predictions
+CREATE TABLE IF NOT EXISTS val_predictions (
+    run_id           VARCHAR NOT NULL,
+    user_idx         INTEGER NOT NULL,
+    item_idx         INTEGER NOT NULL,
+    rating           DOUBLE  NOT NULL,  -- stars
+    predicted_rating DOUBLE  NOT NULL   -- stars, from the exported model, clipped to the scale
+);
+
+-- name: delete_val_predictions
+DELETE FROM val_predictions WHERE run_id = $run_id;
+
+-- name: insert_val_predictions
+INSERT INTO val_predictions
+SELECT run_id, user_idx, item_idx, rating, predicted_rating FROM staged_predictions;
+
+-- name: rating_metrics
+SELECT
+    sqrt(avg((predicted_rating - rating) ^ 2)) AS rmse,
+    avg(abs(predicted_rating - rating)) AS mae,
+    count(*) AS n
+FROM val_predictions
+WHERE run_id = $run_id;
+
+-- name: stage_model_recs
+CREATE OR REPLACE TEMP TABLE eval_recs AS
+SELECT user_id, item_id, rank
+FROM recommendations
+WHERE run_id = $run_id AND rank <= $k;
+
+-- name: stage_popularity_recs
+-- The K most-rated train items each user has not rated in train. Only the first
+-- K + (most train ratings of any user) items by popularity can make anyone's list.
+CREATE OR REPLACE TEMP TABLE eval_recs AS
+WITH popularity AS (
+    SELECT item_idx, count(*) AS n FROM ratings WHERE split = 'train' GROUP BY item_idx
+),
+widest AS (
+    SELECT coalesce(max(n), 0) AS m
+    FROM (SELECT count(*) AS n FROM ratings WHERE split = 'train' GROUP BY user_idx)
+),
+candidates AS (
+    SELECT item_idx, row_number() OVER (ORDER BY n DESC, item_idx) AS pop_rank
+    FROM popularity
+    QUALIFY pop_rank <= $k + (SELECT m FROM widest)
+),
+ranked AS (
+    SELECT u.user_idx, c.item_idx,
+           row_number() OVER (PARTITION BY u.user_idx ORDER BY c.pop_rank) AS rank
+    FROM users AS u
+    CROSS JOIN candidates AS c
+    WHERE NOT EXISTS (
+        SELECT 1 FROM ratings AS r
+        WHERE r.split = 'train' AND r.user_idx = u.user_idx AND r.item_idx = c.item_idx
+    )
+)
+SELECT u.user_id, i.item_id, ranked.rank
+FROM ranked
+JOIN users AS u USING (user_idx)
+JOIN items AS i USING (item_idx)
+WHERE ranked.rank <= $k;
+
+-- name: ranking_metrics
+-- Averages over users with at least one relevant validation item; users with none are
+-- left out and counted. A relevant item is a validation rating >= $min_rating (stars).
+WITH relevant AS (
+    SELECT u.user_id, i.item_id
+    FROM ratings AS r
+    JOIN users AS u USING (user_idx)
+    JOIN items AS i USING (item_idx)
+    WHERE r.split = 'val' AND r.rating >= $min_rating
+),
+n_relevant AS (
+    SELECT user_id, count(*) AS n FROM relevant GROUP BY user_id
+),
+hits AS (
+    SELECT e.user_id, e.rank,
+           row_number() OVER (PARTITION BY e.user_id ORDER BY e.rank) AS hit_no
+    FROM eval_recs AS e
+    JOIN relevant AS r USING (user_id, item_id)
+),
+ideal AS (
+    SELECT m, sum(1.0 / log2(m + 1)) OVER (ORDER BY m) AS idcg
+    FROM range(1, $k + 1) AS t(m)
+),
+per_user AS (
+    SELECT n.user_id, n.n,
+           count(h.rank) AS hits,
+           coalesce(sum(1.0 / log2(h.rank + 1)), 0) AS dcg,
+           coalesce(sum(h.hit_no / h.rank), 0) AS precision_sum
+    FROM n_relevant AS n
+    LEFT JOIN hits AS h USING (user_id)
+    GROUP BY n.user_id, n.n
+)
+SELECT
+    avg(hits / $k) AS precision,
+    avg(hits / n) AS recall,
+    avg(dcg / ideal.idcg) AS ndcg,
+    avg(precision_sum / least(n, $k)) AS map,
+    avg(CASE WHEN hits > 0 THEN 1.0 ELSE 0.0 END) AS hit_rate,
+    (SELECT count(DISTINCT item_id) FROM eval_recs) / (SELECT count(*) FROM items) AS coverage,
+    count(*) AS users_evaluated,
+    (SELECT count(*) FROM users) - count(*) AS users_without_relevant
+FROM per_user
+JOIN ideal ON ideal.m = least(per_user.n, $k);
+
+-- name: create_evaluations
+CREATE TABLE IF NOT EXISTS evaluations (
+    run_id         VARCHAR   NOT NULL,
+    metric         VARCHAR   NOT NULL,
+    k              INTEGER,            -- NULL for RMSE / MAE
+    value          DOUBLE,
+    baseline_value DOUBLE,             -- the popularity baseline's figure, where one exists
+    min_rating     DOUBLE,
+    created_at     TIMESTAMP NOT NULL
+);
+
+-- name: delete_evaluations
+DELETE FROM evaluations WHERE run_id = $run_id AND (k = $k OR k IS NULL);
+
+-- name: insert_evaluations
+INSERT INTO evaluations
+SELECT run_id, metric, k, value, baseline_value, min_rating, now()::TIMESTAMP
+FROM staged_evaluations;
+
+-- name: user_by_id
+SELECT user_idx, user_id, n_ratings FROM users WHERE user_id = $user_id;
+
+-- name: user_recommendations
+SELECT r.rank, r.item_id, i.title, i.genres, r.score, r.predicted_rating
+FROM recommendations AS r
+LEFT JOIN items AS i USING (item_id)
+WHERE r.user_id = $user_id
+ORDER BY r.rank;
+
+-- name: user_top_rated
+SELECT i.item_id, i.title, r.rating, r.split
+FROM ratings AS r
+JOIN items AS i USING (item_idx)
+WHERE r.user_idx = $user_idx
+ORDER BY r.rating DESC, r.ts DESC NULLS LAST, i.item_id
+LIMIT $limit;
