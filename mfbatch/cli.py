@@ -27,7 +27,8 @@ console = Console(stderr=True)
 T = TypeVar("T")
 
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="TOML file with [data]/[split]/... tables.")
+    Path | None,
+    typer.Option("--config", help="TOML config file (tables data, split, train, score)."),
 ]
 DbOpt = Annotated[
     Path | None, typer.Option("--db", help="DuckDB file to write (default mfbatch.duckdb).")

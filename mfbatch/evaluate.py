@@ -116,6 +116,10 @@ def evaluate(
 ) -> Evaluation:
     if k < 1:
         raise ConfigError(f"--top-k: must be >= 1, got {k}")
+    if not db_path.exists():  # a writable connect would create an empty file
+        raise DatabaseError(
+            f"database {db_path} does not exist; run `mfbatch preprocess --db {db_path}` first"
+        )
     con = db.connect(db_path)
     try:
         db.require_tables(con, db_path, "ratings", "users", "items", "dataset_meta")

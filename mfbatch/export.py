@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -26,7 +26,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mfbatch import __version__
 from mfbatch.errors import ModelError
-from mfbatch.model import MatrixFactorization
+
+if TYPE_CHECKING:  # scoring reads the graph without torch; only export needs the module
+    from mfbatch.model import MatrixFactorization
 
 OPSET = 17
 ONNX_FILE = "model.onnx"
@@ -163,5 +165,14 @@ def export_run(*, db_path: Path, run_id: str = "latest") -> Path:
     if row is None:
         raise ModelError(f"--run-id: no run {run_id!r} in {db_path}; see training_runs")
     folder = Path(row[1])
-    model, manifest = load_model(folder)
+    try:
+        model, manifest = load_model(folder)
+    except ModelError:
+        raise
+    except Exception as exc:  # torch.load/json raise assorted IO, pickle and zip errors
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{folder}: the saved weights of run {row[0]} could not be read ({detail}); "
+            "train again with `mfbatch train`"
+        ) from None
     return export_model(model, manifest, folder)

@@ -170,7 +170,13 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     lo, hi = float(inputs.metadata["rating_min"]), float(inputs.metadata["rating_max"])
     created = datetime.now(timezone.utc).replace(tzinfo=None)
 
-    spool_dir = Path(tempfile.mkdtemp(prefix=".mfbatch-score-", dir=config.db.parent))
+    try:
+        spool_dir = Path(tempfile.mkdtemp(prefix=".mfbatch-score-", dir=config.db.parent))
+    except OSError as exc:
+        raise DatabaseError(
+            f"could not create the scoring spool beside {config.db} ({exc}); free space or "
+            "make the folder writable; the previous recommendations are unchanged"
+        ) from None
     spool = spool_dir / "recommendations.parquet"
     rows = 0
     try:
@@ -254,10 +260,12 @@ def _to_arrow(
 def _publish(path: Path, spool: Path) -> None:
     con = db.connect(path)
     try:
-        # A staging table left by a run that died during publishing is stale: drop it.
-        db.run(con, "drop_recommendations_staging")
-        db.run(con, "create_recommendations_staging", spool=str(spool))
+        # Staging happens inside the transaction too: a failure while copying the spool
+        # (disk full, bad file) is rolled back like the swap and reported in one line.
         with db.transaction(con, f"recommendations into {path}"):
+            # A staging table left by an older version or a foreign tool is stale: drop it.
+            db.run(con, "drop_recommendations_staging")
+            db.run(con, "create_recommendations_staging", spool=str(spool))
             db.run(con, "drop_recommendations")
             db.run(con, "publish_recommendations")
     finally:

