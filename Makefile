@@ -21,6 +21,9 @@ TRAIN_FLAGS ?=
 SCORE_FLAGS ?=
 SOURCE_FLAG := $(if $(SOURCE),--source $(SOURCE),)
 MFBATCH := $(BIN)/mfbatch
+# What the targets below need first: the stamp of `make install`. INSTALL_STAMP= (empty)
+# runs them with the environment in BIN as it is, installing nothing (tests/test_make_all.py).
+INSTALL_STAMP ?= $(BIN)/.installed
 
 .PHONY: help install test lint bench all preprocess train score evaluate clean
 
@@ -36,30 +39,30 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed ## Create .venv: pinned torch, then mfbatch with [dev]
 
-test: $(BIN)/.installed ## Run the test suite
+test: $(INSTALL_STAMP) ## Run the test suite
 	$(BIN)/python -m pytest
 
-lint: $(BIN)/.installed ## ruff + mypy
+lint: $(INSTALL_STAMP) ## ruff + mypy
 	$(BIN)/ruff check mfbatch tests
 	$(BIN)/ruff format --check mfbatch tests
 	$(BIN)/mypy
 
-bench: $(BIN)/.installed ## Benchmarks (not part of the test run); results in bench-results/
+bench: $(INSTALL_STAMP) ## Benchmarks (not part of the test run); results in bench-results/
 	@mkdir -p bench-results
 	$(BIN)/python tests/bench/bench_preprocess.py --out bench-results/preprocess.json
 	$(BIN)/python tests/bench/bench_train.py --out bench-results/train.json
 	$(BIN)/python tests/bench/bench_score.py --out bench-results/score.json
 
-preprocess: $(BIN)/.installed ## Stage 1: ratings -> DuckDB (DATASET=, SOURCE=)
+preprocess: $(INSTALL_STAMP) ## Stage 1: ratings -> DuckDB (DATASET=, SOURCE=)
 	$(MFBATCH) preprocess --dataset $(DATASET) $(SOURCE_FLAG) --db $(DB) $(PREPROCESS_FLAGS)
 
-train: $(BIN)/.installed ## Stage 2: train, early-stop, export ONNX
+train: $(INSTALL_STAMP) ## Stage 2: train, early-stop, export ONNX
 	$(MFBATCH) train --db $(DB) --export-dir $(EXPORT_DIR) $(TRAIN_FLAGS)
 
-score: $(BIN)/.installed ## Stage 3: top-K for every user into DuckDB
+score: $(INSTALL_STAMP) ## Stage 3: top-K for every user into DuckDB
 	$(MFBATCH) score --db $(DB) --top-k $(TOPK) $(SCORE_FLAGS)
 
-evaluate: $(BIN)/.installed ## Stage 4: metrics vs popularity, in SQL
+evaluate: $(INSTALL_STAMP) ## Stage 4: metrics vs popularity, in SQL
 	$(MFBATCH) evaluate --db $(DB) --top-k $(TOPK)
 
 all: ## The whole pipeline: preprocess -> train -> score -> evaluate

@@ -1,0 +1,76 @@
+"""`make all`: preprocess -> train -> score -> evaluate, end to end, as a user runs it.
+
+The Makefile runs the `mfbatch` of the environment this test runs in (BIN=) and installs
+nothing (INSTALL_STAMP= drops the `make install` prerequisite); everything it writes goes
+to a temp folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # not resolved: a venv's python is a symlink out of it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.skipif(not (BIN / "mfbatch").exists(), reason="mfbatch is not installed in BIN")
+def test_make_all_synthetic(tmp_path: Path) -> None:
+    path, export = tmp_path / "m.duckdb", tmp_path / "export"
+    # A parent make (`make test`) exports its own flags and level; start from a clean slate.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    result = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(ROOT),
+            "all",
+            "DATASET=synthetic",
+            f"DB={path}",
+            f"EXPORT_DIR={export}",
+            "PREPROCESS_FLAGS=--users 80 --items 50 --ratings-per-user 10",
+            "TRAIN_FLAGS=--epochs 2 --embedding-dim 8",
+            f"BIN={BIN}",
+            "INSTALL_STAMP=",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "pip install" not in output and "-m venv" not in output
+    for stage in ("preprocess", "train", "score", "evaluate"):
+        assert f"{BIN}/mfbatch {stage} " in result.stdout, result.stdout
+
+    with duckdb.connect(str(path), read_only=True) as con:
+        run_ids = con.sql("SELECT DISTINCT run_id FROM recommendations").fetchall()
+        users, per_user = con.sql(
+            "SELECT count(DISTINCT user_id), max(rank) FROM recommendations"
+        ).fetchall()[0]
+        evaluated = con.sql("SELECT run_id, metric, k, value FROM evaluations").fetchall()
+    assert len(run_ids) == 1 and users == 80 and per_user == 20  # TOPK defaults to 20
+    (run_id,) = run_ids[0]
+    assert (export / run_id / "model.onnx").is_file()
+    metrics = {metric: (k, value) for rid, metric, k, value in evaluated if rid == run_id}
+    assert metrics["recall"][0] == 20 and 0.0 <= metrics["recall"][1] <= 1.0
+    assert {"precision", "ndcg", "map", "hit_rate", "coverage"} <= set(metrics)
+
+    # The evaluation table, then its one-line summary, close the output.
+    lines = result.stdout.rstrip().splitlines()
+    assert lines[-1].startswith(f"evaluated run {run_id}: Recall@20 "), lines[-1]
+    table = "\n".join(lines[-20:])
+    assert f"run {run_id}, K=20" in table
+    for name in ("metric", "popularity", "recall@20", "ndcg@20", "users_evaluated"):
+        assert name in table, table
