@@ -127,7 +127,9 @@ def batch_loss(
     b_i = model.item_bias(items).squeeze(-1)
     dot = (u * v).sum(-1)
     pred = model.global_bias + model.user_bias(users).squeeze(-1) + b_i + dot
-    reg = float(config.l2 or 0.0) * ((u.float() ** 2).sum() + (v.float() ** 2).sum()) / users.numel()
+    reg = (
+        float(config.l2 or 0.0) * ((u.float() ** 2).sum() + (v.float() ** 2).sum()) / users.numel()
+    )
     mse = torch.mean((pred.float() - ratings) ** 2)
     if config.objective == "rating":
         return mse + reg

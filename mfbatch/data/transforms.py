@@ -73,7 +73,8 @@ def _dense_int_ids(ids: pl.Series) -> tuple[pl.Series, pl.Series] | None:
     span = hi - lo + 1
     if span > max(2 * len(values), 1 << 20) or lo < -(2**62) or hi >= 2**62:
         return None
-    offsets = values.astype(np.int64) - lo
+    offsets = values.astype(np.int64)  # a copy, shifted in place
+    offsets -= lo
     present = np.zeros(span, dtype=bool)
     present[offsets] = True
     table = np.cumsum(present, dtype=np.int32)
@@ -89,7 +90,9 @@ def drop_duplicates(frame: pl.DataFrame, n_items: int) -> tuple[pl.DataFrame, in
     Returns the frame sorted by (user_idx, item_idx), which later stages (CSR of rated
     items, per-user queries) read in that order.
     """
-    key = frame["user_idx"].to_numpy().astype(np.int64) * n_items + frame["item_idx"].to_numpy()
+    key = frame["user_idx"].to_numpy().astype(np.int64)
+    key *= n_items
+    key += frame["item_idx"].to_numpy()
     if frame.height < 2 or bool((key[1:] > key[:-1]).all()):
         return frame, 0  # already sorted, so no key repeats
     # Stable argsort: NumPy's timsort runs in near-linear time on the common input that

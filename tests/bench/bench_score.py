@@ -1,0 +1,296 @@
+"""Scoring speed: the `mfbatch score` core vs numpy and vs a bare ONNX Runtime floor.
+
+    python tests/bench/bench_score.py [--users 100000] [--items 20000] [--dim 64]
+                                      [--seen 100] [--repeats 3] [--out FILE]
+
+One synthetic model (random weights; speed does not depend on them), ~`--seen` rated items
+per user (popularity-skewed), measured in one run:
+  (a) numpy: U @ V.T, mask the rated items, argpartition + sort of the top K;
+  (b) floor: an ONNX Runtime graph of Gather + MatMul + TopK with no masking at all;
+  core:      mfbatch's exported graph driven by mfbatch.inference.Scorer (masking included);
+  e2e:       `mfbatch score` as a subprocess on a DuckDB file holding the same shapes,
+             including reading the db and writing the recommendations (wall, peak RSS).
+All in batches of the size `mfbatch score` picks. Medians of --repeats; ratios vs the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from mfbatch import db
+from mfbatch.config import SplitConfig
+from mfbatch.data.base import RawData
+from mfbatch.data.transforms import prepare
+from mfbatch.export import augmented_tables, export_model
+from mfbatch.inference import Scorer, SeenItems, machine_threads
+from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.preprocess import write_dataset
+from mfbatch.train import save_model
+
+K = 20
+
+
+def seen_items(rng: np.random.Generator, n_users: int, n_items: int, per_user: int) -> SeenItems:
+    popularity = (np.arange(n_items) + 1.0) ** -0.8
+    cdf = np.cumsum(popularity / popularity.sum())
+    items = np.searchsorted(cdf, rng.random(n_users * per_user))
+    users = np.repeat(np.arange(n_users), per_user)
+    pairs = np.unique(users.astype(np.int64) * n_items + np.minimum(items, n_items - 1))
+    return SeenItems.from_sorted(pairs // n_items, pairs % n_items, n_users)
+
+
+def floor_session(u_aug: np.ndarray, v_aug_t: np.ndarray, threads: int) -> ort.InferenceSession:
+    nodes = [
+        helper.make_node("Gather", ["U", "users"], ["rows"], axis=0),
+        helper.make_node("MatMul", ["rows", "Vt"], ["scores"]),
+        helper.make_node("TopK", ["scores", "k"], ["top_scores", "top_items"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "floor",
+        [
+            helper.make_tensor_value_info("users", TensorProto.INT64, ["b"]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["b", "k"]),
+            helper.make_tensor_value_info("top_items", TensorProto.INT64, ["b", "k"]),
+        ],
+        [numpy_helper.from_array(u_aug, "U"), numpy_helper.from_array(v_aug_t, "Vt")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def timed(fn: Callable[[], None], repeats: int) -> float:
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - started)
+    return statistics.median(runs)
+
+
+def build_database(
+    path: Path, export_dir: Path, model: MatrixFactorization, seen: SeenItems
+) -> None:
+    """A DuckDB file with the benchmark's users/items/ratings and one recorded run."""
+    import polars as pl
+
+    n_users, n_items = model.shape.n_users, model.shape.n_items
+    users = np.repeat(np.arange(n_users), np.diff(seen.indptr))
+    ratings = pl.DataFrame(
+        {
+            "user_id": users + 1,
+            "item_id": seen.indices + 1,
+            "rating": np.ones(len(users)) * 4.0,
+            "ts": np.zeros(len(users), dtype=np.int64),
+        }
+    ).with_columns(pl.from_epoch("ts", time_unit="s"))
+    # Every rating in train (val 1 row), so the scorer masks exactly `seen`.
+    raw = RawData(ratings, None, "bench", "0" * 64, "synthetic", "synthetic", (1.0, 5.0))
+    prepared = prepare(
+        raw, split=SplitConfig(kind="random", val_fraction=1e-9), rating_scale=(1.0, 5.0)
+    )
+    from mfbatch.config import Config
+
+    config = Config(db=path)
+    con = db.connect(path)
+    write_dataset(con, path, raw, prepared, config, "bench-dataset", 0.0)
+    run_id = "bench-run"
+    folder = export_dir / run_id
+    manifest = save_model(
+        model,
+        folder,
+        manifest={
+            "run_id": run_id,
+            "dataset_sha256": "bench-dataset",
+            "data_seen": "train+val",
+            "shape": model.shape.__dict__,
+            "rating_min": 1.0,
+            "rating_max": 5.0,
+            "objective": "ranking",
+            "best_epoch": 1,
+            "status": "completed",
+        },
+    )
+    export_model(model, manifest, folder)
+    now = datetime.now()
+    db.run(con, "create_training_runs")
+    db.run(
+        con,
+        "insert_training_run",
+        run_id=run_id,
+        parent_run_id=None,
+        started_at=now,
+        finished_at=now,
+        status="completed",
+        config="{}",
+        dataset_sha256="bench-dataset",
+        data_seen="train+val",
+        device="cpu",
+        objective="ranking",
+        epochs_run=1,
+        best_epoch=1,
+        train_loss=None,
+        val_rmse=None,
+        val_mae=None,
+        val_recall=None,
+        val_ndcg=None,
+        top_k=K,
+        n_train=len(users),
+        seconds=0.0,
+        examples_per_second=0.0,
+        export_path=str(folder),
+    )
+    con.close()
+    assert n_items == int(prepared.items.height), "every item must appear in the ratings"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--seen", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-mb", type=int, default=512)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    threads = machine_threads()
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    model = MatrixFactorization(
+        ModelShape(args.users, args.items, args.dim, 0.0, False), init_std=0.3
+    )
+    model.eval()
+    u_aug, v_aug_t = augmented_tables(model)
+    seen = seen_items(rng, args.users, args.items, args.seen)
+    batch = Scorer.auto_batch_size(args.items, args.memory_mb)
+    all_users = np.arange(args.users, dtype=np.int64)
+    no_mask = np.zeros(args.items, dtype=np.float32)
+    k = np.array([K], dtype=np.int64)
+    print(
+        f"{args.users:,} users x {args.items:,} items, dim {args.dim}, "
+        f"{len(seen.indices) / args.users:.0f} rated/user, batch {batch}, {threads} threads"
+    )
+
+    def numpy_baseline() -> None:
+        v = np.ascontiguousarray(v_aug_t.T)
+        for start in range(0, args.users, batch):
+            users = all_users[start : start + batch]
+            scores = u_aug[users] @ v.T
+            pairs = seen.pairs(users)
+            scores[pairs[:, 0], pairs[:, 1]] = -np.inf
+            part = np.argpartition(-scores, K, axis=1)[:, :K]
+            order = np.argsort(-np.take_along_axis(scores, part, 1), axis=1)
+            np.take_along_axis(part, order, 1)
+
+    floor = floor_session(u_aug, v_aug_t, threads)
+
+    def floor_run() -> None:
+        for start in range(0, args.users, batch):
+            floor.run(None, {"users": all_users[start : start + batch], "k": k})
+
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+        folder = Path(tmp)
+        db_path = folder / "bench.duckdb"
+        print("building the benchmark database (not timed)...", flush=True)
+        build_database(db_path, folder / "export", model, seen)
+        onnx_path = folder / "export" / "bench-run" / "model.onnx"
+        scorer = Scorer(onnx_path, provider="cpu", threads=threads)
+
+        def core() -> None:
+            for start in range(0, args.users, batch):
+                scorer.top_k(all_users[start : start + batch], seen, no_mask, K)
+
+        results: dict[str, float] = {}
+        for name, fn in (("numpy", numpy_baseline), ("floor", floor_run), ("core", core)):
+            results[name] = timed(fn, args.repeats)
+            print(f"  {name:<6} {results[name]:7.2f} s", flush=True)
+        e2e, rss = [], []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-c", _E2E, str(db_path), str(args.memory_mb)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            e2e.append(time.perf_counter() - started)
+            if proc.returncode != 0:
+                raise SystemExit(f"mfbatch score failed:\n{proc.stdout}\n{proc.stderr}")
+            rss.append(int(proc.stdout.strip().splitlines()[-1]) / 1024)
+        results["e2e"] = statistics.median(e2e)
+        results["e2e_peak_rss_mb"] = max(rss)
+    print(
+        f"  e2e    {results['e2e']:7.2f} s  (mfbatch score subprocess, peak RSS {max(rss):.0f} MB)"
+    )
+    core_vs_floor = results["core"] / results["floor"]
+    numpy_vs_core = results["numpy"] / results["core"]
+    e2e_vs_floor = results["e2e"] / results["floor"]
+    checks = (
+        ("core / floor", core_vs_floor, "x", "<= 1.5", core_vs_floor <= 1.5),
+        ("numpy / core", numpy_vs_core, "x", ">= 3", numpy_vs_core >= 3),
+        ("e2e / floor", e2e_vs_floor, "x", "<= 2", e2e_vs_floor <= 2),
+        ("peak RSS MB", max(rss), "", "< 2048", max(rss) < 2048),
+    )
+    for name, value, unit, target, ok in checks:
+        print(f"{name:<13} = {value:.2f}{unit}  (target {target}: {'PASS' if ok else 'MISS'})")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps(
+                {
+                    **results,
+                    "core_vs_floor": core_vs_floor,
+                    "numpy_vs_core": numpy_vs_core,
+                    "e2e_vs_floor": e2e_vs_floor,
+                    "users": args.users,
+                    "items": args.items,
+                    "batch": batch,
+                    "threads": threads,
+                },
+                indent=2,
+            )
+        )
+
+
+# Runs `mfbatch score` in a fresh process and prints that process's peak RSS (KiB) last.
+_E2E = """
+import resource, sys
+from pathlib import Path
+from mfbatch.config import load_config
+from mfbatch.score import score
+overrides = {"score": {"memory_mb": int(sys.argv[2])}}
+config = load_config(None, db=Path(sys.argv[1]), overrides=overrides)
+print(score(config=config).line())
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(machine_threads()))
+    _ = (onnx, resource)
+    main()
