@@ -183,7 +183,10 @@ def _ranking(con: duckdb.DuckDBPyConnection, k: int, min_rating: float) -> dict[
     row = db.one(con, "ranking_metrics", k=k, min_rating=min_rating)
     assert row is not None
     names = (*RANKING, *COUNTS)
-    return {name: (float(v) if v is not None else None) for name, v in zip(names, row, strict=True)}
+    return {
+        name: (None if v is None else int(v) if name in COUNTS else float(v))
+        for name, v in zip(names, row, strict=True)
+    }
 
 
 @dataclass(frozen=True)

@@ -176,3 +176,44 @@ def export_run(*, db_path: Path, run_id: str = "latest") -> Path:
             "train again with `mfbatch train`"
         ) from None
     return export_model(model, manifest, folder)
+
+
+def split_stages(path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """model.onnx cut at the masking step: (scores graph, TopK graph), same tables.
+
+    On the CPU, ScatterND copies the whole [B, I] score matrix to write a few hundred
+    -inf per row, and the item-mask Add is another full pass; masking the matrix in place
+    between the two halves does the same work without either (README, "The inference
+    core", has the measurement).
+    """
+    proto = onnx.load_model(str(path))
+    tables = {t.name: t for t in proto.graph.initializer}
+    n_items = numpy_helper.to_array(tables["V_aug_t"]).shape[1]
+    scores = helper.make_graph(
+        [
+            helper.make_node("Gather", ["U_aug", "users"], ["user_rows"], axis=0),
+            helper.make_node("MatMul", ["user_rows", "V_aug_t"], ["scores"]),
+        ],
+        "mfbatch_scores",
+        inputs=[helper.make_tensor_value_info("users", TensorProto.INT64, ["batch"])],
+        outputs=[helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_items])],
+        initializer=[tables["U_aug"], tables["V_aug_t"]],
+    )
+    topk = helper.make_graph(
+        [helper.make_node("TopK", ["scores", "k"], list(OUTPUTS), axis=1, largest=1, sorted=1)],
+        "mfbatch_topk_only",
+        inputs=[
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_items]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+        ],
+        outputs=[
+            helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["batch", "k"]),
+            helper.make_tensor_value_info("top_items", TensorProto.INT64, ["batch", "k"]),
+        ],
+    )
+    models = []
+    for graph in (scores, topk):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = proto.ir_version
+        models.append(model)
+    return models[0], models[1]

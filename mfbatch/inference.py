@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mfbatch.errors import ConfigError, ModelError
+from mfbatch.export import split_stages
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -89,6 +90,9 @@ class Scorer:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Two sessions share the cores on the CPU path; idle pool threads that spin would
+        # steal them from the session that is working.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [CUDA, CPU] if want_cuda else [CPU]
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
@@ -110,24 +114,71 @@ class Scorer:
         self.provider = (
             "cuda" if CUDA in active else f"cpu ({options.intra_op_num_threads} threads)"
         )
+        # On the CPU the graph runs in two halves with the masking done in place between
+        # them (no [B, I] copy); on CUDA the whole graph stays on the device.
+        self._split: tuple[ort.InferenceSession, ort.InferenceSession] | None = None
+        self._buffer = np.empty((0, 0), dtype=np.float32)
+        if CUDA not in active:
+            scores, topk = split_stages(self.path)
+            self._split = (
+                ort.InferenceSession(scores.SerializeToString(), options, providers=[CPU]),
+                ort.InferenceSession(topk.SerializeToString(), options, providers=[CPU]),
+            )
 
-    @staticmethod
-    def auto_batch_size(n_items: int, memory_mb: int) -> int:
-        # Per user in flight: the score row, its masked copy and TopK's working row.
-        per_user = n_items * 4 * 3
-        return int(np.clip((memory_mb << 20) // per_user, 1, 8192))
+    def auto_batch_size(self, n_items: int, memory_mb: int) -> int:
+        """Users per batch so one batch's score rows fit in `memory_mb`."""
+        # The CPU path holds one [B, I] buffer, masked in place; the whole-graph path
+        # also holds ScatterND's copy and TopK's input.
+        per_user = n_items * 4 * (1 if self._split is not None else 3)
+        return int(np.clip((memory_mb << 20) // per_user, 1, 16384))
+
+    def _top_k_split(
+        self, users: np.ndarray, seen: SeenItems, item_mask: np.ndarray, k: int
+    ) -> list[np.ndarray]:
+        assert self._split is not None
+        scores_session, topk_session = self._split
+        n_items = item_mask.shape[0]
+        if self._buffer.shape[0] < len(users) or self._buffer.shape[1] != n_items:
+            self._buffer = np.empty((len(users), n_items), dtype=np.float32)
+        scores = self._buffer[: len(users)]
+        binding = scores_session.io_binding()
+        binding.bind_cpu_input("users", users)
+        # ORT writes straight into our buffer, which is then masked in place.
+        binding.bind_output("scores", "cpu", 0, np.float32, list(scores.shape), scores.ctypes.data)
+        scores_session.run_with_iobinding(binding)
+        denied = np.flatnonzero(np.isneginf(item_mask))
+        if denied.size:
+            scores[:, denied] = -np.inf
+        pairs = seen.pairs(users)
+        scores[pairs[:, 0], pairs[:, 1]] = -np.inf
+        outputs: list[np.ndarray] = topk_session.run(
+            ["top_items", "top_scores"], {"scores": scores, "k": np.array([k], dtype=np.int64)}
+        )
+        return outputs
 
     def top_k(
         self, users: np.ndarray, seen: SeenItems, item_mask: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """(items [B, k] int64, scores [B, k] float32), best first; -inf where none is left."""
-        items_scores = self.session.run(
-            ["top_items", "top_scores"],
-            {
-                "users": users.astype(np.int64, copy=False),
-                "seen": seen.pairs(users),
-                "item_mask": item_mask,
-                "k": np.array([k], dtype=np.int64),
-            },
-        )
+        users = np.ascontiguousarray(users, dtype=np.int64)
+        item_mask = np.ascontiguousarray(item_mask, dtype=np.float32)
+        try:
+            if self._split is not None:
+                items_scores = self._top_k_split(users, seen, item_mask, k)
+            else:
+                items_scores = self.session.run(
+                    ["top_items", "top_scores"],
+                    {
+                        "users": users,
+                        "seen": seen.pairs(users),
+                        "item_mask": item_mask,
+                        "k": np.array([k], dtype=np.int64),
+                    },
+                )
+        except Exception as exc:  # ORT's own error types (out of memory, bad shapes)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"ONNX Runtime failed on a batch of {len(users)} users ({first}); "
+                "lower --memory-mb or --batch-size"
+            ) from None
         return items_scores[0], items_scores[1]

@@ -110,6 +110,11 @@ def _load_inputs(config: Config) -> _Inputs:
                 f"but {config.db} now holds {dataset_sha[:12]}; train again on this database "
                 "or pass the --db it was trained on"
             )
+        if metadata.get("run_id") != run_id:
+            raise ModelError(
+                f"{model_path} belongs to run {metadata.get('run_id')!r}, not {run_id!r}; "
+                f"run `mfbatch export --run-id {run_id}` to rebuild it"
+            )
         if (metadata.get("n_users"), metadata.get("n_items")) != (n_users, n_items):
             raise ModelError(
                 f"{model_path} covers {metadata.get('n_users')} users x {metadata.get('n_items')} "

@@ -324,10 +324,16 @@ def load_model(path: Path) -> tuple[MatrixFactorization, dict[str, Any]]:
         raise ModelError(
             f"{path}: no {MANIFEST_FILE}; pass an export/<run_id> folder of mfbatch train"
         )
-    manifest = json.loads(manifest_path.read_text())
-    model = MatrixFactorization(ModelShape(**manifest["shape"]))
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        model = MatrixFactorization(ModelShape(**manifest["shape"]))
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{path}: the saved model can't be loaded ({first}); train again"
+        ) from None
     model.eval()
     return model, manifest
 

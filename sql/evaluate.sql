@@ -9,7 +9,7 @@ FROM training_runs
 WHERE run_id = $run_id;
 
 -- name: recommended_runs
-SELECT DISTINCT run_id FROM recommendations;
+SELECT run_id FROM recommendations GROUP BY run_id ORDER BY max(created_at) DESC;
 
 -- name: val_pairs
 SELECT user_idx, item_idx, rating FROM ratings WHERE split = 'val' ORDER BY user_idx, item_idx;

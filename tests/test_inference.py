@@ -365,7 +365,10 @@ def test_cuda_requested_on_a_cpu_only_machine(graphs: Path) -> None:
 
 @pytest.mark.parametrize(
     ("n_items", "memory_mb", "expected"),
-    [(100_000, 512, (512 << 20) // (100_000 * 12)), (10, 512, 8192), (10**9, 16, 1)],
+    # The CPU path keeps one float32 score row per user in flight.
+    [(100_000, 512, (512 << 20) // (100_000 * 4)), (10, 512, 16384), (10**9, 16, 1)],
 )
-def test_auto_batch_size(n_items: int, memory_mb: int, expected: int) -> None:
-    assert Scorer.auto_batch_size(n_items, memory_mb) == expected
+def test_auto_batch_size(graphs: Path, n_items: int, memory_mb: int, expected: int) -> None:
+    users_aug, items_aug_t = _tables(np.random.default_rng(0), 2, 3, 2)
+    scorer = Scorer(_scorer(graphs, users_aug, items_aug_t).path, provider="cpu")
+    assert scorer.auto_batch_size(n_items, memory_mb) == expected

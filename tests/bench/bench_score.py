@@ -188,13 +188,12 @@ def main() -> None:
     model.eval()
     u_aug, v_aug_t = augmented_tables(model)
     seen = seen_items(rng, args.users, args.items, args.seen)
-    batch = Scorer.auto_batch_size(args.items, args.memory_mb)
     all_users = np.arange(args.users, dtype=np.int64)
     no_mask = np.zeros(args.items, dtype=np.float32)
     k = np.array([K], dtype=np.int64)
     print(
         f"{args.users:,} users x {args.items:,} items, dim {args.dim}, "
-        f"{len(seen.indices) / args.users:.0f} rated/user, batch {batch}, {threads} threads"
+        f"{len(seen.indices) / args.users:.0f} rated/user, {threads} threads"
     )
 
     def numpy_baseline() -> None:
@@ -221,6 +220,8 @@ def main() -> None:
         build_database(db_path, folder / "export", model, seen)
         onnx_path = folder / "export" / "bench-run" / "model.onnx"
         scorer = Scorer(onnx_path, provider="cpu", threads=threads)
+        batch = scorer.auto_batch_size(args.items, args.memory_mb)
+        print(f"batch {batch} users", flush=True)
 
         def core() -> None:
             for start in range(0, args.users, batch):
