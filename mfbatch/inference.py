@@ -41,6 +41,14 @@ class SeenItems:
     indices: np.ndarray
 
     @staticmethod
+    def from_pairs(users: np.ndarray, items: np.ndarray, n_users: int) -> SeenItems:
+        """From (user, item) pairs in any order (a linear check when already by user)."""
+        if users.size and not bool(np.all(users[1:] >= users[:-1])):
+            order = np.argsort(users, kind="stable")
+            users, items = users[order], items[order]
+        return SeenItems.from_sorted(users, items, n_users)
+
+    @staticmethod
     def from_sorted(users: np.ndarray, items: np.ndarray, n_users: int) -> SeenItems:
         """From (user, item) pairs sorted by user."""
         counts = np.bincount(users, minlength=n_users)

@@ -1,8 +1,9 @@
 """Stage 3, `mfbatch score`: top-K unrated items for every user, by ONNX Runtime, into DuckDB.
 
 The database is only read at the start and written at the end. In between, batches of users
-go through the exported graph and their lists are spooled to a Parquet file beside the
-database; publishing is a staging table filled from that spool and a rename inside one
+go through the exported graph and their lists are spooled to an Arrow IPC file beside the
+database (uncompressed, read back memory-mapped: the cheapest way to hand millions of rows
+to DuckDB later); publishing is a staging table filled from that spool and a rename inside one
 transaction. A crash, Ctrl-C or full disk at any point leaves the previous
 `recommendations` table exactly as it was.
 """
@@ -19,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -151,7 +151,7 @@ def _load_inputs(config: Config) -> _Inputs:
             "exclude-items",
         )
         item_mask[denied] = -np.inf
-    seen = SeenItems.from_sorted(
+    seen = SeenItems.from_pairs(
         seen_frame["user_idx"].to_numpy(), seen_frame["item_idx"].to_numpy(), n_users
     )
     return _Inputs(
@@ -182,10 +182,10 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
             f"could not create the scoring spool beside {config.db} ({exc}); free space or "
             "make the folder writable; the previous recommendations are unchanged"
         ) from None
-    spool = spool_dir / "recommendations.parquet"
+    spool = spool_dir / "recommendations.arrow"
     rows = 0
     try:
-        writer: pq.ParquetWriter | None = None
+        writer: pa.ipc.RecordBatchFileWriter | None = None
         progress = Progress(
             TextColumn("[bold]score[/bold]"),
             BarColumn(),
@@ -201,16 +201,16 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
             for start in range(0, len(inputs.users), batch):
                 users = inputs.users[start : start + batch]
                 items, scores = scorer.top_k(users, inputs.seen, inputs.item_mask, settings.top_k)
-                table = _to_arrow(inputs, users, items, scores, lo, hi, created)
+                table = _to_arrow(inputs, users, items, scores, lo, hi)
                 if writer is None:
-                    writer = pq.ParquetWriter(spool, table.schema, compression="zstd")
+                    writer = pa.ipc.new_file(str(spool), table.schema)
                 writer.write_table(table)
                 rows += table.num_rows
                 progress.advance(task, len(users))
         if writer is None:
             raise InputDataError("no users to score")
         writer.close()
-        _publish(config.db, spool)
+        _publish(config.db, spool, inputs.run_id, created)
     except OSError as exc:
         raise DatabaseError(
             f"writing recommendations beside {config.db} failed ({exc}); free space and retry; "
@@ -235,7 +235,6 @@ def _to_arrow(
     scores: np.ndarray,
     lo: float,
     hi: float,
-    created: datetime,
 ) -> pa.Table:
     """One batch's lists as Arrow columns; rows scored -inf (nothing left to offer) dropped."""
     k = items.shape[1]
@@ -248,29 +247,30 @@ def _to_arrow(
     else:
         # A ranking model's score orders items but is not on the star scale.
         predicted = pa.nulls(len(flat_scores), pa.float64())
-    n = len(flat_scores)
+    # run_id and created_at are constants, added by the publishing query.
     return pa.table(
         {
-            "run_id": pa.array([inputs.run_id], pa.string()).take(np.zeros(n, dtype=np.int64)),
             "user_id": inputs.user_ids.take(pa.array(user_rows)),
             "item_id": inputs.item_ids.take(pa.array(items[valid])),
             "rank": pa.array(ranks),
             "score": pa.array(flat_scores),
             "predicted_rating": predicted,
-            "created_at": pa.array(np.full(n, np.datetime64(created, "us"))),
         }
     )
 
 
-def _publish(path: Path, spool: Path) -> None:
+def _publish(path: Path, spool: Path, run_id: str, created: datetime) -> None:
+    with pa.memory_map(str(spool)) as source:
+        spooled = pa.ipc.open_file(source).read_all()
     con = db.connect(path)
     try:
+        con.register("spooled_recommendations", spooled)
         # Staging happens inside the transaction too: a failure while copying the spool
         # (disk full, bad file) is rolled back like the swap and reported in one line.
         with db.transaction(con, f"recommendations into {path}"):
             # A staging table left by an older version or a foreign tool is stale: drop it.
             db.run(con, "drop_recommendations_staging")
-            db.run(con, "create_recommendations_staging", spool=str(spool))
+            db.run(con, "create_recommendations_staging", run_id=run_id, created_at=created)
             db.run(con, "drop_recommendations")
             db.run(con, "publish_recommendations")
     finally:

@@ -14,11 +14,13 @@ WHERE run_id = $run_id;
 
 -- name: seen_train
 -- Items each user rated in the data a validated run was trained on (the train split).
-SELECT user_idx, item_idx FROM ratings WHERE split = 'train' ORDER BY user_idx, item_idx;
+-- No ORDER BY: preprocess stores ratings by user already; the scorer checks and sorts
+-- only if that ever stops being true.
+SELECT user_idx, item_idx FROM ratings WHERE split = 'train';
 
 -- name: seen_all
 -- A refit (--on all) saw every rating, so every rated item is excluded.
-SELECT user_idx, item_idx FROM ratings ORDER BY user_idx, item_idx;
+SELECT user_idx, item_idx FROM ratings;
 
 -- name: user_ids
 SELECT user_idx, user_id FROM users ORDER BY user_idx;
@@ -30,17 +32,18 @@ SELECT item_idx, item_id FROM items ORDER BY item_idx;
 DROP TABLE IF EXISTS recommendations_staging;
 
 -- name: create_recommendations_staging
--- Filled from the Parquet spool the scorer wrote, while the published table stays readable.
+-- Filled from the spool the scorer wrote (registered from Arrow), while the published
+-- table stays readable.
 CREATE TABLE recommendations_staging AS
 SELECT
-    run_id::VARCHAR AS run_id,
+    $run_id::VARCHAR AS run_id,
     user_id::VARCHAR AS user_id,
     item_id::VARCHAR AS item_id,
     rank::INTEGER AS rank,
     score::DOUBLE AS score,
     predicted_rating::DOUBLE AS predicted_rating,
-    created_at::TIMESTAMP AS created_at
-FROM read_parquet($spool);
+    $created_at::TIMESTAMP AS created_at
+FROM spooled_recommendations;
 
 -- name: drop_recommendations
 DROP TABLE IF EXISTS recommendations;

@@ -243,28 +243,25 @@ def build_db(
                 export_path=str(folder),
             )
         if recs is not None:
-            spool = path.parent / "recs.parquet"
-            pl.DataFrame(
+            spooled = pl.DataFrame(
                 [
-                    (RUN_ID, user, item, rank, 1.0 / rank, 3.0, start)
+                    (user, item, rank, 1.0 / rank, 3.0)
                     for user, listed in recs.items()
                     for rank, item in enumerate(listed, start=1)
                 ],
                 schema={
-                    "run_id": pl.String,
                     "user_id": pl.String,
                     "item_id": pl.String,
                     "rank": pl.Int32,
                     "score": pl.Float64,
                     "predicted_rating": pl.Float64,
-                    "created_at": pl.Datetime("us"),
                 },
                 orient="row",
-            ).write_parquet(spool)
+            )
+            con.register("spooled_recommendations", spooled.to_arrow())
             db.run(con, "drop_recommendations_staging")
-            db.run(con, "create_recommendations_staging", spool=str(spool))
+            db.run(con, "create_recommendations_staging", run_id=RUN_ID, created_at=start)
             db.run(con, "publish_recommendations")
-            spool.unlink()
     finally:
         con.close()
     return path
