@@ -162,12 +162,12 @@ def _first_line(exc: BaseException) -> str:
 @contextmanager
 def transaction(con: duckdb.DuckDBPyConnection, what: str) -> Iterator[None]:
     """All-or-nothing: on any failure the database keeps what it had before."""
-    con.execute("BEGIN TRANSACTION")
+    con.begin()
     try:
         yield
-        con.execute("COMMIT")
+        con.commit()
     except BaseException as exc:
-        con.execute("ROLLBACK")
+        con.rollback()
         if isinstance(exc, duckdb.Error):
             raise DatabaseError(
                 f"writing {what} failed and was rolled back, nothing changed: {_first_line(exc)}"

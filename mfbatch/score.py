@@ -250,8 +250,13 @@ def _to_arrow(
     # run_id and created_at are constants, added by the publishing query.
     return pa.table(
         {
-            "user_id": inputs.user_ids.take(pa.array(user_rows)),
-            "item_id": inputs.item_ids.take(pa.array(items[valid])),
+            # Dictionary-encoded: indices into the raw-id arrays, no string copied per row.
+            "user_id": pa.DictionaryArray.from_arrays(
+                pa.array(user_rows, pa.int32()), inputs.user_ids
+            ),
+            "item_id": pa.DictionaryArray.from_arrays(
+                pa.array(items[valid], pa.int32()), inputs.item_ids
+            ),
             "rank": pa.array(ranks),
             "score": pa.array(flat_scores),
             "predicted_rating": predicted,
@@ -265,6 +270,9 @@ def _publish(path: Path, spool: Path, run_id: str, created: datetime) -> None:
     con = db.connect(path)
     try:
         con.register("spooled_recommendations", spooled)
+        # Row order carries no meaning here (rank is a column), so DuckDB may write in
+        # parallel.
+        db.run(con, "unordered_inserts")
         # Staging happens inside the transaction too: a failure while copying the spool
         # (disk full, bad file) is rolled back like the swap and reported in one line.
         with db.transaction(con, f"recommendations into {path}"):

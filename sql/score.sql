@@ -28,6 +28,10 @@ SELECT user_idx, user_id FROM users ORDER BY user_idx;
 -- name: item_ids
 SELECT item_idx, item_id FROM items ORDER BY item_idx;
 
+-- name: unordered_inserts
+-- Rows of recommendations carry their order in `rank`, so DuckDB may insert in parallel.
+SET preserve_insertion_order = false;
+
 -- name: drop_recommendations_staging
 DROP TABLE IF EXISTS recommendations_staging;
 
