@@ -1,4 +1,9 @@
-"""The compiled inference core: the trained model as one ONNX scoring graph.
+"""Model artifacts: the state dict + manifest of a run, and its compiled ONNX scoring graph.
+
+torch is imported inside the functions that need it, so scoring (which reads only the
+graph) never loads it.
+
+The compiled inference core is the trained model as one ONNX scoring graph.
 
 Not a trace of the training module: dropout is gone, BatchNorm is folded into the tables,
 and the biases ride in two extra columns, so a single MatMul yields the full prediction:
@@ -17,6 +22,8 @@ The graph then masks what must not be recommended and takes the top K:
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +39,8 @@ if TYPE_CHECKING:  # scoring reads the graph without torch; only export needs th
 
 OPSET = 17
 ONNX_FILE = "model.onnx"
+STATE_FILE = "model.pt"
+MANIFEST_FILE = "manifest.json"
 INPUTS = ("users", "seen", "item_mask", "k")
 OUTPUTS = ("top_scores", "top_items")
 
@@ -131,6 +140,53 @@ def export_model(model: MatrixFactorization, manifest: dict[str, Any], folder: P
     return target
 
 
+def save_model(
+    model: MatrixFactorization, path: Path, *, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """Write weights + manifest to a temporary folder, then rename: never a half-saved run."""
+    import torch
+
+    staging = path.with_name(f".{path.name}.tmp")
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save(state, staging / STATE_FILE)
+        manifest = {**manifest, "files": {"state_dict": STATE_FILE}}
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(staging, path)
+        return manifest
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelError(
+            f"could not save the model to {path} ({exc}); free space or pass --export-dir"
+        ) from None
+
+
+def load_model(path: Path) -> tuple[MatrixFactorization, dict[str, Any]]:
+    """Rebuild a saved run from export/<run_id>/ (weights loaded with weights_only=True)."""
+    import torch
+
+    from mfbatch.model import MatrixFactorization, ModelShape
+
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ModelError(
+            f"{path}: no {MANIFEST_FILE}; pass an export/<run_id> folder of mfbatch train"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        model = MatrixFactorization(ModelShape(**manifest["shape"]))
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:  # torch.load/json raise assorted IO, pickle and zip errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{path}: the saved model can't be loaded ({first}); train again"
+        ) from None
+    model.eval()
+    return model, manifest
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """The metadata export_model stored, without loading the weights into a session."""
     if not path.is_file():
@@ -149,7 +205,6 @@ def read_metadata(path: Path) -> dict[str, Any]:
 def export_run(*, db_path: Path, run_id: str = "latest") -> Path:
     """Re-export a recorded run's saved weights to export/<run_id>/model.onnx."""
     from mfbatch import db
-    from mfbatch.train import load_model
 
     con = db.connect(db_path, read_only=True)
     try:
@@ -165,16 +220,7 @@ def export_run(*, db_path: Path, run_id: str = "latest") -> Path:
     if row is None:
         raise ModelError(f"--run-id: no run {run_id!r} in {db_path}; see training_runs")
     folder = Path(row[1])
-    try:
-        model, manifest = load_model(folder)
-    except ModelError:
-        raise
-    except Exception as exc:  # torch.load/json raise assorted IO, pickle and zip errors
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"{folder}: the saved weights of run {row[0]} could not be read ({detail}); "
-            "train again with `mfbatch train`"
-        ) from None
+    model, manifest = load_model(folder)
     return export_model(model, manifest, folder)
 
 

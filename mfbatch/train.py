@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import secrets
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,12 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mfbatch import __version__, db
 from mfbatch.config import Config, TrainConfig
 from mfbatch.errors import ConfigError, DatabaseError, ModelError
-from mfbatch.export import export_model
+from mfbatch.export import export_model, save_model
 from mfbatch.model import MatrixFactorization, ModelShape
 from mfbatch.trainer import Csr, EpochRecord, Interactions, Outcome, Validation, train_model
-
-STATE_FILE = "model.pt"
-MANIFEST_FILE = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -295,47 +290,6 @@ def _fit(
 
 def _best(outcome: Outcome) -> EpochRecord | None:
     return next((r for r in outcome.history if r.epoch == outcome.best_epoch), None)
-
-
-def save_model(
-    model: MatrixFactorization, path: Path, *, manifest: dict[str, Any]
-) -> dict[str, Any]:
-    """Write weights + manifest to a temporary folder, then rename: never a half-saved run."""
-    staging = path.with_name(f".{path.name}.tmp")
-    try:
-        staging.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save(state, staging / STATE_FILE)
-        manifest = {**manifest, "files": {"state_dict": STATE_FILE}}
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(staging, path)
-        return manifest
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ModelError(
-            f"could not save the model to {path} ({exc}); free space or pass --export-dir"
-        ) from None
-
-
-def load_model(path: Path) -> tuple[MatrixFactorization, dict[str, Any]]:
-    """Rebuild a saved run from export/<run_id>/ (weights loaded with weights_only=True)."""
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise ModelError(
-            f"{path}: no {MANIFEST_FILE}; pass an export/<run_id> folder of mfbatch train"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        model = MatrixFactorization(ModelShape(**manifest["shape"]))
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"{path}: the saved model can't be loaded ({first}); train again"
-        ) from None
-    model.eval()
-    return model, manifest
 
 
 def record_run(

@@ -41,8 +41,7 @@ from typer.testing import CliRunner
 from mfbatch import db
 from mfbatch.cli import app
 from mfbatch.evaluate import _ranking, evaluate
-from mfbatch.export import ONNX_FILE, build_graph
-from mfbatch.train import load_model
+from mfbatch.export import ONNX_FILE, build_graph, load_model
 
 UserError = Callable[..., str]
 CONFIG_ERROR, DATABASE_ERROR, MODEL_ERROR = 2, 4, 5

@@ -23,9 +23,8 @@ from typer.testing import CliRunner
 import mfbatch.db
 import mfbatch.score
 from mfbatch.cli import app
-from mfbatch.export import read_metadata
+from mfbatch.export import load_model, read_metadata
 from mfbatch.inference import _gpu_present
-from mfbatch.train import load_model
 
 runner = CliRunner()
 N_USERS, N_ITEMS = 60, 40

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from mfbatch.cli import app
-from mfbatch.train import load_model
+from mfbatch.export import load_model
 
 runner = CliRunner()
 SMALL = ["--embedding-dim", "8", "--batch-size", "256", "--negatives", "32"]

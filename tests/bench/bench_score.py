@@ -37,11 +37,10 @@ from mfbatch import db
 from mfbatch.config import SplitConfig
 from mfbatch.data.base import RawData
 from mfbatch.data.transforms import prepare
-from mfbatch.export import augmented_tables, export_model
+from mfbatch.export import augmented_tables, export_model, save_model
 from mfbatch.inference import Scorer, SeenItems, machine_threads
 from mfbatch.model import MatrixFactorization, ModelShape
 from mfbatch.preprocess import write_dataset
-from mfbatch.train import save_model
 
 K = 20
 
