@@ -19,7 +19,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from mfbatch.errors import DatabaseError
+from mfbatch.errors import DatabaseError, first_line
 
 _NAME_RE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _NAME_LIKE_RE = re.compile(r"^--\s*name\s*:.*$", re.MULTILINE | re.IGNORECASE)
@@ -74,7 +74,7 @@ def parse_queries(text: str, origin: str) -> dict[str, Query]:
             statements = duckdb.extract_statements(code)
         except duckdb.Error as exc:
             raise DatabaseError(
-                f"{origin}: query {name!r} does not parse: {_first_line(exc)}"
+                f"{origin}: query {name!r} does not parse: {first_line(exc)}"
             ) from None
         if len(statements) != 1:
             raise DatabaseError(
@@ -150,13 +150,9 @@ def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection
                 f"database {path} is locked by another process{holder}; "
                 "close that process or pass a different --db"
             ) from None
-        raise DatabaseError(f"database {path} could not be opened: {_first_line(exc)}") from None
+        raise DatabaseError(f"database {path} could not be opened: {first_line(exc)}") from None
     except duckdb.Error as exc:
-        raise DatabaseError(f"database {path} could not be opened: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseError(f"database {path} could not be opened: {first_line(exc)}") from None
 
 
 @contextmanager
@@ -170,7 +166,7 @@ def transaction(con: duckdb.DuckDBPyConnection, what: str) -> Iterator[None]:
         con.rollback()
         if isinstance(exc, duckdb.Error):
             raise DatabaseError(
-                f"writing {what} failed and was rolled back, nothing changed: {_first_line(exc)}"
+                f"writing {what} failed and was rolled back, nothing changed: {first_line(exc)}"
             ) from None
         raise
 

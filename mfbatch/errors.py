@@ -8,6 +8,12 @@ callers (tests, notebooks) get ordinary exceptions.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """A library exception's message cut to its first line, for our one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class MfbatchError(Exception):
     """Base class: a user-facing failure with a one-line message."""
 

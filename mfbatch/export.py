@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mfbatch import __version__
-from mfbatch.errors import ModelError
+from mfbatch.errors import ModelError, first_line
 
 if TYPE_CHECKING:  # scoring reads the graph without torch; only export needs the module
     from mfbatch.model import MatrixFactorization
@@ -179,7 +179,7 @@ def load_model(path: Path) -> tuple[MatrixFactorization, dict[str, Any]]:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as exc:  # torch.load/json raise assorted IO, pickle and zip errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(
             f"{path}: the saved model can't be loaded ({first}); train again"
         ) from None

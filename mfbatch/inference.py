@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mfbatch.errors import ConfigError, ModelError
+from mfbatch.errors import ConfigError, ModelError, first_line
 from mfbatch.export import split_stages
 
 CPU = "CPUExecutionProvider"
@@ -184,7 +184,7 @@ class Scorer:
                     },
                 )
         except Exception as exc:  # ORT's own error types (out of memory, bad shapes)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ModelError(
                 f"ONNX Runtime failed on a batch of {len(users)} users ({first}); "
                 "lower --memory-mb or --batch-size"

@@ -10,7 +10,7 @@ import polars as pl
 
 from mfbatch.data.base import BaseDataLoader, RawData, sha256_file
 from mfbatch.data.factory import DataLoaderFactory
-from mfbatch.errors import InputDataError
+from mfbatch.errors import InputDataError, first_line
 
 _ROLE_FLAGS = {
     "user_id": "--user-col",
@@ -166,7 +166,7 @@ class CsvLoader(_TableLoader):
         except (pl.exceptions.NoDataError, pl.exceptions.PolarsError) as exc:
             if source.stat().st_size == 0 or isinstance(exc, pl.exceptions.NoDataError):
                 raise InputDataError(f"{source}: the file is empty") from None
-            raise InputDataError(f"{source}: unreadable header ({_first(exc)})") from None
+            raise InputDataError(f"{source}: unreadable header ({first_line(exc)})") from None
         roles = self._check_present(source, header)
         rename = {column: role for role, column in roles.items()}
         try:
@@ -184,7 +184,7 @@ class CsvLoader(_TableLoader):
             )
         except (pl.exceptions.PolarsError, ValueError) as exc:
             raise InputDataError(
-                self._explain(source, roles) or f"{source}: {_first(exc)}"
+                self._explain(source, roles) or f"{source}: {first_line(exc)}"
             ) from None
         return frame.rename(rename)
 
@@ -224,7 +224,7 @@ class CsvLoader(_TableLoader):
                 infer_schema=False,
             ).with_row_index("__row")
         except (pl.exceptions.PolarsError, ValueError) as exc:
-            return f"{source}: malformed CSV ({_first(exc)}); check --separator and quoting"
+            return f"{source}: malformed CSV ({first_line(exc)}); check --separator and quoting"
         rating = roles["rating"]
         bad = text.filter(
             pl.col(rating).is_not_null()
@@ -244,7 +244,9 @@ class ParquetLoader(_TableLoader):
         try:
             schema = pl.read_parquet_schema(source)
         except (pl.exceptions.PolarsError, OSError) as exc:
-            raise InputDataError(f"{source}: not a readable Parquet file ({_first(exc)})") from None
+            raise InputDataError(
+                f"{source}: not a readable Parquet file ({first_line(exc)})"
+            ) from None
         roles = self._check_present(source, list(schema))
         rating_type = schema[roles["rating"]]
         if not rating_type.is_numeric():
@@ -256,7 +258,3 @@ class ParquetLoader(_TableLoader):
         return frame.rename({column: role for role, column in roles.items()}).with_columns(
             pl.col("rating").cast(pl.Float64)
         )
-
-
-def _first(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -18,7 +18,7 @@ from mfbatch.data.base import BaseDataLoader, RawData
 from mfbatch.data.download import fetch_release
 from mfbatch.data.factory import DataLoaderFactory
 from mfbatch.data.text import check_numeric, read_delimited
-from mfbatch.errors import InputDataError
+from mfbatch.errors import InputDataError, first_line
 
 _RATING_NAMES = ["user_id", "item_id", "rating", "ts"]
 _RATING_DTYPES = {"user_id": pl.Int64, "item_id": pl.Int64, "rating": pl.Float64, "ts": pl.Int64}
@@ -116,7 +116,7 @@ def _items_csv(archive: Archive) -> pl.DataFrame | None:
             item_id=pl.col("movieId"), title=pl.col("title"), genres=pl.col("genres")
         )
     except (pl.exceptions.PolarsError, ValueError) as exc:
-        first = str(exc).splitlines()[0]
+        first = first_line(exc)
         raise InputDataError(f"{archive.origin('movies.csv')}: unreadable ({first})") from None
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import polars as pl
 
-from mfbatch.errors import InputDataError
+from mfbatch.errors import InputDataError, first_line
 
 NUMERIC = (pl.Int64, pl.Float64)
 
@@ -52,6 +52,17 @@ def read_delimited(
             raw_names.append(f"__spacer{i}")
         raw_names.append(name)
     schema = {n: dtypes.get(n, pl.String) for n in raw_names}
+
+    def explain() -> str | None:
+        return _explain(
+            data,
+            origin=origin,
+            separator=separator,
+            names=names,
+            dtypes=dtypes,
+            skip_header=skip_header,
+        )
+
     try:
         frame = pl.read_csv(
             io.BytesIO(data),
@@ -64,15 +75,7 @@ def read_delimited(
         )
     except (pl.exceptions.PolarsError, ValueError) as exc:
         raise InputDataError(
-            _explain(
-                data,
-                origin=origin,
-                separator=separator,
-                names=names,
-                dtypes=dtypes,
-                skip_header=skip_header,
-            )
-            or f"{origin}: could not be parsed ({str(exc).splitlines()[0]})"
+            explain() or f"{origin}: could not be parsed ({first_line(exc)})"
         ) from None
     frame = frame.select(names)
     blank = pl.all_horizontal(pl.col(n).is_null() for n in names)
@@ -81,14 +84,7 @@ def read_delimited(
     if bad.height:
         row = int(bad["__row"][0])
         raise InputDataError(
-            _explain(
-                data,
-                origin=origin,
-                separator=separator,
-                names=names,
-                dtypes=dtypes,
-                skip_header=skip_header,
-            )
+            explain()
             or f"{origin} line {row + 1 + skip_header}: a field is empty; "
             f"expected {', '.join(names)}"
         )
