@@ -101,37 +101,48 @@ class Scorer:
         # Two sessions share the cores on the CPU path; idle pool threads that spin would
         # steal them from the session that is working.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = [CUDA, CPU] if want_cuda else [CPU]
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        except Exception as exc:  # ORT raises its own exception types for bad files
-            if want_cuda and self.provider == "auto":
-                self.warnings.append(f"CUDA provider failed to load ({exc}); using the CPU")
-                self.session = ort.InferenceSession(str(self.path), options, providers=[CPU])
-            else:
-                raise ModelError(
-                    f"{self.path} could not be loaded by ONNX Runtime ({exc})"
-                ) from None
-        active = self.session.get_providers()
-        if want_cuda and CUDA not in active:
-            if self.provider == "cuda":
-                raise ConfigError(
-                    "--provider cuda: the CUDA provider failed to load; use --provider cpu"
-                )
-            self.warnings.append("CUDA provider failed to load; using the CPU")
-        self.provider = (
-            "cuda" if CUDA in active else f"cpu ({options.intra_op_num_threads} threads)"
-        )
-        # On the CPU the graph runs in two halves with the masking done in place between
-        # them (no [B, I] copy); on CUDA the whole graph stays on the device.
+        # On CUDA the whole graph stays on the device. On the CPU it runs in two halves with
+        # the masking done in place between them (no [B, I] copy), and the whole graph is
+        # never loaded: one copy of the tables, one parse.
+        self.session: ort.InferenceSession | None = None
         self._split: tuple[ort.InferenceSession, ort.InferenceSession] | None = None
         self._buffer = np.empty((0, 0), dtype=np.float32)
-        if CUDA not in active:
-            scores, topk = split_stages(self.path)
-            self._split = (
-                ort.InferenceSession(scores.SerializeToString(), options, providers=[CPU]),
-                ort.InferenceSession(topk.SerializeToString(), options, providers=[CPU]),
+        if want_cuda:
+            self.session = self._cuda_session(options)
+        if self.session is None:
+            try:
+                scores, topk = split_stages(self.path)
+                self._split = (
+                    ort.InferenceSession(scores.SerializeToString(), options, providers=[CPU]),
+                    ort.InferenceSession(topk.SerializeToString(), options, providers=[CPU]),
+                )
+            except Exception as exc:  # onnx/ORT raise their own types for bad files
+                raise ModelError(
+                    f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
+                ) from None
+        self.provider = (
+            "cuda" if self.session is not None else f"cpu ({options.intra_op_num_threads} threads)"
+        )
+
+    def _cuda_session(self, options: ort.SessionOptions) -> ort.InferenceSession | None:
+        """The whole graph on CUDA, or None (with a warning) when `auto` must fall back."""
+        try:
+            session = ort.InferenceSession(str(self.path), options, providers=[CUDA, CPU])
+        except Exception as exc:  # ORT raises its own exception types for bad files
+            if self.provider == "cuda":
+                raise ModelError(
+                    f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
+                ) from None
+            self.warnings.append(f"CUDA provider failed to load ({first_line(exc)}); using the CPU")
+            return None
+        if CUDA in session.get_providers():
+            return session
+        if self.provider == "cuda":
+            raise ConfigError(
+                "--provider cuda: the CUDA provider failed to load; use --provider cpu"
             )
+        self.warnings.append("CUDA provider failed to load; using the CPU")
+        return None
 
     def auto_batch_size(self, n_items: int, memory_mb: int) -> int:
         """Users per batch so one batch's score rows fit in `memory_mb`."""
@@ -174,6 +185,7 @@ class Scorer:
             if self._split is not None:
                 items_scores = self._top_k_split(users, seen, item_mask, k)
             else:
+                assert self.session is not None
                 items_scores = self.session.run(
                     ["top_items", "top_scores"],
                     {
