@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +64,8 @@ def dataset_fingerprint(raw: RawData, prepared: PreparedData, config: Config) ->
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-@contextmanager
-def _steps(console: Console | None, total: int) -> Iterator[Progress]:
-    progress = Progress(
+def _progress(console: Console | None) -> Progress:
+    return Progress(
         TextColumn("[bold]preprocess[/bold] {task.description}"),
         BarColumn(),
         TimeElapsedColumn(),
@@ -77,8 +74,6 @@ def _steps(console: Console | None, total: int) -> Iterator[Progress]:
         # Off when stderr is not a terminal (cron, CI, pipes): Rich would print a bare newline.
         disable=console is None or not console.is_terminal,
     )
-    with progress:
-        yield progress
 
 
 def preprocess(*, config: Config, console: Console | None = None) -> PreprocessSummary:
@@ -90,7 +85,7 @@ def preprocess(*, config: Config, console: Console | None = None) -> PreprocessS
     con = db.connect(path)
     try:
         loader = DataLoaderFactory.create(config.data, config.split)
-        with _steps(console, 3) as progress:
+        with _progress(console) as progress:
             task = progress.add_task(
                 f"reading {config.data.source or config.data.dataset}", total=3
             )
