@@ -236,6 +236,7 @@ def _validation(
         items=_tensor(held["item_idx"].to_numpy(), device, torch.int64),
         ratings=_tensor(held["rating_norm"].to_numpy(), device, torch.float32),
     )
+    popular, untrained = Validation.serving_rules(data.items, int(info["n_items"]))
     candidates = np.unique(held["user_idx"].to_numpy())
     if candidates.size > settings.eval_users:
         rng = np.random.default_rng(settings.seed)
@@ -247,6 +248,8 @@ def _validation(
         rank_users=_tensor(candidates, device, torch.int64),
         rating_min=float(info["rating_min"]),
         rating_max=float(info["rating_max"]),
+        popular=popular,
+        untrained_items=untrained,
     )
 
 
@@ -284,7 +287,15 @@ def _fit(
 
     with progress:
         return train_model(
-            model, data, val, settings, epochs=epochs, on_epoch_start=start, on_epoch_end=end
+            model,
+            data,
+            val,
+            settings,
+            epochs=epochs,
+            # A refit runs the validated run's best epoch count on the schedule that run had.
+            schedule_epochs=settings.epochs if epochs is not None else None,
+            on_epoch_start=start,
+            on_epoch_end=end,
         )
 
 

@@ -68,6 +68,20 @@ class Validation:
     rank_users: torch.Tensor  # users ranked for Recall/NDCG (a seeded sample when large)
     rating_min: float
     rating_max: float
+    # What serving does, so the trainer measures the lists `evaluate` will build: users
+    # with no train rating get the popularity list, items with none are never offered.
+    popular: torch.Tensor | None = None  # item indices by train count desc, then index
+    untrained_items: torch.Tensor | None = None  # bool [n_items]
+
+    @staticmethod
+    def serving_rules(
+        train_items: torch.Tensor, n_items: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(popularity order, untrained-item mask) from the items of the train split."""
+        counts = torch.bincount(train_items, minlength=n_items)
+        # Stable sort of -count: ties keep index order, as the SQL baseline's ORDER BY does.
+        popular = torch.sort(-counts, stable=True).indices
+        return popular, counts == 0
 
 
 @dataclass(frozen=True)
@@ -203,29 +217,48 @@ def validate(model: MatrixFactorization, val: Validation, config: TrainConfig) -
 
 @torch.no_grad()
 def rank_metrics(model: MatrixFactorization, val: Validation, k: int) -> tuple[float, float]:
+    """Recall@K = hits / min(|relevant|, K) and NDCG@K against min(|relevant|, K) ideal hits.
+
+    The definitions LensKit uses with a cutoff and the EASE / Mult-VAE papers use; `evaluate`
+    computes the same figures in SQL from its own lists (a test holds them equal).
+    """
     n_items = model.shape.n_items
     device = val.rank_users.device
     all_items = torch.arange(n_items, device=device)
-    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, device=device, dtype=torch.float32))
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, device=device, dtype=torch.float64))
     ideal = torch.cumsum(discounts, 0)
     recall_sum = ndcg_sum = 0.0
     counted = 0
     chunk = max(1, (1 << 24) // n_items)
+    n_train = val.train_items.indptr[1:] - val.train_items.indptr[:-1]
     for start in range(0, val.rank_users.numel(), chunk):
         users = val.rank_users[start : start + chunk]
         scores = model.item_logits(users, all_items).float()
+        if val.untrained_items is not None:
+            scores[:, val.untrained_items] = -math.inf
         rows, cols = val.train_items.rows_of(users)
         scores[rows, cols] = -math.inf
-        top = torch.topk(scores, min(k, n_items), dim=1).indices
+        top = torch.topk(scores, min(k, n_items), dim=1)
+        items = top.indices
+        # Nothing left to offer (-inf) is not a recommendation.
+        offered = torch.isfinite(top.values)
+        cold = n_train[users] == 0
+        if val.popular is not None and bool(cold.any()):
+            fallback = val.popular[: items.shape[1]]
+            items[cold] = fallback
+            offered[cold] = (
+                True if val.untrained_items is None else ~val.untrained_items[fallback]
+            )
         relevant = torch.zeros_like(scores, dtype=torch.bool)
         rows, cols = val.val_items.rows_of(users)
         relevant[rows, cols] = True
         n_rel = relevant.sum(1)
         keep = n_rel > 0
-        hits = relevant.gather(1, top).float()
-        recall_sum += float((hits.sum(1)[keep] / n_rel[keep]).sum())
+        hits = (relevant.gather(1, items) & offered).double()
+        capped = n_rel.clamp(max=k)
+        recall_sum += float((hits.sum(1)[keep] / capped[keep]).sum())
         dcg = (hits * discounts[: hits.shape[1]]).sum(1)
-        idcg = ideal[(n_rel.clamp(max=k) - 1).clamp(min=0)]
+        idcg = ideal[(capped - 1).clamp(min=0)]
         ndcg_sum += float((dcg[keep] / idcg[keep]).sum())
         counted += int(keep.sum())
     return recall_sum / max(counted, 1), ndcg_sum / max(counted, 1)
@@ -245,12 +278,15 @@ def train_model(
     config: TrainConfig,
     *,
     epochs: int | None = None,
+    schedule_epochs: int | None = None,
     on_epoch_start: Callable[[int, int], Callable[[int], None] | None] | None = None,
     on_epoch_end: Callable[[EpochRecord], None] | None = None,
 ) -> Outcome:
     """Train with early stopping on `val` and restore the best epoch's weights.
 
-    Without `val` (a refit on all data) it runs exactly `epochs` epochs.
+    Without `val` (a refit on all data) it runs exactly `epochs` epochs. `schedule_epochs`
+    is the length the learning-rate schedule anneals over: a refit copying a validated run
+    stopped at its best epoch passes that run's epoch budget, so both see the same rates.
     """
     device = data.users.device
     torch.manual_seed(config.seed)
@@ -259,7 +295,7 @@ def train_model(
     optimizers = make_optimizers(model, config)
     max_epochs = epochs or config.epochs
     schedulers = [
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs)
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule_epochs or max_epochs)
         for opt in optimizers
         if config.lr_schedule == "cosine"
     ]
@@ -292,8 +328,22 @@ def train_model(
                 outcome.status = "early_stopped"
                 break
     model.load_state_dict(best_state)
+    zero_untrained(model, data)
     model.eval()
     return outcome
+
+
+@torch.no_grad()
+def zero_untrained(model: MatrixFactorization, data: Interactions) -> None:
+    """Rows no rating reached keep their random start: zero them so no export holds noise."""
+    for table, bias, index in (
+        (model.user_emb, model.user_bias, data.users),
+        (model.item_emb, model.item_bias, data.items),
+    ):
+        seen = torch.zeros(table.num_embeddings, dtype=torch.bool, device=index.device)
+        seen[index] = True
+        table.weight[~seen] = 0.0
+        bias.weight[~seen] = 0.0
 
 
 def _finite(model: nn.Module) -> bool:
