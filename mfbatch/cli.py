@@ -31,7 +31,8 @@ ConfigOpt = Annotated[
     typer.Option("--config", help="TOML config file (tables data, split, train, score)."),
 ]
 DbOpt = Annotated[
-    Path | None, typer.Option("--db", help="DuckDB file to write (default mfbatch.duckdb).")
+    Path | None,
+    typer.Option("--db", help="DuckDB file (default: the config's db, else mfbatch.duckdb)."),
 ]
 
 
@@ -235,19 +236,25 @@ def train(
 def export(
     db: DbOpt = None,
     run_id: Annotated[str, typer.Option(help="Run to export: an id or 'latest'.")] = "latest",
+    config: ConfigOpt = None,
 ) -> None:
-    """Re-export a trained run to export/<run_id>/model.onnx (train already does this)."""
+    """Re-export a trained run to its folder's model.onnx (train already does this)."""
+    from mfbatch.config import load_config
     from mfbatch.export import export_run
 
-    path = _guard(lambda: export_run(db_path=db or Path("mfbatch.duckdb"), run_id=run_id))
-    typer.echo(f"exported {path}")
+    def action() -> None:
+        resolved = load_config(config, db=db)
+        typer.echo(f"exported {export_run(db_path=resolved.db, run_id=run_id)}")
+
+    _guard(action)
 
 
 @app.command()
 def score(
     db: DbOpt = None,
     run_id: Annotated[
-        str | None, typer.Option(help="Run to score with: an id or 'latest'.")
+        str | None,
+        typer.Option(help="Run to serve: an id, or 'latest' (the newest refit, else validated)."),
     ] = None,
     top_k: Annotated[int | None, typer.Option(help="Items per user (20).")] = None,
     batch_size: Annotated[
@@ -261,7 +268,8 @@ def score(
     ] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (all cores).")] = None,
     users: Annotated[
-        Path | None, typer.Option(help="File of user ids (one per line) to score.")
+        Path | None,
+        typer.Option(help="File of user ids (one per line): update only their lists."),
     ] = None,
     include_items: Annotated[
         Path | None, typer.Option(help="File of item ids: recommend only these.")
@@ -271,7 +279,7 @@ def score(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Top-K unrated items for every user with ONNX Runtime, into table recommendations."""
+    """Serve: top-K items each user has not rated (any split) into table recommendations."""
     from mfbatch.config import load_config
     from mfbatch.score import score as run_score
 
@@ -302,25 +310,39 @@ def score(
 def evaluate(
     db: DbOpt = None,
     run_id: Annotated[
-        str, typer.Option(help="Scored run to evaluate: an id or 'latest'.")
-    ] = "latest",
-    top_k: Annotated[int, typer.Option(help="K of the ranking metrics.")] = 20,
+        str | None,
+        typer.Option(help="Validated run to measure: an id or 'latest' (newest validated)."),
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="K of the lists and metrics (20).")] = None,
     min_rating: Annotated[
         float | None,
         typer.Option(help="Count only validation ratings >= this (stars) as relevant."),
     ] = None,
+    provider: Annotated[
+        str | None, typer.Option(help="auto (CUDA when present), cuda or cpu.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (all cores).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    config: ConfigOpt = None,
 ) -> None:
-    """RMSE/MAE and Precision/Recall/NDCG/MAP/HitRate@K vs a popularity baseline, in SQL."""
+    """Measure the validated run on its own top-K lists vs popularity (never the served table)."""
     from rich.table import Table
 
+    from mfbatch.config import load_config
     from mfbatch.evaluate import evaluate as run_evaluate
 
-    result = _guard(
-        lambda: run_evaluate(
-            db_path=db or Path("mfbatch.duckdb"), run_id=run_id, k=top_k, min_rating=min_rating
+    def action() -> Any:
+        resolved = load_config(
+            config,
+            db=db,
+            overrides={
+                "evaluate": _overrides(run_id=run_id, top_k=top_k, min_rating=min_rating),
+                "score": _overrides(provider=provider, threads=threads),
+            },
         )
-    )
+        return run_evaluate(config=resolved, console=console)
+
+    result = _guard(action)
     if as_json:
         typer.echo(result.to_json())
         return
@@ -337,7 +359,7 @@ def evaluate(
     typer.echo(result.line())
 
 
-_AT_K = ("precision", "recall", "ndcg", "map", "hit_rate")
+_AT_K = ("precision", "recall", "recall_uncapped", "ndcg", "map", "hit_rate")
 
 
 def _fmt(value: float | None, metric: str) -> str:
@@ -350,24 +372,33 @@ def _fmt(value: float | None, metric: str) -> str:
 def recommend(
     user: Annotated[str, typer.Option("--user", help="Raw user id, as in the users table.")],
     db: DbOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
-    """One user's recommendations beside their own top-rated items."""
+    """One user's served list beside their own top-rated items."""
     from rich.table import Table
 
-    from mfbatch.evaluate import recommend as run_recommend
+    from mfbatch.config import load_config
+    from mfbatch.recommend import recommend as run_recommend
 
-    report = _guard(lambda: run_recommend(db_path=db or Path("mfbatch.duckdb"), user_id=user))
+    report = _guard(lambda: run_recommend(db_path=load_config(config, db=db).db, user_id=user))
     out = Console()
-    recs = Table(title=f"recommended for user {report.user_id}")
-    for column in ("rank", "item", "title", "genres", "score"):
+    recs = Table(title=f"recommended for user {report.user_id} (run {report.run_id})")
+    for column in ("rank", "item", "title", "genres", "score", "source"):
         recs.add_column(column)
-    for rank, item, title, genres, score_value, _ in report.recommendations:
-        recs.add_row(str(rank), item, title or "", genres or "", f"{score_value:.3f}")
+    for rec in report.recommendations:
+        recs.add_row(
+            str(rec.rank),
+            rec.item_id,
+            rec.title or "",
+            rec.genres or "",
+            f"{rec.score:.3f}",
+            rec.source,
+        )
     rated = Table(title=f"their top-rated ({report.n_ratings:,} ratings)")
     for column in ("item", "title", "rating", "split"):
         rated.add_column(column)
-    for item, title, rating, split in report.top_rated:
-        rated.add_row(item, title or "", f"{rating:g}", split)
+    for item in report.top_rated:
+        rated.add_row(item.item_id, item.title or "", f"{item.rating:g}", item.split)
     out.print(recs)
     out.print(rated)
 

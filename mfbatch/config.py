@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -84,6 +86,18 @@ class DataConfig:
             raise ConfigError(
                 f"--ratings-per-user: must be in (0, items={self.items}], "
                 f"got {self.ratings_per_user}"
+            )
+        for flag, bound in (("--rating-min", self.rating_min), ("--rating-max", self.rating_max)):
+            if bound is not None and not math.isfinite(bound):
+                raise ConfigError(f"{flag}: must be a finite number, got {bound}")
+        if (
+            self.rating_min is not None
+            and self.rating_max is not None
+            and not math.isfinite(self.rating_max - self.rating_min)
+        ):
+            raise ConfigError(
+                f"--rating-min/--rating-max: the scale [{self.rating_min}, {self.rating_max}] "
+                "is too wide (max - min overflows); use the real rating scale"
             )
         if (self.rating_min is None) != (self.rating_max is None):
             raise ConfigError("--rating-min/--rating-max: give both or neither")
@@ -200,6 +214,28 @@ class TrainConfig:
 
 
 Provider = Literal["auto", "cuda", "cpu"]
+DEFAULT_DB = Path("mfbatch.duckdb")
+
+
+def machine_cores() -> int:
+    """Cores this process may run on (cgroup/affinity aware where the OS says)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def check_threads(flag: str, value: int | None) -> None:
+    """More threads than a few per core only thrashes; a typo must not start 100,000."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{flag}: must be a whole number >= 1, got {value!r}")
+    most = 4 * machine_cores()
+    if value > most:
+        raise ConfigError(
+            f"{flag}: {value} threads is more than 4x this machine's {machine_cores()} cores; "
+            f"pass at most {most} (or leave it unset)"
+        )
 
 
 @dataclass(frozen=True)
@@ -224,19 +260,36 @@ class ScoreConfig:
             raise ConfigError(f"--batch-size: must be >= 1 (or auto), got {self.batch_size}")
         if self.memory_mb < 16:
             raise ConfigError(f"--memory-mb: at least 16, got {self.memory_mb}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads: must be >= 1, got {self.threads}")
+        check_threads("--threads", self.threads)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What `mfbatch evaluate` measures: the validated run's own top-K lists."""
+
+    run_id: str = "latest"
+    top_k: int = 20
+    min_rating: float | None = None  # stars; validation ratings below it are not relevant
+
+    def __post_init__(self) -> None:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ConfigError(f"--top-k: must be a whole number >= 1, got {self.top_k!r}")
+        if self.min_rating is not None and not math.isfinite(self.min_rating):
+            raise ConfigError(
+                f"--min-rating: must be a finite number of stars, got {self.min_rating}"
+            )
 
 
 @dataclass(frozen=True)
 class Config:
     """Everything one command needs, resolved from TOML and CLI flags."""
 
-    db: Path = Path("mfbatch.duckdb")
+    db: Path = DEFAULT_DB
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able view, stored with runs so a result says how it was made."""
@@ -256,7 +309,57 @@ _SECTIONS: dict[str, type[Any]] = {
     "split": SplitConfig,
     "train": TrainConfig,
     "score": ScoreConfig,
+    "evaluate": EvaluateConfig,
 }
+
+
+def _expect(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the annotated type, or a ConfigError naming the key; no silent coercion."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        arms = get_args(hint)
+        if value is None and type(None) in arms:
+            return None
+        errors = []
+        for arm in arms:
+            if arm is type(None):
+                continue
+            try:
+                return _expect(value, arm, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            quoted = (
+                " (a string: write true or false without quotes)" if isinstance(value, str) else ""
+            )
+            raise ConfigError(f"{where}: expected true or false, got {value!r}{quoted}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if hint is Path:
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a path (a string), got {value!r}")
+        return Path(value).expanduser()
+    return value
 
 
 def _build(cls: type[Any], values: Mapping[str, Any], where: str) -> Any:
@@ -266,12 +369,10 @@ def _build(cls: type[Any], values: Mapping[str, Any], where: str) -> Any:
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
         )
-    converted: dict[str, Any] = {}
-    for name, value in values.items():
-        annotation = str(fields[name].type)
-        if "Path" in annotation and isinstance(value, str):
-            value = Path(value).expanduser()
-        converted[name] = value
+    hints = get_type_hints(cls)
+    converted = {
+        name: _expect(value, hints[name], f"{where} {name}") for name, value in values.items()
+    }
     try:
         return cls(**converted)
     except TypeError as exc:
@@ -284,7 +385,11 @@ def load_config(
     db: Path | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
-    """Read `path` (TOML) if given, apply non-None `overrides` per section, validate."""
+    """Read `path` (TOML) if given, apply non-None `overrides` per section, validate.
+
+    Every value is checked against its field's type here, once, so a wrong type is a
+    one-line error naming the key before any stage starts its work.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         if not path.is_file():
@@ -296,15 +401,19 @@ def load_config(
     unknown = sorted(set(raw) - {*_SECTIONS, "db"})
     if unknown:
         raise ConfigError(
-            f"{path}: unknown table(s) {', '.join(unknown)}; "
-            "use [data], [split], [train], [score] and db"
+            f"{path}: unknown table(s) {', '.join(unknown)}; use [{'], ['.join(_SECTIONS)}] and db"
         )
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
-        values = dict(raw.get(name, {}))
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{path}: {name} must be a table ([{name}] then key = value lines), got {table!r}"
+            )
+        values = dict(table)
         for key, value in (overrides or {}).get(name, {}).items():
             if value is not None:
                 values[key] = value
         sections[name] = _build(cls, values, f"[{name}]" if path is None else f"{path} [{name}]")
-    db_path = db if db is not None else Path(raw.get("db", "mfbatch.duckdb")).expanduser()
-    return Config(db=db_path, **sections)
+    stored = _expect(raw.get("db", str(DEFAULT_DB)), Path, f"{path} db")
+    return Config(db=db if db is not None else stored, **sections)

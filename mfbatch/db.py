@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -133,6 +133,18 @@ def frame(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> pl.DataFr
     return con.sql(_checked(name, params).sql, params=params or None).pl()
 
 
+def records(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> list[dict[str, Any]]:
+    """The named query's rows as dicts keyed by column name: callers never unpack by position."""
+    cursor = run(con, name, **params)
+    columns = [d[0] for d in cursor.description or ()]
+    return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+
+
+def record(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> dict[str, Any] | None:
+    rows = records(con, name, **params)
+    return rows[0] if rows else None
+
+
 def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """Open the database, turning lock and missing-file failures into one-line errors."""
     if read_only and not path.exists():
@@ -143,7 +155,7 @@ def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection
         return duckdb.connect(str(path), read_only=read_only)
     except duckdb.IOException as exc:
         message = str(exc)
-        if "lock" in message.lower():
+        if "lock" in message.lower() and "permission" not in message.lower():
             pid = _LOCK_PID_RE.search(message)
             holder = f" (PID {pid.group(1)})" if pid else ""
             raise DatabaseError(
@@ -155,6 +167,20 @@ def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection
         raise DatabaseError(f"database {path} could not be opened: {first_line(exc)}") from None
 
 
+def check_writable(path: Path) -> None:
+    """Fail now, before minutes of work, if the results could not be written at the end.
+
+    Opening for writing takes DuckDB's file lock, so this catches another process holding
+    the database as well as a file or folder that can't be written; the lock is released
+    again at once.
+    """
+    if not path.exists():
+        raise DatabaseError(
+            f"database {path} does not exist; run `mfbatch preprocess --db {path}` first"
+        )
+    connect(path).close()
+
+
 @contextmanager
 def transaction(con: duckdb.DuckDBPyConnection, what: str) -> Iterator[None]:
     """All-or-nothing: on any failure the database keeps what it had before."""
@@ -163,7 +189,10 @@ def transaction(con: duckdb.DuckDBPyConnection, what: str) -> Iterator[None]:
         yield
         con.commit()
     except BaseException as exc:
-        con.rollback()
+        # DuckDB may have aborted the transaction itself (a full disk at commit): a second
+        # rollback then raises, and must not hide the error that caused it.
+        with suppress(duckdb.Error):
+            con.rollback()
         if isinstance(exc, duckdb.Error):
             raise DatabaseError(
                 f"writing {what} failed and was rolled back, nothing changed: {first_line(exc)}"

@@ -1,8 +1,11 @@
-"""Stage 4, `mfbatch evaluate` (and `mfbatch recommend`): the pipeline measures itself.
+"""Stage 4, `mfbatch evaluate` (measuring): the validated run judged by its own lists.
 
-Ranking metrics are SQL (sql/evaluate.sql) over `recommendations` and the validation split,
-with a popularity baseline computed the same way. RMSE/MAE use the exported ONNX model's
-own tables, so the figure describes what is served; the predictions are kept in
+Measuring and serving are different roles. `evaluate` never reads `recommendations`: it
+builds top-K lists from the *validated* run (trained on train, early-stopped on val)
+through the same list builder `score` uses, masking only what that run trained on, with
+its own K, and keeps them in `evaluation_lists` beside a popularity baseline built the
+same way, so every figure can be audited from rows. The ranking metrics are SQL over
+those rows (sql/evaluate.sql); RMSE/MAE use the exported graph's own tables, kept in
 `val_predictions`.
 """
 
@@ -17,13 +20,18 @@ import duckdb
 import numpy as np
 import onnx
 import polars as pl
+import pyarrow as pa
 from onnx import numpy_helper
+from rich.console import Console
 
 from mfbatch import db
-from mfbatch.errors import ConfigError, DatabaseError, ModelError
-from mfbatch.export import ONNX_FILE, read_metadata
+from mfbatch.config import Config
+from mfbatch.errors import ConfigError
+from mfbatch.inference import Scorer, SeenItems
+from mfbatch.lists import MODEL, POPULARITY, ListPlan, build_lists, to_arrow
+from mfbatch.runs import Dataset, find_run
 
-RANKING = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")
+RANKING = ("precision", "recall", "recall_uncapped", "ndcg", "map", "hit_rate", "coverage")
 COUNTS = ("users_evaluated", "users_without_relevant")
 
 
@@ -87,78 +95,86 @@ def onnx_predictions(path: Path, users: np.ndarray, items: np.ndarray) -> np.nda
     return out
 
 
-def _run_row(con: duckdb.DuckDBPyConnection, path: Path, run_id: str) -> tuple[Any, ...]:
-    if not db.table_exists(con, "recommendations"):
-        raise DatabaseError(f"{path} has no recommendations; run `mfbatch score` first")
-    scored = [r[0] for r in db.run(con, "recommended_runs").fetchall()]
-    if run_id == "latest":
-        if not scored:
-            raise DatabaseError(f"{path}: recommendations is empty; run `mfbatch score` first")
-        run_id = scored[0]
-    elif run_id not in scored:
-        raise ConfigError(
-            f"--run-id: run {run_id!r} has no recommendations in {path}; "
-            f"run `mfbatch score --run-id {run_id}` first"
-        )
-    row = db.one(con, "run_for_evaluation", run_id=run_id)
-    if row is None:
-        raise DatabaseError(f"{path}: run {run_id} is not in training_runs")
-    if row[2] != "train":
-        raise ModelError(
-            f"run {run_id} was refit on train+val, so the validation split says nothing about it; "
-            "evaluate the validated run it was refit from"
-        )
-    return row
-
-
-def evaluate(
-    *, db_path: Path, run_id: str = "latest", k: int = 20, min_rating: float | None = None
-) -> Evaluation:
-    if k < 1:
-        raise ConfigError(f"--top-k: must be >= 1, got {k}")
-    if not db_path.exists():  # a writable connect would create an empty file
-        raise DatabaseError(
-            f"database {db_path} does not exist; run `mfbatch preprocess --db {db_path}` first"
-        )
-    con = db.connect(db_path)
+def evaluate(*, config: Config, console: Console | None = None) -> Evaluation:
+    """Build the validated run's lists and the baseline's, measure both, record them."""
+    settings = config.evaluate
+    k = settings.top_k
+    db.check_writable(config.db)
+    con = db.connect(config.db, read_only=True)
     try:
-        db.require_tables(con, db_path, "ratings", "users", "items", "dataset_meta")
-        run_id, export_path, _, run_sha, objective = _run_row(con, db_path, run_id)
-        meta = db.one(con, "dataset_info")
-        assert meta is not None
-        if meta[0] != run_sha:
-            raise ModelError(
-                f"run {run_id} was trained on another dataset than {db_path} now holds; "
-                "train and score again"
+        dataset = Dataset.load(con, config.db)
+        run = find_run(con, config.db, dataset, settings.run_id, role="measure")
+        run.check_model(dataset)
+        if k > dataset.n_items:
+            raise ConfigError(
+                f"--top-k: {k} is more than the catalogue's {dataset.n_items:,} items"
             )
-        lo, hi = float(meta[3]), float(meta[4])
-        threshold = lo if min_rating is None else float(min_rating)
-
-        model_path = Path(export_path) / ONNX_FILE
-        read_metadata(model_path)  # one-line error when the file is missing or unreadable
+        seen_frame = db.frame(con, "seen_train")
+        trained = db.frame(con, "trained_counts", all_splits=False)
+        user_ids = db.frame(con, "user_ids")["user_id"].to_arrow()
+        item_ids = db.frame(con, "item_ids")["item_id"].to_arrow()
         pairs = db.frame(con, "val_pairs")
-        predicted = onnx_predictions(
-            model_path, pairs["user_idx"].to_numpy(), pairs["item_idx"].to_numpy()
+    finally:
+        con.close()
+    lo, hi = dataset.rating_min, dataset.rating_max
+    threshold = lo if settings.min_rating is None else float(settings.min_rating)
+
+    counts = {
+        kind: np.zeros(n, dtype=np.int64)
+        for kind, n in (("user", dataset.n_users), ("item", dataset.n_items))
+    }
+    for kind, column in counts.items():
+        part = trained.filter(trained["kind"] == kind)
+        column[part["idx"].to_numpy()] = part["n"].to_numpy()
+    item_mask = np.where(counts["item"] > 0, 0.0, -np.inf).astype(np.float32)
+    seen = SeenItems.from_pairs(
+        seen_frame["user_idx"].to_numpy(), seen_frame["item_idx"].to_numpy(), dataset.n_users
+    )
+    # Only users with a validation rating can be judged; their lists are what is measured.
+    users = np.unique(pairs["user_idx"].to_numpy()).astype(np.int64)
+    plans = {
+        MODEL: ListPlan(users, seen, item_mask, counts["user"] == 0, counts["item"], k),
+        POPULARITY: ListPlan(
+            users, seen, item_mask, np.ones(dataset.n_users, dtype=bool), counts["item"], k
+        ),
+    }
+    scorer = Scorer(run.model_path, provider=config.score.provider, threads=config.score.threads)
+    batch = scorer.auto_batch_size(dataset.n_items, config.score.memory_mb)
+    staged_lists = pa.concat_tables(
+        to_arrow(lists, user_ids, item_ids).append_column(
+            "recommender", pa.array([name] * int(np.isfinite(lists.scores).sum()), pa.string())
         )
-        staged = pairs.with_columns(
-            run_id=pl.lit(run_id),
-            predicted_rating=pl.Series(np.clip(predicted, 0.0, 1.0) * (hi - lo) + lo),
-        )
-        model: dict[str, float | None] = {}
-        baseline: dict[str, float | None] = {}
+        for name, plan in plans.items()
+        for lists in build_lists(scorer, plan, batch)
+    )
+
+    predicted = onnx_predictions(
+        run.model_path, pairs["user_idx"].to_numpy(), pairs["item_idx"].to_numpy()
+    )
+    staged = pairs.with_columns(
+        run_id=pl.lit(run.run_id),
+        predicted_rating=pl.Series(np.clip(predicted, 0.0, 1.0) * (hi - lo) + lo),
+    )
+    model: dict[str, float | None] = {}
+    baseline: dict[str, float | None] = {}
+    con = db.connect(config.db)
+    try:
         con.register("staged_predictions", staged.to_arrow())
-        with db.transaction(con, f"evaluation of {run_id} into {db_path}"):
+        con.register("staged_lists", staged_lists)
+        with db.transaction(con, f"evaluation of {run.run_id} into {config.db}"):
             db.run(con, "create_val_predictions")
-            db.run(con, "delete_val_predictions", run_id=run_id)
+            db.run(con, "delete_val_predictions", run_id=run.run_id)
             db.run(con, "insert_val_predictions")
-            if objective == "rating":
-                rmse, mae, _ = db.one(con, "rating_metrics", run_id=run_id) or (None, None, 0)
-                model.update(rmse=rmse, mae=mae)
-            db.run(con, "stage_model_recs", run_id=run_id, k=k)
-            model.update(_ranking(con, k, threshold))
-            db.run(con, "stage_popularity_recs", k=k)
-            baseline.update(_ranking(con, k, threshold))
-            result = Evaluation(run_id, k, min_rating, model, baseline)
+            db.run(con, "create_evaluation_lists")
+            db.run(con, "delete_evaluation_lists", run_id=run.run_id, k=k)
+            db.run(con, "insert_evaluation_lists", run_id=run.run_id, k=k)
+            if run.objective == "rating":
+                row = db.record(con, "rating_metrics", run_id=run.run_id) or {}
+                model.update(rmse=row.get("rmse"), mae=row.get("mae"))
+            for name, figures in ((MODEL, model), (POPULARITY, baseline)):
+                db.run(con, "stage_eval_recs", run_id=run.run_id, recommender=name, k=k)
+                figures.update(_ranking(con, k, threshold))
+            result = Evaluation(run.run_id, k, settings.min_rating, model, baseline)
             rows = pl.DataFrame(
                 result.rows(),
                 schema={
@@ -172,7 +188,7 @@ def evaluate(
             )
             con.register("staged_evaluations", rows.to_arrow())
             db.run(con, "create_evaluations")
-            db.run(con, "delete_evaluations", run_id=run_id, k=k)
+            db.run(con, "delete_evaluations", run_id=run.run_id, k=k)
             db.run(con, "insert_evaluations")
     finally:
         con.close()
@@ -187,30 +203,3 @@ def _ranking(con: duckdb.DuckDBPyConnection, k: int, min_rating: float) -> dict[
         name: (None if v is None else int(v) if name in COUNTS else float(v))
         for name, v in zip(names, row, strict=True)
     }
-
-
-@dataclass(frozen=True)
-class UserReport:
-    user_id: str
-    n_ratings: int
-    recommendations: list[tuple[Any, ...]]
-    top_rated: list[tuple[Any, ...]]
-
-
-def recommend(*, db_path: Path, user_id: str, limit: int = 20) -> UserReport:
-    """One user's list beside their own best-rated items, for a human sanity check."""
-    con = db.connect(db_path, read_only=True)
-    try:
-        db.require_tables(con, db_path, "users", "items", "ratings")
-        if not db.table_exists(con, "recommendations"):
-            raise DatabaseError(f"{db_path} has no recommendations; run `mfbatch score` first")
-        user = db.one(con, "user_by_id", user_id=user_id)
-        if user is None:
-            raise ConfigError(f"--user: no user {user_id!r} in {db_path} (raw ids, as in users)")
-        recs = db.run(con, "user_recommendations", user_id=user_id).fetchall()
-        rated = db.run(con, "user_top_rated", user_idx=user[0], limit=limit).fetchall()
-    finally:
-        con.close()
-    return UserReport(
-        user_id=user_id, n_ratings=int(user[2]), recommendations=recs, top_rated=rated
-    )

@@ -203,28 +203,33 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def export_run(*, db_path: Path, run_id: str = "latest") -> Path:
-    """Re-export a recorded run's saved weights to export/<run_id>/model.onnx."""
+    """Re-export a recorded run's saved weights to its folder's model.onnx."""
     from mfbatch import db
+    from mfbatch.runs import Dataset, find_run
 
     con = db.connect(db_path, read_only=True)
     try:
-        if not db.table_exists(con, "training_runs"):
-            raise ModelError(f"{db_path} has no training runs; run `mfbatch train` first")
-        row = (
-            db.one(con, "latest_run")
-            if run_id == "latest"
-            else db.one(con, "run_by_id", run_id=run_id)
-        )
+        dataset = Dataset.load(con, db_path)
+        run = find_run(con, db_path, dataset, run_id, role="any")
     finally:
         con.close()
-    if row is None:
-        raise ModelError(f"--run-id: no run {run_id!r} in {db_path}; see training_runs")
-    folder = Path(row[1])
-    model, manifest = load_model(folder)
-    return export_model(model, manifest, folder)
+    model, manifest = load_model(run.export_path)
+    return export_model(model, manifest, run.export_path)
 
 
-def split_stages(path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+def check_finite(proto: onnx.ModelProto, path: Path) -> None:
+    """A model whose tables hold NaN or inf would publish nonsense lists: refuse it."""
+    for table in proto.graph.initializer:
+        values = numpy_helper.to_array(table)
+        if values.dtype.kind == "f" and not bool(np.isfinite(values).all()):
+            bad = int((~np.isfinite(values)).sum())
+            raise ModelError(
+                f"{path}: table {table.name} holds {bad:,} NaN/inf value(s); the run is "
+                "broken, train again (lower --lr or raise --l2)"
+            )
+
+
+def split_stages(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """model.onnx cut at the masking step: (scores graph, TopK graph), same tables.
 
     On the CPU, ScatterND copies the whole [B, I] score matrix to write a few hundred
@@ -232,7 +237,6 @@ def split_stages(path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     between the two halves does the same work without either (README, "The inference
     core", has the measurement).
     """
-    proto = onnx.load_model(str(path))
     tables = {t.name: t for t in proto.graph.initializer}
     n_items = numpy_helper.to_array(tables["V_aug_t"]).shape[1]
     scores = helper.make_graph(

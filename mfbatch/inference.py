@@ -11,20 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
+from mfbatch.config import machine_cores
 from mfbatch.errors import ConfigError, ModelError, first_line
-from mfbatch.export import split_stages
+from mfbatch.export import check_finite, split_stages
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
 def machine_threads() -> int:
-    """Cores this process may run on (cgroup/affinity aware where the OS says)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    return machine_cores()
 
 
 def _gpu_present() -> bool:
@@ -77,6 +76,9 @@ class Scorer:
     path: Path
     provider: str = "auto"
     threads: int | None = None
+    # "auto": the whole graph on CUDA, the split graph on the CPU. "whole" runs model.onnx
+    # as exported on the CPU too, so tests hold every path to the same oracle.
+    graph: str = "auto"
     warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -84,6 +86,15 @@ class Scorer:
             raise ModelError(f"{self.path} does not exist; run `mfbatch export` for that run")
         if self.provider not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"--provider: {self.provider!r} is not one of auto, cuda, cpu")
+        if self.graph not in ("auto", "split", "whole"):
+            raise ConfigError(f"graph: {self.graph!r} is not one of auto, split, whole")
+        try:
+            proto = onnx.load_model(str(self.path))
+        except Exception as exc:  # onnx raises assorted protobuf/IO errors
+            raise ModelError(
+                f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
+            ) from None
+        check_finite(proto, self.path)
         available = ort.get_available_providers()
         want_cuda = self.provider == "cuda" or (
             self.provider == "auto" and CUDA in available and _gpu_present()
@@ -108,10 +119,19 @@ class Scorer:
         self._split: tuple[ort.InferenceSession, ort.InferenceSession] | None = None
         self._buffer = np.empty((0, 0), dtype=np.float32)
         if want_cuda:
-            self.session = self._cuda_session(options)
+            self.session = self._cuda_session(options, proto)
+        if self.session is None and self.graph == "whole":
+            try:
+                self.session = ort.InferenceSession(
+                    proto.SerializeToString(), options, providers=[CPU]
+                )
+            except Exception as exc:  # ORT raises its own exception types for bad files
+                raise ModelError(
+                    f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
+                ) from None
         if self.session is None:
             try:
-                scores, topk = split_stages(self.path)
+                scores, topk = split_stages(proto)
                 self._split = (
                     ort.InferenceSession(scores.SerializeToString(), options, providers=[CPU]),
                     ort.InferenceSession(topk.SerializeToString(), options, providers=[CPU]),
@@ -120,14 +140,17 @@ class Scorer:
                 raise ModelError(
                     f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
                 ) from None
-        self.provider = (
-            "cuda" if self.session is not None else f"cpu ({options.intra_op_num_threads} threads)"
-        )
+        on_cuda = self.session is not None and CUDA in self.session.get_providers()
+        self.provider = "cuda" if on_cuda else f"cpu ({options.intra_op_num_threads} threads)"
 
-    def _cuda_session(self, options: ort.SessionOptions) -> ort.InferenceSession | None:
+    def _cuda_session(
+        self, options: ort.SessionOptions, proto: onnx.ModelProto
+    ) -> ort.InferenceSession | None:
         """The whole graph on CUDA, or None (with a warning) when `auto` must fall back."""
         try:
-            session = ort.InferenceSession(str(self.path), options, providers=[CUDA, CPU])
+            session = ort.InferenceSession(
+                proto.SerializeToString(), options, providers=[CUDA, CPU]
+            )
         except Exception as exc:  # ORT raises its own exception types for bad files
             if self.provider == "cuda":
                 raise ModelError(

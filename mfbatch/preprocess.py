@@ -23,7 +23,7 @@ from mfbatch.data.base import PreparedData, RawData
 
 # Bumped when preprocessing changes what it writes for the same input, so dataset_sha256
 # (which runs and models cite) changes with it.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,22 @@ class PreprocessSummary:
         )
 
 
+# Settings that can't change which ratings or ids a dataset holds: where the file was
+# found, and where downloads are cached.
+_NOT_IDENTITY = ("source", "cache_dir")
+
+
 def dataset_fingerprint(raw: RawData, prepared: PreparedData, config: Config) -> str:
+    """Everything that changes the ids or the ratings: a model cites it, `score` checks it.
+
+    The column mapping and separator are in it, so re-reading the same file with
+    --user-col/--item-col swapped makes every model trained before refused.
+    """
+    reading = {k: v for k, v in config.to_dict()["data"].items() if k not in _NOT_IDENTITY}
     identity = {
         "source_sha256": raw.source_sha256,
         "layout": raw.layout,
+        "reading": reading,
         "scale": [prepared.stats.rating_min, prepared.stats.rating_max],
         "split": config.to_dict()["split"],
         "preprocess_version": PREPROCESS_VERSION,

@@ -1,22 +1,26 @@
-"""Stage 3, `mfbatch score`: top-K unrated items for every user, by ONNX Runtime, into DuckDB.
+"""Stage 3, `mfbatch score` (serving): top-K unrated items for every user into DuckDB.
 
-The database is only read at the start and written at the end. In between, batches of users
+Serves the *serving model*: by default the newest refit on all ratings, else the newest
+validated run (the summary says which). Whatever run it serves, no list ever holds an
+item the user rated in any split. Users with no rating that run trained on get the most
+popular items they have not rated (`source = 'popularity'`), never an untrained vector.
+
+The database is read at the start and written at the end. In between, batches of users
 go through the exported graph and their lists are spooled to an Arrow IPC file beside the
-database (uncompressed, read back memory-mapped: the cheapest way to hand millions of rows
-to DuckDB later); publishing is a staging table filled from that spool and a rename inside one
-transaction. A crash, Ctrl-C or full disk at any point leaves the previous
-`recommendations` table exactly as it was.
+database; publishing is a staging table filled from that spool and swapped in (or, for
+`--users`, merged over those users' rows) inside one transaction. A crash, Ctrl-C or full
+disk at any point leaves the previous `recommendations` table exactly as it was.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,46 +29,64 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mfbatch import db
 from mfbatch.config import Config
-from mfbatch.errors import ConfigError, DatabaseError, InputDataError, ModelError
-from mfbatch.export import ONNX_FILE, read_metadata
+from mfbatch.errors import ConfigError, DatabaseError, InputDataError
 from mfbatch.inference import Scorer, SeenItems
+from mfbatch.lists import ListPlan, build_lists, to_arrow
+from mfbatch.runs import Dataset, Run, find_run
+
+SPOOL_PREFIX = ".mfbatch-score-"
+OWNER_FILE = "owner.pid"
 
 
 @dataclass(frozen=True)
 class ScoreSummary:
     run_id: str
+    data_seen: str
     provider: str
     users: int
+    popularity_users: int
     rows: int
+    partial: bool
     seconds: float
     db: Path
 
     def line(self) -> str:
         rate = self.users / self.seconds if self.seconds else 0.0
+        kind = "refit on train+val" if self.data_seen == "train+val" else "validated on train"
+        cold = (
+            f", {self.popularity_users:,} of them from popularity (no rating the run trained on)"
+            if self.popularity_users
+            else ""
+        )
+        how = "updated for these users" if self.partial else "replaced"
         return (
-            f"scored {self.users:,} users with run {self.run_id} on {self.provider}: "
-            f"{self.rows:,} recommendations, {rate:,.0f} users/s, {self.seconds:.2f} s "
-            f"-> {self.db} (table recommendations)"
+            f"scored {self.users:,} users with run {self.run_id} ({kind}) on {self.provider}"
+            f"{cold}: {self.rows:,} recommendations, {rate:,.0f} users/s, "
+            f"{self.seconds:.2f} s -> {self.db} (table recommendations {how})"
         )
 
 
 @dataclass(frozen=True)
 class _Inputs:
-    run_id: str
-    objective: str
-    model_path: Path
-    metadata: dict[str, Any]
-    seen: SeenItems
+    run: Run
+    dataset: Dataset
+    plan: ListPlan
     user_ids: pa.Array
     item_ids: pa.Array
-    users: np.ndarray
-    item_mask: np.ndarray
 
 
 def _read_ids(path: Path, what: str) -> list[str]:
     if not path.is_file():
         raise InputDataError(f"--{what}: {path} does not exist; pass a file with one id per line")
-    ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise InputDataError(
+            f"--{what}: {path} line {line} is not UTF-8 text (byte {exc.object[exc.start]:#x}); "
+            "save the file as UTF-8 with one id per line"
+        ) from None
+    ids = [line.strip() for line in text.splitlines()]
     ids = [i for i in ids if i and not i.startswith("#")]
     if not ids:
         raise InputDataError(f"--{what}: {path} holds no ids; put one id per line")
@@ -87,53 +109,25 @@ def _load_inputs(config: Config) -> _Inputs:
     settings = config.score
     con = db.connect(config.db, read_only=True)
     try:
-        db.require_tables(con, config.db, "ratings", "users", "items", "dataset_meta")
-        if not db.table_exists(con, "training_runs"):
-            raise DatabaseError(f"{config.db} has no training runs; run `mfbatch train` first")
-        if settings.run_id == "latest":
-            row = db.one(con, "latest_run")
-            if row is None:
-                raise DatabaseError(f"{config.db} has no usable training run; run `mfbatch train`")
-        else:
-            row = db.one(con, "run_by_id", run_id=settings.run_id)
-            if row is None:
-                raise ConfigError(f"--run-id: no run {settings.run_id!r} in {config.db}")
-        run_id, export_path, data_seen, run_sha, objective = row
-        meta = db.one(con, "dataset_info")
-        assert meta is not None
-        dataset_sha, n_users, n_items = meta[0], int(meta[1]), int(meta[2])
-        model_path = Path(export_path) / ONNX_FILE
-        metadata = read_metadata(model_path)
-        if metadata.get("dataset_sha256") != dataset_sha or run_sha != dataset_sha:
-            raise ModelError(
-                f"{model_path} was trained on dataset {str(metadata.get('dataset_sha256'))[:12]}, "
-                f"but {config.db} now holds {dataset_sha[:12]}; train again on this database "
-                "or pass the --db it was trained on"
-            )
-        if metadata.get("run_id") != run_id:
-            raise ModelError(
-                f"{model_path} belongs to run {metadata.get('run_id')!r}, not {run_id!r}; "
-                f"run `mfbatch export --run-id {run_id}` to rebuild it"
-            )
-        if (metadata.get("n_users"), metadata.get("n_items")) != (n_users, n_items):
-            raise ModelError(
-                f"{model_path} covers {metadata.get('n_users')} users x {metadata.get('n_items')} "
-                f"items but {config.db} has {n_users} x {n_items}; train again"
-            )
-        if settings.top_k > n_items:
+        dataset = Dataset.load(con, config.db)
+        run = find_run(con, config.db, dataset, settings.run_id, role="serve")
+        run.check_model(dataset)
+        if settings.top_k > dataset.n_items:
             raise ConfigError(
-                f"--top-k: {settings.top_k} is more than the catalogue's {n_items:,} items"
+                f"--top-k: {settings.top_k} is more than the catalogue's {dataset.n_items:,} items"
             )
-        seen_frame = db.frame(con, "seen_all" if data_seen == "train+val" else "seen_train")
+        # Served lists never hold an item the user rated in any split, whatever run it is.
+        seen_frame = db.frame(con, "seen_all")
+        trained = db.frame(con, "trained_counts", all_splits=run.data_seen == "train+val")
         user_ids = db.frame(con, "user_ids")["user_id"].to_arrow()
         item_ids = db.frame(con, "item_ids")["item_id"].to_arrow()
     finally:
         con.close()
 
-    users = np.arange(n_users, dtype=np.int64)
+    users = np.arange(dataset.n_users, dtype=np.int64)
     if settings.users is not None:
         users = _lookup(user_ids, _read_ids(settings.users, "users"), settings.users, "users")
-    item_mask = np.zeros(n_items, dtype=np.float32)
+    item_mask = np.zeros(dataset.n_items, dtype=np.float32)
     if settings.include_items is not None:
         allowed = _lookup(
             item_ids,
@@ -151,39 +145,90 @@ def _load_inputs(config: Config) -> _Inputs:
             "exclude-items",
         )
         item_mask[denied] = -np.inf
+    user_counts = trained.filter(trained["kind"] == "user")
+    item_counts = trained.filter(trained["kind"] == "item")
+    fitted_users = np.zeros(dataset.n_users, dtype=np.int64)
+    fitted_users[user_counts["idx"].to_numpy()] = user_counts["n"].to_numpy()
+    fitted_items = np.zeros(dataset.n_items, dtype=np.int64)
+    fitted_items[item_counts["idx"].to_numpy()] = item_counts["n"].to_numpy()
+    # The model knows nothing of items it never trained on: it can't rank them.
+    item_mask[fitted_items == 0] = -np.inf
+    popularity = np.bincount(seen_frame["item_idx"].to_numpy(), minlength=dataset.n_items)
     seen = SeenItems.from_pairs(
-        seen_frame["user_idx"].to_numpy(), seen_frame["item_idx"].to_numpy(), n_users
+        seen_frame["user_idx"].to_numpy(), seen_frame["item_idx"].to_numpy(), dataset.n_users
     )
-    return _Inputs(
-        run_id, objective, model_path, metadata, seen, user_ids, item_ids, users, item_mask
+    plan = ListPlan(
+        users=users,
+        seen=seen,
+        item_mask=item_mask,
+        cold=fitted_users == 0,
+        popularity=popularity,
+        k=settings.top_k,
     )
+    return _Inputs(run, dataset, plan, user_ids, item_ids)
+
+
+def remove_stale_spools(folder: Path) -> int:
+    """Spool folders a killed `score` left beside the database (owner process gone)."""
+    removed = 0
+    for spool in folder.glob(SPOOL_PREFIX + "*"):
+        owner = spool / OWNER_FILE
+        try:
+            pid = int(owner.read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue
+        shutil.rmtree(spool, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     """Score, spool, then publish `recommendations` in one transaction."""
     started = time.perf_counter()
     settings = config.score
+    # Publishing needs the write lock: refuse a locked or read-only database before scoring.
+    db.check_writable(config.db)
+    remove_stale_spools(config.db.parent)
     inputs = _load_inputs(config)
-    scorer = Scorer(inputs.model_path, provider=settings.provider, threads=settings.threads)
+    run = inputs.run
+    scorer = Scorer(run.model_path, provider=settings.provider, threads=settings.threads)
     for warning in scorer.warnings:
         if console:
             console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     if console:
-        console.print(f"scoring with ONNX Runtime on {scorer.provider}", highlight=False)
-    n_items = int(inputs.metadata["n_items"])
+        kind = "refit on train+val" if not run.validated else "validated run (no refit yet)"
+        console.print(
+            f"serving run {run.run_id} ({kind}) with ONNX Runtime on {scorer.provider}",
+            highlight=False,
+        )
+    n_items = inputs.dataset.n_items
     batch = settings.batch_size or scorer.auto_batch_size(n_items, settings.memory_mb)
-    lo, hi = float(inputs.metadata["rating_min"]), float(inputs.metadata["rating_max"])
+    lo, hi = inputs.dataset.rating_min, inputs.dataset.rating_max
     created = datetime.now(timezone.utc).replace(tzinfo=None)
 
     try:
-        spool_dir = Path(tempfile.mkdtemp(prefix=".mfbatch-score-", dir=config.db.parent))
+        spool_dir = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=config.db.parent))
+        (spool_dir / OWNER_FILE).write_text(str(os.getpid()))
     except OSError as exc:
         raise DatabaseError(
             f"could not create the scoring spool beside {config.db} ({exc}); free space or "
             "make the folder writable; the previous recommendations are unchanged"
         ) from None
     spool = spool_dir / "recommendations.arrow"
-    rows = 0
+    rows = popularity_users = 0
+    empty: list[int] = []
     try:
         writer: pa.ipc.RecordBatchFileWriter | None = None
         progress = Progress(
@@ -197,20 +242,31 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
             transient=True,
         )
         with progress:
-            task = progress.add_task("score", total=len(inputs.users))
-            for start in range(0, len(inputs.users), batch):
-                users = inputs.users[start : start + batch]
-                items, scores = scorer.top_k(users, inputs.seen, inputs.item_mask, settings.top_k)
-                table = _to_arrow(inputs, users, items, scores, lo, hi)
+            task = progress.add_task("score", total=len(inputs.plan.users))
+            for lists in build_lists(scorer, inputs.plan, batch):
+                empty.extend(lists.empty_users()[: 5 - len(empty)].tolist())
+                popularity_users += int((~lists.from_model).sum())
+                table = _with_rating(
+                    to_arrow(lists, inputs.user_ids, inputs.item_ids), run.objective, lo, hi
+                )
                 if writer is None:
                     writer = pa.ipc.new_file(str(spool), table.schema)
                 writer.write_table(table)
                 rows += table.num_rows
-                progress.advance(task, len(users))
+                if lists.empty_users().size and len(empty) >= 5:
+                    break
+                progress.advance(task, len(lists.users))
         if writer is None:
             raise InputDataError("no users to score")
         writer.close()
-        _publish(config.db, spool, inputs.run_id, created)
+        if empty:
+            shown = ", ".join(repr(inputs.user_ids[u].as_py()) for u in empty)
+            raise ConfigError(
+                f"some users would get an empty list (e.g. user {shown}): they rated every "
+                "item left after --include-items/--exclude-items; widen the allow list; "
+                "nothing was published"
+            )
+        _publish(config.db, spool, run.run_id, created, partial=settings.users is not None)
     except OSError as exc:
         raise DatabaseError(
             f"writing recommendations beside {config.db} failed ({exc}); free space and retry; "
@@ -219,52 +275,32 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     finally:
         shutil.rmtree(spool_dir, ignore_errors=True)
     return ScoreSummary(
-        run_id=inputs.run_id,
+        run_id=run.run_id,
+        data_seen=run.data_seen,
         provider=scorer.provider,
-        users=len(inputs.users),
+        users=len(inputs.plan.users),
+        popularity_users=popularity_users,
         rows=rows,
+        partial=settings.users is not None,
         seconds=time.perf_counter() - started,
         db=config.db,
     )
 
 
-def _to_arrow(
-    inputs: _Inputs,
-    users: np.ndarray,
-    items: np.ndarray,
-    scores: np.ndarray,
-    lo: float,
-    hi: float,
-) -> pa.Table:
-    """One batch's lists as Arrow columns; rows scored -inf (nothing left to offer) dropped."""
-    k = items.shape[1]
-    valid = np.isfinite(scores)
-    user_rows = np.broadcast_to(users[:, None], items.shape)[valid]
-    ranks = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32)[None, :], items.shape)[valid]
-    flat_scores = scores[valid].astype(np.float64)
-    if inputs.objective == "rating":
-        predicted = pa.array(np.clip(flat_scores, 0.0, 1.0) * (hi - lo) + lo)
+def _with_rating(table: pa.Table, objective: str, lo: float, hi: float) -> pa.Table:
+    """predicted_rating in stars where the score is one (a rating model's, on model rows)."""
+    scores = table.column("score").to_numpy()
+    if objective == "rating":
+        from_model = np.asarray(table.column("source").combine_chunks().indices) == 0
+        stars = np.where(from_model, np.clip(scores, 0.0, 1.0) * (hi - lo) + lo, np.nan)
+        predicted = pa.array(stars, mask=~from_model)
     else:
         # A ranking model's score orders items but is not on the star scale.
-        predicted = pa.nulls(len(flat_scores), pa.float64())
-    # run_id and created_at are constants, added by the publishing query.
-    return pa.table(
-        {
-            # Dictionary-encoded: indices into the raw-id arrays, no string copied per row.
-            "user_id": pa.DictionaryArray.from_arrays(
-                pa.array(user_rows, pa.int32()), inputs.user_ids
-            ),
-            "item_id": pa.DictionaryArray.from_arrays(
-                pa.array(items[valid], pa.int32()), inputs.item_ids
-            ),
-            "rank": pa.array(ranks),
-            "score": pa.array(flat_scores),
-            "predicted_rating": predicted,
-        }
-    )
+        predicted = pa.nulls(len(scores), pa.float64())
+    return table.append_column("predicted_rating", predicted)
 
 
-def _publish(path: Path, spool: Path, run_id: str, created: datetime) -> None:
+def _publish(path: Path, spool: Path, run_id: str, created: datetime, *, partial: bool) -> None:
     with pa.memory_map(str(spool)) as source:
         spooled = pa.ipc.open_file(source).read_all()
     con = db.connect(path)
@@ -279,7 +315,14 @@ def _publish(path: Path, spool: Path, run_id: str, created: datetime) -> None:
             # A staging table left by an older version or a foreign tool is stale: drop it.
             db.run(con, "drop_recommendations_staging")
             db.run(con, "create_recommendations_staging", run_id=run_id, created_at=created)
-            db.run(con, "drop_recommendations")
-            db.run(con, "publish_recommendations")
+            if partial and db.table_exists(con, "recommendations"):
+                # --users: those users' rows are replaced, everyone else's stay.
+                db.run(con, "add_recommendations_source")
+                db.run(con, "delete_staged_users_recommendations")
+                db.run(con, "insert_staged_recommendations")
+                db.run(con, "drop_recommendations_staging")
+            else:
+                db.run(con, "drop_recommendations")
+                db.run(con, "publish_recommendations")
     finally:
         con.close()

@@ -22,10 +22,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mfbatch import __version__, db
-from mfbatch.config import Config, TrainConfig
+from mfbatch.config import Config, TrainConfig, load_config
 from mfbatch.errors import ConfigError, DatabaseError, ModelError
 from mfbatch.export import export_model, save_model
 from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.runs import Dataset, Run, find_run, stored_export_path
 from mfbatch.trainer import Csr, EpochRecord, Interactions, Outcome, Validation, train_model
 
 
@@ -88,34 +89,12 @@ def _tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torc
     return tensor.to(device, non_blocking=True)
 
 
-def _load(con: Any, path: Path) -> tuple[dict[str, Any], pl.DataFrame]:
-    db.require_tables(con, path, "ratings", "dataset_meta")
-    row = db.one(con, "dataset_info")
-    if row is None:
-        raise DatabaseError(f"{path}: dataset_meta is empty; run `mfbatch preprocess` again")
-    keys = ("dataset_sha256", "n_users", "n_items", "rating_min", "rating_max", "n_train", "n_val")
-    info = dict(zip(keys, row, strict=True))
-    return info, db.frame(con, "training_ratings")
-
-
-def _refit_config(
-    con: Any, path: Path, info: dict[str, Any], config: TrainConfig
-) -> tuple[TrainConfig, str, int]:
-    if not db.table_exists(con, "training_runs"):
-        raise DatabaseError(
-            f"{path}: --on all refits a validated run, and there is none; run `mfbatch train` first"
-        )
-    row = db.one(con, "latest_validated_run", dataset_sha256=info["dataset_sha256"])
-    if row is None:
-        raise DatabaseError(
-            f"{path}: no validated run on the current dataset to refit; run `mfbatch train` first"
-        )
-    parent, best_epoch, stored = row
+def _refit_config(run: Run, config: TrainConfig) -> TrainConfig:
+    """The validated run's own settings, so the refit differs from it only in its data."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in json.loads(stored)["train"].items() if k in fields}
+    values = {k: v for k, v in run.config["train"].items() if k in fields}
     values.update(on="all", device=config.device, export_dir=config.export_dir)
-    values["export_dir"] = Path(values["export_dir"])
-    return TrainConfig(**values), parent, max(int(best_epoch), 1)
+    return load_config(overrides={"train": values}).train
 
 
 def train(*, config: Config, console: Console | None = None) -> TrainSummary:
@@ -124,15 +103,28 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
     started = time.perf_counter()
     settings = config.train
     device = resolve_device(settings.device)
+    # The run is recorded at the end: a locked or unwritable database is refused now,
+    # not after the training it would throw away.
+    db.check_writable(config.db)
     con = db.connect(config.db, read_only=True)
     try:
-        info, frame = _load(con, config.db)
+        dataset = Dataset.load(con, config.db)
+        frame = db.frame(con, "training_ratings")
         parent: str | None = None
         epochs: int | None = None
         if settings.on == "all":
-            settings, parent, epochs = _refit_config(con, config.db, info, settings)
+            validated = find_run(con, config.db, dataset, role="measure")
+            settings = _refit_config(validated, settings)
+            parent, epochs = validated.run_id, max(validated.best_epoch, 1)
     finally:
         con.close()
+    info: dict[str, Any] = {
+        "dataset_sha256": dataset.sha256,
+        "n_users": dataset.n_users,
+        "n_items": dataset.n_items,
+        "rating_min": dataset.rating_min,
+        "rating_max": dataset.rating_max,
+    }
     if console:
         console.print(f"training on {describe(device)}", highlight=False)
 
@@ -150,7 +142,7 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
         items=_tensor(fit["item_idx"].to_numpy(), device, torch.int64),
         ratings=_tensor(fit["rating_norm"].to_numpy(), device, torch.float32),
     )
-    n_users, n_items = int(info["n_users"]), int(info["n_items"])
+    n_users, n_items = dataset.n_users, dataset.n_items
     val = None
     if settings.on == "train":
         val = _validation(frame, data, n_users, settings, device, info)
@@ -358,7 +350,7 @@ def record_run(
                 n_train=summary.n_train,
                 seconds=summary.seconds,
                 examples_per_second=summary.examples_per_second,
-                export_path=str(summary.export_path),
+                export_path=stored_export_path(summary.export_path, config.db),
             )
             db.run(con, "insert_training_epochs")
     finally:

@@ -74,9 +74,7 @@ class Validation:
     untrained_items: torch.Tensor | None = None  # bool [n_items]
 
     @staticmethod
-    def serving_rules(
-        train_items: torch.Tensor, n_items: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def serving_rules(train_items: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(popularity order, untrained-item mask) from the items of the train split."""
         counts = torch.bincount(train_items, minlength=n_items)
         # Stable sort of -count: ties keep index order, as the SQL baseline's ORDER BY does.
@@ -246,9 +244,7 @@ def rank_metrics(model: MatrixFactorization, val: Validation, k: int) -> tuple[f
         if val.popular is not None and bool(cold.any()):
             fallback = val.popular[: items.shape[1]]
             items[cold] = fallback
-            offered[cold] = (
-                True if val.untrained_items is None else ~val.untrained_items[fallback]
-            )
+            offered[cold] = True if val.untrained_items is None else ~val.untrained_items[fallback]
         relevant = torch.zeros_like(scores, dtype=torch.bool)
         rows, cols = val.val_items.rows_of(users)
         relevant[rows, cols] = True

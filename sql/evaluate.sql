@@ -3,14 +3,6 @@
 -- (the model's recommendations, then the popularity baseline), so one metrics query
 -- serves both and they are measured identically.
 
--- name: run_for_evaluation
-SELECT run_id, export_path, data_seen, dataset_sha256, objective
-FROM training_runs
-WHERE run_id = $run_id;
-
--- name: recommended_runs
-SELECT run_id FROM recommendations GROUP BY run_id ORDER BY max(created_at) DESC;
-
 -- name: val_pairs
 SELECT user_idx, item_idx, rating FROM ratings WHERE split = 'val' ORDER BY user_idx, item_idx;
 
@@ -38,43 +30,37 @@ SELECT
 FROM val_predictions
 WHERE run_id = $run_id;
 
--- name: stage_model_recs
+-- name: create_evaluation_lists
+-- The lists `evaluate` measured, built from the validated run (recommender 'model') and
+-- the popularity baseline, for one K: every figure in `evaluations` is computed from
+-- these rows. `source` says how a user's model list was made ('popularity' for a user
+-- with no train rating).
+CREATE TABLE IF NOT EXISTS evaluation_lists (
+    run_id      VARCHAR NOT NULL,
+    recommender VARCHAR NOT NULL,  -- 'model' | 'popularity'
+    k           INTEGER NOT NULL,
+    user_id     VARCHAR NOT NULL,
+    item_id     VARCHAR NOT NULL,
+    rank        INTEGER NOT NULL,
+    score       DOUBLE  NOT NULL,
+    source      VARCHAR NOT NULL,
+    created_at  TIMESTAMP NOT NULL
+);
+
+-- name: delete_evaluation_lists
+DELETE FROM evaluation_lists WHERE run_id = $run_id AND k = $k;
+
+-- name: insert_evaluation_lists
+INSERT INTO evaluation_lists
+SELECT $run_id, recommender, $k, user_id::VARCHAR, item_id::VARCHAR, rank, score,
+       source::VARCHAR, now()::TIMESTAMP
+FROM staged_lists;
+
+-- name: stage_eval_recs
 CREATE OR REPLACE TEMP TABLE eval_recs AS
 SELECT user_id, item_id, rank
-FROM recommendations
-WHERE run_id = $run_id AND rank <= $k;
-
--- name: stage_popularity_recs
--- The K most-rated train items each user has not rated in train. Only the first
--- K + (most train ratings of any user) items by popularity can make anyone's list.
-CREATE OR REPLACE TEMP TABLE eval_recs AS
-WITH popularity AS (
-    SELECT item_idx, count(*) AS n FROM ratings WHERE split = 'train' GROUP BY item_idx
-),
-widest AS (
-    SELECT coalesce(max(n), 0) AS m
-    FROM (SELECT count(*) AS n FROM ratings WHERE split = 'train' GROUP BY user_idx)
-),
-candidates AS (
-    SELECT item_idx, row_number() OVER (ORDER BY n DESC, item_idx) AS pop_rank
-    FROM popularity
-    QUALIFY pop_rank <= $k + (SELECT m FROM widest)
-),
-ranked AS (
-    SELECT u.user_idx, c.item_idx,
-           row_number() OVER (PARTITION BY u.user_idx ORDER BY c.pop_rank) AS rank
-    FROM users AS u
-    CROSS JOIN candidates AS c
-    WHERE NOT EXISTS (
-        SELECT 1 FROM ratings AS r
-        WHERE r.split = 'train' AND r.user_idx = u.user_idx AND r.item_idx = c.item_idx
-    )
-)
-SELECT u.user_id, i.item_id, ranked.rank
-FROM ranked
-JOIN users AS u USING (user_idx)
-JOIN items AS i USING (item_idx)
-WHERE ranked.rank <= $k;
+FROM evaluation_lists
+WHERE run_id = $run_id AND recommender = $recommender AND k = $k AND rank <= $k;
 
 -- name: ranking_metrics
 -- Averages over users with at least one relevant validation item; users with none are
@@ -110,7 +96,10 @@ per_user AS (
 )
 SELECT
     avg(hits / $k) AS precision,
-    avg(hits / n) AS recall,
+    -- Recall@K as LensKit (with a cutoff) and the EASE / Mult-VAE papers define it: a user
+    -- with more relevant items than K can still reach 1.
+    avg(hits / least(n, $k)) AS recall,
+    avg(hits / n) AS recall_uncapped,
     avg(dcg / ideal.idcg) AS ndcg,
     avg(precision_sum / least(n, $k)) AS map,
     avg(CASE WHEN hits > 0 THEN 1.0 ELSE 0.0 END) AS hit_rate,
@@ -142,8 +131,11 @@ FROM staged_evaluations;
 -- name: user_by_id
 SELECT user_idx, user_id, n_ratings FROM users WHERE user_id = $user_id;
 
+-- name: run_dataset
+SELECT dataset_sha256 FROM training_runs WHERE run_id = $run_id;
+
 -- name: user_recommendations
-SELECT r.rank, r.item_id, i.title, i.genres, r.score, r.predicted_rating
+SELECT r.run_id, r.rank, r.item_id, i.title, i.genres, r.score, r.predicted_rating, r.source
 FROM recommendations AS r
 LEFT JOIN items AS i USING (item_id)
 WHERE r.user_id = $user_id

@@ -1,26 +1,24 @@
 -- Scoring: what `mfbatch score` reads, and the staged swap that publishes its output.
 
--- name: latest_run
-SELECT run_id, export_path, data_seen, dataset_sha256, objective
-FROM training_runs
-WHERE status <> 'diverged'
-ORDER BY finished_at DESC
-LIMIT 1;
-
--- name: run_by_id
-SELECT run_id, export_path, data_seen, dataset_sha256, objective
-FROM training_runs
-WHERE run_id = $run_id;
-
--- name: seen_train
--- Items each user rated in the data a validated run was trained on (the train split).
+-- name: seen_all
+-- Served lists exclude every rated item, whatever split it is in and whatever run serves.
 -- No ORDER BY: preprocess stores ratings by user already; the scorer checks and sorts
 -- only if that ever stops being true.
+SELECT user_idx, item_idx FROM ratings;
+
+-- name: seen_train
+-- What a validated run trained on: the only items `evaluate`'s lists exclude.
 SELECT user_idx, item_idx FROM ratings WHERE split = 'train';
 
--- name: seen_all
--- A refit (--on all) saw every rating, so every rated item is excluded.
-SELECT user_idx, item_idx FROM ratings;
+-- name: trained_counts
+-- Ratings per user and per item in the data a run was fitted on (train, or every split
+-- for a refit): a user with none gets the popularity list, an item with none is never
+-- offered (its vector was never trained).
+SELECT 'user' AS kind, user_idx AS idx, count(*) AS n
+FROM ratings WHERE $all_splits OR split = 'train' GROUP BY user_idx
+UNION ALL
+SELECT 'item' AS kind, item_idx AS idx, count(*) AS n
+FROM ratings WHERE $all_splits OR split = 'train' GROUP BY item_idx;
 
 -- name: user_ids
 SELECT user_idx, user_id FROM users ORDER BY user_idx;
@@ -46,8 +44,20 @@ SELECT
     rank::INTEGER AS rank,
     score::DOUBLE AS score,
     predicted_rating::DOUBLE AS predicted_rating,
+    source::VARCHAR AS source,  -- 'model' | 'popularity' (no rating the run trained on)
     $created_at::TIMESTAMP AS created_at
 FROM spooled_recommendations;
+
+-- name: add_recommendations_source
+-- A table written before `source` existed held model lists only.
+ALTER TABLE recommendations ADD COLUMN IF NOT EXISTS source VARCHAR DEFAULT 'model';
+
+-- name: delete_staged_users_recommendations
+DELETE FROM recommendations
+WHERE user_id IN (SELECT DISTINCT user_id FROM recommendations_staging);
+
+-- name: insert_staged_recommendations
+INSERT INTO recommendations BY NAME SELECT * FROM recommendations_staging;
 
 -- name: drop_recommendations
 DROP TABLE IF EXISTS recommendations;

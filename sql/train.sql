@@ -6,10 +6,6 @@ SELECT user_idx, item_idx, rating_norm, split = 'val' AS is_val
 FROM ratings
 ORDER BY user_idx, item_idx;
 
--- name: dataset_info
-SELECT dataset_sha256, n_users, n_items, rating_min, rating_max, n_train, n_val
-FROM dataset_meta;
-
 -- name: create_training_runs
 CREATE TABLE IF NOT EXISTS training_runs (
     run_id              VARCHAR PRIMARY KEY,
@@ -60,10 +56,3 @@ INSERT INTO training_runs VALUES (
 INSERT INTO training_epochs
 SELECT run_id, epoch, train_loss, val_rmse, val_mae, val_recall, val_ndcg, seconds
 FROM staged_epochs;
-
--- name: latest_validated_run
-SELECT run_id, best_epoch, config
-FROM training_runs
-WHERE dataset_sha256 = $dataset_sha256 AND data_seen = 'train' AND status <> 'diverged'
-ORDER BY finished_at DESC
-LIMIT 1;

@@ -23,7 +23,8 @@ from mfbatch.errors import ConfigError, ModelError
 from mfbatch.export import build_graph, export_model
 from mfbatch.inference import Scorer, SeenItems, _gpu_present
 from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.score import _Inputs, _to_arrow
+from mfbatch.lists import ListBatch, to_arrow
+from mfbatch.score import _with_rating
 
 PROPERTY = settings(
     max_examples=30,
@@ -47,11 +48,16 @@ def _tables(
     return users, items_t
 
 
-def _scorer(folder: Path, users_aug: np.ndarray, items_aug_t: np.ndarray) -> Scorer:
+GRAPHS = ("split", "whole")  # every path that can run on this machine, one oracle
+
+
+def _scorer(
+    folder: Path, users_aug: np.ndarray, items_aug_t: np.ndarray, graph: str = "split"
+) -> Scorer:
     path = folder / "tables.onnx"
     meta = {"n_users": users_aug.shape[0], "n_items": items_aug_t.shape[1]}
     onnx.save_model(build_graph(users_aug, items_aug_t, meta), str(path))
-    return Scorer(path, provider="cpu", threads=1)
+    return Scorer(path, provider="cpu", threads=1, graph=graph)
 
 
 def _seen(per_user: list[list[int]]) -> SeenItems:
@@ -139,8 +145,15 @@ def test_seen_items_csr_layout() -> None:
 
 
 @PROPERTY
-@given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 23), deny=st.floats(0.0, 0.6))
-def test_top_k_equals_a_numpy_argsort(graphs: Path, seed: int, k: int, deny: float) -> None:
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    k=st.integers(1, 23),
+    deny=st.floats(0.0, 0.6),
+    graph=st.sampled_from(GRAPHS),
+)
+def test_top_k_equals_a_numpy_argsort(
+    graphs: Path, seed: int, k: int, deny: float, graph: str
+) -> None:
     rng = np.random.default_rng(seed)
     n_users, n_items = 9, 23
     users_aug, items_aug_t = _tables(rng, n_users, n_items, 5)
@@ -151,18 +164,21 @@ def test_top_k_equals_a_numpy_argsort(graphs: Path, seed: int, k: int, deny: flo
     per_user[0] = list(range(n_items - 2))  # fewer than k candidates for most k
     mask = _mask((rng.random(n_items) >= deny).tolist())
     batch = rng.permutation(n_users)
-    items, scores = _scorer(graphs, users_aug, items_aug_t).top_k(batch, _seen(per_user), mask, k)
+    scorer = _scorer(graphs, users_aug, items_aug_t, graph)
+    assert (scorer.session is not None) == (graph == "whole")
+    items, scores = scorer.top_k(batch, _seen(per_user), mask, k)
     assert items.shape == scores.shape == (n_users, k)
     assert items.dtype == np.int64 and scores.dtype == np.float32
     _assert_top_k_matches(_oracle(users_aug, items_aug_t, batch, per_user, mask), items, scores)
 
 
-def test_top_k_with_an_allow_list_and_seen_items(graphs: Path) -> None:
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_top_k_with_an_allow_list_and_seen_items(graphs: Path, graph: str) -> None:
     rng = np.random.default_rng(7)
     users_aug, items_aug_t = _tables(rng, 4, 10, 4)
     per_user = [[1, 2], [], [0, 5, 6, 7, 8, 9], [3]]
     allowed = [i in (0, 1, 3, 4, 7) for i in range(10)]
-    items, scores = _scorer(graphs, users_aug, items_aug_t).top_k(
+    items, scores = _scorer(graphs, users_aug, items_aug_t, graph).top_k(
         np.arange(4), _seen(per_user), _mask(allowed), 4
     )
     full = _oracle(users_aug, items_aug_t, np.arange(4), per_user, _mask(allowed))
@@ -173,7 +189,8 @@ def test_top_k_with_an_allow_list_and_seen_items(graphs: Path) -> None:
     assert len(finite[1]) == 4 and finite[1] < {0, 1, 3, 4, 7}
 
 
-def test_batch_equals_one_user_at_a_time(graphs: Path) -> None:
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_batch_equals_one_user_at_a_time(graphs: Path, graph: str) -> None:
     rng = np.random.default_rng(11)
     n_users, n_items, k = 20, 31, 8
     users_aug, items_aug_t = _tables(rng, n_users, n_items, 7)
@@ -183,7 +200,7 @@ def test_batch_equals_one_user_at_a_time(graphs: Path) -> None:
     ]
     seen = _seen(per_user)
     mask = _mask((rng.random(n_items) > 0.2).tolist())
-    scorer = _scorer(graphs, users_aug, items_aug_t)
+    scorer = _scorer(graphs, users_aug, items_aug_t, graph)
 
     batch = rng.permutation(n_users)
     items, scores = scorer.top_k(batch, seen, mask, k)
@@ -275,20 +292,19 @@ def test_published_rows_are_unseen_allowed_ranked_and_complete(
     seen = _seen(per_user)
     mask = _mask(allowed)
     users = np.array(problem["batch"], dtype=np.int64)
-    inputs = _Inputs(
-        run_id="run-x",
-        objective=problem["objective"],
-        model_path=folder / "model.onnx",
-        metadata={},
-        seen=seen,
-        user_ids=pa.array([f"user-{u}" for u in range(problem["n_users"])], pa.string()),
-        item_ids=pa.array([f"item-{i}" for i in range(problem["n_items"])], pa.string()),
-        users=users,
-        item_mask=mask,
-    )
     items, scores = scorer.top_k(users, seen, mask, k)
+    lists = ListBatch(users, items, scores, np.ones(len(users), dtype=bool))
     # run_id and created_at are constants the publishing query adds (tested in the CLI tests).
-    table = _to_arrow(inputs, users, items, scores, 1.0, 5.0).to_pylist()
+    table = _with_rating(
+        to_arrow(
+            lists,
+            pa.array([f"user-{u}" for u in range(problem["n_users"])], pa.string()),
+            pa.array([f"item-{i}" for i in range(problem["n_items"])], pa.string()),
+        ),
+        problem["objective"],
+        1.0,
+        5.0,
+    ).to_pylist()
     with torch.no_grad():
         truth = {
             (u, i): float(model(torch.tensor([u]), torch.tensor([i])))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 
@@ -130,30 +132,70 @@ def _as_id(column: pl.Series) -> pl.Series:
     return column.cast(pl.String)
 
 
+# Unix epochs are told apart by magnitude: seconds past 1e11 would be the year 5138, so a
+# larger value is in ms, then us, then ns (1.7e18 ns is 2023). Anything that still lands
+# outside these years is not a time a rating was made.
+_EPOCH_UNITS: tuple[tuple[float, Literal["s", "ms", "us", "ns"]], ...] = (
+    (1e11, "s"),
+    (1e14, "ms"),
+    (1e17, "us"),
+    (float("inf"), "ns"),
+)
+_EARLIEST = datetime(1900, 1, 1)
+_LATEST = datetime(2100, 1, 1)
+
+
 def _as_timestamp(
     frame: pl.DataFrame, source: Path, column: str, where: Callable[[int], str]
 ) -> pl.Series:
     ts = frame["ts"]
+
+    def refuse(row: int, value: object, why: str) -> InputDataError:
+        return InputDataError(f"{source} {where(row)}, column {column}: {value!r} {why}")
+
     if ts.dtype.is_numeric():
-        # Unix seconds, or milliseconds when the values only make sense as such
-        # (seconds past 1e11 would be the year 5138).
-        seconds = (ts.abs().max() or 0) <= 1e11  # type: ignore[operator]
-        return pl.from_epoch(ts.cast(pl.Int64), time_unit="s" if seconds else "ms").alias("ts")
-    if isinstance(ts.dtype, pl.Datetime):
+        if ts.dtype.is_float():
+            odd = frame.filter(~ts.is_finite() & ts.is_not_null())
+            if odd.height:
+                raise refuse(int(odd["__row"][0]), odd["ts"][0], "is not a Unix time")
+        largest = float(ts.abs().max() or 0)  # type: ignore[arg-type]
+        unit = next(u for bound, u in _EPOCH_UNITS if largest <= bound)
+        parsed = pl.from_epoch(ts.cast(pl.Int64), time_unit=unit).cast(pl.Datetime("us"))
+    elif isinstance(ts.dtype, pl.Datetime):
         if ts.dtype.time_zone is not None:
             ts = ts.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
-        return ts.cast(pl.Datetime("us"))
-    if isinstance(ts.dtype, pl.Date):
-        return ts.cast(pl.Datetime("us"))
-    parsed = ts.cast(pl.String).str.to_datetime(strict=False, time_unit="us")
-    bad = frame.filter(parsed.is_null() & ts.is_not_null())
-    if bad.height:
-        raise InputDataError(
-            f"{source} {where(int(bad['__row'][0]))}, column {column}: {bad['ts'][0]!r} is not "
-            "a timestamp (expected Unix seconds or an ISO date-time)"
+        parsed = ts.cast(pl.Datetime("us"))
+    elif isinstance(ts.dtype, pl.Date):
+        parsed = ts.cast(pl.Datetime("us"))
+    else:
+        text = ts.cast(pl.String)
+        try:
+            parsed = text.str.to_datetime(strict=False, time_unit="us")
+        except pl.exceptions.PolarsError:
+            # No date-time format fits the first value, so Polars can't even try the rest.
+            first = frame.filter(ts.is_not_null())
+            raise refuse(
+                int(first["__row"][0]),
+                first["ts"][0],
+                "is not a timestamp (expected Unix seconds/ms/us/ns or an ISO date-time)",
+            ) from None
+        bad = frame.filter(parsed.is_null() & ts.is_not_null())
+        if bad.height:
+            raise refuse(
+                int(bad["__row"][0]),
+                bad["ts"][0],
+                "is not a timestamp (expected Unix seconds/ms/us/ns or an ISO date-time)",
+            )
+        if isinstance(parsed.dtype, pl.Datetime) and parsed.dtype.time_zone is not None:
+            parsed = parsed.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    outside = frame.filter((parsed < _EARLIEST) | (parsed >= _LATEST))
+    if outside.height:
+        raise refuse(
+            int(outside["__row"][0]),
+            outside["ts"][0],
+            f"is outside {_EARLIEST.year}-{_LATEST.year} as a time; give Unix seconds, ms, us "
+            "or ns, or an ISO date-time",
         )
-    if isinstance(parsed.dtype, pl.Datetime) and parsed.dtype.time_zone is not None:
-        parsed = parsed.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
     return parsed.alias("ts")
 
 

@@ -7,6 +7,7 @@ Work on row-sized arrays goes through NumPy / Polars expressions, never per-row 
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 
 import numpy as np
@@ -27,6 +28,11 @@ def infer_scale(
     """The [min, max] the ratings are normalised from: declared, else the observed range."""
     lo_seen, hi_seen = ratings.select(lo=pl.col("rating").min(), hi=pl.col("rating").max()).row(0)
     if declared is None:
+        if not math.isfinite(float(hi_seen) - float(lo_seen)):
+            raise InputDataError(
+                f"{origin}: ratings span [{lo_seen}, {hi_seen}], too wide to scale to [0, 1] "
+                "(max - min is not a finite number); check the rating column"
+            )
         if lo_seen == hi_seen:
             raise InputDataError(
                 f"{origin}: every rating is {lo_seen}, so the rating scale can't be inferred; "

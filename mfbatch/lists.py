@@ -1,0 +1,126 @@
+"""Top-K lists for a set of users: the one way both roles build them.
+
+`score` (serving) and `evaluate` (measuring) differ only in the plan they hand over: which
+ratings are masked, which users count as cold, which popularity the fallback ranks by.
+The lists themselves come from here, so a figure `evaluate` reports describes exactly the
+kind of list `score` serves.
+
+- Users with at least one rating the model trained on go through the compiled graph.
+- Users with none would be scored from an untrained (zeroed) vector: they get the most
+  popular items they have not rated instead, marked `source = 'popularity'`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from mfbatch.inference import Scorer, SeenItems
+
+MODEL = "model"
+POPULARITY = "popularity"
+SOURCES = pa.array([MODEL, POPULARITY])
+
+
+@dataclass(frozen=True)
+class ListPlan:
+    users: np.ndarray  # int64 user_idx to list
+    seen: SeenItems  # per user: items never offered (rated)
+    item_mask: np.ndarray  # float32 [n_items]: 0 offered, -inf never (deny lists, untrained)
+    cold: np.ndarray  # bool [n_users]: no rating the model trained on
+    popularity: np.ndarray  # int64 [n_items]: ratings per item, what the fallback ranks by
+    k: int
+
+
+@dataclass(frozen=True)
+class ListBatch:
+    users: np.ndarray  # [B] user_idx
+    items: np.ndarray  # [B, k] int64
+    scores: np.ndarray  # [B, k] float32, best first; -inf where nothing is left to offer
+    from_model: np.ndarray  # bool [B]
+
+    def empty_users(self) -> np.ndarray:
+        """Users of the batch left with no item at all."""
+        return self.users[~np.isfinite(self.scores).any(axis=1)]
+
+
+def popularity_order(popularity: np.ndarray) -> np.ndarray:
+    """Items by rating count, most first; ties by index (the SQL baseline's ORDER BY)."""
+    return np.lexsort((np.arange(len(popularity)), -popularity))
+
+
+def popularity_top_k(
+    users: np.ndarray,
+    seen: SeenItems,
+    item_mask: np.ndarray,
+    popularity: np.ndarray,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(items, scores = rating counts) of each user's K most popular unrated allowed items."""
+    order = popularity_order(popularity)
+    order = order[(item_mask[order] == 0) & (popularity[order] > 0)]
+    lengths = seen.indptr[users + 1] - seen.indptr[users]
+    # Only the first K + (most items any of these users rated) candidates can make a list.
+    candidates = order[: k + int(lengths.max(initial=0))]
+    position = np.full(len(popularity), -1, dtype=np.int64)
+    position[candidates] = np.arange(len(candidates))
+    taken = np.zeros((len(users), len(candidates)), dtype=bool)
+    pairs = seen.pairs(users)
+    where = position[pairs[:, 1]]
+    hit = where >= 0
+    taken[pairs[hit, 0], where[hit]] = True
+    # Stable: the first K untaken candidates of each row, in popularity order.
+    pick = np.argsort(taken, axis=1, kind="stable")[:, :k]
+    items = np.full((len(users), k), -1, dtype=np.int64)
+    scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+    width = pick.shape[1]
+    offered = ~np.take_along_axis(taken, pick, axis=1)
+    chosen = candidates[pick]
+    items[:, :width] = np.where(offered, chosen, -1)
+    scores[:, :width] = np.where(offered, popularity[chosen].astype(np.float32), -np.inf)
+    return items, scores
+
+
+def build_lists(scorer: Scorer, plan: ListPlan, batch_size: int) -> Iterator[ListBatch]:
+    """The plan's users in batches: the graph for trained users, popularity for cold ones."""
+    k = plan.k
+    for start in range(0, len(plan.users), batch_size):
+        users = plan.users[start : start + batch_size]
+        cold = plan.cold[users]
+        items = np.full((len(users), k), -1, dtype=np.int64)
+        scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+        if not cold.all():
+            warm_items, warm_scores = scorer.top_k(users[~cold], plan.seen, plan.item_mask, k)
+            items[~cold], scores[~cold] = warm_items, warm_scores
+        if cold.any():
+            cold_items, cold_scores = popularity_top_k(
+                users[cold], plan.seen, plan.item_mask, plan.popularity, k
+            )
+            items[cold], scores[cold] = cold_items, cold_scores
+        yield ListBatch(users, items, scores, ~cold)
+
+
+def to_arrow(batch: ListBatch, user_ids: pa.Array, item_ids: pa.Array) -> pa.Table:
+    """A batch's lists as rows with raw ids; slots with nothing left to offer dropped."""
+    k = batch.items.shape[1]
+    valid = np.isfinite(batch.scores)
+    users = np.broadcast_to(batch.users[:, None], batch.items.shape)[valid]
+    ranks = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32)[None, :], batch.items.shape)
+    source = np.broadcast_to(
+        np.where(batch.from_model, 0, 1).astype(np.int8)[:, None], batch.items.shape
+    )
+    return pa.table(
+        {
+            # Dictionary-encoded: indices into the raw-id arrays, no string copied per row.
+            "user_id": pa.DictionaryArray.from_arrays(pa.array(users, pa.int32()), user_ids),
+            "item_id": pa.DictionaryArray.from_arrays(
+                pa.array(batch.items[valid], pa.int32()), item_ids
+            ),
+            "rank": pa.array(ranks[valid]),
+            "score": pa.array(batch.scores[valid].astype(np.float64)),
+            "source": pa.DictionaryArray.from_arrays(pa.array(source[valid]), SOURCES),
+        }
+    )

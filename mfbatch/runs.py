@@ -1,0 +1,204 @@
+"""Runs and dataset identity: the one typed layer every stage asks "which run", "does this
+model belong to this database" and "where are its files".
+
+Two roles, never mixed up:
+- a *validated* run (data_seen 'train') was fitted on the train split and early-stopped on
+  val: it is what `evaluate` measures;
+- a *serving* run is preferably a refit on all ratings (data_seen 'train+val') copying a
+  validated run's settings and epoch count: it is what `score` serves by default.
+
+Export folders are recorded relative to the database's folder when they live under it
+(else absolute), so `score` / `evaluate` / `export` work from any working directory (cron
+starts in the home folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+
+from mfbatch import db
+from mfbatch.errors import ConfigError, DatabaseError, ModelError
+
+Role = Literal["measure", "serve", "any"]
+VALIDATED = "train"
+REFIT = "train+val"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The prepared dataset a database holds, as `dataset_meta` records it."""
+
+    path: Path
+    sha256: str
+    n_users: int
+    n_items: int
+    rating_min: float
+    rating_max: float
+    n_train: int
+    n_val: int
+
+    @staticmethod
+    def load(con: duckdb.DuckDBPyConnection, path: Path) -> Dataset:
+        db.require_tables(con, path, "ratings", "users", "items", "dataset_meta")
+        row = db.record(con, "dataset_identity")
+        if row is None:
+            raise DatabaseError(f"{path}: dataset_meta is empty; run `mfbatch preprocess` again")
+        return Dataset(
+            path=path,
+            sha256=str(row["dataset_sha256"]),
+            n_users=int(row["n_users"]),
+            n_items=int(row["n_items"]),
+            rating_min=float(row["rating_min"]),
+            rating_max=float(row["rating_max"]),
+            n_train=int(row["n_train"]),
+            n_val=int(row["n_val"]),
+        )
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of `training_runs`, with its export folder resolved to a usable path."""
+
+    run_id: str
+    parent_run_id: str | None
+    status: str
+    data_seen: str
+    dataset_sha256: str
+    objective: str
+    best_epoch: int
+    epochs_run: int
+    top_k: int
+    export_path: Path
+    config: dict[str, Any]
+    finished_at: datetime
+
+    @property
+    def validated(self) -> bool:
+        return self.data_seen == VALIDATED
+
+    @property
+    def model_path(self) -> Path:
+        from mfbatch.export import ONNX_FILE
+
+        return self.export_path / ONNX_FILE
+
+    def require_dataset(self, dataset: Dataset) -> None:
+        """The run must have been trained on the data the database holds now."""
+        if self.dataset_sha256 != dataset.sha256:
+            raise ModelError(
+                f"run {self.run_id} was trained on dataset {self.dataset_sha256[:12]}, but "
+                f"{dataset.path} now holds {dataset.sha256[:12]} (re-preprocessed since); "
+                "train again on this database or pass the --db it was trained on"
+            )
+
+    def check_model(self, dataset: Dataset) -> dict[str, Any]:
+        """The exported graph's metadata, after checking it is this run's, for this data."""
+        from mfbatch.export import read_metadata
+
+        self.require_dataset(dataset)
+        metadata = read_metadata(self.model_path)
+        if metadata.get("run_id") != self.run_id:
+            raise ModelError(
+                f"{self.model_path} belongs to run {metadata.get('run_id')!r}, not "
+                f"{self.run_id!r}; run `mfbatch export --run-id {self.run_id}` to rebuild it"
+            )
+        if metadata.get("dataset_sha256") != dataset.sha256:
+            raise ModelError(
+                f"{self.model_path} was exported for dataset "
+                f"{str(metadata.get('dataset_sha256'))[:12]}, but {dataset.path} holds "
+                f"{dataset.sha256[:12]}; train again on this database"
+            )
+        shape = (metadata.get("n_users"), metadata.get("n_items"))
+        if shape != (dataset.n_users, dataset.n_items):
+            raise ModelError(
+                f"{self.model_path} covers {shape[0]} users x {shape[1]} items but "
+                f"{dataset.path} has {dataset.n_users} x {dataset.n_items}; train again"
+            )
+        return metadata
+
+
+def stored_export_path(folder: Path, db_path: Path) -> str:
+    """How a run's folder is recorded: relative to the database's folder when under it."""
+    absolute = Path(os.path.abspath(folder))
+    base = Path(os.path.abspath(db_path)).parent
+    try:
+        return absolute.relative_to(base).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
+def resolve_export_path(stored: str, db_path: Path) -> Path:
+    path = Path(stored)
+    if path.is_absolute():
+        return path
+    return Path(os.path.abspath(db_path)).parent / path
+
+
+def _run(row: dict[str, Any], db_path: Path) -> Run:
+    return Run(
+        run_id=str(row["run_id"]),
+        parent_run_id=row["parent_run_id"],
+        status=str(row["status"]),
+        data_seen=str(row["data_seen"]),
+        dataset_sha256=str(row["dataset_sha256"]),
+        objective=str(row["objective"]),
+        best_epoch=int(row["best_epoch"]),
+        epochs_run=int(row["epochs_run"]),
+        top_k=int(row["top_k"]),
+        export_path=resolve_export_path(str(row["export_path"]), db_path),
+        config=json.loads(row["config"]) if isinstance(row["config"], str) else row["config"],
+        finished_at=row["finished_at"],
+    )
+
+
+def find_run(
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    dataset: Dataset,
+    run_id: str = "latest",
+    *,
+    role: Role,
+) -> Run:
+    """The run a command works with.
+
+    'latest' means, by role: `measure`, the newest validated run on the current data;
+    `serve`, the newest refit on the current data, else the newest validated run;
+    `any`, the newest usable run.
+    """
+    if not db.table_exists(con, "training_runs"):
+        raise DatabaseError(f"{path} has no training runs; run `mfbatch train` first")
+    if run_id != "latest":
+        row = db.record(con, "run_by_id", run_id=run_id)
+        if row is None:
+            raise ConfigError(f"--run-id: no run {run_id!r} in {path}; see `training_runs`")
+        run = _run(row, path)
+        if run.status == "diverged":
+            raise ModelError(f"run {run_id} diverged in training; train again")
+        if role == "measure" and not run.validated:
+            parent = f" ({run.parent_run_id})" if run.parent_run_id else ""
+            raise ModelError(
+                f"run {run_id} was refit on train+val, so the validation split says nothing "
+                f"about it; evaluate the validated run it was refit from{parent}"
+            )
+        return run
+    runs = [_run(r, path) for r in db.records(con, "newest_runs")]
+    if role != "any":
+        runs = [r for r in runs if r.dataset_sha256 == dataset.sha256]
+    if role == "measure":
+        runs = [r for r in runs if r.validated]
+    elif role == "serve":
+        runs = sorted(runs, key=lambda r: r.validated)  # refits first, newest first within
+    if not runs:
+        what = "validated " if role == "measure" else ""
+        raise DatabaseError(
+            f"{path} has no usable {what}training run on its current data; "
+            "run `mfbatch train` first"
+        )
+    return runs[0]
