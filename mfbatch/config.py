@@ -362,7 +362,10 @@ def _expect(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type[Any], values: Mapping[str, Any], where: str) -> Any:
+def _build(
+    cls: type[Any], values: Mapping[str, Any], where: str, flags: frozenset[str] = frozenset()
+) -> Any:
+    """`flags` are the keys that came from the command line: errors name them as flags."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -370,8 +373,18 @@ def _build(cls: type[Any], values: Mapping[str, Any], where: str) -> Any:
             f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
         )
     hints = get_type_hints(cls)
+    for name in flags:
+        # A command-line choice is checked by the section itself, whose message names the
+        # flag as typed (--split, not the field `kind`).
+        if get_origin(hints[name]) is Literal:
+            hints[name] = str
     converted = {
-        name: _expect(value, hints[name], f"{where} {name}") for name, value in values.items()
+        name: _expect(
+            value,
+            hints[name],
+            "--" + name.replace("_", "-") if name in flags else f"{where} {name}",
+        )
+        for name, value in values.items()
     }
     try:
         return cls(**converted)
@@ -411,9 +424,9 @@ def load_config(
                 f"{path}: {name} must be a table ([{name}] then key = value lines), got {table!r}"
             )
         values = dict(table)
-        for key, value in (overrides or {}).get(name, {}).items():
-            if value is not None:
-                values[key] = value
-        sections[name] = _build(cls, values, f"[{name}]" if path is None else f"{path} [{name}]")
+        flags = {k: v for k, v in (overrides or {}).get(name, {}).items() if v is not None}
+        values.update(flags)
+        where = f"[{name}]" if path is None else f"{path} [{name}]"
+        sections[name] = _build(cls, values, where, frozenset(flags))
     stored = _expect(raw.get("db", str(DEFAULT_DB)), Path, f"{path} db")
     return Config(db=db if db is not None else stored, **sections)

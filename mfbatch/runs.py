@@ -188,9 +188,10 @@ def find_run(
                 f"about it; evaluate the validated run it was refit from{parent}"
             )
         return run
-    runs = [_run(r, path) for r in db.records(con, "newest_runs")]
-    if role != "any":
-        runs = [r for r in runs if r.dataset_sha256 == dataset.sha256]
+    every = [_run(r, path) for r in db.records(con, "newest_runs")]
+    runs = every if role == "any" else [r for r in every if r.dataset_sha256 == dataset.sha256]
+    if every and not runs:
+        every[0].require_dataset(dataset)  # says the data changed, and what to do
     if role == "measure":
         runs = [r for r in runs if r.validated]
     elif role == "serve":

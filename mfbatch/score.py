@@ -208,10 +208,11 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         if console:
             console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     if console:
-        kind = "refit on train+val" if not run.validated else "validated run (no refit yet)"
+        kind = "refit on train+val" if not run.validated else "validated on train, no refit yet"
         console.print(
             f"serving run {run.run_id} ({kind}) with ONNX Runtime on {scorer.provider}",
             highlight=False,
+            soft_wrap=True,
         )
     n_items = inputs.dataset.n_items
     batch = settings.batch_size or scorer.auto_batch_size(n_items, settings.memory_mb)

@@ -304,6 +304,7 @@ def train_model(
         started = time.perf_counter()
         on_batch = on_epoch_start(epoch, len(data)) if on_epoch_start else None
         loss = train_epoch(model, optimizers, data, config, generator, on_batch)
+        zero_untrained(model, data)
         for scheduler in schedulers:
             scheduler.step()
         if not math.isfinite(loss) or not _finite(model):
@@ -324,14 +325,14 @@ def train_model(
                 outcome.status = "early_stopped"
                 break
     model.load_state_dict(best_state)
-    zero_untrained(model, data)
     model.eval()
     return outcome
 
 
 @torch.no_grad()
 def zero_untrained(model: MatrixFactorization, data: Interactions) -> None:
-    """Rows no rating reached keep their random start: zero them so no export holds noise."""
+    """Rows no rating reached hold their random start (or only a push down as sampled
+    negatives): zeroed, so neither validation nor the export scores from noise."""
     for table, bias, index in (
         (model.user_emb, model.user_bias, data.users),
         (model.item_emb, model.item_bias, data.items),

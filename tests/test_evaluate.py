@@ -6,14 +6,18 @@ The metrics, as sql/evaluate.sql computes them and as the hand arithmetic below 
 - users with no relevant item are left out of every average and counted
   (users_without_relevant); a user with relevant items but no list counts with zeros;
 - a hit is a recommended item at rank <= K that is relevant;
-- Precision@K = hits / K;  Recall@K = hits / |relevant|;
+- Precision@K = hits / K;  Recall@K = hits / min(|relevant|, K) (LensKit with a cutoff,
+  the EASE / Mult-VAE papers);  recall_uncapped = hits / |relevant|;
 - NDCG@K = sum over hits of 1/log2(rank + 1), divided by the ideal DCG of min(|relevant|, K)
   hits (1 + 1/log2(3) + ... for that many ranks);
 - MAP@K = (sum over hits at rank r of hits-so-far / r) / min(|relevant|, K);
 - HitRate@K = share of (evaluated) users with at least one hit;
 - coverage = distinct items in anyone's top K / catalogue size;
 - popularity baseline: for each user the K most-rated train items they did not rate in
-  train, ties broken by item_idx.
+  train, ties broken by item_idx (built in Python by mfbatch.lists, like every list).
+
+`evaluate` never reads `recommendations`: it builds the validated run's lists itself and
+keeps them in `evaluation_lists`, so the figures are checked here against those rows.
 
 The hand-made databases are real DuckDB files built with the project's own create_* and
 insert_* queries, so the SQL under test reads exactly the schema the pipeline writes.
@@ -40,8 +44,12 @@ from typer.testing import CliRunner
 
 from mfbatch import db
 from mfbatch.cli import app
-from mfbatch.evaluate import _ranking, evaluate
+from mfbatch.config import load_config
+from mfbatch.evaluate import Evaluation, _ranking
+from mfbatch.evaluate import evaluate as run_evaluate
 from mfbatch.export import ONNX_FILE, build_graph, load_model
+from mfbatch.inference import SeenItems
+from mfbatch.lists import popularity_top_k
 
 UserError = Callable[..., str]
 CONFIG_ERROR, DATABASE_ERROR, MODEL_ERROR = 2, 4, 5
@@ -80,6 +88,19 @@ def ok(outcome: Outcome) -> Outcome:
 def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
     with duckdb.connect(str(path), read_only=True) as con:
         return con.execute(sql).fetchall()
+
+
+def evaluate(
+    *, db_path: Path, k: int = 20, min_rating: float | None = None, run_id: str = "latest"
+) -> Evaluation:
+    config = load_config(
+        db=db_path,
+        overrides={
+            "evaluate": {"top_k": k, "min_rating": min_rating, "run_id": run_id},
+            "score": {"provider": "cpu", "threads": 1},
+        },
+    )
+    return run_evaluate(config=config)
 
 
 def tables(path: Path) -> set[str]:
@@ -212,7 +233,17 @@ def build_db(
             users_aug = np.tile(np.array([1.0, 0.5], dtype=np.float32), (n_users, 1))
             items_aug_t = np.stack([bias, np.ones(n_items)]).astype(np.float32)
             onnx.save_model(
-                build_graph(users_aug, items_aug_t, {"run_id": RUN_ID}), str(folder / ONNX_FILE)
+                build_graph(
+                    users_aug,
+                    items_aug_t,
+                    {
+                        "run_id": RUN_ID,
+                        "dataset_sha256": run_sha,
+                        "n_users": n_users,
+                        "n_items": n_items,
+                    },
+                ),
+                str(folder / ONNX_FILE),
             )
             db.run(con, "create_training_runs")
             db.run(
@@ -239,12 +270,12 @@ def build_db(
                 n_train=train.height,
                 seconds=0.0,
                 examples_per_second=0.0,
-                export_path=str(folder),
+                export_path=str(folder.relative_to(path.parent)),
             )
         if recs is not None:
             spooled = pl.DataFrame(
                 [
-                    (user, item, rank, 1.0 / rank, 3.0)
+                    (user, item, rank, 1.0 / rank, 3.0, "model")
                     for user, listed in recs.items()
                     for rank, item in enumerate(listed, start=1)
                 ],
@@ -254,6 +285,7 @@ def build_db(
                     "rank": pl.Int32,
                     "score": pl.Float64,
                     "predicted_rating": pl.Float64,
+                    "source": pl.String,
                 },
                 orient="row",
             )
@@ -310,7 +342,8 @@ IDCG1, IDCG2, IDCG3 = 1.0, 1.0 + L3, 1.0 + L3 + 0.5
 #   top-3 items: i1 i5 i3 | i3 i6 i5 | i2 i3 i4 | i1 i4 i7 -> 7 distinct of 10
 MODEL_K3 = {
     "precision": (2 / 3 + 1 / 3 + 0 + 1 / 3) / 4,  # = 1/3
-    "recall": (2 / 4 + 1 / 1 + 0 + 1 / 2) / 4,  # = 1/2
+    "recall": (2 / 3 + 1 / 1 + 0 + 1 / 2) / 4,  # u1: 2 hits of min(4, K) = 3 -> 13/24
+    "recall_uncapped": (2 / 4 + 1 / 1 + 0 + 1 / 2) / 4,  # = 1/2
     "ndcg": ((1 + 0.5) / IDCG3 + L3 / IDCG1 + 0 + 0.5 / IDCG2) / 4,
     "map": ((1 + 2 / 3) / 3 + (1 / 2) / 1 + 0 + (1 / 3) / 2) / 4,  # = 11/36
     "hit_rate": 3 / 4,
@@ -335,7 +368,8 @@ POPULAR_K3 = {
 }
 BASELINE_K3 = {
     "precision": (3 / 3 + 1 / 3 + 1 / 3 + 0) / 4,  # = 5/12
-    "recall": (3 / 4 + 1 / 1 + 1 / 2 + 0) / 4,  # = 9/16
+    "recall": (3 / 3 + 1 / 1 + 1 / 2 + 0) / 4,  # = 5/8
+    "recall_uncapped": (3 / 4 + 1 / 1 + 1 / 2 + 0) / 4,  # = 9/16
     "ndcg": (IDCG3 / IDCG3 + 1 / IDCG1 + L3 / IDCG2 + 0) / 4,
     "map": ((1 / 1 + 2 / 2 + 3 / 3) / 3 + 1 / 1 + (1 / 2) / 2 + 0) / 4,  # = 9/16
     "hit_rate": 3 / 4,
@@ -350,6 +384,7 @@ BASELINE_K3 = {
 MODEL_K3_MIN4 = {
     "precision": (1 / 3 + 0) / 2,
     "recall": (1 / 3 + 0) / 2,
+    "recall_uncapped": (1 / 3 + 0) / 2,
     "ndcg": (1 / IDCG3 + 0) / 2,
     "map": ((1 / 1) / 3 + 0) / 2,
     "hit_rate": 1 / 2,
@@ -360,6 +395,7 @@ MODEL_K3_MIN4 = {
 BASELINE_K3_MIN4 = {
     "precision": (2 / 3 + 0) / 2,
     "recall": (2 / 3 + 0) / 2,
+    "recall_uncapped": (2 / 3 + 0) / 2,
     "ndcg": ((1 + L3) / IDCG3 + 0) / 2,
     "map": ((1 / 1 + 2 / 2) / 3 + 0) / 2,
     "hit_rate": 1 / 2,
@@ -404,6 +440,79 @@ def hand_db(tmp_path: Path, recs: Mapping[str, Sequence[str]] | None = RECS, **k
     return build_db(tmp_path / "hand.duckdb", hand_dataset(), recs, item_bias=ITEM_BIAS, **kw)
 
 
+def stage(
+    con: duckdb.DuckDBPyConnection,
+    lists: Mapping[str, Sequence[str]],
+    k: int,
+    recommender: str = "model",
+) -> None:
+    """Put hand-made lists where `evaluate` keeps its own, and stage them for the metrics."""
+    frame = pl.DataFrame(
+        [
+            (user, item, rank, 1.0 / rank, "model", recommender)
+            for user, listed in lists.items()
+            for rank, item in enumerate(listed, start=1)
+        ],
+        schema={
+            "user_id": pl.String,
+            "item_id": pl.String,
+            "rank": pl.Int32,
+            "score": pl.Float64,
+            "source": pl.String,
+            "recommender": pl.String,
+        },
+        orient="row",
+    )
+    con.register("staged_lists", frame.to_arrow())
+    db.run(con, "create_evaluation_lists")
+    db.run(con, "delete_evaluation_lists", run_id=RUN_ID, k=k)
+    db.run(con, "insert_evaluation_lists", run_id=RUN_ID, k=k)
+    db.run(con, "stage_eval_recs", run_id=RUN_ID, recommender=recommender, k=k)
+
+
+def python_popularity(data: Dataset, k: int) -> dict[str, list[str]]:
+    """The popularity lists mfbatch.lists builds, for every user, as raw ids."""
+    train = [(u, i) for u, i, _, split in data.ratings if split == "train"]
+    seen = SeenItems.from_pairs(
+        np.array([u for u, _ in train]), np.array([i for _, i in train]), len(data.users)
+    )
+    counts = np.bincount([i for _, i in train], minlength=len(data.items))
+    users = np.arange(len(data.users))
+    mask = np.zeros(len(data.items), dtype=np.float32)
+    items, scores = popularity_top_k(users, seen, mask, counts, k)
+    return {
+        data.users[u]: [data.items[i] for i, s in zip(items[u], scores[u], strict=True) if s > -1]
+        for u in users
+    }
+
+
+def stored_lists(path: Path, recommender: str, k: int) -> dict[str, list[str]]:
+    lists: dict[str, list[str]] = {}
+    for user, item in rows(
+        path,
+        f"SELECT user_id, item_id FROM evaluation_lists WHERE recommender = '{recommender}' "
+        f"AND k = {k} ORDER BY user_id, rank",
+    ):
+        lists.setdefault(user, []).append(item)
+    return lists
+
+
+def audit(path: Path, data: Dataset, k: int, min_rating: float = 1.0) -> dict[str, Any]:
+    """The model's and the baseline's figures, recomputed in numpy from evaluation_lists."""
+    relevant = np.zeros((len(data.users), len(data.items)), dtype=bool)
+    for u, i, stars, split in data.ratings:
+        relevant[u, i] = split == "val" and stars >= min_rating
+    item_idx = {item: n for n, item in enumerate(data.items)}
+    out = {}
+    for name in ("model", "popularity"):
+        lists = stored_lists(path, name, k)
+        out[name] = reference_metrics(
+            relevant, [[item_idx[i] for i in lists.get(u, [])] for u in data.users], k
+        )
+        # Lists are for users with validation ratings only, so coverage is over those.
+    return out
+
+
 def staged_lists(con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:
     lists: dict[str, list[str]] = {}
     for user, item, _ in con.execute(
@@ -416,18 +525,19 @@ def staged_lists(con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:
 def test_ranking_metrics_by_hand(tmp_path: Path) -> None:
     path = hand_db(tmp_path)
     with duckdb.connect(str(path)) as con:
-        db.run(con, "stage_model_recs", run_id=RUN_ID, k=K)
-        # stage_model_recs keeps ranks <= K: u1's i9 at rank 4 is gone.
+        stage(con, RECS, K)
+        # Only ranks <= K are judged: u1's i9 at rank 4 is gone.
         assert staged_lists(con) == {u: listed[:K] for u, listed in RECS.items()}
         model = _ranking(con, K, 1.0)
-        db.run(con, "stage_popularity_recs", k=K)
-        assert staged_lists(con) == POPULAR_K3
+        stage(con, POPULAR_K3, K, "popularity")
         baseline = _ranking(con, K, 1.0)
+    assert python_popularity(hand_dataset(), K) == POPULAR_K3
     assert model == pytest.approx(MODEL_K3, rel=1e-12)
     assert baseline == pytest.approx(BASELINE_K3, rel=1e-12)
     # The closed forms of the comments above.
     assert model["precision"] == pytest.approx(1 / 3)
-    assert model["recall"] == pytest.approx(1 / 2)
+    assert model["recall"] == pytest.approx(13 / 24)
+    assert model["recall_uncapped"] == pytest.approx(1 / 2)
     assert model["map"] == pytest.approx(11 / 36)
     assert baseline["precision"] == pytest.approx(5 / 12)
     assert baseline["map"] == pytest.approx(9 / 16)
@@ -436,37 +546,74 @@ def test_ranking_metrics_by_hand(tmp_path: Path) -> None:
 def test_min_rating_narrows_what_is_relevant(tmp_path: Path) -> None:
     path = hand_db(tmp_path)
     with duckdb.connect(str(path)) as con:
-        db.run(con, "stage_model_recs", run_id=RUN_ID, k=K)
+        stage(con, RECS, K)
         model = _ranking(con, K, 4.0)
-        db.run(con, "stage_popularity_recs", k=K)
+        stage(con, POPULAR_K3, K, "popularity")
         baseline = _ranking(con, K, 4.0)
     assert model == pytest.approx(MODEL_K3_MIN4, rel=1e-12)
     assert baseline == pytest.approx(BASELINE_K3_MIN4, rel=1e-12)
 
 
-def test_popularity_lists_by_hand_at_k5(tmp_path: Path) -> None:
+def test_popularity_lists_by_hand_at_k5() -> None:
     """K = 5: the candidates are the first 5 + 3 = 8 popular items, every item with a train
     rating (i1 i4 i6 i10 i2 i3 i7 i8); each user's list skips what they rated in train."""
-    path = hand_db(tmp_path)
-    with duckdb.connect(str(path)) as con:
-        db.run(con, "stage_popularity_recs", k=5)
-        assert staged_lists(con) == {
-            "u1": ["i1", "i2", "i3", "i7", "i8"],  # rated i4 i6 i10
-            "u2": ["i6", "i10", "i2", "i3", "i8"],  # rated i1 i4 i7
-            "u3": ["i4", "i10", "i2", "i3", "i7"],  # rated i1 i6 i8
-            "u4": ["i10", "i2", "i3", "i7", "i8"],  # rated i1 i4 i6
-            "u5": ["i1", "i4", "i6", "i7", "i8"],  # rated i3 i2 i10
-        }
-        ranks = con.execute("SELECT DISTINCT rank FROM eval_recs ORDER BY rank").fetchall()
-    assert [r for (r,) in ranks] == [1, 2, 3, 4, 5]
+    assert python_popularity(hand_dataset(), 5) == {
+        "u1": ["i1", "i2", "i3", "i7", "i8"],  # rated i4 i6 i10
+        "u2": ["i6", "i10", "i2", "i3", "i8"],  # rated i1 i4 i7
+        "u3": ["i4", "i10", "i2", "i3", "i7"],  # rated i1 i6 i8
+        "u4": ["i10", "i2", "i3", "i7", "i8"],  # rated i1 i4 i6
+        "u5": ["i1", "i4", "i6", "i7", "i8"],  # rated i3 i2 i10
+    }
+
+
+# What `evaluate` itself lists from the hand model: it predicts 0.5 + b_i for everyone,
+# so every candidate ties at 0.5 except i8 (-0.5); ONNX TopK breaks ties by the lower
+# index. Items with no train rating (i5, i9) are never offered; u3 has no validation
+# rating and gets no list. Candidates in order: i1 i2 i3 i4 i6 i7 i10 | i8.
+MODEL_LISTS_K3 = {
+    "u1": ["i1", "i2", "i3"],  # rated i4 i6 i10; hits at 1, 2, 3 of |rel| 4
+    "u2": ["i2", "i3", "i6"],  # rated i1 i4 i7; hit at 3 (i6) of |rel| 1
+    "u4": ["i2", "i3", "i7"],  # rated i1 i4 i6; hit at 1 (i2) of |rel| 2
+    "u5": ["i1", "i4", "i6"],  # rated i2 i3 i10; no hit of |rel| 2
+}
+EVAL_K3 = {
+    "precision": (3 / 3 + 1 / 3 + 1 / 3 + 0) / 4,
+    "recall": (3 / 3 + 1 / 1 + 1 / 2 + 0) / 4,
+    "recall_uncapped": (3 / 4 + 1 / 1 + 1 / 2 + 0) / 4,
+    "ndcg": (IDCG3 / IDCG3 + 0.5 / IDCG1 + 1 / IDCG2 + 0) / 4,
+    "map": ((1 + 2 / 2 + 3 / 3) / 3 + (1 / 3) / 1 + (1 / 1) / 2 + 0) / 4,
+    "hit_rate": 3 / 4,
+    "coverage": 6 / 10,  # i1 i2 i3 i4 i6 i7
+    "users_evaluated": 4,
+    "users_without_relevant": 1,
+}
+# --min-rating 4: relevant u1 {i1, i2, i9}, u5 {i5}: u1 hits at 1 and 2 of 3; u5 none.
+EVAL_K3_MIN4 = {
+    "precision": (2 / 3 + 0) / 2,
+    "recall": (2 / 3 + 0) / 2,
+    "recall_uncapped": (2 / 3 + 0) / 2,
+    "ndcg": ((1 + L3) / IDCG3 + 0) / 2,
+    "map": ((1 / 1 + 2 / 2) / 3 + 0) / 2,
+    "hit_rate": 1 / 2,
+    "coverage": 6 / 10,
+    "users_evaluated": 2,
+    "users_without_relevant": 3,
+}
+POPULAR_EVALUATED_K3 = {u: listed for u, listed in POPULAR_K3.items() if u != "u3"}
 
 
 def test_evaluate_whole_by_hand(tmp_path: Path) -> None:
     path = hand_db(tmp_path)
     result = evaluate(db_path=path, k=K)
     assert result.run_id == RUN_ID and result.k == K and result.min_rating is None
-    assert result.model == pytest.approx({**RATING_K3, **MODEL_K3}, rel=1e-12)
+    assert stored_lists(path, "model", K) == MODEL_LISTS_K3
+    assert stored_lists(path, "popularity", K) == POPULAR_EVALUATED_K3
+    assert result.model == pytest.approx({**RATING_K3, **EVAL_K3}, rel=1e-12)
     assert result.baseline == pytest.approx(BASELINE_K3, rel=1e-12)
+    # Every figure can be audited from the rows evaluate kept.
+    audited = audit(path, hand_dataset(), K)
+    assert audited["model"] == pytest.approx(EVAL_K3, rel=1e-12)
+    assert audited["popularity"] == pytest.approx(BASELINE_K3, rel=1e-12)
     stored = rows(
         path,
         "SELECT run_id, user_idx, item_idx, rating, predicted_rating FROM val_predictions "
@@ -477,17 +624,28 @@ def test_evaluate_whole_by_hand(tmp_path: Path) -> None:
 
     with_min = evaluate(db_path=path, k=K, min_rating=4.0)
     assert with_min.min_rating == 4.0
-    assert with_min.model == pytest.approx({**RATING_K3, **MODEL_K3_MIN4}, rel=1e-12)
+    assert with_min.model == pytest.approx({**RATING_K3, **EVAL_K3_MIN4}, rel=1e-12)
     assert with_min.baseline == pytest.approx(BASELINE_K3_MIN4, rel=1e-12)
+
+
+def test_evaluate_never_reads_the_served_table(tmp_path: Path) -> None:
+    """No recommendations at all, or served lists of another K and run: same figures."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    without = evaluate(db_path=hand_db(tmp_path / "a", recs=None), k=K)
+    served = {u: ["i5", "i9", "i8", "i7", "i6"] for u in USERS}  # K=5, nothing like the model
+    with_served = evaluate(db_path=hand_db(tmp_path / "b", recs=served), k=K)
+    assert without.model == pytest.approx(with_served.model, rel=1e-12)
+    assert without.model == pytest.approx({**RATING_K3, **EVAL_K3}, rel=1e-12)
 
 
 def test_ranking_objective_reports_no_rating_metrics(tmp_path: Path) -> None:
     path = hand_db(tmp_path, objective="ranking")
     result = evaluate(db_path=path, k=K)
     assert "rmse" not in result.model and "mae" not in result.model
-    assert result.model == pytest.approx(MODEL_K3, rel=1e-12)
+    assert result.model == pytest.approx(EVAL_K3, rel=1e-12)
     metrics = rows(path, "SELECT metric FROM evaluations")
-    assert {m for (m,) in metrics} == set(MODEL_K3)
+    assert {m for (m,) in metrics} == set(EVAL_K3)
 
 
 # --- the CLI on the hand-made case ---------------------------------------------------------
@@ -506,7 +664,7 @@ def test_json_output_matches_the_table(tmp_path: Path) -> None:
     out = ok(cli("evaluate", "--db", path, "--top-k", "3", "--min-rating", "4", "--json"))
     report = json.loads(out.stdout)
     assert report["run_id"] == RUN_ID and report["k"] == 3 and report["min_rating"] == 4.0
-    assert report["model"] == pytest.approx({**RATING_K3, **MODEL_K3_MIN4}, rel=1e-12)
+    assert report["model"] == pytest.approx({**RATING_K3, **EVAL_K3_MIN4}, rel=1e-12)
     assert report["popularity"] == pytest.approx(BASELINE_K3_MIN4, rel=1e-12)
     stored = evaluations(path)
     assert len(stored) == len(report["model"])
@@ -525,12 +683,12 @@ def test_table_output(tmp_path: Path) -> None:
     for name in ("rmse", "mae", "precision@3", "recall@3", "ndcg@3", "map@3", "hit_rate@3"):
         assert name in out.stdout, out.stdout
     assert "popularity" in out.stdout and f"run {RUN_ID}, K=3" in out.stdout
-    # recall 1/2 against the baseline's 9/16: a lift of 0.89
-    recall_line = next(line for line in out.stdout.splitlines() if "recall@3" in line)
-    assert "0.5000" in recall_line and "0.5625" in recall_line and "0.89x" in recall_line
+    # recall 5/8 against the baseline's 5/8: a lift of 1.00
+    recall_line = next(line for line in out.stdout.splitlines() if "recall@3 " in line)
+    assert recall_line.count("0.6250") == 2 and "1.00x" in recall_line
     assert out.stdout.rstrip().splitlines()[-1] == (
-        f"evaluated run {RUN_ID}: Recall@3 0.5000 (0.89x popularity), "
-        f"NDCG@3 {MODEL_K3['ndcg']:.4f}, RMSE {RATING_K3['rmse']:.4f} over 4 users"
+        f"evaluated run {RUN_ID}: Recall@3 0.6250 (1.00x popularity), "
+        f"NDCG@3 {EVAL_K3['ndcg']:.4f}, RMSE {RATING_K3['rmse']:.4f} over 4 users"
     )
 
 
@@ -539,7 +697,7 @@ def test_rerunning_replaces_rows(tmp_path: Path) -> None:
     first = evaluate(db_path=path, k=K)
     evaluate(db_path=path, k=K)
     stored = evaluations(path)
-    assert len(stored) == len(first.rows()) == 2 + 8  # rmse, mae; 6 ranking metrics, 2 counts
+    assert len(stored) == len(first.rows()) == 2 + 9  # rmse, mae; 7 ranking metrics, 2 counts
     assert len({(metric, k) for _, metric, k, *_ in stored}) == len(stored)
     # approx: DuckDB's parallel avg() may sum in another order from one run to the next.
     assert {row[1]: row[3] for row in stored} == pytest.approx(first.model, rel=1e-12)
@@ -550,11 +708,21 @@ def test_rerunning_replaces_rows(tmp_path: Path) -> None:
     # Another K adds its own rows; the rating metrics (no K) are replaced, not repeated.
     evaluate(db_path=path, k=5)
     ks = rows(path, "SELECT k, count(*) FROM evaluations GROUP BY k ORDER BY k NULLS FIRST")
-    assert ks == [(None, 2), (3, 8), (5, 8)]
+    assert ks == [(None, 2), (3, 9), (5, 9)]
     # And a new threshold at the same K replaces that K's rows.
     evaluate(db_path=path, k=K, min_rating=4.0)
-    assert rows(path, "SELECT count(*) FROM evaluations WHERE k = 3 AND min_rating = 4")[0][0] == 8
-    assert rows(path, "SELECT count(*) FROM evaluations")[0][0] == 18
+    assert rows(path, "SELECT count(*) FROM evaluations WHERE k = 3 AND min_rating = 4")[0][0] == 9
+    assert rows(path, "SELECT count(*) FROM evaluations")[0][0] == 20
+    # The lists behind each K are kept once per (run, K), beside their baseline's.
+    listed = rows(
+        path, "SELECT k, recommender, count(DISTINCT user_id) FROM evaluation_lists GROUP BY ALL"
+    )
+    assert sorted(listed) == [
+        (3, "model", 4),
+        (3, "popularity", 4),
+        (5, "model", 4),
+        (5, "popularity", 4),
+    ]
     # val_predictions: one row per validation pair, however often it runs.
     assert rows(path, "SELECT count(*) FROM val_predictions")[0][0] == len(VAL_PREDICTIONS)
 
@@ -588,17 +756,10 @@ def test_recommend_prints_titles_and_top_rated(tmp_path: Path) -> None:
 # --- bad input -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recs", [None, {}], ids=["no-table", "empty-table"])
-def test_no_recommendations_yet(tmp_path: Path, user_error: UserError, recs: Any) -> None:
-    path = hand_db(tmp_path, recs=recs)
-    user_error(cli("evaluate", "--db", path), DATABASE_ERROR, "`mfbatch score`")
-    assert "evaluations" not in tables(path) and "val_predictions" not in tables(path)
-
-
 def test_unknown_run_id(tmp_path: Path, user_error: UserError) -> None:
     path = hand_db(tmp_path)
     message = user_error(cli("evaluate", "--db", path, "--run-id", "nope"), CONFIG_ERROR, "'nope'")
-    assert "--run-id" in message and "mfbatch score --run-id nope" in message
+    assert "--run-id" in message
     assert "evaluations" not in tables(path)
 
 
@@ -621,7 +782,7 @@ def test_missing_model_file(tmp_path: Path, user_error: UserError) -> None:
 
 def test_run_trained_on_other_data(tmp_path: Path, user_error: UserError) -> None:
     path = hand_db(tmp_path, run_sha="sha-of-some-other-dataset")
-    user_error(cli("evaluate", "--db", path), MODEL_ERROR, "another dataset")
+    user_error(cli("evaluate", "--db", path), MODEL_ERROR, "was trained on dataset", "train")
 
 
 def test_recommend_unknown_user(tmp_path: Path, user_error: UserError) -> None:
@@ -632,6 +793,20 @@ def test_recommend_unknown_user(tmp_path: Path, user_error: UserError) -> None:
 def test_recommend_before_scoring(tmp_path: Path, user_error: UserError) -> None:
     path = hand_db(tmp_path, recs=None)
     user_error(cli("recommend", "--db", path, "--user", "u1"), DATABASE_ERROR, "`mfbatch score`")
+
+
+def test_recommend_refuses_lists_of_a_run_on_other_data(
+    tmp_path: Path, user_error: UserError
+) -> None:
+    path = hand_db(tmp_path, run_sha="sha-of-some-other-dataset")
+    user_error(cli("recommend", "--db", path, "--user", "u1"), MODEL_ERROR, RUN_ID, "mfbatch score")
+
+
+def test_evaluate_min_rating_must_be_a_number(tmp_path: Path, user_error: UserError) -> None:
+    path = hand_db(tmp_path)
+    for bad in ("nan", "inf"):
+        user_error(cli("evaluate", "--db", path, "--min-rating", bad), CONFIG_ERROR, "--min-rating")
+    assert "evaluations" not in tables(path)
 
 
 # --- SQL against a numpy reference on random data ------------------------------------------
@@ -657,7 +832,8 @@ def reference_metrics(
     precision_at = np.cumsum(hits, axis=1) / np.arange(1, k + 1)
     return {
         "precision": float(np.mean(hits.sum(axis=1) / k)),
-        "recall": float(np.mean(hits.sum(axis=1) / n)),
+        "recall": float(np.mean(hits.sum(axis=1) / depth)),
+        "recall_uncapped": float(np.mean(hits.sum(axis=1) / n)),
         "ndcg": float(np.mean((hits * discount).sum(axis=1) / ideal[depth - 1])),
         "map": float(np.mean((precision_at * hits).sum(axis=1) / depth)),
         "hit_rate": float(np.mean(hits.any(axis=1))),
@@ -701,25 +877,25 @@ def test_sql_matches_numpy_reference(tmp_path: Path, seed: int) -> None:
     assert any(val[u].any() and not lists[u] for u in range(n_users))  # relevant, no list
     assert any(len(listed) > 10 for listed in lists)
     recs = {users[u]: [items[i] for i in listed] for u, listed in enumerate(lists) if listed}
-    path = build_db(tmp_path / "random.duckdb", Dataset(users, items, ratings), recs, run=False)
+    path = build_db(tmp_path / "random.duckdb", Dataset(users, items, ratings), None, run=False)
     item_idx = {item: i for i, item in enumerate(items)}
 
+    data = Dataset(users, items, ratings)
     with duckdb.connect(str(path)) as con:
         for k in (5, 10):
             popular = reference_popularity(train, k)
-            db.run(con, "stage_popularity_recs", k=k)
-            staged = staged_lists(con)
-            assert {u: [item_idx[i] for i in staged.get(u, [])] for u in users} == dict(
+            built = python_popularity(data, k)
+            assert {u: [item_idx[i] for i in built[u]] for u in users} == dict(
                 zip(users, popular, strict=True)
             )
             for threshold in (1.0, 3.5):
                 relevant = val & (stars >= threshold)
-                db.run(con, "stage_model_recs", run_id=RUN_ID, k=k)
+                stage(con, recs, k)
                 model = _ranking(con, k, threshold)
                 expected = reference_metrics(relevant, lists, k)
                 assert expected["users_without_relevant"] >= 4 and expected["recall"] > 0
                 assert model == pytest.approx(expected, rel=1e-12, abs=1e-15)
-                db.run(con, "stage_popularity_recs", k=k)
+                stage(con, built, k, "popularity")
                 baseline = _ranking(con, k, threshold)
                 assert baseline == pytest.approx(
                     reference_metrics(relevant, popular, k), rel=1e-12, abs=1e-15
@@ -745,10 +921,9 @@ def _scored(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def scored(_scored: Path, tmp_path: Path) -> Path:
-    """A copy of a database holding one trained and scored run (the export is shared)."""
-    path = tmp_path / "mf.duckdb"
-    shutil.copyfile(_scored, path)
-    return path
+    """A copy of the folder holding one trained and scored run, and its database."""
+    shutil.copytree(_scored.parent, tmp_path / "copy")
+    return tmp_path / "copy" / "mf.duckdb"
 
 
 def test_rmse_and_mae_match_the_torch_model(scored: Path) -> None:
@@ -763,7 +938,7 @@ def test_rmse_and_mae_match_the_torch_model(scored: Path) -> None:
         "ORDER BY user_idx, item_idx",
     )
     users, items, stars = (np.array(column) for column in zip(*pairs, strict=True))
-    model, _ = load_model(Path(export_path))
+    model, _ = load_model(scored.parent / export_path)
     with torch.no_grad():
         normalised = model(torch.from_numpy(users), torch.from_numpy(items)).double().numpy()
     predicted = np.clip(normalised, 0.0, 1.0) * (hi - lo) + lo
@@ -788,15 +963,20 @@ def test_rmse_and_mae_match_the_torch_model(scored: Path) -> None:
     assert dict(metrics)["rmse"] == report["model"]["rmse"]
 
 
-def test_refit_run_is_refused(scored: Path, user_error: UserError) -> None:
+def test_refit_run_is_refused_and_latest_means_the_validated_run(
+    scored: Path, user_error: UserError
+) -> None:
     (parent,), *_ = rows(scored, "SELECT run_id FROM training_runs")
     ok(cli("train", "--db", scored, "--export-dir", scored.parent / "export", "--on", "all"))
-    ok(cli("score", "--db", scored, "--top-k", "20"))
-    user_error(cli("evaluate", "--db", scored), MODEL_ERROR, "refit", "validated run")
-    # The validated run has no lists now: the message says how to get them.
+    (refit,), *_ = rows(scored, "SELECT run_id FROM training_runs WHERE data_seen = 'train+val'")
     user_error(
-        cli("evaluate", "--db", scored, "--run-id", parent),
-        CONFIG_ERROR,
-        f"mfbatch score --run-id {parent}",
+        cli("evaluate", "--db", scored, "--run-id", refit),
+        MODEL_ERROR,
+        "refit",
+        "validated run",
+        parent,
     )
     assert "evaluations" not in tables(scored)
+    # 'latest' is the newest validated run, however recent the refit is.
+    report = json.loads(ok(cli("evaluate", "--db", scored, "--json")).stdout)
+    assert report["run_id"] == parent

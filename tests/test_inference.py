@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from mfbatch.errors import ConfigError, ModelError
 from mfbatch.export import build_graph, export_model
 from mfbatch.inference import Scorer, SeenItems, _gpu_present
-from mfbatch.model import MatrixFactorization, ModelShape
 from mfbatch.lists import ListBatch, to_arrow
+from mfbatch.model import MatrixFactorization, ModelShape
 from mfbatch.score import _with_rating
 
 PROPERTY = settings(

@@ -98,7 +98,9 @@ class Workspace:
     def export_path(self, run_id: str) -> Path:
         sql = "SELECT export_path FROM training_runs WHERE run_id = $r"
         ((path,),) = _rows(self.db, sql, r=run_id)
-        return Path(path)
+        # Recorded relative to the database's folder (so any working directory works).
+        assert not Path(path).is_absolute(), path
+        return self.root / path
 
     def score(self, *args: str | Path) -> Result:
         return _invoke("score", "--db", self.db, *FAST, *args)
@@ -106,7 +108,7 @@ class Workspace:
     def recommendations(self) -> list[tuple[Any, ...]]:
         return _rows(
             self.db,
-            "SELECT run_id, user_id, item_id, rank, score, predicted_rating, created_at "
+            "SELECT run_id, user_id, item_id, rank, score, predicted_rating, created_at, source "
             "FROM recommendations ORDER BY user_id, rank",
         )
 
@@ -123,10 +125,6 @@ def ws(trained: Path, tmp_path: Path) -> Workspace:
     db = root / "mf.duckdb"
     con = duckdb.connect(str(db))
     try:
-        con.execute(
-            "UPDATE training_runs SET export_path = replace(export_path, $old, $new)",
-            {"old": str(trained), "new": str(root)},
-        )
         (validated,), (refit,) = con.execute(
             "SELECT run_id FROM training_runs ORDER BY data_seen = 'train+val'"
         ).fetchall()
@@ -196,8 +194,11 @@ def test_score_writes_the_top_k_unrated_items_of_every_user(ws: Workspace) -> No
     k = 30  # more than some users have left, fewer than others
     result = ws.score("--top-k", str(k), "--batch-size", "7")
     assert result.code == 0, result.stderr
-    assert result.stdout.startswith(f"scored {N_USERS} users with run {ws.refit} on cpu")
-    assert "(table recommendations)" in result.stdout
+    assert result.stdout.startswith(
+        f"scored {N_USERS} users with run {ws.refit} (refit on train+val) on cpu"
+    )
+    assert "popularity" not in result.stdout  # a refit trained every user
+    assert "(table recommendations replaced)" in result.stdout
     assert "Traceback" not in result.stderr
 
     rated = _rated(ws.db, ("train", "val"))
@@ -226,7 +227,8 @@ def test_score_writes_the_top_k_unrated_items_of_every_user(ws: Workspace) -> No
     lo, hi = manifest["rating_min"], manifest["rating_max"]
     for user, rows in grouped.items():
         u = users[user]
-        for _, _, item, _, score, predicted, _ in rows:
+        assert {r[7] for r in rows} == {"model"}
+        for _, _, item, _, score, predicted, _, _ in rows:
             assert score == pytest.approx(truth[u, items[item]], abs=1e-5)
             assert predicted == pytest.approx(min(max(score, 0.0), 1.0) * (hi - lo) + lo)
             assert lo <= predicted <= hi
@@ -246,14 +248,26 @@ def test_rescoring_replaces_the_table(ws: Workspace) -> None:
     assert _tables(ws.db) >= {"recommendations"} and "recommendations_staging" not in _tables(ws.db)
 
 
-def test_users_file_scores_only_those_users(ws: Workspace) -> None:
+def test_users_file_updates_only_those_users(ws: Workspace) -> None:
+    assert ws.score("--top-k", "5").code == 0
+    before = _by_user(ws.recommendations())
     chosen = sorted(_ids(ws.db, "users").values())[5:8]
-    result = ws.score("--top-k", "4", "--users", ws.write_ids("users.txt", chosen))
+    result = ws.score(
+        "--top-k", "4", "--run-id", ws.validated, "--users", ws.write_ids("users.txt", chosen)
+    )
     assert result.code == 0, result.stderr
     assert result.stdout.startswith("scored 3 users")
-    _check_lists(
-        ws, run_id=ws.refit, k=4, excluded=_rated(ws.db, ("train", "val")), users=set(chosen)
-    )
+    assert "updated for these users" in result.stdout
+    after = _by_user(ws.recommendations())
+    # Everyone else's list is exactly as it was; the chosen users have new ones.
+    assert set(after) == set(before)
+    for user, rows in after.items():
+        if user in chosen:
+            assert len(rows) == 4 and {r[0] for r in rows} == {ws.validated}
+        else:
+            assert rows == before[user]
+    rated = _rated(ws.db, ("train", "val"))
+    assert not any(r[2] in rated[r[1]] for r in ws.recommendations())
 
 
 def test_include_and_exclude_items(ws: Workspace) -> None:
@@ -278,17 +292,31 @@ def test_include_and_exclude_items(ws: Workspace) -> None:
     _check_lists(ws, run_id=ws.refit, k=5, excluded=rated, allowed=set(included[2:]))
 
 
-def test_refit_excludes_every_rated_item_a_validated_run_only_train_items(ws: Workspace) -> None:
+def test_every_served_run_excludes_every_rated_item(ws: Workspace) -> None:
+    """Whatever run is served, no list holds an item the user rated in any split; users the
+    run never trained get the popularity list, items it never trained are not offered."""
     k = N_ITEMS
+    rated = _rated(ws.db, ("train", "val"))
     assert ws.score("--top-k", str(k)).code == 0
-    _check_lists(ws, run_id=ws.refit, k=k, excluded=_rated(ws.db, ("train", "val")))
+    _check_lists(ws, run_id=ws.refit, k=k, excluded=rated)
 
     result = ws.score("--top-k", str(k), "--run-id", ws.validated)
     assert result.code == 0, result.stderr
-    grouped = _check_lists(ws, run_id=ws.validated, k=k, excluded=_rated(ws.db, ("train",)))
-    # Held-out items are recommendable to a model that never saw them.
-    val = _rated(ws.db, ("val",))
-    assert val and any(val[user] & {r[2] for r in rows} for user, rows in grouped.items())
+    assert "(validated on train)" in result.stdout
+    train_users = {u for (u,) in _rows(ws.db, "SELECT user_id FROM users WHERE n_train > 0")}
+    untrained_items = {i for (i,) in _rows(ws.db, "SELECT item_id FROM items WHERE n_train = 0")}
+    cold = set(_ids(ws.db, "users").values()) - train_users
+    assert cold, "the default time split leaves some users without train ratings"
+    assert f"{len(cold)} of them from popularity" in result.stdout
+    excluded = {u: rated[u] | untrained_items for u in _ids(ws.db, "users").values()}
+    grouped = _check_lists(ws, run_id=ws.validated, k=k, excluded=excluded)
+    popularity = dict(_rows(ws.db, "SELECT item_id, n_ratings FROM items WHERE n_train > 0"))
+    for user, rows in grouped.items():
+        assert {r[7] for r in rows} == {"popularity" if user in cold else "model"}, user
+        if user in cold:
+            # Most rated first (over every split), and the score says how often.
+            assert [r[4] for r in rows] == [float(popularity[r[2]]) for r in rows]
+            assert all(r[5] is None for r in rows)
 
 
 def test_export_rewrites_model_onnx(ws: Workspace) -> None:
@@ -321,7 +349,7 @@ def test_export_rewrites_model_onnx(ws: Workspace) -> None:
 def _fail_on_second_batch(
     monkeypatch: pytest.MonkeyPatch, error: BaseException
 ) -> Callable[[], int]:
-    real = mfbatch.score._to_arrow
+    real = mfbatch.score.to_arrow
     calls = 0
 
     def faulty(*args: Any, **kwargs: Any) -> Any:
@@ -331,7 +359,7 @@ def _fail_on_second_batch(
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mfbatch.score, "_to_arrow", faulty)
+    monkeypatch.setattr(mfbatch.score, "to_arrow", faulty)
     return lambda: calls
 
 
@@ -355,7 +383,7 @@ def test_a_run_failing_half_way_changes_nothing(
     assert result.code == code, (result.stdout, result.stderr, result.exception)
     assert "Traceback" not in result.stdout + result.stderr
     lines = [s for s in result.stderr.splitlines() if s.strip()]
-    assert lines[0].startswith("scoring with ONNX Runtime on cpu"), lines
+    assert lines[0].startswith(f"serving run {ws.validated} (validated on train"), lines
     assert len(lines) == 2 and lines[1].startswith(line), lines
     assert result.stdout == ""
 
@@ -499,7 +527,7 @@ def test_unknown_run_id(scored: tuple[Workspace, list[tuple[Any, ...]]]) -> None
     ws, before = scored
     _one_line_error(ws.score("--run-id", "19990101-000000-000000"), 2, "--run-id", "19990101")
     _one_line_error(
-        _invoke("export", "--db", ws.db, "--run-id", "19990101-000000-000000"), 5, "--run-id"
+        _invoke("export", "--db", ws.db, "--run-id", "19990101-000000-000000"), 2, "--run-id"
     )
     assert ws.recommendations() == before
 
@@ -509,7 +537,7 @@ def test_no_training_runs(tmp_path: Path) -> None:
     _preprocess(db)
     before = _tables(db)
     _one_line_error(_invoke("score", "--db", db, *FAST), 4, "no training runs", "mfbatch train")
-    _one_line_error(_invoke("export", "--db", db), 5, "no training runs", "mfbatch train")
+    _one_line_error(_invoke("export", "--db", db), 4, "no training runs", "mfbatch train")
     assert _tables(db) == before
     assert not list(tmp_path.glob(".mfbatch-score-*"))
 

@@ -76,10 +76,10 @@ def test_train_records_the_run_and_saves_loadable_weights(dataset: Path) -> None
     assert dict(epochs)[best_epoch] == pytest.approx(rmse)
     con.close()
 
-    model, manifest = load_model(Path(path))
+    model, manifest = load_model(dataset.parent / path)
     assert manifest["run_id"] == run_id and manifest["best_epoch"] == best_epoch
     assert manifest["shape"]["n_users"] == 60
-    state = torch.load(Path(path) / "model.pt", weights_only=True)
+    state = torch.load(dataset.parent / path / "model.pt", weights_only=True)
     assert torch.equal(state["user_emb.weight"], model.user_emb.weight)
 
 
@@ -205,6 +205,6 @@ def test_nan_loss_stops_reports_epoch_and_keeps_weights(dataset: Path) -> None:
     with duckdb.connect(str(dataset), read_only=True) as con:
         status, path = con.sql("SELECT status, export_path FROM training_runs").fetchall()[0]
     assert status == "diverged"
-    model, manifest = load_model(Path(path))
+    model, manifest = load_model(dataset.parent / path)
     assert manifest["status"] == "diverged"
     assert all(torch.isfinite(p).all() for p in model.parameters())
