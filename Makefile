@@ -19,13 +19,16 @@ TOPK ?= 20
 PREPROCESS_FLAGS ?=
 TRAIN_FLAGS ?=
 SCORE_FLAGS ?=
+EVALUATE_FLAGS ?=
+CONFIG ?=
 SOURCE_FLAG := $(if $(SOURCE),--source $(SOURCE),)
+CONFIG_FLAG := $(if $(CONFIG),--config $(CONFIG),)
 MFBATCH := $(BIN)/mfbatch
 # What the targets below need first: the stamp of `make install`. INSTALL_STAMP= (empty)
 # runs them with the environment in BIN as it is, installing nothing (tests/test_make_all.py).
 INSTALL_STAMP ?= $(BIN)/.installed
 
-.PHONY: help install test lint bench all preprocess train score evaluate clean
+.PHONY: help install test lint bench all preprocess train evaluate refit score clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -54,22 +57,26 @@ bench: $(INSTALL_STAMP) ## Benchmarks (not part of the test run); results in ben
 	$(BIN)/python tests/bench/bench_score.py --out bench-results/score.json
 
 preprocess: $(INSTALL_STAMP) ## Stage 1: ratings -> DuckDB (DATASET=, SOURCE=)
-	$(MFBATCH) preprocess --dataset $(DATASET) $(SOURCE_FLAG) --db $(DB) $(PREPROCESS_FLAGS)
+	$(MFBATCH) preprocess $(CONFIG_FLAG) --dataset $(DATASET) $(SOURCE_FLAG) --db $(DB) $(PREPROCESS_FLAGS)
 
-train: $(INSTALL_STAMP) ## Stage 2: train, early-stop, export ONNX
-	$(MFBATCH) train --db $(DB) --export-dir $(EXPORT_DIR) $(TRAIN_FLAGS)
+train: $(INSTALL_STAMP) ## Stage 2: train on train, early-stop on val, export ONNX (the validated run)
+	$(MFBATCH) train $(CONFIG_FLAG) --db $(DB) --export-dir $(EXPORT_DIR) $(TRAIN_FLAGS)
 
-score: $(INSTALL_STAMP) ## Stage 3: top-K for every user into DuckDB
-	$(MFBATCH) score --db $(DB) --top-k $(TOPK) $(SCORE_FLAGS)
+evaluate: $(INSTALL_STAMP) ## Measure the validated run on its own lists vs popularity
+	$(MFBATCH) evaluate $(CONFIG_FLAG) --db $(DB) --top-k $(TOPK) $(EVALUATE_FLAGS)
 
-evaluate: $(INSTALL_STAMP) ## Stage 4: metrics vs popularity, in SQL
-	$(MFBATCH) evaluate --db $(DB) --top-k $(TOPK)
+refit: $(INSTALL_STAMP) ## The serving model: refit on train+val with the validated run's settings
+	$(MFBATCH) train $(CONFIG_FLAG) --db $(DB) --export-dir $(EXPORT_DIR) --on all
 
-all: ## The whole pipeline: preprocess -> train -> score -> evaluate
+score: $(INSTALL_STAMP) ## Stage 3: serve top-K unrated items for every user into DuckDB
+	$(MFBATCH) score $(CONFIG_FLAG) --db $(DB) --top-k $(TOPK) $(SCORE_FLAGS)
+
+all: ## The whole job: preprocess -> train -> evaluate -> refit -> score
 	$(MAKE) --no-print-directory preprocess
 	$(MAKE) --no-print-directory train
-	$(MAKE) --no-print-directory score
 	$(MAKE) --no-print-directory evaluate
+	$(MAKE) --no-print-directory refit
+	$(MAKE) --no-print-directory score
 
 clean: ## Remove the venv, caches, databases and exported models
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results

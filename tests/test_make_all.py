@@ -1,4 +1,4 @@
-"""`make all`: preprocess -> train -> score -> evaluate, end to end, as a user runs it.
+"""`make all`: preprocess -> train -> evaluate -> refit -> score, end to end, as a user runs it.
 
 The Makefile runs the `mfbatch` of the environment this test runs in (BIN=) and installs
 nothing (INSTALL_STAMP= drops the `make install` prerequisite); everything it writes goes
@@ -51,26 +51,39 @@ def test_make_all_synthetic(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "pip install" not in output and "-m venv" not in output
-    for stage in ("preprocess", "train", "score", "evaluate"):
+    for stage in ("preprocess", "train", "evaluate", "score"):
         assert f"{BIN}/mfbatch {stage} " in result.stdout, result.stdout
+    assert "--on all" in result.stdout
 
     with duckdb.connect(str(path), read_only=True) as con:
-        run_ids = con.sql("SELECT DISTINCT run_id FROM recommendations").fetchall()
+        runs = dict(con.sql("SELECT data_seen, run_id FROM training_runs").fetchall())
+        served = con.sql("SELECT DISTINCT run_id FROM recommendations").fetchall()
         users, per_user = con.sql(
             "SELECT count(DISTINCT user_id), max(rank) FROM recommendations"
         ).fetchall()[0]
+        already_rated = con.sql(
+            "SELECT count(*) FROM recommendations r JOIN users u USING (user_id) "
+            "JOIN items i USING (item_id) JOIN ratings x "
+            "ON x.user_idx = u.user_idx AND x.item_idx = i.item_idx"
+        ).fetchall()[0][0]
         evaluated = con.sql("SELECT run_id, metric, k, value FROM evaluations").fetchall()
-    assert len(run_ids) == 1 and users == 80 and per_user == 20  # TOPK defaults to 20
-    (run_id,) = run_ids[0]
-    assert (export / run_id / "model.onnx").is_file()
-    metrics = {metric: (k, value) for rid, metric, k, value in evaluated if rid == run_id}
+    # Serving is the refit; measuring is the validated run it copies.
+    assert served == [(runs["train+val"],)]
+    assert already_rated == 0
+    assert users == 80 and per_user == 20  # TOPK defaults to 20
+    assert (export / runs["train+val"] / "model.onnx").is_file()
+    metrics = {metric: (k, value) for rid, metric, k, value in evaluated if rid == runs["train"]}
     assert metrics["recall"][0] == 20 and 0.0 <= metrics["recall"][1] <= 1.0
     assert {"precision", "ndcg", "map", "hit_rate", "coverage"} <= set(metrics)
 
-    # The evaluation table, then its one-line summary, close the output.
+    # The evaluation table and its summary, then the serving summary, close the output.
     lines = result.stdout.rstrip().splitlines()
-    assert lines[-1].startswith(f"evaluated run {run_id}: Recall@20 "), lines[-1]
-    table = "\n".join(lines[-20:])
-    assert f"run {run_id}, K=20" in table
+    assert lines[-1].startswith(
+        f"scored 80 users with run {runs['train+val']} (refit on train+val)"
+    ), lines[-1]
+    summary = next(i for i, line in enumerate(lines) if line.startswith("evaluated run "))
+    assert lines[summary].startswith(f"evaluated run {runs['train']}: Recall@20 ")
+    table = "\n".join(lines[summary - 20 : summary])
+    assert f"run {runs['train']}, K=20" in table
     for name in ("metric", "popularity", "recall@20", "ndcg@20", "users_evaluated"):
         assert name in table, table
