@@ -337,10 +337,12 @@ def test_a_commit_duckdb_aborted_itself_is_one_error(tmp_path: Path) -> None:
     first, second = con.cursor(), con.cursor()
     first.begin()
     first.execute("INSERT INTO t VALUES (1)")
-    with pytest.raises(DatabaseError, match="rolled back, nothing changed"):
-        with db.transaction(second, "t"):
-            second.execute("INSERT INTO t VALUES (1)")
-            first.commit()  # the conflict shows only when `second` commits
+    with (
+        pytest.raises(DatabaseError, match="rolled back, nothing changed"),
+        db.transaction(second, "t"),
+    ):
+        second.execute("INSERT INTO t VALUES (1)")
+        first.commit()  # the conflict shows only when `second` commits
     assert con.execute("SELECT a FROM t").fetchall() == [(1,)]
     con.close()
 
