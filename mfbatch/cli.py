@@ -107,6 +107,14 @@ def preprocess(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Where downloads are kept (~/.cache/mfbatch).")
     ] = None,
+    append: Annotated[
+        bool,
+        typer.Option(
+            "--append",
+            help="Add --source's ratings to the existing --db (ids kept, new ones appended, "
+            "split left as it was) instead of replacing it.",
+        ),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Read ratings, map ids, scale to [0,1], split train/val, write DuckDB tables."""
@@ -114,6 +122,8 @@ def preprocess(
     from mfbatch.preprocess import preprocess as run_preprocess
 
     def action() -> None:
+        if append:
+            _check_append(source, split, val_fraction, seed)
         resolved = load_config(
             config,
             db=db,
@@ -139,6 +149,11 @@ def preprocess(
         )
         if time_col == "":
             resolved = _without_time(resolved)
+        if append:
+            from mfbatch.append import append as run_append
+
+            typer.echo(run_append(config=resolved).line())
+            return
         summary = run_preprocess(config=resolved, console=console)
         typer.echo(summary.line())
 
@@ -401,6 +416,18 @@ def recommend(
         rated.add_row(item.item_id, item.title or "", f"{item.rating:g}", item.split)
     out.print(recs)
     out.print(rated)
+
+
+def _check_append(source: Path | None, *split_flags: object) -> None:
+    from mfbatch.errors import ConfigError
+
+    if source is None:
+        raise ConfigError("--append: name the file of new ratings with --source FILE")
+    if any(flag is not None for flag in split_flags):
+        raise ConfigError(
+            "--append: the split was made at preprocess and stays as it was; "
+            "drop --split/--val-fraction/--seed"
+        )
 
 
 def _without_time(resolved: Any) -> Any:

@@ -155,9 +155,9 @@ def write_dataset(
         con.register(name, frame.to_arrow())
     try:
         with db.transaction(con, f"the dataset into {path}"):
-            for table in ("ratings", "users", "items", "dataset_meta"):
+            for table in ("ratings", "users", "items", "dataset_meta", "dataset_versions"):
                 db.run(con, f"drop_{table}")
-            for table in ("users", "items", "ratings", "dataset_meta"):
+            for table in ("users", "items", "ratings", "dataset_meta", "dataset_versions"):
                 db.run(con, f"create_{table}")
             for table in ("users", "items", "ratings"):
                 db.run(con, f"insert_{table}")
@@ -187,6 +187,16 @@ def write_dataset(
                 config=json.dumps(config.to_dict()),
                 mfbatch_version=__version__,
                 seconds=seconds,
+            )
+            db.run(
+                con,
+                "insert_base_version",
+                dataset_sha256=fingerprint,
+                source=raw.source,
+                rows_in=stats.rows_in,
+                rows_added=prepared.ratings.height,
+                new_users=prepared.users.height,
+                new_items=prepared.items.height,
             )
     finally:
         for name in staged:

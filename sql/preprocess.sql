@@ -14,6 +14,9 @@ DROP TABLE IF EXISTS items;
 -- name: drop_dataset_meta
 DROP TABLE IF EXISTS dataset_meta;
 
+-- name: drop_dataset_versions
+DROP TABLE IF EXISTS dataset_versions;
+
 -- name: create_users
 -- user_idx is dense 0..n_users-1, assigned in sorted order of the raw id (numeric order
 -- when every raw id is an integer, else byte order), so the same input maps the same way.
@@ -41,9 +44,12 @@ CREATE TABLE ratings (
     rating      DOUBLE  NOT NULL,  -- original scale (stars)
     rating_norm DOUBLE  NOT NULL,  -- (rating - rating_min) / (rating_max - rating_min), in [0,1]
     ts          TIMESTAMP,         -- UTC; NULL when the source has no time column
-    split       VARCHAR NOT NULL CHECK (split IN ('train', 'val')),
+    -- 'append': added by `preprocess --append` after the split was made, so 'train' and
+    -- 'val' keep meaning the split every validated run was trained and measured on.
+    split       VARCHAR NOT NULL CHECK (split IN ('train', 'val', 'append')),
     cold_user   BOOLEAN NOT NULL,  -- a val row whose user has no train rating
-    cold_item   BOOLEAN NOT NULL   -- a val row whose item has no train rating
+    cold_item   BOOLEAN NOT NULL,  -- a val row whose item has no train rating
+    version     INTEGER NOT NULL DEFAULT 0  -- dataset_versions.version that last wrote it
 );
 
 -- name: create_dataset_meta
@@ -74,6 +80,29 @@ CREATE TABLE dataset_meta (
     created_at         TIMESTAMP NOT NULL
 );
 
+-- name: create_dataset_versions
+-- The lineage: version 0 is the preprocess, each `preprocess --append` adds the next. Ids
+-- and the split of version 0 never change, so a model trained on any version of this
+-- lineage (same dataset_sha256) is still valid for the ids it knows.
+CREATE TABLE dataset_versions (
+    version    INTEGER   PRIMARY KEY,
+    parent     INTEGER,             -- the version it extends; NULL for the preprocess
+    sha256     VARCHAR   NOT NULL,  -- version 0: dataset_sha256; then hash(parent, file)
+    source     VARCHAR   NOT NULL,
+    rows_in    BIGINT    NOT NULL,
+    rows_added BIGINT    NOT NULL,  -- new (user, item) pairs, split 'append'
+    new_users  INTEGER   NOT NULL,
+    new_items  INTEGER   NOT NULL,
+    replaced   BIGINT    NOT NULL,  -- stored ratings that took the appended value
+    created_at TIMESTAMP NOT NULL
+);
+
+-- name: insert_base_version
+INSERT INTO dataset_versions VALUES (
+    0, NULL, $dataset_sha256, $source, $rows_in, $rows_added, $new_users, $new_items, 0,
+    now()::TIMESTAMP
+);
+
 -- name: insert_users
 INSERT INTO users
 SELECT user_idx, user_id, n_ratings, n_train FROM staged_users;
@@ -84,7 +113,7 @@ SELECT item_idx, item_id, title, genres, n_ratings, n_train FROM staged_items;
 
 -- name: insert_ratings
 INSERT INTO ratings
-SELECT user_idx, item_idx, rating, rating_norm, ts, split, cold_user, cold_item
+SELECT user_idx, item_idx, rating, rating_norm, ts, split, cold_user, cold_item, 0
 FROM staged_ratings;
 
 -- name: insert_dataset_meta

@@ -1,0 +1,203 @@
+"""`mfbatch preprocess --append`: new ratings onto a prepared dataset, in one transaction.
+
+The daily cycle's input grows: known users rate more, new users and items appear. An
+append reads the file with the same loaders and column options as a preprocess, then:
+
+- ids already mapped keep their user_idx / item_idx; new ids get the next free indices,
+  in sorted order of the raw id (the preprocess rule), so the same appends in the same
+  order always map the same way;
+- a (user, item) already stored takes the appended rating (unless the stored one is newer
+  by timestamp) and keeps its split; new pairs get split 'append', so 'train' and 'val'
+  keep meaning the split models were trained and measured on;
+- `dataset_sha256` stays the base's and a `dataset_versions` row records the append, so a
+  model trained on any version of this lineage is still served (and folded in for what it
+  has not seen), while a re-preprocess that remaps ids is refused as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from mfbatch import db
+from mfbatch.config import Config
+from mfbatch.data import DataLoaderFactory
+from mfbatch.data.base import RawData
+from mfbatch.data.transforms import dense_ids, drop_duplicates, infer_scale, normalise
+from mfbatch.errors import ConfigError, DatabaseError, InputDataError
+from mfbatch.runs import Dataset
+
+
+@dataclass(frozen=True)
+class AppendSummary:
+    db: Path
+    source: str
+    version: int
+    rows_in: int
+    duplicates_dropped: int
+    rows_added: int
+    replaced: int
+    stale: int
+    new_users: int
+    new_items: int
+    n_users: int
+    n_items: int
+    seconds: float
+
+    def line(self) -> str:
+        stale = f", {self.stale:,} older than the stored rating ignored" if self.stale else ""
+        return (
+            f"appended {self.rows_in:,} rows from {self.source} as version {self.version} "
+            f"({self.duplicates_dropped:,} duplicate (user, item) dropped): "
+            f"{self.rows_added:,} new ratings, {self.replaced:,} replaced{stale}, "
+            f"{self.new_users:,} new users, {self.new_items:,} new items; now "
+            f"{self.n_users:,} users, {self.n_items:,} items in {self.seconds:.2f} s -> {self.db}"
+        )
+
+
+def _map_ids(
+    raw_ids: pl.Series, known: pl.DataFrame, key: str, offset: int
+) -> tuple[pl.Series, pl.DataFrame]:
+    """(index per row, new ids as idx/id frame): known ids keep theirs, new ones follow."""
+    as_text = raw_ids.cast(pl.String)
+    lookup = dict(zip(known[f"{key}_id"].to_list(), known[f"{key}_idx"].to_list(), strict=True))
+    is_new = ~as_text.is_in(known[f"{key}_id"].implode())
+    fresh = raw_ids.filter(is_new)
+    index = as_text.replace_strict(
+        list(lookup), list(lookup.values()), default=None, return_dtype=pl.Int32
+    )
+    if fresh.len() == 0:
+        return index, pl.DataFrame(schema={f"{key}_idx": pl.Int32, f"{key}_id": pl.String})
+    # New ids in sorted order of the raw id (numeric order for integer ids), after the last.
+    fresh_idx, fresh_ids = dense_ids(fresh)
+    index = index.scatter(np.flatnonzero(is_new.to_numpy()), fresh_idx + offset)
+    new = pl.DataFrame(
+        {
+            f"{key}_idx": pl.int_range(offset, offset + len(fresh_ids), dtype=pl.Int32, eager=True),
+            f"{key}_id": fresh_ids.cast(pl.String),
+        }
+    )
+    return index, new
+
+
+def _version_sha(parent_sha: str, raw: RawData, config: Config) -> str:
+    reading = {
+        k: v for k, v in config.to_dict()["data"].items() if k not in ("source", "cache_dir")
+    }
+    identity = {"parent": parent_sha, "source_sha256": raw.source_sha256, "reading": reading}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def append(*, config: Config) -> AppendSummary:
+    """Add the source's ratings to config.db; raises MfbatchError, leaving the db as it was."""
+    started = time.perf_counter()
+    path = config.db
+    if not path.exists():
+        raise DatabaseError(
+            f"database {path} does not exist; run `mfbatch preprocess --db {path}` first, "
+            "then --append to it"
+        )
+    # Open (and lock) first: a locked database should fail before the file is parsed.
+    con = db.connect(path)
+    try:
+        dataset = Dataset.load(con, path)
+        if not db.table_exists(con, "dataset_versions"):
+            raise DatabaseError(
+                f"{path} was preprocessed by an older mfbatch (no dataset_versions table); run "
+                "`mfbatch preprocess` again with the same options (models stay valid), then append"
+            )
+        declared = (config.data.rating_min, config.data.rating_max)
+        scale = (dataset.rating_min, dataset.rating_max)
+        if declared[0] is not None and declared != scale:
+            raise ConfigError(
+                f"--rating-min/--rating-max: the dataset in {path} is on the scale "
+                f"[{scale[0]}, {scale[1]}]; appended ratings must use it (drop the flags)"
+            )
+        raw = DataLoaderFactory.create(config.data, config.split).load_data()
+        if raw.ratings.height == 0:
+            raise InputDataError(f"{raw.source}: no ratings found; check the file and --source")
+        lo, hi = infer_scale(raw.ratings, origin=raw.source, declared=scale)
+        users = db.frame(con, "append_user_ids")
+        items = db.frame(con, "append_item_ids")
+        user_idx, new_users = _map_ids(raw.ratings["user_id"], users, "user", dataset.n_users)
+        item_idx, new_items = _map_ids(raw.ratings["item_id"], items, "item", dataset.n_items)
+        n_items = dataset.n_items + new_items.height
+        frame = pl.DataFrame(
+            {
+                "user_idx": user_idx,
+                "item_idx": item_idx,
+                "rating": raw.ratings["rating"],
+                "ts": raw.ratings["ts"],
+            }
+        )
+        frame, dropped = drop_duplicates(frame, n_items)
+        frame = frame.with_columns(rating_norm=normalise(pl.col("rating"), lo, hi))
+        meta = (
+            raw.items.select("item_id", "title", "genres").unique("item_id", keep="first")
+            if raw.items is not None
+            else pl.DataFrame(
+                schema={"item_id": pl.String, "title": pl.String, "genres": pl.String}
+            )
+        )
+        new_items = new_items.join(meta, on="item_id", how="left", maintain_order="left")
+        lineage = db.record(con, "append_lineage")
+        assert lineage is not None  # an aggregate always returns a row
+        parent = int(lineage["version"])
+        version = parent + 1
+        staged = {
+            "staged_append": frame,
+            "staged_new_users": new_users,
+            "staged_new_items": new_items,
+        }
+        for name, table in staged.items():
+            con.register(name, table.to_arrow())
+        try:
+            counts = db.record(con, "append_counts")
+            assert counts is not None
+            with db.transaction(con, f"the appended ratings into {path}"):
+                db.run(con, "append_insert_users")
+                db.run(con, "append_insert_items")
+                db.run(con, "append_replace_ratings", version=version)
+                db.run(con, "append_insert_ratings", version=version)
+                db.run(con, "append_recount_users")
+                db.run(con, "append_recount_items")
+                db.run(con, "append_update_meta")
+                db.run(
+                    con,
+                    "append_insert_version",
+                    version=version,
+                    parent=parent,
+                    sha256=_version_sha(str(lineage["sha256"]), raw, config),
+                    source=raw.source,
+                    rows_in=raw.ratings.height,
+                    rows_added=int(counts["added"]),
+                    new_users=new_users.height,
+                    new_items=new_items.height,
+                    replaced=int(counts["replaced"]),
+                )
+        finally:
+            for name in staged:
+                con.unregister(name)
+    finally:
+        con.close()
+    return AppendSummary(
+        db=path,
+        source=raw.source,
+        version=version,
+        rows_in=raw.ratings.height,
+        duplicates_dropped=dropped,
+        rows_added=int(counts["added"]),
+        replaced=int(counts["replaced"]),
+        stale=int(counts["stale"]),
+        new_users=new_users.height,
+        new_items=new_items.height,
+        n_users=dataset.n_users + new_users.height,
+        n_items=n_items,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,70 @@
+-- Appending ratings to a prepared dataset (`mfbatch preprocess --append`). The stage runs
+-- these inside one transaction, reading the staged_append / staged_new_users /
+-- staged_new_items relations it registers from Arrow, so a failure changes nothing.
+
+-- name: append_lineage
+-- The newest version; NULL when the database was preprocessed before lineage existed.
+SELECT max(version) AS version, arg_max(sha256, version) AS sha256 FROM dataset_versions;
+
+-- name: append_user_ids
+SELECT user_idx, user_id FROM users;
+
+-- name: append_item_ids
+SELECT item_idx, item_id FROM items;
+
+-- name: append_counts
+-- What the append will do, counted before it does it.
+SELECT
+    count(*) FILTER (WHERE r.user_idx IS NULL) AS added,
+    count(*) FILTER (
+        WHERE r.user_idx IS NOT NULL AND (s.ts IS NULL OR r.ts IS NULL OR s.ts >= r.ts)
+    ) AS replaced,
+    count(*) FILTER (WHERE r.user_idx IS NOT NULL AND s.ts < r.ts) AS stale
+FROM staged_append s
+LEFT JOIN ratings r USING (user_idx, item_idx);
+
+-- name: append_insert_users
+INSERT INTO users SELECT user_idx, user_id, 0, 0 FROM staged_new_users;
+
+-- name: append_insert_items
+INSERT INTO items SELECT item_idx, item_id, title, genres, 0, 0 FROM staged_new_items;
+
+-- name: append_replace_ratings
+-- A pair already stored takes the appended rating unless the stored one is newer by
+-- timestamp (preprocess's rule for duplicates). It keeps its split: the validation
+-- split stays the set of pairs it was; `version` marks the rating as unseen by older models.
+UPDATE ratings AS r
+SET rating = s.rating, rating_norm = s.rating_norm, ts = s.ts, version = $version
+FROM staged_append AS s
+WHERE r.user_idx = s.user_idx AND r.item_idx = s.item_idx
+  AND (s.ts IS NULL OR r.ts IS NULL OR s.ts >= r.ts);
+
+-- name: append_insert_ratings
+INSERT INTO ratings
+SELECT s.user_idx, s.item_idx, s.rating, s.rating_norm, s.ts, 'append', false, false, $version
+FROM staged_append s
+ANTI JOIN ratings r USING (user_idx, item_idx)
+ORDER BY s.user_idx, s.item_idx;
+
+-- name: append_recount_users
+UPDATE users SET n_ratings = c.n
+FROM (SELECT user_idx, count(*)::INTEGER AS n FROM ratings GROUP BY user_idx) c
+WHERE users.user_idx = c.user_idx;
+
+-- name: append_recount_items
+UPDATE items SET n_ratings = c.n
+FROM (SELECT item_idx, count(*)::INTEGER AS n FROM ratings GROUP BY item_idx) c
+WHERE items.item_idx = c.item_idx;
+
+-- name: append_update_meta
+-- dataset_sha256 stays the base's: it names the id mapping and split models were trained on.
+UPDATE dataset_meta SET
+    n_users = (SELECT count(*) FROM users),
+    n_items = (SELECT count(*) FROM items),
+    n_ratings = (SELECT count(*) FROM ratings);
+
+-- name: append_insert_version
+INSERT INTO dataset_versions VALUES (
+    $version, $parent, $sha256, $source, $rows_in, $rows_added, $new_users, $new_items,
+    $replaced, now()::TIMESTAMP
+);
