@@ -20,6 +20,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,8 @@ def append(*, config: Config) -> AppendSummary:
                     new_users=new_users.height,
                     new_items=new_items.height,
                     replaced=int(counts["replaced"]),
+                    # UTC like training_runs.started_at, which score compares it with.
+                    created_at=datetime.now(timezone.utc).replace(tzinfo=None),
                 )
         finally:
             for name in staged:

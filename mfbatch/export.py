@@ -229,6 +229,34 @@ def check_finite(proto: onnx.ModelProto, path: Path) -> None:
             )
 
 
+def vectors_graph(proto: onnx.ModelProto, *, whole: bool) -> onnx.ModelProto:
+    """model.onnx with user rows as the input instead of user indices: same V_aug_t.
+
+    A folded-in user (solved at serving time, `mfbatch.foldin`) is a row [p_u, 1, c] in
+    U_aug's layout, so from the MatMul on it is scored exactly as a trained user. `whole`:
+    the masking and TopK too (the CUDA path); else the scores half only (the CPU path masks
+    in place and runs the TopK half `split_stages` makes).
+    """
+    tables = {t.name: t for t in proto.graph.initializer}
+    v_aug_t = numpy_helper.to_array(tables["V_aug_t"])
+    width, n_items = v_aug_t.shape
+    rows = helper.make_tensor_value_info("user_rows", TensorProto.FLOAT, ["batch", width])
+    if whole:
+        nodes = [n for n in proto.graph.node if n.op_type != "Gather"]
+        inputs = [rows, *(i for i in proto.graph.input if i.name != "users")]
+        outputs = list(proto.graph.output)
+        kept = [t for t in proto.graph.initializer if t.name != "U_aug"]
+    else:
+        nodes = [helper.make_node("MatMul", ["user_rows", "V_aug_t"], ["scores"])]
+        inputs = [rows]
+        outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_items])]
+        kept = [tables["V_aug_t"]]
+    graph = helper.make_graph(nodes, "mfbatch_vectors", inputs, outputs, initializer=kept)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = proto.ir_version
+    return model
+
+
 def split_stages(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """model.onnx cut at the masking step: (scores graph, TopK graph), same tables.
 

@@ -7,16 +7,18 @@ Kept apart from the scoring stage so tests and benchmarks drive exactly the code
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from mfbatch.config import machine_cores
 from mfbatch.errors import ConfigError, ModelError, first_line
-from mfbatch.export import check_finite, split_stages
+from mfbatch.export import check_finite, split_stages, vectors_graph
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -95,6 +97,15 @@ class Scorer:
                 f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
             ) from None
         check_finite(proto, self.path)
+        # The model's frozen item tables: what fold-in solves user vectors against, and
+        # the catalogue it can score (a database grown since has more items than that).
+        self.items_aug_t = next(
+            numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == "V_aug_t"
+        )
+        self.n_items = int(self.items_aug_t.shape[1])
+        self._proto = proto
+        self._options = options = ort.SessionOptions()
+        self._vectors: ort.InferenceSession | None = None
         available = ort.get_available_providers()
         want_cuda = self.provider == "cuda" or (
             self.provider == "auto" and CUDA in available and _gpu_present()
@@ -104,7 +115,6 @@ class Scorer:
                 "--provider cuda: no CUDA device/provider here "
                 f"(onnxruntime {ort.__version__} offers {', '.join(available)}); use --provider cpu"
             )
-        options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads or machine_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -175,53 +185,123 @@ class Scorer:
         return int(np.clip((memory_mb << 20) // per_user, 1, 16384))
 
     def _top_k_split(
-        self, users: np.ndarray, seen: SeenItems, item_mask: np.ndarray, k: int
+        self,
+        session: ort.InferenceSession,
+        feed: tuple[str, np.ndarray],
+        users: np.ndarray,
+        seen: SeenItems,
+        item_mask: np.ndarray,
+        k: int,
     ) -> list[np.ndarray]:
         assert self._split is not None
-        scores_session, topk_session = self._split
+        topk_session = self._split[1]
         n_items = item_mask.shape[0]
         if self._buffer.shape[0] < len(users) or self._buffer.shape[1] != n_items:
             self._buffer = np.empty((len(users), n_items), dtype=np.float32)
         scores = self._buffer[: len(users)]
-        binding = scores_session.io_binding()
-        binding.bind_cpu_input("users", users)
+        binding = session.io_binding()
+        binding.bind_cpu_input(*feed)
         # ORT writes straight into our buffer, which is then masked in place.
         binding.bind_output("scores", "cpu", 0, np.float32, list(scores.shape), scores.ctypes.data)
-        scores_session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         denied = np.flatnonzero(np.isneginf(item_mask))
         if denied.size:
             scores[:, denied] = -np.inf
-        pairs = seen.pairs(users)
+        pairs = self._known_pairs(seen, users)
         scores[pairs[:, 0], pairs[:, 1]] = -np.inf
         outputs: list[np.ndarray] = topk_session.run(
             ["top_items", "top_scores"], {"scores": scores, "k": np.array([k], dtype=np.int64)}
         )
         return outputs
 
-    def top_k(
-        self, users: np.ndarray, seen: SeenItems, item_mask: np.ndarray, k: int
+    def _known_pairs(self, seen: SeenItems, users: np.ndarray) -> np.ndarray:
+        """Seen pairs inside the model's catalogue (items added since can't be in its lists)."""
+        pairs = seen.pairs(users)
+        return pairs if not pairs.size else pairs[pairs[:, 1] < self.n_items]
+
+    def _vectors_session(self) -> ort.InferenceSession:
+        """The graph over user rows (fold-in), built from model.onnx's own tables once."""
+        if self._vectors is None:
+            graph = vectors_graph(self._proto, whole=self._split is None)
+            providers = self.session.get_providers() if self.session is not None else [CPU]
+            self._vectors = ort.InferenceSession(
+                graph.SerializeToString(), self._options, providers=providers
+            )
+        return self._vectors
+
+    def top_k_rows(
+        self,
+        users: np.ndarray,
+        rows: np.ndarray,
+        seen: SeenItems,
+        item_mask: np.ndarray,
+        k: int,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(items [B, k] int64, scores [B, k] float32), best first; -inf where none is left."""
+        """Like top_k, for users given as rows [B, d+2] (folded in) instead of indices."""
         users = np.ascontiguousarray(users, dtype=np.int64)
-        item_mask = np.ascontiguousarray(item_mask, dtype=np.float32)
-        try:
-            if self._split is not None:
-                items_scores = self._top_k_split(users, seen, item_mask, k)
-            else:
-                assert self.session is not None
-                items_scores = self.session.run(
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        item_mask = np.ascontiguousarray(item_mask[: self.n_items], dtype=np.float32)
+        return self._guarded(
+            len(users),
+            lambda: (
+                self._top_k_split(
+                    self._vectors_session(), ("user_rows", rows), users, seen, item_mask, k
+                )
+                if self._split is not None
+                else self._vectors_session().run(
                     ["top_items", "top_scores"],
                     {
-                        "users": users,
-                        "seen": seen.pairs(users),
+                        "user_rows": rows,
+                        "seen": self._known_pairs(seen, users),
                         "item_mask": item_mask,
                         "k": np.array([k], dtype=np.int64),
                     },
                 )
+            ),
+        )
+
+    def _guarded(
+        self, n: int, run: Callable[[], list[np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            items_scores = run()
         except Exception as exc:  # ORT's own error types (out of memory, bad shapes)
             first = first_line(exc)
             raise ModelError(
-                f"ONNX Runtime failed on a batch of {len(users)} users ({first}); "
+                f"ONNX Runtime failed on a batch of {n} users ({first}); "
                 "lower --memory-mb or --batch-size"
             ) from None
         return items_scores[0], items_scores[1]
+
+    def top_k(
+        self, users: np.ndarray, seen: SeenItems, item_mask: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(items [B, k] int64, scores [B, k] float32), best first; -inf where none is left.
+
+        `item_mask` may be longer than the model's catalogue (items appended since): only
+        the items the model knows are scored.
+        """
+        users = np.ascontiguousarray(users, dtype=np.int64)
+        item_mask = np.ascontiguousarray(item_mask[: self.n_items], dtype=np.float32)
+        if self._split is not None:
+            scores_session = self._split[0]
+            return self._guarded(
+                len(users),
+                lambda: self._top_k_split(
+                    scores_session, ("users", users), users, seen, item_mask, k
+                ),
+            )
+        session = self.session
+        assert session is not None
+        return self._guarded(
+            len(users),
+            lambda: session.run(
+                ["top_items", "top_scores"],
+                {
+                    "users": users,
+                    "seen": self._known_pairs(seen, users),
+                    "item_mask": item_mask,
+                    "k": np.array([k], dtype=np.int64),
+                },
+            ),
+        )

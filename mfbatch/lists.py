@@ -8,6 +8,8 @@ kind of list `score` serves.
 - Users with at least one rating the model trained on go through the compiled graph.
 - Users with none would be scored from an untrained (zeroed) vector: they get the most
   popular items they have not rated instead, marked `source = 'popularity'`.
+- Users the plan folds in (serving only: ratings the model has not seen) go through the
+  same graph from a vector solved at serving time, marked `source = 'fold-in'`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from mfbatch.inference import Scorer, SeenItems
 
 MODEL = "model"
 POPULARITY = "popularity"
-SOURCES = pa.array([MODEL, POPULARITY])
+FOLD_IN = "fold-in"
+SOURCES = pa.array([MODEL, POPULARITY, FOLD_IN])
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class ListPlan:
     cold: np.ndarray  # bool [n_users]: no rating the model trained on
     popularity: np.ndarray  # int64 [n_items]: ratings per item, what the fallback ranks by
     k: int
+    folded: np.ndarray | None = None  # int64 [n_users]: row in folded_rows, -1 if not folded
+    folded_rows: np.ndarray | None = None  # float32 [F, d+2]: U_aug-layout rows (fold-in)
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,8 @@ class ListBatch:
     users: np.ndarray  # [B] user_idx
     items: np.ndarray  # [B, k] int64
     scores: np.ndarray  # [B, k] float32, best first; -inf where nothing is left to offer
-    from_model: np.ndarray  # bool [B]
+    from_model: np.ndarray  # bool [B]: the graph made the list (trained or folded-in vector)
+    folded: np.ndarray | None = None  # bool [B]: from a folded-in vector
 
     def empty_users(self) -> np.ndarray:
         """Users of the batch left with no item at all."""
@@ -90,17 +96,28 @@ def build_lists(scorer: Scorer, plan: ListPlan, batch_size: int) -> Iterator[Lis
     for start in range(0, len(plan.users), batch_size):
         users = plan.users[start : start + batch_size]
         cold = plan.cold[users]
+        folded = np.zeros(len(users), dtype=bool)
+        if plan.folded is not None:
+            folded = (plan.folded[users] >= 0) & ~cold
+        warm = ~cold & ~folded
         items = np.full((len(users), k), -1, dtype=np.int64)
         scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-        if not cold.all():
-            warm_items, warm_scores = scorer.top_k(users[~cold], plan.seen, plan.item_mask, k)
-            items[~cold], scores[~cold] = warm_items, warm_scores
+        if warm.any():
+            warm_items, warm_scores = scorer.top_k(users[warm], plan.seen, plan.item_mask, k)
+            items[warm], scores[warm] = warm_items, warm_scores
+        if folded.any():
+            assert plan.folded is not None and plan.folded_rows is not None
+            rows = plan.folded_rows[plan.folded[users[folded]]]
+            fold_items, fold_scores = scorer.top_k_rows(
+                users[folded], rows, plan.seen, plan.item_mask, k
+            )
+            items[folded], scores[folded] = fold_items, fold_scores
         if cold.any():
             cold_items, cold_scores = popularity_top_k(
                 users[cold], plan.seen, plan.item_mask, plan.popularity, k
             )
             items[cold], scores[cold] = cold_items, cold_scores
-        yield ListBatch(users, items, scores, ~cold)
+        yield ListBatch(users, items, scores, ~cold, folded)
 
 
 def to_arrow(batch: ListBatch, user_ids: pa.Array, item_ids: pa.Array) -> pa.Table:
@@ -109,9 +126,10 @@ def to_arrow(batch: ListBatch, user_ids: pa.Array, item_ids: pa.Array) -> pa.Tab
     valid = np.isfinite(batch.scores)
     users = np.broadcast_to(batch.users[:, None], batch.items.shape)[valid]
     ranks = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32)[None, :], batch.items.shape)
-    source = np.broadcast_to(
-        np.where(batch.from_model, 0, 1).astype(np.int8)[:, None], batch.items.shape
-    )
+    kind = np.where(batch.from_model, 0, 1)
+    if batch.folded is not None:
+        kind[batch.folded] = 2
+    source = np.broadcast_to(kind.astype(np.int8)[:, None], batch.items.shape)
     return pa.table(
         {
             # Dictionary-encoded: indices into the raw-id arrays, no string copied per row.

@@ -10,6 +10,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
@@ -197,6 +198,8 @@ def write_dataset(
                 rows_added=prepared.ratings.height,
                 new_users=prepared.users.height,
                 new_items=prepared.items.height,
+                # UTC like training_runs.started_at, which score compares it with.
+                created_at=datetime.now(timezone.utc).replace(tzinfo=None),
             )
     finally:
         for name in staged:

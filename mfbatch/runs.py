@@ -115,8 +115,11 @@ class Run:
                 f"{str(metadata.get('dataset_sha256'))[:12]}, but {dataset.path} holds "
                 f"{dataset.sha256[:12]}; train again on this database"
             )
-        shape = (metadata.get("n_users"), metadata.get("n_items"))
-        if shape != (dataset.n_users, dataset.n_items):
+        shape = (int(metadata.get("n_users", -1)), int(metadata.get("n_items", -1)))
+        # `preprocess --append` only adds ids after the ones a model knows, so a database
+        # that has grown since is served (new users folded in); one with fewer ids is not
+        # the data the model was trained on.
+        if not (0 < shape[0] <= dataset.n_users and 0 < shape[1] <= dataset.n_items):
             raise ModelError(
                 f"{self.model_path} covers {shape[0]} users x {shape[1]} items but "
                 f"{dataset.path} has {dataset.n_users} x {dataset.n_items}; train again"

@@ -14,6 +14,7 @@ disk at any point leaves the previous `recommendations` table exactly as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -30,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mfbatch import db
 from mfbatch.config import Config
 from mfbatch.errors import ConfigError, DatabaseError, InputDataError
+from mfbatch.foldin import fold_in, method_for
 from mfbatch.inference import Scorer, SeenItems
 from mfbatch.lists import ListPlan, build_lists, to_arrow
 from mfbatch.runs import Dataset, Run, find_run
@@ -49,6 +52,9 @@ class ScoreSummary:
     partial: bool
     seconds: float
     db: Path
+    folded_users: int = 0
+    fold_seconds: float = 0.0
+    unscorable_items: int = 0
 
     def line(self) -> str:
         rate = self.users / self.seconds if self.seconds else 0.0
@@ -59,10 +65,21 @@ class ScoreSummary:
             else ""
         )
         how = "updated for these users" if self.partial else "replaced"
+        folded = (
+            f", {self.folded_users:,} folded in (ratings the run has not seen; "
+            f"{self.fold_seconds:.2f} s)"
+            if self.folded_users
+            else ""
+        )
+        unscorable = (
+            f"; {self.unscorable_items:,} items the run can't score left out"
+            if self.unscorable_items
+            else ""
+        )
         return (
             f"scored {self.users:,} users with run {self.run_id} ({kind}) on {self.provider}"
-            f"{cold}: {self.rows:,} recommendations, {rate:,.0f} users/s, "
-            f"{self.seconds:.2f} s -> {self.db} (table recommendations {how})"
+            f"{cold}{folded}: {self.rows:,} recommendations, {rate:,.0f} users/s, "
+            f"{self.seconds:.2f} s -> {self.db} (table recommendations {how}){unscorable}"
         )
 
 
@@ -73,6 +90,13 @@ class _Inputs:
     plan: ListPlan
     user_ids: pa.Array
     item_ids: pa.Array
+    # Fold-in: the users to solve (ascending user_idx) and all their ratings as CSR.
+    fold_users: np.ndarray
+    fold_indptr: np.ndarray
+    fold_items: np.ndarray
+    fold_ratings: np.ndarray
+    item_usable: np.ndarray  # bool [model n_items]: items the run trained on
+    unscorable_items: int
 
 
 def _read_ids(path: Path, what: str) -> list[str]:
@@ -111,14 +135,26 @@ def _load_inputs(config: Config) -> _Inputs:
     try:
         dataset = Dataset.load(con, config.db)
         run = find_run(con, config.db, dataset, settings.run_id, role="serve")
-        run.check_model(dataset)
+        metadata = run.check_model(dataset)
         if settings.top_k > dataset.n_items:
             raise ConfigError(
                 f"--top-k: {settings.top_k} is more than the catalogue's {dataset.n_items:,} items"
             )
         # Served lists never hold an item the user rated in any split, whatever run it is.
         seen_frame = db.frame(con, "seen_all")
-        trained = db.frame(con, "trained_counts", all_splits=run.data_seen == "train+val")
+        all_splits = run.data_seen == "train+val"
+        if db.table_exists(con, "dataset_versions"):
+            version = db.record(con, "run_data_version", run_id=run.run_id)
+            assert version is not None  # an aggregate always returns a row
+            trained = db.frame(
+                con, "trained_counts_versioned", all_splits=all_splits, version=version["version"]
+            )
+            fresh = db.frame(
+                con, "fold_in_ratings", all_splits=all_splits, version=version["version"]
+            )
+        else:  # preprocessed before lineage existed: nothing was appended
+            trained = db.frame(con, "trained_counts", all_splits=all_splits)
+            fresh = None
         user_ids = db.frame(con, "user_ids")["user_id"].to_arrow()
         item_ids = db.frame(con, "item_ids")["item_id"].to_arrow()
     finally:
@@ -151,8 +187,27 @@ def _load_inputs(config: Config) -> _Inputs:
     fitted_users[user_counts["idx"].to_numpy()] = user_counts["n"].to_numpy()
     fitted_items = np.zeros(dataset.n_items, dtype=np.int64)
     fitted_items[item_counts["idx"].to_numpy()] = item_counts["n"].to_numpy()
-    # The model knows nothing of items it never trained on: it can't rank them.
+    # The model knows nothing of items it never trained on (or appended after it was
+    # trained, beyond its tables): it can't rank them.
+    model_users, model_items = int(metadata["n_users"]), int(metadata["n_items"])
+    fitted_items[model_items:] = 0
+    fitted_users[model_users:] = 0
     item_mask[fitted_items == 0] = -np.inf
+    folded = np.full(dataset.n_users, -1, dtype=np.int64)
+    fold_users = np.zeros(0, dtype=np.int64)
+    fold_indptr = np.zeros(1, dtype=np.int64)
+    fold_items = np.zeros(0, dtype=np.int64)
+    fold_ratings = np.zeros(0, dtype=np.float32)
+    if fresh is not None and fresh.height:
+        wanted = np.zeros(dataset.n_users, dtype=bool)
+        wanted[users] = True
+        fresh = fresh.filter(pl.Series(wanted[fresh["user_idx"].to_numpy()]))
+        fold_user_rows = fresh["user_idx"].to_numpy().astype(np.int64)
+        fold_users, counts = np.unique(fold_user_rows, return_counts=True)
+        fold_indptr = np.concatenate([[0], np.cumsum(counts)])
+        fold_items = fresh["item_idx"].to_numpy().astype(np.int64)
+        fold_ratings = fresh["rating_norm"].to_numpy().astype(np.float32)
+        folded[fold_users] = np.arange(len(fold_users))
     popularity = np.bincount(seen_frame["item_idx"].to_numpy(), minlength=dataset.n_items)
     seen = SeenItems.from_pairs(
         seen_frame["user_idx"].to_numpy(), seen_frame["item_idx"].to_numpy(), dataset.n_users
@@ -161,11 +216,24 @@ def _load_inputs(config: Config) -> _Inputs:
         users=users,
         seen=seen,
         item_mask=item_mask,
-        cold=fitted_users == 0,
+        cold=(fitted_users == 0) & (folded < 0),
         popularity=popularity,
         k=settings.top_k,
+        folded=folded,
     )
-    return _Inputs(run, dataset, plan, user_ids, item_ids)
+    return _Inputs(
+        run,
+        dataset,
+        plan,
+        user_ids,
+        item_ids,
+        fold_users,
+        fold_indptr,
+        fold_items,
+        fold_ratings,
+        item_usable=fitted_items[:model_items] > 0,
+        unscorable_items=int((fitted_items == 0).sum()),
+    )
 
 
 def remove_stale_spools(folder: Path) -> int:
@@ -214,7 +282,21 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
             highlight=False,
             soft_wrap=True,
         )
-    n_items = inputs.dataset.n_items
+    fold_started = time.perf_counter()
+    plan = inputs.plan
+    if len(inputs.fold_users):
+        # Ratings the run has not seen: a vector solved against its frozen item tables.
+        rows = fold_in(
+            inputs.fold_indptr,
+            inputs.fold_items,
+            inputs.fold_ratings,
+            scorer.items_aug_t,
+            method=method_for(run.objective),
+            usable=inputs.item_usable,
+        )
+        plan = dataclasses.replace(plan, folded_rows=rows)
+    fold_seconds = time.perf_counter() - fold_started
+    n_items = scorer.n_items
     batch = settings.batch_size or scorer.auto_batch_size(n_items, settings.memory_mb)
     lo, hi = inputs.dataset.rating_min, inputs.dataset.rating_max
     created = datetime.now(timezone.utc).replace(tzinfo=None)
@@ -243,8 +325,8 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
             transient=True,
         )
         with progress:
-            task = progress.add_task("score", total=len(inputs.plan.users))
-            for lists in build_lists(scorer, inputs.plan, batch):
+            task = progress.add_task("score", total=len(plan.users))
+            for lists in build_lists(scorer, plan, batch):
                 empty.extend(lists.empty_users()[: 5 - len(empty)].tolist())
                 popularity_users += int((~lists.from_model).sum())
                 table = _with_rating(
@@ -285,6 +367,9 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         partial=settings.users is not None,
         seconds=time.perf_counter() - started,
         db=config.db,
+        folded_users=len(inputs.fold_users),
+        fold_seconds=fold_seconds,
+        unscorable_items=inputs.unscorable_items,
     )
 
 
@@ -292,7 +377,8 @@ def _with_rating(table: pa.Table, objective: str, lo: float, hi: float) -> pa.Ta
     """predicted_rating in stars where the score is one (a rating model's, on model rows)."""
     scores = table.column("score").to_numpy()
     if objective == "rating":
-        from_model = np.asarray(table.column("source").combine_chunks().indices) == 0
+        # Trained and folded-in vectors alike (a rating model's fold-in solves its offset).
+        from_model = np.asarray(table.column("source").combine_chunks().indices) != 1
         stars = np.where(from_model, np.clip(scores, 0.0, 1.0) * (hi - lo) + lo, np.nan)
         predicted = pa.array(stars, mask=~from_model)
     else:

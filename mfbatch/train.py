@@ -109,7 +109,7 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
     con = db.connect(config.db, read_only=True)
     try:
         dataset = Dataset.load(con, config.db)
-        frame = db.frame(con, "training_ratings")
+        frame = db.frame(con, "training_ratings", all_splits=settings.on == "all")
         parent: str | None = None
         epochs: int | None = None
         if settings.on == "all":

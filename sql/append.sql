@@ -66,5 +66,5 @@ UPDATE dataset_meta SET
 -- name: append_insert_version
 INSERT INTO dataset_versions VALUES (
     $version, $parent, $sha256, $source, $rows_in, $rows_added, $new_users, $new_items,
-    $replaced, now()::TIMESTAMP
+    $replaced, $created_at
 );

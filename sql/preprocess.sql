@@ -100,7 +100,7 @@ CREATE TABLE dataset_versions (
 -- name: insert_base_version
 INSERT INTO dataset_versions VALUES (
     0, NULL, $dataset_sha256, $source, $rows_in, $rows_added, $new_users, $new_items, 0,
-    now()::TIMESTAMP
+    $created_at
 );
 
 -- name: insert_users

@@ -67,3 +67,37 @@ ALTER TABLE recommendations_staging RENAME TO recommendations;
 
 -- name: count_recommendations
 SELECT count(*), count(DISTINCT user_id) FROM recommendations;
+
+-- name: run_data_version
+-- The newest dataset version that existed when the run started: every version it could
+-- have read. Train reads the data after it records started_at and an append can't commit
+-- while train holds the database, so this errs only towards folding in more users.
+SELECT coalesce(max(v.version), 0) AS version
+FROM dataset_versions v, training_runs r
+WHERE r.run_id = $run_id AND v.created_at <= r.started_at;
+
+-- name: trained_counts_versioned
+-- trained_counts on a database with a lineage: a 'train' row was fitted by every run
+-- (replaced or not, it was there at version 0); 'val' rows by a refit; appended rows by a
+-- refit that started after they were added.
+SELECT 'user' AS kind, user_idx AS idx, count(*) AS n
+FROM ratings
+WHERE split = 'train' OR ($all_splits AND (split = 'val' OR version <= $version))
+GROUP BY user_idx
+UNION ALL
+SELECT 'item' AS kind, item_idx AS idx, count(*) AS n
+FROM ratings
+WHERE split = 'train' OR ($all_splits AND (split = 'val' OR version <= $version))
+GROUP BY item_idx;
+
+-- name: fold_in_ratings
+-- Every rating of the users the run has not seen all of: ratings added or replaced after
+-- the run's data version, or appended ratings under a run that fits the train split only.
+-- All their ratings, old ones included, go into the solve.
+WITH fresh AS (
+    SELECT DISTINCT user_idx FROM ratings
+    WHERE version > $version OR (split = 'append' AND NOT $all_splits)
+)
+SELECT r.user_idx, r.item_idx, r.rating_norm
+FROM ratings r SEMI JOIN fresh USING (user_idx)
+ORDER BY r.user_idx, r.item_idx;
