@@ -25,8 +25,8 @@ from typing import Literal
 
 import numpy as np
 
-Method = Literal["wls", "softmax", "ridge"]
-METHODS: tuple[Method, ...] = ("wls", "softmax", "ridge")
+Method = Literal["wls", "softmax", "newton", "ridge"]
+METHODS: tuple[Method, ...] = ("wls", "softmax", "newton", "ridge")
 # Entries of the padded [users, longest, d] gather per chunk: bounds memory (~64 MB).
 _CHUNK_ENTRIES = 1 << 24
 
@@ -39,7 +39,7 @@ def item_tables(items_aug_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def method_for(objective: str) -> Method:
     """The fold-in a serving model gets: its own loss where that is cheap enough."""
-    return "ridge" if objective == "rating" else "wls"
+    return "ridge" if objective == "rating" else "softmax"
 
 
 def fold_in(
@@ -48,10 +48,11 @@ def fold_in(
     ratings: np.ndarray,
     items_aug_t: np.ndarray,
     *,
-    method: Method = "wls",
+    method: Method = "softmax",
     l2: float | None = None,
     alpha: float = 10.0,
-    steps: int = 5,
+    target: float = 1.0,
+    steps: int = 2,
     usable: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows [F, d+2] float32 for F users given as CSR (indptr [F+1], items, ratings in [0,1]).
@@ -71,7 +72,7 @@ def fold_in(
         items, ratings = items[keep], ratings[keep]
         indptr = np.concatenate([[0], np.cumsum(lengths)])
     if l2 is None:
-        l2 = {"wls": 1.0, "softmax": 1.0, "ridge": 0.1}[method]
+        l2 = {"wls": 1.0, "softmax": 10.0, "newton": 10.0, "ridge": 0.1}[method]
     n_users = len(indptr) - 1
     rows = np.zeros((n_users, d + 2), dtype=np.float32)
     rows[:, d] = 1.0
@@ -84,10 +85,12 @@ def fold_in(
     b_pad = np.concatenate([b, np.zeros(1, dtype=b.dtype)])
     gram = (q.T.astype(np.float64) @ q.astype(np.float64)) if method != "ridge" else None
     q_b = (q.T.astype(np.float64) @ b.astype(np.float64)) if method != "ridge" else None
+    shared = _popularity_softmax(q, b) if method == "softmax" else None
     start = 0
     while start < n_users:
         longest = max(int(lengths[order[min(start + 1, n_users) - 1]]), 1)
-        size = max(1, _CHUNK_ENTRIES // (longest * max(d, 1)))
+        # Bounded by the padded gather [B, L, d] and by a [B, I] score pass.
+        size = max(1, min(_CHUNK_ENTRIES // (longest * max(d, 1)), _CHUNK_ENTRIES // n_items))
         chunk = order[start : start + size]
         longest = max(int(lengths[chunk].max()), 1)
         # Padded [B, L] item index (padding -> the zero row) and rating.
@@ -102,8 +105,11 @@ def fold_in(
             rows[chunk] = _ridge(qu, bu, r, valid, l2)
         else:
             assert gram is not None and q_b is not None
-            p = _wls(qu, bu, valid, gram, q_b, l2, alpha)
             if method == "softmax":
+                p = _softmax_shared(qu, valid, q, b, l2, steps, shared)
+            else:
+                p = _wls(qu, bu, valid, gram, q_b, l2, alpha, target)
+            if method == "newton":
                 p = _softmax_newton(p, qu, valid, q, b, l2, steps)
             rows[chunk, :d] = p
         start += len(chunk)
@@ -123,14 +129,57 @@ def _wls(
     q_b: np.ndarray,
     l2: float,
     alpha: float,
+    target: float,
 ) -> np.ndarray:
     d = qu.shape[2]
     own = np.matmul(qu.transpose(0, 2, 1), qu).astype(np.float64)  # [B, d, d]; pads are 0
     a = gram[None] + alpha * own + l2 * np.eye(d)[None]
     # Rated: target 1 - b_i at weight 1 + alpha; unrated: target -b_i at weight 1.
-    weight = np.where(valid, (1.0 + alpha) * (1.0 - bu) + bu, 0.0)
+    weight = np.where(valid, (1.0 + alpha) * (target - bu) + bu, 0.0)
     rhs = np.einsum("bl,bld->bd", weight, qu).astype(np.float64) - q_b[None]
     return np.linalg.solve(a, rhs[..., None])[..., 0].astype(np.float32)
+
+
+def _popularity_softmax(q: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The softmax at p = 0 (pi_0 = softmax(b)), shared by every user: its mean m_0 and
+    the eigenbasis of its covariance C_0, so (n C_0 + l2 I)^-1 is a diagonal per user."""
+    q64, b64 = q.astype(np.float64), b.astype(np.float64)
+    pi = np.exp(b64 - b64.max())
+    pi /= pi.sum()
+    mean = pi @ q64
+    cov = (q64 * pi[:, None]).T @ q64 - np.outer(mean, mean)
+    values, vectors = np.linalg.eigh(cov)
+    return mean, np.maximum(values, 0.0), vectors
+
+
+def _softmax_shared(
+    qu: np.ndarray,
+    valid: np.ndarray,
+    q: np.ndarray,
+    b: np.ndarray,
+    l2: float,
+    steps: int,
+    shared: tuple[np.ndarray, ...] | None,
+) -> np.ndarray:
+    """Ascent on the full-softmax log-likelihood, each step preconditioned by the Hessian
+    at p = 0. The first step needs no scores (the gradient at 0 is sum_R q_i - n m_0): a
+    closed form; further steps pay one [B, I] score pass each."""
+    assert shared is not None
+    mean0, values, vectors = shared
+    n = valid.sum(1).astype(np.float64)
+    positives = qu.sum(1).astype(np.float64)
+    scale = 1.0 / (n[:, None] * values[None] + l2)  # [B, d] in the eigenbasis
+    p = np.zeros_like(positives)
+    grad = positives - n[:, None] * mean0
+    for step in range(max(steps, 1)):
+        if step:
+            logits = p.astype(np.float32) @ q.T + b[None]
+            logits -= logits.max(1, keepdims=True)
+            pi = np.exp(logits)
+            pi /= pi.sum(1, keepdims=True)
+            grad = positives - n[:, None] * (pi @ q).astype(np.float64) - l2 * p
+        p = p + ((grad @ vectors) * scale) @ vectors.T
+    return p.astype(np.float32)
 
 
 def _softmax_newton(
@@ -158,7 +207,8 @@ def _softmax_newton(
             pi /= pi.sum(1, keepdims=True)
             mean = pi @ q64  # [B, d]
             grad = positives[sl] - n[sl, None] * mean - l2 * p64[sl]
-            second = np.einsum("bi,id,ie->bde", pi, q64, q64)
+            # E_pi[q q'] per user as one batched GEMM ([B, d, I] @ [I, d]), not an einsum.
+            second = np.matmul((pi[:, :, None] * q64[None]).transpose(0, 2, 1), q64)
             cov = second - mean[:, :, None] * mean[:, None, :]
             hess = n[sl, None, None] * cov + l2 * np.eye(d)[None]
             p64[sl] = p64[sl] + np.linalg.solve(hess, grad[..., None])[..., 0]

@@ -78,8 +78,16 @@ def split_files(zip_path: Path, work: Path, seed: int) -> pl.DataFrame:
 
 def prepare(work: Path, db: Path, source: str) -> None:
     common = ("--dataset", "csv", "--rating-min", "1", "--rating-max", "5", "--db", db)
-    cli("preprocess", "--source", work / source, "--split", "user-time", "--val-fraction",
-        "0.2", *common)
+    cli(
+        "preprocess",
+        "--source",
+        work / source,
+        "--split",
+        "user-time",
+        "--val-fraction",
+        "0.2",
+        *common,
+    )
     cli("train", "--db", db, "--export-dir", work / "export")
     cli("train", "--db", db, "--on", "all", "--export-dir", work / "export")
 
@@ -134,16 +142,25 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     newest = split_files(args.zip, work, args.seed)
     truth: dict[str, set[str]] = {}
-    for user, item in newest.select(pl.col("user_id").cast(pl.String),
-                                    pl.col("item_id").cast(pl.String)).iter_rows():
+    for user, item in newest.select(
+        pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)
+    ).iter_rows():
         truth.setdefault(user, set()).add(item)
     users = sorted(truth)
     fold_db, full_db = work / "foldin.duckdb", work / "retrain.duckdb"
     if not fold_db.exists():
         print("base model (held-out users unseen):", flush=True)
         prepare(work, fold_db, "base.csv")
-        cli("preprocess", "--append", "--dataset", "csv", "--source", work / "appended.csv",
-            "--db", fold_db)
+        cli(
+            "preprocess",
+            "--append",
+            "--dataset",
+            "csv",
+            "--source",
+            work / "appended.csv",
+            "--db",
+            fold_db,
+        )
     if not full_db.exists():
         print("full retrain on everything appended:", flush=True)
         prepare(work, full_db, "everything.csv")
@@ -158,7 +175,7 @@ def main() -> None:
 
     con = duckdb.connect(str(fold_db), read_only=True)
     n_users, n_items = con.execute("SELECT n_users, n_items FROM dataset_meta").fetchone()
-    r = con.execute("SELECT user_idx, item_idx, rating_norm FROM ratings").fetchnumpy()
+    r = con.execute("SELECT user_idx, item_idx, rating_norm, version FROM ratings").fetchnumpy()
     user_ids = [u for (u,) in con.execute("SELECT user_id FROM users ORDER BY user_idx").fetchall()]
     item_ids = [i for (i,) in con.execute("SELECT item_id FROM items ORDER BY item_idx").fetchall()]
     export = con.execute(
@@ -167,6 +184,7 @@ def main() -> None:
     ).fetchone()[0]
     con.close()
     index = {u: i for i, u in enumerate(user_ids)}
+    users = sorted(users, key=index.__getitem__)  # by user_idx, the CSR's row order
     held_idx = np.array([index[u] for u in users])
     x = np.zeros((n_users, n_items), dtype=np.float32)
     x[r["user_idx"], r["item_idx"]] = 1.0
@@ -181,8 +199,9 @@ def main() -> None:
     b = inverse / (-np.diag(inverse))
     b[np.diag_indices(n_items)] = 0.0
     ease = table_lists(x[held_idx] @ b, rated, k, item_ids, users)
-    rows.append((f"EASE lambda={args.ease_lambda:g} (all appended data)",
-                 *metrics(ease, truth, k), ""))
+    rows.append(
+        (f"EASE lambda={args.ease_lambda:g} (all appended data)", *metrics(ease, truth, k), "")
+    )
 
     # Each fold-in method on the served model's own tables, timed on the same users.
     import onnx
@@ -192,8 +211,7 @@ def main() -> None:
 
     folder = Path(export) if Path(export).is_absolute() else fold_db.parent / export
     proto = onnx.load_model(str(folder / ONNX_FILE))
-    v_aug_t = next(numpy_helper.to_array(t) for t in proto.graph.initializer
-                   if t.name == "V_aug_t")
+    v_aug_t = next(numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == "V_aug_t")
     model_items = v_aug_t.shape[1]
     order = np.argsort(r["user_idx"], kind="stable")
     held_set = np.isin(r["user_idx"][order], held_idx)
@@ -201,16 +219,32 @@ def main() -> None:
     pick = pick[np.argsort(r["user_idx"][pick], kind="stable")]
     lens = np.bincount(np.searchsorted(held_idx, r["user_idx"][pick]), minlength=len(held_idx))
     indptr = np.concatenate([[0], np.cumsum(lens)])
+    # The refit trained on every rating of version 0; items without one are zero rows.
+    trained_items = np.zeros(n_items, dtype=bool)
+    trained_items[r["item_idx"][r["version"] == 0]] = True
+    usable = trained_items[:model_items]
     for method in METHODS:
         started = time.perf_counter()
-        vectors = fold_in(indptr, r["item_idx"][pick], r["rating_norm"][pick], v_aug_t,
-                          method=method)
+        vectors = fold_in(
+            indptr,
+            r["item_idx"][pick],
+            r["rating_norm"][pick],
+            v_aug_t,
+            method=method,
+            usable=usable,
+        )
         seconds = time.perf_counter() - started
         scores = np.full((len(users), n_items), -np.inf)
         scores[:, :model_items] = vectors.astype(np.float64) @ v_aug_t
+        scores[:, ~trained_items] = -np.inf  # as score does: never an untrained item
         lists = table_lists(scores, rated, k, item_ids, users)
-        rows.append((f"fold-in method={method}", *metrics(lists, truth, k),
-                     f"{seconds * 1000:.0f} ms for {len(users)} users"))
+        rows.append(
+            (
+                f"fold-in method={method}",
+                *metrics(lists, truth, k),
+                f"{seconds * 1000:.0f} ms for {len(users)} users",
+            )
+        )
 
     base_recall = rows[1][1]
     pop_recall = rows[2][1]
@@ -218,8 +252,10 @@ def main() -> None:
     print(f"| recommender | Recall@{k} | NDCG@{k} | vs retrain | vs popularity | note |")
     print("|---|---|---|---|---|---|")
     for name, recall, ndcg, note in rows:
-        print(f"| {name} | {recall:.4f} | {ndcg:.4f} | {recall / base_recall:.2f}x | "
-              f"{recall / pop_recall:.2f}x | {note} |")
+        print(
+            f"| {name} | {recall:.4f} | {ndcg:.4f} | {recall / base_recall:.2f}x | "
+            f"{recall / pop_recall:.2f}x | {note} |"
+        )
 
 
 if __name__ == "__main__":
