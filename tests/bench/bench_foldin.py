@@ -61,7 +61,7 @@ def split_files(zip_path: Path, work: Path, seed: int) -> pl.DataFrame:
     )
     users = np.sort(ratings["user_id"].unique().to_numpy())
     rng = np.random.default_rng(seed)
-    held = rng.choice(users, size=int(round(HOLDOUT * len(users))), replace=False)
+    held = rng.choice(users, size=round(HOLDOUT * len(users)), replace=False)
     is_held = pl.col("user_id").is_in(held.tolist())
     base = ratings.filter(~is_held)
     ranked = ratings.filter(is_held).with_columns(
@@ -205,9 +205,9 @@ def main() -> None:
 
     # Each fold-in method on the served model's own tables, timed on the same users.
     import onnx
+    from onnx import numpy_helper
 
     from mfbatch.foldin import METHODS, fold_in
-    from onnx import numpy_helper
 
     folder = Path(export) if Path(export).is_absolute() else fold_db.parent / export
     proto = onnx.load_model(str(folder / ONNX_FILE))
