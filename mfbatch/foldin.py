@@ -72,7 +72,9 @@ def fold_in(
         items, ratings = items[keep], ratings[keep]
         indptr = np.concatenate([[0], np.cumsum(lengths)])
     if l2 is None:
-        l2 = {"wls": 1.0, "softmax": 10.0, "newton": 10.0, "ridge": 0.1}[method]
+        # Measured: softmax on ML-100K strong generalization (README); ridge as the
+        # overlap of refolded trained users' lists with their own (tests/test_foldin.py).
+        l2 = {"wls": 1.0, "softmax": 10.0, "newton": 10.0, "ridge": 1.0}[method]
     n_users = len(indptr) - 1
     rows = np.zeros((n_users, d + 2), dtype=np.float32)
     rows[:, d] = 1.0
