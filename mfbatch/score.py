@@ -286,7 +286,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     plan = inputs.plan
     if len(inputs.fold_users):
         # Ratings the run has not seen: a vector solved against its frozen item tables.
-        rows = fold_in(
+        folded_rows = fold_in(
             inputs.fold_indptr,
             inputs.fold_items,
             inputs.fold_ratings,
@@ -294,7 +294,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
             method=method_for(run.objective),
             usable=inputs.item_usable,
         )
-        plan = dataclasses.replace(plan, folded_rows=rows)
+        plan = dataclasses.replace(plan, folded_rows=folded_rows)
     fold_seconds = time.perf_counter() - fold_started
     n_items = scorer.n_items
     batch = settings.batch_size or scorer.auto_batch_size(n_items, settings.memory_mb)
