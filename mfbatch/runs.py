@@ -90,7 +90,9 @@ class Run:
         return self.export_path / ONNX_FILE
 
     def require_dataset(self, dataset: Dataset) -> None:
-        """The run must have been trained on the data the database holds now."""
+        """The run must have been trained on the data the database holds now, or on an
+        earlier version of it: `preprocess --append` keeps dataset_sha256 (the id mapping
+        and split), a re-preprocess that remaps ids does not."""
         if self.dataset_sha256 != dataset.sha256:
             raise ModelError(
                 f"run {self.run_id} was trained on dataset {self.dataset_sha256[:12]}, but "

@@ -471,3 +471,18 @@ def test_append_flags_are_checked(db: Path, tmp_path: Path, user_error: Callable
     )
     user_error(result, 4, "does not exist")
     assert not (tmp_path / "none.duckdb").exists()
+
+
+def test_a_database_from_before_lineage_is_served_and_asked_to_re_preprocess(
+    db: Path, tmp_path: Path, user_error: Callable[..., str]
+) -> None:
+    con = duckdb.connect(str(db))
+    con.execute("DROP TABLE dataset_versions")
+    con.execute("ALTER TABLE ratings DROP COLUMN version")
+    con.close()
+    line = _score(db).strip().splitlines()[-1]
+    assert "folded in" not in line and "scored 60 users" in line, line
+    before = _rows(db, "SELECT count(*) FROM ratings")
+    result = _append(db, _day(db, tmp_path))
+    user_error(result, 4, "older mfbatch", "preprocess` again")
+    assert _rows(db, "SELECT count(*) FROM ratings") == before
