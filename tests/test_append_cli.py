@@ -128,16 +128,17 @@ def _score(db: Path, *args: str) -> str:
 
 def test_append_counts_and_keeps_the_split(db: Path, tmp_path: Path) -> None:
     before = dict(_rows(db, "SELECT split, count(*) FROM ratings GROUP BY split"))
-    ((user, item, stored),) = _rows(
+    (user, item, stored), (old_user, old_item, old_rating) = _rows(
         db,
         "SELECT u.user_id, i.item_id, r.rating FROM ratings r JOIN users u USING (user_idx) "
-        "JOIN items i USING (item_idx) WHERE split = 'val' ORDER BY 1, 2 LIMIT 1",
+        "JOIN items i USING (item_idx) WHERE split = 'val' ORDER BY 1, 2 LIMIT 2",
     )
     new_rating = 1 if stored != 1 else 5
     source = _csv(
         tmp_path / "day1.csv",
         [
             (user, item, new_rating, 2_000_000_000),  # replaces a val rating, stays 'val'
+            (old_user, old_item, 1 if old_rating != 1 else 5, 0),  # older than stored: ignored
             ("new-a", item, 4, 2_000_000_001),
             ("new-a", "new-item", 5, 2_000_000_002),
             ("new-b", item, 3, 2_000_000_003),
@@ -148,7 +149,8 @@ def test_append_counts_and_keeps_the_split(db: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     line = result.stdout.strip()
     assert "as version 1 (1 duplicate (user, item) dropped)" in line, line
-    assert "3 new ratings, 1 replaced, 2 new users, 1 new items" in line, line
+    counted = "3 new ratings, 1 replaced, 1 older than the stored rating ignored, 2 new users"
+    assert counted + ", 1 new items" in line, line
     after = dict(_rows(db, "SELECT split, count(*) FROM ratings GROUP BY split"))
     assert after == {**before, "append": 3}
     assert _rows(
@@ -163,6 +165,13 @@ def test_append_counts_and_keeps_the_split(db: Path, tmp_path: Path) -> None:
         "SELECT r.rating FROM ratings r JOIN users u USING (user_idx) "
         "JOIN items i USING (item_idx) WHERE u.user_id = 'new-b'",
     ) == [(2.0,)]
+    assert _rows(
+        db,
+        "SELECT rating, version FROM ratings r JOIN users u USING (user_idx) "
+        "JOIN items i USING (item_idx) WHERE u.user_id = $u AND i.item_id = $i",
+        u=old_user,
+        i=old_item,
+    ) == [(old_rating, 0)]
     ((n_users, n_items, n_train, n_val),) = _rows(
         db, "SELECT n_users, n_items, n_train, n_val FROM dataset_meta"
     )
@@ -215,7 +224,8 @@ def test_any_sequence_of_appends_keeps_every_mapping(
             users, items = _mapping(db, "users"), _mapping(db, "items")
             old_pairs = dict(_pairs(db))
             source = _csv(
-                Path(folder) / f"day{day}.csv", [(*r, 2_000 + i) for i, r in enumerate(rows)]
+                Path(folder) / f"day{day}.csv",
+                [(*r, 2_000 + 100 * day + i) for i, r in enumerate(rows)],
             )
             result = _append(db, source)
             assert result.exit_code == 0, result.stderr

@@ -115,7 +115,7 @@ def test_the_preprocess_queries_build_the_contract_tables() -> None:
             ],
         }
         with pytest.raises(duckdb.ConstraintException):
-            con.execute("INSERT INTO ratings VALUES (0, 0, 1, 0, NULL, 'test', false, false)")
+            con.execute("INSERT INTO ratings VALUES (0, 0, 1, 0, NULL, 'test', false, false, 0)")
         db.run(con, "drop_ratings")
         assert not db.table_exists(con, "ratings")
     finally:
