@@ -6,6 +6,7 @@ on stderr and an exit code, so a user error never shows a traceback.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -30,15 +31,67 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", help="TOML config file (tables data, split, train, score)."),
 ]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the summary as one JSON object instead.")
+]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress or notes; only the summary (or errors)."),
+]
 DbOpt = Annotated[
     Path | None,
     typer.Option("--db", help="DuckDB file (default: the config's db, else mfbatch.duckdb)."),
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from mfbatch import __version__
+
+        typer.echo(f"mfbatch {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
-    """Batch matrix-factorization recommender: preprocess -> train -> score -> evaluate."""
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Batch matrix-factorization recommender: preprocess -> train -> evaluate -> score."""
+
+
+def _plain(value: Any) -> Any:
+    """A summary as JSON-able data: dataclasses to dicts, paths and times to strings."""
+    import dataclasses
+    from datetime import datetime
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _emit(summary: Any, as_json: bool) -> None:
+    """Every command's last line: its one-line summary, or the summary as one JSON object."""
+    import json
+
+    typer.echo(json.dumps(_plain(summary)) if as_json else summary.line())
+
+
+def _console(quiet: bool, as_json: bool) -> Console | None:
+    # No console: the library prints no progress and no notes.
+    return None if quiet or as_json else console
 
 
 def _guard(action: Callable[[], T]) -> T:
@@ -108,6 +161,8 @@ def preprocess(
         Path | None, typer.Option(help="Where downloads are kept (~/.cache/mfbatch).")
     ] = None,
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Read ratings, map ids, scale to [0,1], split train/val, write DuckDB tables."""
     from mfbatch.config import load_config
@@ -139,8 +194,7 @@ def preprocess(
         )
         if time_col == "":
             resolved = _without_time(resolved)
-        summary = run_preprocess(config=resolved, console=console)
-        typer.echo(summary.line())
+        _emit(run_preprocess(config=resolved, console=_console(quiet, as_json)), as_json)
 
     _guard(action)
 
@@ -193,6 +247,8 @@ def train(
     ] = None,
     export_dir: Annotated[Path | None, typer.Option(help="Where runs are saved (export/).")] = None,
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train the MF model on the train split, early-stop on val, save export/<run_id>/."""
     from mfbatch.config import load_config
@@ -226,8 +282,7 @@ def train(
                 )
             },
         )
-        summary = run_train(config=resolved, console=console)
-        typer.echo(summary.line())
+        _emit(run_train(config=resolved, console=_console(quiet, as_json)), as_json)
 
     _guard(action)
 
@@ -237,6 +292,8 @@ def export(
     db: DbOpt = None,
     run_id: Annotated[str, typer.Option(help="Run to export: an id or 'latest'.")] = "latest",
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Re-export a trained run to its folder's model.onnx (train already does this)."""
     from mfbatch.config import load_config
@@ -244,7 +301,8 @@ def export(
 
     def action() -> None:
         resolved = load_config(config, db=db)
-        typer.echo(f"exported {export_run(db_path=resolved.db, run_id=run_id)}")
+        path = export_run(db_path=resolved.db, run_id=run_id)
+        typer.echo(json.dumps({"exported": str(path)}) if as_json else f"exported {path}")
 
     _guard(action)
 
@@ -277,7 +335,16 @@ def score(
     exclude_items: Annotated[
         Path | None, typer.Option(help="File of item ids: never recommend these.")
     ] = None,
+    keep_history: Annotated[
+        int | None, typer.Option(help="Publishes kept in recommendation_history (7).")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Also write the lists to a .parquet/.csv file or a Parquet folder."),
+    ] = None,
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Serve: top-K items each user has not rated (any split) into table recommendations."""
     from mfbatch.config import load_config
@@ -298,10 +365,12 @@ def score(
                     users=users,
                     include_items=include_items,
                     exclude_items=exclude_items,
+                    keep_history=keep_history,
+                    output=output,
                 )
             },
         )
-        typer.echo(run_score(config=resolved, console=console).line())
+        _emit(run_score(config=resolved, console=_console(quiet, as_json)), as_json)
 
     _guard(action)
 
@@ -322,7 +391,8 @@ def evaluate(
         str | None, typer.Option(help="auto (CUDA when present), cuda or cpu.")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (all cores).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Measure the validated run on its own top-K lists vs popularity (never the served table)."""
@@ -340,11 +410,14 @@ def evaluate(
                 "score": _overrides(provider=provider, threads=threads),
             },
         )
-        return run_evaluate(config=resolved, console=console)
+        return run_evaluate(config=resolved, console=_console(quiet, as_json))
 
     result = _guard(action)
     if as_json:
         typer.echo(result.to_json())
+        return
+    if quiet:
+        typer.echo(result.line())
         return
     table = Table(title=f"run {result.run_id}, K={result.k}")
     for column in ("metric", "mfbatch", "popularity", "lift"):
@@ -373,6 +446,8 @@ def recommend(
     user: Annotated[str, typer.Option("--user", help="Raw user id, as in the users table.")],
     db: DbOpt = None,
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """One user's served list beside their own top-rated items."""
     from rich.table import Table
@@ -381,6 +456,9 @@ def recommend(
     from mfbatch.recommend import recommend as run_recommend
 
     report = _guard(lambda: run_recommend(db_path=load_config(config, db=db).db, user_id=user))
+    if as_json or quiet:
+        _emit(report, as_json)
+        return
     out = Console()
     recs = Table(title=f"recommended for user {report.user_id} (run {report.run_id})")
     for column in ("rank", "item", "title", "genres", "score", "source"):
@@ -401,6 +479,133 @@ def recommend(
         rated.add_row(item.item_id, item.title or "", f"{item.rating:g}", item.split)
     out.print(recs)
     out.print(rated)
+    typer.echo(report.line())
+
+
+@app.command()
+def runs(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the runs as one JSON array.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Every training run: what it is, how it measured, whether it is served."""
+    from rich.table import Table
+
+    from mfbatch.config import load_config
+    from mfbatch.runs import list_runs
+
+    listing = _guard(lambda: list_runs(db_path=load_config(config, db=db).db))
+    if as_json:
+        typer.echo(json.dumps(_plain(listing)))
+        return
+    if not quiet:
+        table = Table(title="training runs, newest first")
+        for column in ("run", "objective", "data seen", "status", "epochs", "Recall", "NDCG",
+                       "RMSE", "served"):  # fmt: skip
+            table.add_column(column)
+        for run in listing:
+            served = ", ".join(
+                part
+                for part in (
+                    "promoted" if run.promoted else "",
+                    f"{run.served_users:,} users" if run.served_users else "",
+                    "" if run.current_data else "other data",
+                )
+                if part
+            )
+            table.add_row(
+                run.run_id,
+                run.objective,
+                run.data_seen,
+                run.status,
+                f"{run.best_epoch}/{run.epochs_run}",
+                "-" if run.val_recall is None else f"{run.val_recall:.4f}",
+                "-" if run.val_ndcg is None else f"{run.val_ndcg:.4f}",
+                "-" if run.val_rmse is None else f"{run.val_rmse:.4f}",
+                served or "-",
+            )
+        Console().print(table)
+    typer.echo(f"{len(listing)} runs in {load_config(config, db=db).db}")
+
+
+@app.command()
+def serve(
+    run_id: Annotated[
+        str | None, typer.Option(help="The run `score` serves by default from now on.")
+    ] = None,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="Serve the newest refit again (the default).")
+    ] = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Choose the run `mfbatch score` serves (instead of the newest refit)."""
+    from mfbatch.config import load_config
+    from mfbatch.errors import ConfigError
+    from mfbatch.runs import promote
+
+    def action() -> str:
+        if (run_id is None) == (not clear):
+            raise ConfigError("serve: pass --run-id ID to promote a run, or --clear")
+        path = load_config(config, db=db).db
+        run = promote(db_path=path, run_id=run_id)
+        if run is None:
+            return f"{path}: score serves the newest refit again"
+        return f"{path}: score now serves run {run.run_id} ({run.data_seen})"
+
+    line = _guard(action)
+    typer.echo(json.dumps({"serving": run_id}) if as_json else line)
+
+
+@app.command()
+def diff(
+    before: Annotated[int | None, typer.Option(help="Earlier publish (default: previous).")] = None,
+    after: Annotated[int | None, typer.Option(help="Later publish (default: newest).")] = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    show: Annotated[int, typer.Option(help="Items entered/left to list (10).")] = 10,
+) -> None:
+    """What changed between two nights' served lists (users, items entered and left)."""
+    from mfbatch.config import load_config
+    from mfbatch.history import diff as run_diff
+
+    result = _guard(
+        lambda: run_diff(db_path=load_config(config, db=db).db, before=before, after=after)
+    )
+    if not as_json:
+        for label, items in (("entered", result.items_entered), ("left", result.items_left)):
+            if items:
+                more = f" (+{len(items) - show:,} more)" if len(items) > show else ""
+                typer.echo(f"items {label}: {', '.join(items[:show])}{more}")
+    _emit(result, as_json)
+
+
+@app.command("export-lists")
+def export_lists(
+    output: Annotated[
+        Path, typer.Option(help="A .parquet or .csv file, or a folder (Parquet by run_id).")
+    ],
+    publish: Annotated[
+        int | None, typer.Option(help="A kept publish instead of the current lists.")
+    ] = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the served lists (raw ids, rank, score, source, run id) for a warehouse."""
+    from mfbatch.config import load_config
+    from mfbatch.history import export_lists as run_export
+
+    path, rows = _guard(
+        lambda: run_export(db_path=load_config(config, db=db).db, out=output, publish=publish)
+    )
+    summary = {"output": str(path), "rows": rows}
+    typer.echo(json.dumps(summary) if as_json else f"wrote {rows:,} rows to {path}")
 
 
 def _without_time(resolved: Any) -> Any:

@@ -251,9 +251,15 @@ class ScoreConfig:
     users: Path | None = None
     include_items: Path | None = None
     exclude_items: Path | None = None
+    keep_history: int = 7  # publishes of the served table kept in recommendation_history
+    output: Path | None = None  # also write the served lists here (.parquet, .csv, folder)
 
     def __post_init__(self) -> None:
         _choice("--provider", self.provider, Provider)
+        if isinstance(self.keep_history, bool) or self.keep_history < 1:
+            raise ConfigError(
+                f"--keep-history: must be a whole number >= 1, got {self.keep_history!r}"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"--top-k: must be a whole number >= 1, got {self.top_k!r}")
         if self.batch_size is not None and self.batch_size < 1:

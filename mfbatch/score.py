@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mfbatch import db
 from mfbatch.config import Config
 from mfbatch.errors import ConfigError, DatabaseError, InputDataError
+from mfbatch.history import export_lists, record_publish
 from mfbatch.inference import Scorer, SeenItems
 from mfbatch.lists import ListPlan, build_lists, to_arrow
 from mfbatch.runs import Dataset, Run, find_run
@@ -49,6 +50,8 @@ class ScoreSummary:
     partial: bool
     seconds: float
     db: Path
+    publish_id: int
+    output: Path | None = None
 
     def line(self) -> str:
         rate = self.users / self.seconds if self.seconds else 0.0
@@ -62,7 +65,8 @@ class ScoreSummary:
         return (
             f"scored {self.users:,} users with run {self.run_id} ({kind}) on {self.provider}"
             f"{cold}: {self.rows:,} recommendations, {rate:,.0f} users/s, "
-            f"{self.seconds:.2f} s -> {self.db} (table recommendations {how})"
+            f"{self.seconds:.2f} s -> {self.db} (table recommendations {how}, publish "
+            f"{self.publish_id})" + (f" and {self.output}" if self.output else "")
         )
 
 
@@ -267,7 +271,14 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
                 "item left after --include-items/--exclude-items; widen the allow list; "
                 "nothing was published"
             )
-        _publish(config.db, spool, run.run_id, created, partial=settings.users is not None)
+        publish_id = _publish(
+            config.db,
+            spool,
+            run.run_id,
+            created,
+            partial=settings.users is not None,
+            keep=settings.keep_history,
+        )
     except OSError as exc:
         raise DatabaseError(
             f"writing recommendations beside {config.db} failed ({exc}); free space and retry; "
@@ -275,6 +286,9 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         ) from None
     finally:
         shutil.rmtree(spool_dir, ignore_errors=True)
+    written = None
+    if settings.output is not None:
+        written, _ = export_lists(db_path=config.db, out=settings.output)
     return ScoreSummary(
         run_id=run.run_id,
         data_seen=run.data_seen,
@@ -285,6 +299,8 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         partial=settings.users is not None,
         seconds=time.perf_counter() - started,
         db=config.db,
+        publish_id=publish_id,
+        output=written,
     )
 
 
@@ -301,7 +317,9 @@ def _with_rating(table: pa.Table, objective: str, lo: float, hi: float) -> pa.Ta
     return table.append_column("predicted_rating", predicted)
 
 
-def _publish(path: Path, spool: Path, run_id: str, created: datetime, *, partial: bool) -> None:
+def _publish(
+    path: Path, spool: Path, run_id: str, created: datetime, *, partial: bool, keep: int
+) -> int:
     with pa.memory_map(str(spool)) as source:
         spooled = pa.ipc.open_file(source).read_all()
     con = db.connect(path)
@@ -325,5 +343,6 @@ def _publish(path: Path, spool: Path, run_id: str, created: datetime, *, partial
             else:
                 db.run(con, "drop_recommendations")
                 db.run(con, "publish_recommendations")
+            return record_publish(con, keep)
     finally:
         con.close()
