@@ -608,6 +608,26 @@ def export_lists(
     typer.echo(json.dumps(summary) if as_json else f"wrote {rows:,} rows to {path}")
 
 
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
+    run_id: Annotated[
+        str, typer.Option(help="Validated run: an id or 'latest' (newest validated).")
+    ] = "latest",
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One offline HTML page: training curves, metrics vs popularity, long tail, scores."""
+    from mfbatch.config import load_config
+    from mfbatch.report import report as run_report
+
+    summary = _guard(
+        lambda: run_report(db_path=load_config(config, db=db).db, out=out, run_id=run_id)
+    )
+    _emit(summary, as_json)
+
+
 def _without_time(resolved: Any) -> Any:
     import dataclasses
 
