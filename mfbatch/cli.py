@@ -503,9 +503,11 @@ def runs(
         return
     if not quiet:
         table = Table(title="training runs, newest first")
-        for column in ("run", "objective", "data seen", "status", "epochs", "Recall", "NDCG",
-                       "RMSE", "served"):  # fmt: skip
-            table.add_column(column)
+        # The id is what a user copies into --run-id: never truncated.
+        table.add_column("run", no_wrap=True, min_width=22)
+        for column in ("objective", "data", "status", "epochs", "Recall", "NDCG", "RMSE"):
+            table.add_column(column, overflow="fold")
+        table.add_column("served", overflow="fold")
         for run in listing:
             served = ", ".join(
                 part

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mfbatch import db
 from mfbatch.config import Config
@@ -33,6 +32,7 @@ from mfbatch.errors import ConfigError, DatabaseError, InputDataError
 from mfbatch.history import export_lists, record_publish
 from mfbatch.inference import Scorer, SeenItems
 from mfbatch.lists import ListPlan, build_lists, to_arrow
+from mfbatch.progress import Steps
 from mfbatch.runs import Dataset, Run, find_run
 
 SPOOL_PREFIX = ".mfbatch-score-"
@@ -236,18 +236,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     empty: list[int] = []
     try:
         writer: pa.ipc.RecordBatchFileWriter | None = None
-        progress = Progress(
-            TextColumn("[bold]score[/bold]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("users"),
-            console=console,
-            disable=console is None or not console.is_terminal,
-            transient=True,
-        )
-        with progress:
-            task = progress.add_task("score", total=len(inputs.plan.users))
+        with Steps(console, "score", len(inputs.plan.users), "users") as progress:
             for lists in build_lists(scorer, inputs.plan, batch):
                 empty.extend(lists.empty_users()[: 5 - len(empty)].tolist())
                 popularity_users += int((~lists.from_model).sum())
@@ -260,7 +249,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
                 rows += table.num_rows
                 if lists.empty_users().size and len(empty) >= 5:
                     break
-                progress.advance(task, len(lists.users))
+                progress.advance(len(lists.users))
         if writer is None:
             raise InputDataError("no users to score")
         writer.close()
