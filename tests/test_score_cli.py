@@ -384,7 +384,9 @@ def test_a_run_failing_half_way_changes_nothing(
     assert "Traceback" not in result.stdout + result.stderr
     lines = [s for s in result.stderr.splitlines() if s.strip()]
     assert lines[0].startswith(f"serving run {ws.validated} (validated on train"), lines
-    assert len(lines) == 2 and lines[1].startswith(line), lines
+    # Progress lines of the batch that got through, then the one error line.
+    assert all(s.startswith("score: ") for s in lines[1:-1]), lines
+    assert lines[-1].startswith(line), lines
     assert result.stdout == ""
 
     assert ws.recommendations() == before
