@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -76,6 +78,44 @@ def describe(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def idle_cores(cores: int, window_s: float = 0.2) -> float:
+    """How many of the machine's cores sat idle over a short window (/proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    try:
+        idle_a, total_a = sample()
+        time.sleep(window_s)
+        idle_b, total_b = sample()
+    except (OSError, ValueError, IndexError):
+        return float(cores)
+    machine = os.cpu_count() or cores
+    return machine * (idle_b - idle_a) / max(total_b - total_a, 1)
+
+
+def resolve_threads(requested: int | None) -> tuple[int, str | None]:
+    """(threads, note). Never more than the cores this process may run on; by default
+    only the cores that are idle now, because torch's threads wait for each other at
+    every op: with one of two cores busy, two threads ran ~9x slower than one
+    (docs/training.md)."""
+    cores = usable_cores()
+    if requested is not None:
+        if requested > cores:
+            return cores, f"--threads {requested}: capped at the {cores} cores available"
+        return requested, None
+    return max(1, min(cores, math.floor(idle_cores(cores) + 0.5))), None
+
+
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
@@ -124,6 +164,11 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
     started = time.perf_counter()
     settings = config.train
     device = resolve_device(settings.device)
+    if device.type == "cpu":
+        threads, note = resolve_threads(settings.threads)
+        torch.set_num_threads(threads)
+        if note and console:
+            console.print(f"note: {note}", highlight=False)
     con = db.connect(config.db, read_only=True)
     try:
         info, frame = _load(con, config.db)
@@ -159,13 +204,15 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
     shape = ModelShape(
         n_users=n_users,
         n_items=n_items,
-        dim=settings.embedding_dim,
+        dim=int(settings.embedding_dim or 0),
         dropout=settings.dropout,
         batch_norm=settings.batch_norm,
         sparse=settings.optimizer in ("sparse_adam", "adagrad"),
     )
     model = MatrixFactorization(shape).to(device)
     outcome = _fit(model, data, val, settings, epochs, console)
+    if console and outcome.plan and outcome.plan.note:
+        console.print(f"note: {outcome.plan.note}", highlight=False)
 
     run_id = new_run_id()
     export_path = settings.export_dir / run_id
@@ -262,6 +309,8 @@ def _fit(
     console: Console | None,
 ) -> Outcome:
     total_epochs = epochs or settings.epochs
+    # Bars on a terminal; in a log (cron, CI, a pipe) one plain line per epoch instead.
+    log_lines = console is not None and not console.is_terminal
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -283,7 +332,14 @@ def _fit(
             status += f"  val RMSE {record.metrics.rmse:.4f}"
             if record.metrics.recall is not None:
                 status += f"  Recall@{settings.top_k} {record.metrics.recall:.4f}"
+                status += f"  NDCG@{settings.top_k} {record.metrics.ndcg or 0.0:.4f}"
         progress.update(tasks[record.epoch], status=status)
+        if log_lines and console is not None:
+            console.print(
+                f"epoch {record.epoch}/{total_epochs} {status}  {record.seconds:.2f} s",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     with progress:
         return train_model(
