@@ -50,7 +50,9 @@ def l2_penalty(model: MatrixFactorization, batch: UserBatch, l2: float, mode: st
         return l2 * ((users**2).sum() + (items**2).sum()) / n
     share = batch.users.numel() / model.shape.n_users
     user_term = (model.user_emb(batch.users).float() ** 2).sum()
-    item_term = share * (model.item_emb.weight.float() ** 2).sum()
+    # Through the lookup, not .weight: sparse tables then still get sparse gradients.
+    every_item = torch.arange(model.shape.n_items, device=batch.users.device)
+    item_term = share * (model.item_emb(every_item).float() ** 2).sum()
     return l2 * (user_term + item_term) / n
 
 
@@ -111,9 +113,7 @@ def sampled_softmax(
     estimate tends to the catalogue's sum and the loss to `full_softmax`'s.
     """
     user_vec = model.user_vectors(batch.users)
-    logits = (
-        model.item_logits(batch.users, samples.items, user_vec=user_vec).float() / temperature
-    )
+    logits = model.item_logits(batch.users, samples.items, user_vec=user_vec).float() / temperature
     corrected = logits + samples.log_weight
     lse = torch.logsumexp(corrected, dim=1)  # [B]
     rated_by = batch.users[batch.rows]

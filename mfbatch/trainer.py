@@ -76,9 +76,7 @@ class Validation:
     untrained_items: torch.Tensor | None = None  # bool [n_items]
 
     @staticmethod
-    def serving_rules(
-        train_items: torch.Tensor, n_items: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def serving_rules(train_items: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(popularity order, untrained-item mask) from the items of the train split."""
         counts = torch.bincount(train_items, minlength=n_items)
         # Stable sort of -count: ties keep index order, as the SQL baseline's ORDER BY does.
@@ -113,16 +111,17 @@ class Outcome:
 
 
 def make_optimizers(model: MatrixFactorization, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    lr = float(config.lr or 0.0)  # resolved per objective by TrainConfig
     if config.optimizer in ("adam", "adamw"):
         cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        return [cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)]
+        return [cls(model.parameters(), lr=lr, weight_decay=config.weight_decay)]
     sparse = [p for n, p in model.named_parameters() if n.endswith(("_emb.weight", "_bias.weight"))]
     dense = [
         p for n, p in model.named_parameters() if not n.endswith(("_emb.weight", "_bias.weight"))
     ]
     if config.optimizer == "adagrad":
-        return [torch.optim.Adagrad(model.parameters(), lr=config.lr)]
-    return [torch.optim.SparseAdam(sparse, lr=config.lr), torch.optim.Adam(dense, lr=config.lr)]
+        return [torch.optim.Adagrad(model.parameters(), lr=lr)]
+    return [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr)]
 
 
 def _autocast(device: torch.device, config: TrainConfig) -> torch.autocast | nullcontext[None]:
@@ -330,9 +329,7 @@ def rank_metrics(model: MatrixFactorization, val: Validation, k: int) -> tuple[f
         if val.popular is not None and bool(cold.any()):
             fallback = val.popular[: items.shape[1]]
             items[cold] = fallback
-            offered[cold] = (
-                True if val.untrained_items is None else ~val.untrained_items[fallback]
-            )
+            offered[cold] = True if val.untrained_items is None else ~val.untrained_items[fallback]
         relevant = torch.zeros_like(scores, dtype=torch.bool)
         rows, cols = val.val_items.rows_of(users)
         relevant[rows, cols] = True
@@ -381,7 +378,8 @@ def train_model(
     optimizers = make_optimizers(model, config)
     run_plan = plan(config, model.shape.n_items)
     epoch_data = EpochData.build(data, model.shape.n_users, model.shape.n_items, config.sampler)
-    max_epochs = epochs or config.epochs
+    max_epochs = int(epochs or config.epochs or 1)
+    patience = int(config.patience or 1)
     schedulers = [
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule_epochs or max_epochs)
         for opt in optimizers
@@ -412,7 +410,7 @@ def train_model(
             if score > best_score + config.min_delta:
                 best_score, outcome.best_epoch = score, epoch
                 best_state = copy.deepcopy(model.state_dict())
-        if metrics is not None and epoch - outcome.best_epoch >= config.patience:
+        if metrics is not None and epoch - outcome.best_epoch >= patience:
             outcome.status = "early_stopped"
             break
     model.load_state_dict(best_state)
