@@ -45,9 +45,13 @@ def l2_penalty(model: MatrixFactorization, batch: UserBatch, l2: float, mode: st
         return model.global_bias.new_zeros(())
     n = max(batch.items.numel(), 1)
     if mode == "frequency":
-        users = model.user_emb(batch.users[batch.rows]).float()
-        items = model.item_emb(batch.items).float()
-        return l2 * ((users**2).sum() + (items**2).sum()) / n
+        # Row norms weighted by counts, not one gathered row per rating: the same sum
+        # without [ratings x dim] temporaries (91k x 256 floats a step at 100k users).
+        user_counts = torch.bincount(batch.rows, minlength=batch.users.numel())
+        items, item_counts = torch.unique(batch.items, return_counts=True)
+        user_term = (user_counts * model.user_emb(batch.users).float().pow(2).sum(-1)).sum()
+        item_term = (item_counts * model.item_emb(items).float().pow(2).sum(-1)).sum()
+        return l2 * (user_term + item_term) / n
     share = batch.users.numel() / model.shape.n_users
     user_term = (model.user_emb(batch.users).float() ** 2).sum()
     # Through the lookup, not .weight: sparse tables then still get sparse gradients.

@@ -112,6 +112,14 @@ class Outcome:
 
 def make_optimizers(model: MatrixFactorization, config: TrainConfig) -> list[torch.optim.Optimizer]:
     lr = float(config.lr or 0.0)  # resolved per objective by TrainConfig
+    if config.optimizer == "adam" and config.objective != "rating":
+        # A softmax step reads every item but only its batch's users: a dense Adam would
+        # rewrite the whole user table every step (at 100k users, most of the epoch).
+        # The user rows get sparse gradients and a lazy Adam; the item side stays dense.
+        model.user_emb.sparse = model.user_bias.sparse = True
+        users = [model.user_emb.weight, model.user_bias.weight]
+        rest = [p for p in model.parameters() if all(p is not u for u in users)]
+        return [torch.optim.SparseAdam(users, lr=lr), torch.optim.Adam(rest, lr=lr)]
     if config.optimizer in ("adam", "adamw"):
         cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         return [cls(model.parameters(), lr=lr, weight_decay=config.weight_decay)]

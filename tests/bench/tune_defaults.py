@@ -68,7 +68,11 @@ def main() -> None:
     parser.add_argument("--grid", default=None)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--k", type=int, default=20)
+    # One thread: the grid runs on a shared 2-core machine, where a second torch thread
+    # waiting on a busy core makes every op crawl (docs/training.md, threads).
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     grid = json.loads(args.grid) if args.grid else [{}, *SOFTMAX_GRID]
     seeds = [int(s) for s in args.seeds.split(",")]
     inner = inner_split(load(args.db), args.fraction, args.inner)
