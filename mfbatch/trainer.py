@@ -110,12 +110,19 @@ class Outcome:
     plan: Plan | None = None
 
 
+# User-table size (rows x dim) from which the softmax objectives update users lazily.
+SPARSE_USERS_FROM = 4_000_000
+
+
 def make_optimizers(model: MatrixFactorization, config: TrainConfig) -> list[torch.optim.Optimizer]:
     lr = float(config.lr or 0.0)  # resolved per objective by TrainConfig
-    if config.optimizer == "adam" and config.objective != "rating":
-        # A softmax step reads every item but only its batch's users: a dense Adam would
-        # rewrite the whole user table every step (at 100k users, most of the epoch).
-        # The user rows get sparse gradients and a lazy Adam; the item side stays dense.
+    big_user_table = model.shape.n_users * model.shape.dim >= SPARSE_USERS_FROM
+    if config.optimizer == "adam" and config.objective != "rating" and big_user_table:
+        # A softmax step reads every item but only its batch's users: a dense Adam
+        # rewrites the whole user table every step, so an epoch costs O(users^2): at 100k
+        # users x 256 that was ~90% of it. Those rows get sparse gradients and a lazy Adam
+        # instead (the item side stays dense). Not for small tables: lazy Adam moves a
+        # user only on the one step an epoch that sees them, and measured worse there.
         model.user_emb.sparse = model.user_bias.sparse = True
         users = [model.user_emb.weight, model.user_bias.weight]
         rest = [p for p in model.parameters() if all(p is not u for u in users)]
@@ -153,25 +160,37 @@ BYTES_PER_LOGIT = 16
 # Fewer full rows than this per step and the epoch turns into thousands of tiny matmuls;
 # sampling then is the faster way to the same loss.
 MIN_FULL_ROWS = 64
+# The full softmax costs n_items logits per user and step, the sampled one `negatives`:
+# past this ratio the exact loss costs an epoch many times over for a small gain
+# (100k users x 20k items: 76 s vs ~10 s an epoch, docs/training.md).
+MAX_FULL_TO_SAMPLED = 8
 
 
 def plan(config: TrainConfig, n_items: int) -> Plan:
     """Users per step from `--memory-mb`; the full softmax falls back to sampling when a
-    catalogue's rows do not fit enough of them."""
+    catalogue's rows do not fit enough of them, or would cost many times the samples."""
     batch = int(config.batch_size or 0)
     if config.objective == "rating":
         return Plan("rating", batch)
     budget = config.memory_mb * (1 << 20)
     full_rows = budget // (n_items * BYTES_PER_LOGIT)
-    if config.objective == "softmax" and full_rows >= min(batch, MIN_FULL_ROWS):
+    fits = full_rows >= min(batch, MIN_FULL_ROWS)
+    cheap = n_items <= MAX_FULL_TO_SAMPLED * config.negatives
+    if config.objective == "softmax" and fits and cheap:
         return Plan("softmax", max(1, min(batch, full_rows)))
     sampled_rows = max(1, budget // (config.negatives * BYTES_PER_LOGIT))
     note = None
     if config.objective == "softmax":
-        note = (
+        why = (
             f"a full row of {n_items:,} items leaves room for {full_rows} users in "
-            f"--memory-mb {config.memory_mb}; training with the sampled softmax "
-            f"({config.negatives} {config.sampler} samples per step) instead"
+            f"--memory-mb {config.memory_mb}"
+            if not fits
+            else f"{n_items:,} items are over {MAX_FULL_TO_SAMPLED}x --negatives "
+            f"{config.negatives}, so a full row costs that many times a sampled one"
+        )
+        note = (
+            f"{why}; training with the sampled softmax ({config.negatives} "
+            f"{config.sampler} samples per step) instead"
         )
     return Plan("sampled", max(1, min(batch, sampled_rows)), note)
 

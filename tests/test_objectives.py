@@ -134,13 +134,16 @@ def test_catalogues_too_wide_for_the_budget_fall_back_to_sampling() -> None:
     # 16 MiB holds 1,048 rows of 1,000 items: the full softmax, 256 users a step.
     fits = plan(config, n_items=1_000)
     assert (fits.loss, fits.batch_size, fits.note) == ("softmax", 256, None)
-    # 64 MiB holds 209 rows of 20,000 items: the full softmax, 209 users a step.
-    capped = plan(dataclasses.replace(config, memory_mb=64), n_items=20_000)
-    assert (capped.loss, capped.batch_size) == ("softmax", 209)
-    # 16 MiB holds 52: too few to be worth it; and a million items not one row. Both
-    # sample, with a note saying why.
-    assert plan(config, n_items=20_000).loss == "sampled"
-    wide = plan(config, n_items=1_000_000)
-    assert wide.loss == "sampled" and wide.note is not None and "--memory-mb 16" in wide.note
-    assert wide.batch_size == 256  # 1,024 samples a row: 1,024 rows fit
+    # 4 MiB holds 65 rows of 4,000 items: the full softmax, 65 users a step.
+    capped = plan(dataclasses.replace(config, memory_mb=4), n_items=4_000)
+    assert (capped.loss, capped.batch_size) == ("softmax", 65)
+    # 2 MiB holds 32: too few to be worth it. Sampled, with a note saying why.
+    few = plan(dataclasses.replace(config, memory_mb=2), n_items=4_000)
+    assert few.loss == "sampled" and few.note is not None and "--memory-mb 2" in few.note
+    assert few.batch_size == 128  # 1,024 samples a row: 128 rows fit in 2 MiB
+    # Room enough, but 20,000 items cost ~20x 1,024 samples a step: sampled too.
+    wide = plan(dataclasses.replace(config, memory_mb=4096), n_items=20_000)
+    assert wide.loss == "sampled" and wide.note is not None and "--negatives 1024" in wide.note
+    roomy = dataclasses.replace(config, memory_mb=4096, negatives=4096)
+    assert plan(roomy, n_items=20_000).loss == "softmax"
     assert plan(TrainConfig(objective="rating"), 10**7).loss == "rating"
