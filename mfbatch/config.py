@@ -150,7 +150,7 @@ _BY_OBJECTIVE: dict[str, dict[str, Any]] = {
         "patience": 20,
         "batch_size": 128,
         "lr": 0.005,
-        "l2": 0.01,
+        "l2": 0.05,
         "eval_every": 5,
     },
 }
