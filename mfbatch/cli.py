@@ -182,6 +182,10 @@ def train(
         str | None, typer.Option(help="frequency (rows weighted by their ratings) or plain.")
     ] = None,
     temperature: Annotated[float | None, typer.Option(help="Softmax temperature (1.0).")] = None,
+    user_exponent: Annotated[
+        float | None,
+        typer.Option(help="Softmax: weight each user's ratings by |I_u|^-x (0.3; 0 = per rating)."),
+    ] = None,
     memory_mb: Annotated[
         int | None,
         typer.Option(help="Budget for one step's logits (1024); decides full vs sampled."),
@@ -239,6 +243,7 @@ def train(
                     batch_norm=batch_norm,
                     l2_mode=l2_mode,
                     temperature=temperature,
+                    user_exponent=user_exponent,
                     memory_mb=memory_mb,
                     negatives=negatives,
                     sampler=sampler,

@@ -182,6 +182,8 @@ class TrainConfig:
     l2: float | None = None
     l2_mode: L2Mode = "frequency"
     temperature: float = 1.0
+    # Softmax objectives: each user's loss weighted by |I_u|^-user_exponent (normalised).
+    user_exponent: float = 0.3
     # Softmax: the budget for one step's [users x items] logits; when too few full rows
     # fit, training falls back to the sampled softmax. Sampled: `negatives` draws a step.
     memory_mb: int = 1024
@@ -231,6 +233,8 @@ class TrainConfig:
             raise ConfigError(f"--lr: must be in (0, 10], got {self.lr}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout: must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.user_exponent) and 0.0 <= self.user_exponent <= 1.0):
+            raise ConfigError(f"--user-exponent: must be in [0, 1], got {self.user_exponent}")
         if not (math.isfinite(self.temperature) and 0.0 < self.temperature <= 100.0):
             raise ConfigError(f"--temperature: must be in (0, 100], got {self.temperature}")
         for flag, amount in (

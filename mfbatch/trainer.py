@@ -243,7 +243,9 @@ def step_loss(
             model, batch, l2, "frequency"
         )
     if loss_kind == "softmax":
-        loss = objectives.full_softmax(model, batch, epoch_data.all_items, config.temperature)
+        loss = objectives.full_softmax(
+            model, batch, epoch_data.all_items, config.temperature, config.user_exponent
+        )
     else:
         samples = objectives.draw_samples(
             epoch_data.log_q,
@@ -251,7 +253,9 @@ def step_loss(
             generator,
             batch_items=batch.items if config.sampler == "in-batch" else None,
         )
-        loss = objectives.sampled_softmax(model, batch, samples, config.temperature)
+        loss = objectives.sampled_softmax(
+            model, batch, samples, config.temperature, config.user_exponent
+        )
     return loss + objectives.l2_penalty(model, batch, l2, config.l2_mode)
 
 

@@ -147,3 +147,18 @@ def test_catalogues_too_wide_for_the_budget_fall_back_to_sampling() -> None:
     roomy = dataclasses.replace(config, memory_mb=4096, negatives=4096)
     assert plan(roomy, n_items=20_000).loss == "softmax"
     assert plan(TrainConfig(objective="rating"), 10**7).loss == "rating"
+
+
+def test_user_exponent_weights_each_users_ratings_and_keeps_the_scale() -> None:
+    model, batch = _model_and_batch()
+    every = torch.arange(model.shape.n_items)
+    logits = model.item_logits(batch.users, every).detach()
+    per_rating = torch.logsumexp(logits, 1)[batch.rows] - logits[batch.rows, batch.items]
+    counts = torch.bincount(batch.rows, minlength=batch.users.numel()).float()
+    raw = counts**-0.5
+    weights = raw * counts.sum() / (raw * counts).sum()
+    expected = (weights[batch.rows] * per_rating).sum() / batch.items.numel()
+    got = full_softmax(model, batch, every, user_exponent=0.5)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    # Users with equal counts: weighting changes nothing.
+    assert float((weights[batch.rows]).sum()) == pytest.approx(batch.items.numel(), rel=1e-6)
