@@ -160,5 +160,5 @@ def test_user_exponent_weights_each_users_ratings_and_keeps_the_scale() -> None:
     expected = (weights[batch.rows] * per_rating).sum() / batch.items.numel()
     got = full_softmax(model, batch, every, user_exponent=0.5)
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
-    # Users with equal counts: weighting changes nothing.
+    # The weights move loss between users, not its scale: they sum to the ratings.
     assert float((weights[batch.rows]).sum()) == pytest.approx(batch.items.numel(), rel=1e-6)
