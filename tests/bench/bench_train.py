@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -100,11 +101,17 @@ def epoch_seconds(
         share = 1.0
     optimizers = make_optimizers(model, config)
     generator = torch.Generator(device=device).manual_seed(0)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     train_epoch(model, optimizers, epoch_data, config, run_plan, generator)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    # CPU seconds too: on a shared machine other jobs stretch the wall time, not these
+    # (with one thread; more threads spin-waiting would inflate them instead).
+    LAST_CPU_SECONDS[0] = (time.process_time() - cpu) / share
     return (time.perf_counter() - started) / share, run_plan
+
+
+LAST_CPU_SECONDS = [0.0]
 
 
 def ours_examples_per_second(
@@ -163,8 +170,9 @@ def epoch_bench(args: argparse.Namespace, device: torch.device) -> dict[str, flo
         seconds, used = epoch_seconds(model, data, config, device, forced, steps)
         results[label] = seconds
         print(
-            f"  {label:<52} {seconds:7.1f} s/epoch  ({used.loss}, {used.batch_size} "
-            f"users/step, dim {dim})",
+            f"  {label:<52} {seconds:7.1f} s/epoch wall, {LAST_CPU_SECONDS[0]:7.1f} s CPU  "
+            f"({used.loss}, {used.batch_size} users/step, dim {dim}; load avg "
+            f"{os.getloadavg()[0]:.1f})",
             flush=True,
         )
     return results
