@@ -417,6 +417,10 @@ def train_model(
         if config.lr_schedule == "cosine"
     ]
     outcome = Outcome(model=model, plan=run_plan)
+    # Zeroed now as well as at the end: rows no rating reaches get no gradient (bar
+    # softmax items, pushed down as negatives but never offered), so validation scores
+    # the predictions the exported model will make, cold pairs included.
+    zero_untrained(model, data)
     best_score = -math.inf
     # The starting weights are the fallback if the very first epoch diverges.
     best_state = copy.deepcopy(model.state_dict())
