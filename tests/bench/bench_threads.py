@@ -1,6 +1,6 @@
 """Torch CPU threads vs a busy core: why `train --threads` defaults to the idle cores.
 
-    python tests/bench/bench_threads.py [--users 3000] [--items 1700] [--steps 60] [--repeats 3]
+    python tests/bench/bench_threads.py [--users 8000] [--items 1700] [--steps 50] [--repeats 3]
 
 One fixed workload (default softmax steps on synthetic data) timed with 1 thread and with
 all cores, first as the machine is, then with one core kept busy by a spinning child
@@ -50,9 +50,9 @@ def workload(data: Interactions, n_users: int, n_items: int, steps: int) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--users", type=int, default=8000)
     parser.add_argument("--items", type=int, default=1700)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     frame = generate(SyntheticSpec(users=args.users, items=args.items, ratings_per_user=90))
