@@ -207,16 +207,23 @@ def train(
     ] = None,
     objective: Annotated[
         str | None,
-        typer.Option(help="ranking (default: sampled softmax + rating MSE) or rating (MSE only)."),
+        typer.Option(
+            help="softmax (default: full softmax over the catalogue, per user), sampled "
+            "(logQ-corrected sampled softmax) or rating (MSE on the stars)."
+        ),
     ] = None,
-    embedding_dim: Annotated[int | None, typer.Option(help="Latent dimensions (64).")] = None,
+    embedding_dim: Annotated[
+        int | None, typer.Option(help="Latent dimensions (256 softmax, 128 rating).")
+    ] = None,
     epochs: Annotated[
         int | None, typer.Option(help="Most epochs; early stopping may end sooner.")
     ] = None,
     patience: Annotated[
         int | None, typer.Option(help="Epochs without improvement before stopping.")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Ratings per batch.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Users per step (softmax, sampled) or ratings (rating).")
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
     lr_schedule: Annotated[str | None, typer.Option(help="constant or cosine.")] = None,
     optimizer: Annotated[
@@ -225,17 +232,35 @@ def train(
     weight_decay: Annotated[
         float | None, typer.Option(help="Optimizer weight decay (dense optimizers).")
     ] = None,
-    l2: Annotated[float | None, typer.Option(help="L2 on the batch's embeddings.")] = None,
+    l2: Annotated[float | None, typer.Option(help="L2 on the factor rows a step touches.")] = None,
+    l2_mode: Annotated[
+        str | None, typer.Option(help="frequency (rows weighted by their ratings) or plain.")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="Softmax temperature (1.0).")] = None,
+    user_exponent: Annotated[
+        float | None,
+        typer.Option(help="Softmax: weight each user's ratings by |I_u|^-x (0.3; 0 = per rating)."),
+    ] = None,
+    memory_mb: Annotated[
+        int | None,
+        typer.Option(help="Budget for one step's logits (1024); decides full vs sampled."),
+    ] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout on both embeddings.")] = None,
     batch_norm: Annotated[
         bool | None,
         typer.Option("--batch-norm/--no-batch-norm", help="BatchNorm1d on both embeddings."),
     ] = None,
     negatives: Annotated[
-        int | None, typer.Option(help="ranking: sampled unrated items per batch.")
+        int | None, typer.Option(help="sampled: items drawn per step (1024).")
     ] = None,
-    rating_weight: Annotated[
-        float | None, typer.Option(help="ranking: weight of the rating MSE term.")
+    sampler: Annotated[
+        str | None, typer.Option(help="sampled: popularity (default), in-batch or uniform.")
+    ] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Validate every N epochs (5 softmax, 1 rating).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads (default: the cores not already busy).")
     ] = None,
     top_k: Annotated[int | None, typer.Option(help="K of the validation Recall/NDCG.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for init, shuffling and sampling.")] = None,
@@ -273,8 +298,14 @@ def train(
                     l2=l2,
                     dropout=dropout,
                     batch_norm=batch_norm,
+                    l2_mode=l2_mode,
+                    temperature=temperature,
+                    user_exponent=user_exponent,
+                    memory_mb=memory_mb,
                     negatives=negatives,
-                    rating_weight=rating_weight,
+                    sampler=sampler,
+                    eval_every=eval_every,
+                    threads=threads,
                     top_k=top_k,
                     seed=seed,
                     on=on,
