@@ -6,6 +6,7 @@ on stderr and an exit code, so a user error never shows a traceback.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -30,15 +31,67 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", help="TOML config file (tables data, split, train, score)."),
 ]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the summary as one JSON object instead.")
+]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress or notes; only the summary (or errors)."),
+]
 DbOpt = Annotated[
     Path | None,
     typer.Option("--db", help="DuckDB file (default: the config's db, else mfbatch.duckdb)."),
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from mfbatch import __version__
+
+        typer.echo(f"mfbatch {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
-    """Batch matrix-factorization recommender: preprocess -> train -> score -> evaluate."""
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Batch matrix-factorization recommender: preprocess -> train -> evaluate -> score."""
+
+
+def _plain(value: Any) -> Any:
+    """A summary as JSON-able data: dataclasses to dicts, paths and times to strings."""
+    import dataclasses
+    from datetime import datetime
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _emit(summary: Any, as_json: bool) -> None:
+    """Every command's last line: its one-line summary, or the summary as one JSON object."""
+    import json
+
+    typer.echo(json.dumps(_plain(summary)) if as_json else summary.line())
+
+
+def _console(quiet: bool, as_json: bool) -> Console | None:
+    # No console: the library prints no progress and no notes.
+    return None if quiet or as_json else console
 
 
 def _guard(action: Callable[[], T]) -> T:
@@ -116,6 +169,8 @@ def preprocess(
         ),
     ] = False,
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Read ratings, map ids, scale to [0,1], split train/val, write DuckDB tables."""
     from mfbatch.config import load_config
@@ -152,10 +207,9 @@ def preprocess(
         if append:
             from mfbatch.append import append as run_append
 
-            typer.echo(run_append(config=resolved).line())
+            _emit(run_append(config=resolved), as_json)
             return
-        summary = run_preprocess(config=resolved, console=console)
-        typer.echo(summary.line())
+        _emit(run_preprocess(config=resolved, console=_console(quiet, as_json)), as_json)
 
     _guard(action)
 
@@ -168,16 +222,23 @@ def train(
     ] = None,
     objective: Annotated[
         str | None,
-        typer.Option(help="ranking (default: sampled softmax + rating MSE) or rating (MSE only)."),
+        typer.Option(
+            help="softmax (default: full softmax over the catalogue, per user), sampled "
+            "(logQ-corrected sampled softmax) or rating (MSE on the stars)."
+        ),
     ] = None,
-    embedding_dim: Annotated[int | None, typer.Option(help="Latent dimensions (64).")] = None,
+    embedding_dim: Annotated[
+        int | None, typer.Option(help="Latent dimensions (256 softmax, 128 rating).")
+    ] = None,
     epochs: Annotated[
         int | None, typer.Option(help="Most epochs; early stopping may end sooner.")
     ] = None,
     patience: Annotated[
         int | None, typer.Option(help="Epochs without improvement before stopping.")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Ratings per batch.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Users per step (softmax, sampled) or ratings (rating).")
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
     lr_schedule: Annotated[str | None, typer.Option(help="constant or cosine.")] = None,
     optimizer: Annotated[
@@ -186,17 +247,35 @@ def train(
     weight_decay: Annotated[
         float | None, typer.Option(help="Optimizer weight decay (dense optimizers).")
     ] = None,
-    l2: Annotated[float | None, typer.Option(help="L2 on the batch's embeddings.")] = None,
+    l2: Annotated[float | None, typer.Option(help="L2 on the factor rows a step touches.")] = None,
+    l2_mode: Annotated[
+        str | None, typer.Option(help="frequency (rows weighted by their ratings) or plain.")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="Softmax temperature (1.0).")] = None,
+    user_exponent: Annotated[
+        float | None,
+        typer.Option(help="Softmax: weight each user's ratings by |I_u|^-x (0.3; 0 = per rating)."),
+    ] = None,
+    memory_mb: Annotated[
+        int | None,
+        typer.Option(help="Budget for one step's logits (1024); decides full vs sampled."),
+    ] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout on both embeddings.")] = None,
     batch_norm: Annotated[
         bool | None,
         typer.Option("--batch-norm/--no-batch-norm", help="BatchNorm1d on both embeddings."),
     ] = None,
     negatives: Annotated[
-        int | None, typer.Option(help="ranking: sampled unrated items per batch.")
+        int | None, typer.Option(help="sampled: items drawn per step (1024).")
     ] = None,
-    rating_weight: Annotated[
-        float | None, typer.Option(help="ranking: weight of the rating MSE term.")
+    sampler: Annotated[
+        str | None, typer.Option(help="sampled: popularity (default), in-batch or uniform.")
+    ] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Validate every N epochs (5 softmax, 1 rating).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads (default: the cores not already busy).")
     ] = None,
     top_k: Annotated[int | None, typer.Option(help="K of the validation Recall/NDCG.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for init, shuffling and sampling.")] = None,
@@ -208,6 +287,8 @@ def train(
     ] = None,
     export_dir: Annotated[Path | None, typer.Option(help="Where runs are saved (export/).")] = None,
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train the MF model on the train split, early-stop on val, save export/<run_id>/."""
     from mfbatch.config import load_config
@@ -232,8 +313,14 @@ def train(
                     l2=l2,
                     dropout=dropout,
                     batch_norm=batch_norm,
+                    l2_mode=l2_mode,
+                    temperature=temperature,
+                    user_exponent=user_exponent,
+                    memory_mb=memory_mb,
                     negatives=negatives,
-                    rating_weight=rating_weight,
+                    sampler=sampler,
+                    eval_every=eval_every,
+                    threads=threads,
                     top_k=top_k,
                     seed=seed,
                     on=on,
@@ -241,8 +328,7 @@ def train(
                 )
             },
         )
-        summary = run_train(config=resolved, console=console)
-        typer.echo(summary.line())
+        _emit(run_train(config=resolved, console=_console(quiet, as_json)), as_json)
 
     _guard(action)
 
@@ -252,6 +338,8 @@ def export(
     db: DbOpt = None,
     run_id: Annotated[str, typer.Option(help="Run to export: an id or 'latest'.")] = "latest",
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Re-export a trained run to its folder's model.onnx (train already does this)."""
     from mfbatch.config import load_config
@@ -259,7 +347,8 @@ def export(
 
     def action() -> None:
         resolved = load_config(config, db=db)
-        typer.echo(f"exported {export_run(db_path=resolved.db, run_id=run_id)}")
+        path = export_run(db_path=resolved.db, run_id=run_id)
+        typer.echo(json.dumps({"exported": str(path)}) if as_json else f"exported {path}")
 
     _guard(action)
 
@@ -292,7 +381,16 @@ def score(
     exclude_items: Annotated[
         Path | None, typer.Option(help="File of item ids: never recommend these.")
     ] = None,
+    keep_history: Annotated[
+        int | None, typer.Option(help="Publishes kept in recommendation_history (7).")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Also write the lists to a .parquet/.csv file or a Parquet folder."),
+    ] = None,
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Serve: top-K items each user has not rated (any split) into table recommendations."""
     from mfbatch.config import load_config
@@ -313,10 +411,12 @@ def score(
                     users=users,
                     include_items=include_items,
                     exclude_items=exclude_items,
+                    keep_history=keep_history,
+                    output=output,
                 )
             },
         )
-        typer.echo(run_score(config=resolved, console=console).line())
+        _emit(run_score(config=resolved, console=_console(quiet, as_json)), as_json)
 
     _guard(action)
 
@@ -337,7 +437,8 @@ def evaluate(
         str | None, typer.Option(help="auto (CUDA when present), cuda or cpu.")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (all cores).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Measure the validated run on its own top-K lists vs popularity (never the served table)."""
@@ -355,11 +456,14 @@ def evaluate(
                 "score": _overrides(provider=provider, threads=threads),
             },
         )
-        return run_evaluate(config=resolved, console=console)
+        return run_evaluate(config=resolved, console=_console(quiet, as_json))
 
     result = _guard(action)
     if as_json:
         typer.echo(result.to_json())
+        return
+    if quiet:
+        typer.echo(result.line())
         return
     table = Table(title=f"run {result.run_id}, K={result.k}")
     for column in ("metric", "mfbatch", "popularity", "lift"):
@@ -388,6 +492,8 @@ def recommend(
     user: Annotated[str, typer.Option("--user", help="Raw user id, as in the users table.")],
     db: DbOpt = None,
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """One user's served list beside their own top-rated items."""
     from rich.table import Table
@@ -396,6 +502,9 @@ def recommend(
     from mfbatch.recommend import recommend as run_recommend
 
     report = _guard(lambda: run_recommend(db_path=load_config(config, db=db).db, user_id=user))
+    if as_json or quiet:
+        _emit(report, as_json)
+        return
     out = Console()
     recs = Table(title=f"recommended for user {report.user_id} (run {report.run_id})")
     for column in ("rank", "item", "title", "genres", "score", "source"):
@@ -416,6 +525,155 @@ def recommend(
         rated.add_row(item.item_id, item.title or "", f"{item.rating:g}", item.split)
     out.print(recs)
     out.print(rated)
+    typer.echo(report.line())
+
+
+@app.command()
+def runs(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the runs as one JSON array.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Every training run: what it is, how it measured, whether it is served."""
+    from rich.table import Table
+
+    from mfbatch.config import load_config
+    from mfbatch.runs import list_runs
+
+    listing = _guard(lambda: list_runs(db_path=load_config(config, db=db).db))
+    if as_json:
+        typer.echo(json.dumps(_plain(listing)))
+        return
+    if not quiet:
+        table = Table(title="training runs, newest first")
+        # The id is what a user copies into --run-id: never truncated.
+        table.add_column("run", no_wrap=True, min_width=22)
+        for column in ("objective", "data", "status", "epochs", "Recall", "NDCG", "RMSE"):
+            table.add_column(column, overflow="fold")
+        table.add_column("served", overflow="fold")
+        for run in listing:
+            served = ", ".join(
+                part
+                for part in (
+                    "promoted" if run.promoted else "",
+                    f"{run.served_users:,} users" if run.served_users else "",
+                    "" if run.current_data else "other data",
+                )
+                if part
+            )
+            table.add_row(
+                run.run_id,
+                run.objective,
+                run.data_seen,
+                run.status,
+                f"{run.best_epoch}/{run.epochs_run}",
+                "-" if run.val_recall is None else f"{run.val_recall:.4f}",
+                "-" if run.val_ndcg is None else f"{run.val_ndcg:.4f}",
+                "-" if run.val_rmse is None else f"{run.val_rmse:.4f}",
+                served or "-",
+            )
+        Console().print(table)
+    typer.echo(f"{len(listing)} runs in {load_config(config, db=db).db}")
+
+
+@app.command()
+def serve(
+    run_id: Annotated[
+        str | None, typer.Option(help="The run `score` serves by default from now on.")
+    ] = None,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="Serve the newest refit again (the default).")
+    ] = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Choose the run `mfbatch score` serves (instead of the newest refit)."""
+    from mfbatch.config import load_config
+    from mfbatch.errors import ConfigError
+    from mfbatch.runs import promote
+
+    def action() -> str:
+        if (run_id is None) == (not clear):
+            raise ConfigError("serve: pass --run-id ID to promote a run, or --clear")
+        path = load_config(config, db=db).db
+        run = promote(db_path=path, run_id=run_id)
+        if run is None:
+            return f"{path}: score serves the newest refit again"
+        return f"{path}: score now serves run {run.run_id} ({run.data_seen})"
+
+    line = _guard(action)
+    typer.echo(json.dumps({"serving": run_id}) if as_json else line)
+
+
+@app.command()
+def diff(
+    before: Annotated[int | None, typer.Option(help="Earlier publish (default: previous).")] = None,
+    after: Annotated[int | None, typer.Option(help="Later publish (default: newest).")] = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    show: Annotated[int, typer.Option(help="Items entered/left to list (10).")] = 10,
+) -> None:
+    """What changed between two nights' served lists (users, items entered and left)."""
+    from mfbatch.config import load_config
+    from mfbatch.history import diff as run_diff
+
+    result = _guard(
+        lambda: run_diff(db_path=load_config(config, db=db).db, before=before, after=after)
+    )
+    if not as_json:
+        for label, items in (("entered", result.items_entered), ("left", result.items_left)):
+            if items:
+                more = f" (+{len(items) - show:,} more)" if len(items) > show else ""
+                typer.echo(f"items {label}: {', '.join(items[:show])}{more}")
+    _emit(result, as_json)
+
+
+@app.command("export-lists")
+def export_lists(
+    output: Annotated[
+        Path, typer.Option(help="A .parquet or .csv file, or a folder (Parquet by run_id).")
+    ],
+    publish: Annotated[
+        int | None, typer.Option(help="A kept publish instead of the current lists.")
+    ] = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the served lists (raw ids, rank, score, source, run id) for a warehouse."""
+    from mfbatch.config import load_config
+    from mfbatch.history import export_lists as run_export
+
+    path, rows = _guard(
+        lambda: run_export(db_path=load_config(config, db=db).db, out=output, publish=publish)
+    )
+    summary = {"output": str(path), "rows": rows}
+    typer.echo(json.dumps(summary) if as_json else f"wrote {rows:,} rows to {path}")
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
+    run_id: Annotated[
+        str, typer.Option(help="Validated run: an id or 'latest' (newest validated).")
+    ] = "latest",
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One offline HTML page: training curves, metrics vs popularity, long tail, scores."""
+    from mfbatch.config import load_config
+    from mfbatch.report import report as run_report
+
+    summary = _guard(
+        lambda: run_report(db_path=load_config(config, db=db).db, out=out, run_id=run_id)
+    )
+    _emit(summary, as_json)
 
 
 def _check_append(source: Path | None, *split_flags: object) -> None:

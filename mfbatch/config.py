@@ -131,7 +131,9 @@ class SplitConfig:
 
 
 Device = Literal["auto", "cuda", "cpu"]
-Objective = Literal["ranking", "rating"]
+Objective = Literal["softmax", "sampled", "rating"]
+Sampler = Literal["popularity", "in-batch", "uniform"]
+L2Mode = Literal["frequency", "plain"]
 Optimizer = Literal["adam", "adamw", "sparse_adam", "adagrad"]
 Schedule = Literal["constant", "cosine"]
 TrainOn = Literal["train", "all"]
@@ -143,43 +145,84 @@ def _choice(flag: str, value: str, kind: object) -> None:
         raise ConfigError(f"{flag}: {value!r} is not one of {', '.join(allowed)}")
 
 
+# Settings whose best value depends on the objective; a None field takes its objective's
+# value here. Chosen on an inner validation split carved from ML-100K's train split
+# (tests/bench/tune_defaults.py; docs/training.md has the figures).
+_BY_OBJECTIVE: dict[str, dict[str, Any]] = {
+    "rating": {
+        "embedding_dim": 128,
+        "epochs": 40,
+        "patience": 8,
+        "batch_size": 2048,
+        "lr": 0.005,
+        "l2": 0.03,
+        "eval_every": 1,
+    },
+    "softmax": {
+        "embedding_dim": 256,
+        "epochs": 80,
+        "patience": 20,
+        "batch_size": 128,
+        "lr": 0.005,
+        "l2": 0.05,
+        "eval_every": 5,
+    },
+}
+_BY_OBJECTIVE["sampled"] = _BY_OBJECTIVE["softmax"]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """The model and how it is fitted. Defaults were chosen by measurement (README)."""
+    """The model and how it is fitted. Defaults were chosen by measurement (README).
+
+    Fields left None take the value measured best for the objective (`_BY_OBJECTIVE`).
+    """
 
     device: Device = "auto"
-    objective: Objective = "ranking"
-    embedding_dim: int = 128
+    objective: Objective = "softmax"
+    embedding_dim: int | None = None
     dropout: float = 0.0
     batch_norm: bool = False
-    epochs: int = 40
-    patience: int = 8
+    epochs: int | None = None
+    patience: int | None = None
     min_delta: float = 1e-4
-    batch_size: int = 2048
-    lr: float = 0.005
+    # rating: ratings per step; softmax/sampled: users per step (capped by memory_mb).
+    batch_size: int | None = None
+    lr: float | None = None
     lr_schedule: Schedule = "cosine"
     optimizer: Optimizer = "adam"
     weight_decay: float = 0.0
-    # L2 on the batch's embeddings; None picks the measured best for the objective
-    # (rating 0.03, ranking 0.01 on ML-100K, see README).
+    # L2 on the factor rows each step touches (see mfbatch.objectives.l2_penalty).
     l2: float | None = None
+    l2_mode: L2Mode = "frequency"
+    temperature: float = 1.0
+    # Softmax objectives: each user's loss weighted by |I_u|^-user_exponent (normalised).
+    user_exponent: float = 0.3
+    # Softmax: the budget for one step's [users x items] logits; when too few full rows
+    # fit, training falls back to the sampled softmax. Sampled: `negatives` draws a step.
+    memory_mb: int = 1024
     negatives: int = 1024
-    rating_weight: float = 0.0
+    sampler: Sampler = "popularity"
     top_k: int = 20
     rank_metrics: bool = False  # also compute Recall/NDCG when the objective is rating
     eval_users: int = 5000
+    eval_every: int | None = None  # validate every N epochs (and after the last)
+    threads: int | None = None  # CPU threads; None: see mfbatch.train.resolve_threads
     seed: int = 0
     amp: bool = True
     on: TrainOn = "train"
     export_dir: Path = Path("export")
 
     def __post_init__(self) -> None:
-        if self.l2 is None:
-            object.__setattr__(self, "l2", 0.03 if self.objective == "rating" else 0.01)
-        _choice("--device", self.device, Device)
         _choice("--objective", self.objective, Objective)
+        for name, value in _BY_OBJECTIVE[self.objective].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        _choice("--device", self.device, Device)
         _choice("--optimizer", self.optimizer, Optimizer)
         _choice("--lr-schedule", self.lr_schedule, Schedule)
+        _choice("--l2-mode", self.l2_mode, L2Mode)
+        _choice("--sampler", self.sampler, Sampler)
         _choice("--on", self.on, TrainOn)
         positive_ints = {
             "--embedding-dim": self.embedding_dim,
@@ -189,20 +232,29 @@ class TrainConfig:
             "--negatives": self.negatives,
             "--top-k": self.top_k,
             "--eval-users": self.eval_users,
+            "--eval-every": self.eval_every,
+            "--memory-mb": self.memory_mb,
         }
+        # Absurd counts are refused like score's; a few more than the cores are capped at
+        # training time (mfbatch.train.resolve_threads) with a note.
+        check_threads("--threads", self.threads)
         for flag, value in positive_ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{flag}: must be a whole number >= 1, got {value!r}")
-        if self.embedding_dim > 4096:
+        if self.embedding_dim is not None and self.embedding_dim > 4096:
             raise ConfigError(f"--embedding-dim: {self.embedding_dim} is too large (max 4096)")
-        if not (math.isfinite(self.lr) and 0.0 < self.lr <= 10.0):
+        lr = float(self.lr or 0.0)
+        if not (math.isfinite(lr) and 0.0 < lr <= 10.0):
             raise ConfigError(f"--lr: must be in (0, 10], got {self.lr}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout: must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.user_exponent) and 0.0 <= self.user_exponent <= 1.0):
+            raise ConfigError(f"--user-exponent: must be in [0, 1], got {self.user_exponent}")
+        if not (math.isfinite(self.temperature) and 0.0 < self.temperature <= 100.0):
+            raise ConfigError(f"--temperature: must be in (0, 100], got {self.temperature}")
         for flag, amount in (
             ("--weight-decay", self.weight_decay),
             ("--l2", float(self.l2 or 0.0)),
-            ("--rating-weight", self.rating_weight),
         ):
             if not (math.isfinite(amount) and amount >= 0.0):
                 raise ConfigError(f"{flag}: must be >= 0, got {amount}")
@@ -251,9 +303,15 @@ class ScoreConfig:
     users: Path | None = None
     include_items: Path | None = None
     exclude_items: Path | None = None
+    keep_history: int = 7  # publishes of the served table kept in recommendation_history
+    output: Path | None = None  # also write the served lists here (.parquet, .csv, folder)
 
     def __post_init__(self) -> None:
         _choice("--provider", self.provider, Provider)
+        if isinstance(self.keep_history, bool) or self.keep_history < 1:
+            raise ConfigError(
+                f"--keep-history: must be a whole number >= 1, got {self.keep_history!r}"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"--top-k: must be a whole number >= 1, got {self.top_k!r}")
         if self.batch_size is not None and self.batch_size < 1:

@@ -66,8 +66,7 @@ class Evaluation:
                 "min_rating": self.min_rating,
                 "model": self.model,
                 "popularity": self.baseline,
-            },
-            indent=2,
+            }
         )
 
     def line(self) -> str:

@@ -151,7 +151,8 @@ class Scorer:
                     f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
                 ) from None
         on_cuda = self.session is not None and CUDA in self.session.get_providers()
-        self.provider = "cuda" if on_cuda else f"cpu ({options.intra_op_num_threads} threads)"
+        n = options.intra_op_num_threads
+        self.provider = "cuda" if on_cuda else f"cpu ({n} thread{'' if n == 1 else 's'})"
 
     def _cuda_session(
         self, options: ort.SessionOptions, proto: onnx.ModelProto

@@ -53,13 +53,14 @@ class MatrixFactorization(nn.Module):
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Predicted normalised rating for each (user, item) pair."""
-        dot = (self.user_vectors(users) * self.item_vectors(items)).sum(-1)
-        return (
-            self.global_bias
-            + self.user_bias(users).squeeze(-1)
-            + self.item_bias(items).squeeze(-1)
-            + dot
-        )
+        return self.global_bias + self.user_bias(users).squeeze(-1) + self.pair_logits(users, items)
+
+    def pair_logits(
+        self, users: torch.Tensor, items: torch.Tensor, user_vec: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`item_logits` for matching (user, item) pairs: <f(p_u), f(q_i)> + b_i."""
+        u = self.user_vectors(users) if user_vec is None else user_vec
+        return (u * self.item_vectors(items)).sum(-1) + self.item_bias(items).squeeze(-1)
 
     def item_logits(
         self, users: torch.Tensor, items: torch.Tensor, user_vec: torch.Tensor | None = None

@@ -41,6 +41,14 @@ class UserReport:
     recommendations: list[Recommended]
     top_rated: list[Rated]
 
+    def line(self) -> str:
+        sources = sorted({r.source for r in self.recommendations})
+        return (
+            f"user {self.user_id}: {len(self.recommendations)} recommendations "
+            f"({', '.join(sources) or 'none'}) from run {self.run_id}, "
+            f"{self.n_ratings:,} ratings of their own"
+        )
+
 
 def recommend(*, db_path: Path, user_id: str, limit: int = 20) -> UserReport:
     """One user's list beside their own best-rated items, for a human sanity check."""

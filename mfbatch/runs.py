@@ -193,6 +193,13 @@ def find_run(
                 f"about it; evaluate the validated run it was refit from{parent}"
             )
         return run
+    if role == "serve" and db.table_exists(con, "serving"):
+        chosen = db.record(con, "promoted_run")
+        if chosen is not None:
+            # Someone chose what is served (`mfbatch serve`): that, or a clear refusal.
+            run = find_run(con, path, dataset, str(chosen["run_id"]), role="any")
+            run.require_dataset(dataset)
+            return run
     every = [_run(r, path) for r in db.records(con, "newest_runs")]
     runs = every if role == "any" else [r for r in every if r.dataset_sha256 == dataset.sha256]
     if every and not runs:
@@ -208,3 +215,88 @@ def find_run(
             "run `mfbatch train` first"
         )
     return runs[0]
+
+
+@dataclass(frozen=True)
+class RunListing:
+    """One line of `mfbatch runs`."""
+
+    run_id: str
+    parent_run_id: str | None
+    status: str
+    data_seen: str
+    objective: str
+    best_epoch: int
+    epochs_run: int
+    top_k: int
+    val_recall: float | None
+    val_ndcg: float | None
+    val_rmse: float | None
+    n_train: int
+    seconds: float
+    finished_at: datetime
+    current_data: bool  # trained on the data the database holds now
+    promoted: bool  # chosen with `mfbatch serve`
+    served_users: int  # rows of `recommendations` it made, in users
+
+
+def list_runs(*, db_path: Path) -> list[RunListing]:
+    """Every recorded run, newest first, with what it is and whether it is served."""
+    con = db.connect(db_path, read_only=True)
+    try:
+        dataset = Dataset.load(con, db_path)
+        if not db.table_exists(con, "training_runs"):
+            return []
+        promoted = db.record(con, "promoted_run") if db.table_exists(con, "serving") else None
+        served = (
+            {r["run_id"]: int(r["users"]) for r in db.records(con, "served_runs")}
+            if db.table_exists(con, "recommendations")
+            else {}
+        )
+        rows = db.records(con, "run_listing")
+    finally:
+        con.close()
+    chosen = promoted["run_id"] if promoted else None
+    return [
+        RunListing(
+            run_id=r["run_id"],
+            parent_run_id=r["parent_run_id"],
+            status=r["status"],
+            data_seen=r["data_seen"],
+            objective=r["objective"],
+            best_epoch=int(r["best_epoch"]),
+            epochs_run=int(r["epochs_run"]),
+            top_k=int(r["top_k"]),
+            val_recall=r["val_recall"],
+            val_ndcg=r["val_ndcg"],
+            val_rmse=r["val_rmse"],
+            n_train=int(r["n_train"]),
+            seconds=float(r["seconds"]),
+            finished_at=r["finished_at"],
+            current_data=r["dataset_sha256"] == dataset.sha256,
+            promoted=r["run_id"] == chosen,
+            served_users=served.get(r["run_id"], 0),
+        )
+        for r in rows
+    ]
+
+
+def promote(*, db_path: Path, run_id: str | None) -> Run | None:
+    """Make `run_id` what `score` serves by default; None goes back to the newest refit."""
+    db.check_writable(db_path)
+    con = db.connect(db_path)
+    try:
+        dataset = Dataset.load(con, db_path)
+        run = None
+        if run_id is not None:
+            run = find_run(con, db_path, dataset, run_id, role="any")
+            run.require_dataset(dataset)
+            run.check_model(dataset)
+        with db.transaction(con, f"the serving choice into {db_path}"):
+            db.run(con, "create_serving")
+            db.run(con, "clear_serving")
+            if run is not None:
+                db.run(con, "insert_serving", run_id=run.run_id)
+    finally:
+        con.close()
+    return run

@@ -27,14 +27,15 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mfbatch import db
 from mfbatch.config import Config
 from mfbatch.errors import ConfigError, DatabaseError, InputDataError
 from mfbatch.foldin import fold_in, method_for
+from mfbatch.history import export_lists, record_publish
 from mfbatch.inference import Scorer, SeenItems
 from mfbatch.lists import ListPlan, build_lists, to_arrow
+from mfbatch.progress import Steps
 from mfbatch.runs import Dataset, Run, find_run
 
 SPOOL_PREFIX = ".mfbatch-score-"
@@ -52,6 +53,8 @@ class ScoreSummary:
     partial: bool
     seconds: float
     db: Path
+    publish_id: int
+    output: Path | None = None
     folded_users: int = 0
     fold_seconds: float = 0.0
     unscorable_items: int = 0
@@ -79,7 +82,8 @@ class ScoreSummary:
         return (
             f"scored {self.users:,} users with run {self.run_id} ({kind}) on {self.provider}"
             f"{cold}{folded}: {self.rows:,} recommendations, {rate:,.0f} users/s, "
-            f"{self.seconds:.2f} s -> {self.db} (table recommendations {how}){unscorable}"
+            f"{self.seconds:.2f} s -> {self.db} (table recommendations {how}, publish "
+            f"{self.publish_id})" + (f" and {self.output}" if self.output else "") + unscorable
         )
 
 
@@ -314,18 +318,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     empty: list[int] = []
     try:
         writer: pa.ipc.RecordBatchFileWriter | None = None
-        progress = Progress(
-            TextColumn("[bold]score[/bold]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("users"),
-            console=console,
-            disable=console is None or not console.is_terminal,
-            transient=True,
-        )
-        with progress:
-            task = progress.add_task("score", total=len(plan.users))
+        with Steps(console, "score", len(plan.users), "users") as progress:
             for lists in build_lists(scorer, plan, batch):
                 empty.extend(lists.empty_users()[: 5 - len(empty)].tolist())
                 popularity_users += int((~lists.from_model).sum())
@@ -338,7 +331,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
                 rows += table.num_rows
                 if lists.empty_users().size and len(empty) >= 5:
                     break
-                progress.advance(task, len(lists.users))
+                progress.advance(len(lists.users))
         if writer is None:
             raise InputDataError("no users to score")
         writer.close()
@@ -349,7 +342,14 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
                 "item left after --include-items/--exclude-items; widen the allow list; "
                 "nothing was published"
             )
-        _publish(config.db, spool, run.run_id, created, partial=settings.users is not None)
+        publish_id = _publish(
+            config.db,
+            spool,
+            run.run_id,
+            created,
+            partial=settings.users is not None,
+            keep=settings.keep_history,
+        )
     except OSError as exc:
         raise DatabaseError(
             f"writing recommendations beside {config.db} failed ({exc}); free space and retry; "
@@ -357,6 +357,9 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         ) from None
     finally:
         shutil.rmtree(spool_dir, ignore_errors=True)
+    written = None
+    if settings.output is not None:
+        written, _ = export_lists(db_path=config.db, out=settings.output)
     return ScoreSummary(
         run_id=run.run_id,
         data_seen=run.data_seen,
@@ -367,6 +370,8 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         partial=settings.users is not None,
         seconds=time.perf_counter() - started,
         db=config.db,
+        publish_id=publish_id,
+        output=written,
         folded_users=len(inputs.fold_users),
         fold_seconds=fold_seconds,
         unscorable_items=inputs.unscorable_items,
@@ -387,7 +392,9 @@ def _with_rating(table: pa.Table, objective: str, lo: float, hi: float) -> pa.Ta
     return table.append_column("predicted_rating", predicted)
 
 
-def _publish(path: Path, spool: Path, run_id: str, created: datetime, *, partial: bool) -> None:
+def _publish(
+    path: Path, spool: Path, run_id: str, created: datetime, *, partial: bool, keep: int
+) -> int:
     with pa.memory_map(str(spool)) as source:
         spooled = pa.ipc.open_file(source).read_all()
     con = db.connect(path)
@@ -411,5 +418,6 @@ def _publish(path: Path, spool: Path, run_id: str, created: datetime, *, partial
             else:
                 db.run(con, "drop_recommendations")
                 db.run(con, "publish_recommendations")
+            return record_publish(con, keep)
     finally:
         con.close()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -74,7 +76,46 @@ def resolve_device(requested: str) -> torch.device:
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'' if n == 1 else 's'})"
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def idle_cores(cores: int, window_s: float = 0.2) -> float:
+    """How many of the machine's cores sat idle over a short window (/proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    try:
+        idle_a, total_a = sample()
+        time.sleep(window_s)
+        idle_b, total_b = sample()
+    except (OSError, ValueError, IndexError):
+        return float(cores)
+    machine = os.cpu_count() or cores
+    return machine * (idle_b - idle_a) / max(total_b - total_a, 1)
+
+
+def resolve_threads(requested: int | None) -> tuple[int, str | None]:
+    """(threads, note). Never more than the cores this process may run on; by default
+    only the cores that are idle now, because torch's threads wait for each other at
+    every op: with one of two cores busy, two threads ran ~9x slower than one
+    (docs/training.md)."""
+    cores = usable_cores()
+    if requested is not None:
+        if requested > cores:
+            return cores, f"--threads {requested}: capped at the {cores} cores available"
+        return requested, None
+    return max(1, min(cores, math.floor(idle_cores(cores) + 0.5))), None
 
 
 def new_run_id() -> str:
@@ -94,7 +135,14 @@ def _refit_config(run: Run, config: TrainConfig) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in run.config["train"].items() if k in fields}
     values.update(on="all", device=config.device, export_dir=config.export_dir)
-    return load_config(overrides={"train": values}).train
+    try:
+        return load_config(overrides={"train": values}).train
+    except ConfigError as exc:
+        # The stored settings, not the user's flags: say which run they came from.
+        raise ModelError(
+            f"the validated run {run.run_id} was trained with settings this version no "
+            f"longer takes ({exc}); train a new validated run, then refit"
+        ) from None
 
 
 def train(*, config: Config, console: Console | None = None) -> TrainSummary:
@@ -106,6 +154,11 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
     # The run is recorded at the end: a locked or unwritable database is refused now,
     # not after the training it would throw away.
     db.check_writable(config.db)
+    if device.type == "cpu":
+        threads, note = resolve_threads(settings.threads)
+        torch.set_num_threads(threads)
+        if note and console:
+            console.print(f"note: {note}", highlight=False)
     con = db.connect(config.db, read_only=True)
     try:
         dataset = Dataset.load(con, config.db)
@@ -151,13 +204,15 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
     shape = ModelShape(
         n_users=n_users,
         n_items=n_items,
-        dim=settings.embedding_dim,
+        dim=int(settings.embedding_dim or 0),
         dropout=settings.dropout,
         batch_norm=settings.batch_norm,
         sparse=settings.optimizer in ("sparse_adam", "adagrad"),
     )
     model = MatrixFactorization(shape).to(device)
     outcome = _fit(model, data, val, settings, epochs, console)
+    if console and outcome.plan and outcome.plan.note:
+        console.print(f"note: {outcome.plan.note}", highlight=False)
 
     run_id = new_run_id()
     export_path = settings.export_dir / run_id
@@ -254,6 +309,8 @@ def _fit(
     console: Console | None,
 ) -> Outcome:
     total_epochs = epochs or settings.epochs
+    # Bars on a terminal; in a log (cron, CI, a pipe) one plain line per epoch instead.
+    log_lines = console is not None and not console.is_terminal
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -275,7 +332,14 @@ def _fit(
             status += f"  val RMSE {record.metrics.rmse:.4f}"
             if record.metrics.recall is not None:
                 status += f"  Recall@{settings.top_k} {record.metrics.recall:.4f}"
+                status += f"  NDCG@{settings.top_k} {record.metrics.ndcg or 0.0:.4f}"
         progress.update(tasks[record.epoch], status=status)
+        if log_lines and console is not None:
+            console.print(
+                f"epoch {record.epoch}/{total_epochs} {status}  {record.seconds:.2f} s",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     with progress:
         return train_model(

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mfbatch import objectives
 from mfbatch.config import TrainConfig
 from mfbatch.model import MatrixFactorization
+from mfbatch.objectives import UserBatch
 
 
 @dataclass(frozen=True)
@@ -105,19 +107,36 @@ class Outcome:
     best_epoch: int = 0
     status: str = "completed"  # completed | early_stopped | diverged
     diverged_epoch: int | None = None
+    plan: Plan | None = None
+
+
+# User-table size (rows x dim) from which the softmax objectives update users lazily.
+SPARSE_USERS_FROM = 4_000_000
 
 
 def make_optimizers(model: MatrixFactorization, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    lr = float(config.lr or 0.0)  # resolved per objective by TrainConfig
+    big_user_table = model.shape.n_users * model.shape.dim >= SPARSE_USERS_FROM
+    if config.optimizer == "adam" and config.objective != "rating" and big_user_table:
+        # A softmax step reads every item but only its batch's users: a dense Adam
+        # rewrites the whole user table every step, so an epoch costs O(users^2): at 100k
+        # users x 256 that was ~90% of it. Those rows get sparse gradients and a lazy Adam
+        # instead (the item side stays dense). Not for small tables: lazy Adam moves a
+        # user only on the one step an epoch that sees them, and measured worse there.
+        model.user_emb.sparse = model.user_bias.sparse = True
+        users = [model.user_emb.weight, model.user_bias.weight]
+        rest = [p for p in model.parameters() if all(p is not u for u in users)]
+        return [torch.optim.SparseAdam(users, lr=lr), torch.optim.Adam(rest, lr=lr)]
     if config.optimizer in ("adam", "adamw"):
         cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        return [cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)]
+        return [cls(model.parameters(), lr=lr, weight_decay=config.weight_decay)]
     sparse = [p for n, p in model.named_parameters() if n.endswith(("_emb.weight", "_bias.weight"))]
     dense = [
         p for n, p in model.named_parameters() if not n.endswith(("_emb.weight", "_bias.weight"))
     ]
     if config.optimizer == "adagrad":
-        return [torch.optim.Adagrad(model.parameters(), lr=config.lr)]
-    return [torch.optim.SparseAdam(sparse, lr=config.lr), torch.optim.Adam(dense, lr=config.lr)]
+        return [torch.optim.Adagrad(model.parameters(), lr=lr)]
+    return [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr)]
 
 
 def _autocast(device: torch.device, config: TrainConfig) -> torch.autocast | nullcontext[None]:
@@ -126,59 +145,156 @@ def _autocast(device: torch.device, config: TrainConfig) -> torch.autocast | nul
     return nullcontext()
 
 
-def batch_loss(
+@dataclass(frozen=True)
+class Plan:
+    """How the epoch is batched, resolved once from the config, catalogue and budget."""
+
+    loss: str  # softmax | sampled | rating
+    batch_size: int  # users per step (softmax, sampled) or ratings per step (rating)
+    note: str | None = None  # why the plan differs from what was asked, for the log
+
+
+# Bytes one logit costs in a step: the fp32 logits, their softmax (kept for backward), the
+# gradient, and a bf16 copy on CUDA, with slack for the allocator.
+BYTES_PER_LOGIT = 16
+# Fewer full rows than this per step and the epoch turns into thousands of tiny matmuls;
+# sampling then is the faster way to the same loss.
+MIN_FULL_ROWS = 64
+# The full softmax costs n_items logits per user and step, the sampled one `negatives`:
+# past this ratio the exact loss costs an epoch many times over for a small gain
+# (100k users x 20k items: 76 s vs ~10 s an epoch, docs/training.md).
+MAX_FULL_TO_SAMPLED = 8
+
+
+def plan(config: TrainConfig, n_items: int) -> Plan:
+    """Users per step from `--memory-mb`; the full softmax falls back to sampling when a
+    catalogue's rows do not fit enough of them, or would cost many times the samples."""
+    batch = int(config.batch_size or 0)
+    if config.objective == "rating":
+        return Plan("rating", batch)
+    budget = config.memory_mb * (1 << 20)
+    full_rows = budget // (n_items * BYTES_PER_LOGIT)
+    fits = full_rows >= min(batch, MIN_FULL_ROWS)
+    cheap = n_items <= MAX_FULL_TO_SAMPLED * config.negatives
+    if config.objective == "softmax" and fits and cheap:
+        return Plan("softmax", max(1, min(batch, full_rows)))
+    sampled_rows = max(1, budget // (config.negatives * BYTES_PER_LOGIT))
+    note = None
+    if config.objective == "softmax":
+        why = (
+            f"a full row of {n_items:,} items leaves room for {full_rows} users in "
+            f"--memory-mb {config.memory_mb}"
+            if not fits
+            else f"{n_items:,} items are over {MAX_FULL_TO_SAMPLED}x --negatives "
+            f"{config.negatives}, so a full row costs that many times a sampled one"
+        )
+        note = (
+            f"{why}; training with the sampled softmax ({config.negatives} "
+            f"{config.sampler} samples per step) instead"
+        )
+    return Plan("sampled", max(1, min(batch, sampled_rows)), note)
+
+
+@dataclass(frozen=True)
+class EpochData:
+    """What every step needs, built once per run on the training device."""
+
+    data: Interactions
+    by_user: Csr
+    active_users: torch.Tensor  # users with at least one rating: the softmax epoch
+    log_q: torch.Tensor  # log sampling probability per item (sampled softmax)
+    all_items: torch.Tensor
+
+    @staticmethod
+    def build(data: Interactions, n_users: int, n_items: int, sampler: str) -> EpochData:
+        device = data.users.device
+        counts = torch.bincount(data.items, minlength=n_items).double()
+        if sampler == "uniform":
+            q = torch.full((n_items,), 1.0 / n_items, device=device, dtype=torch.float64)
+        elif sampler == "popularity":
+            # +1: every item can be drawn, so no logit goes uncorrected by an infinite log q.
+            q = (counts + 1.0) / (counts.sum() + n_items)
+        else:  # in-batch: the items come from the batch, with frequency q
+            q = counts / counts.sum().clamp(min=1.0)
+        user_counts = torch.bincount(data.users, minlength=n_users)
+        return EpochData(
+            data=data,
+            by_user=Csr.build(data.users, data.items, n_users),
+            active_users=torch.nonzero(user_counts).squeeze(1),
+            log_q=q.log().float(),
+            all_items=torch.arange(n_items, device=device),
+        )
+
+
+def step_loss(
     model: MatrixFactorization,
-    users: torch.Tensor,
-    items: torch.Tensor,
-    ratings: torch.Tensor,
+    batch: UserBatch,
+    ratings: torch.Tensor | None,
+    epoch_data: EpochData,
     config: TrainConfig,
+    loss_kind: str,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    u = model.user_vectors(users)
-    v = model.item_vectors(items)
-    b_i = model.item_bias(items).squeeze(-1)
-    dot = (u * v).sum(-1)
-    pred = model.global_bias + model.user_bias(users).squeeze(-1) + b_i + dot
-    reg = (
-        float(config.l2 or 0.0) * ((u.float() ** 2).sum() + (v.float() ** 2).sum()) / users.numel()
-    )
-    mse = torch.mean((pred.float() - ratings) ** 2)
-    if config.objective == "rating":
-        return mse + reg
-    # Sampled softmax: each observed item against `negatives` items drawn uniformly and
-    # shared by the batch. Scoring is a ranking over the catalogue, so the model is taught
-    # exactly that: rated items above unrated ones.
-    neg = torch.randint(
-        model.shape.n_items, (config.negatives,), device=users.device, generator=generator
-    )
-    neg_logits = u @ model.item_vectors(neg).T + model.item_bias(neg).squeeze(-1)
-    neg_logits = neg_logits.float().masked_fill(neg[None, :] == items[:, None], -math.inf)
-    pos_logits = (dot + b_i).float()
-    logits = torch.cat([pos_logits[:, None], neg_logits], dim=1)
-    softmax = torch.mean(torch.logsumexp(logits, dim=1) - pos_logits)
-    return softmax + config.rating_weight * mse + reg
+    l2 = float(config.l2 or 0.0)
+    if loss_kind == "rating":
+        assert ratings is not None
+        # Per rating, as it has always been: each rating's rows once.
+        return objectives.mse(model, batch.users, batch.items, ratings) + objectives.l2_penalty(
+            model, batch, l2, "frequency"
+        )
+    if loss_kind == "softmax":
+        loss = objectives.full_softmax(
+            model, batch, epoch_data.all_items, config.temperature, config.user_exponent
+        )
+    else:
+        samples = objectives.draw_samples(
+            epoch_data.log_q,
+            config.negatives,
+            generator,
+            batch_items=batch.items if config.sampler == "in-batch" else None,
+        )
+        loss = objectives.sampled_softmax(
+            model, batch, samples, config.temperature, config.user_exponent
+        )
+    return loss + objectives.l2_penalty(model, batch, l2, config.l2_mode)
 
 
 def train_epoch(
     model: MatrixFactorization,
     optimizers: list[torch.optim.Optimizer],
-    data: Interactions,
+    epoch_data: EpochData,
     config: TrainConfig,
+    run_plan: Plan,
     generator: torch.Generator,
     on_batch: Callable[[int], None] | None = None,
 ) -> float:
-    """One pass over `data` in shuffled batches; returns the mean batch loss."""
+    """One pass over the ratings in shuffled batches (of users for the softmax losses, of
+    ratings for MSE); returns the mean batch loss."""
     model.train()
+    data = epoch_data.data
     device = data.users.device
-    order = torch.randperm(len(data), device=device, generator=generator)
+    if run_plan.loss == "rating":
+        order = torch.randperm(len(data), device=device, generator=generator)
+    else:
+        users = epoch_data.active_users
+        order = users[torch.randperm(users.numel(), device=device, generator=generator)]
     total = torch.zeros((), device=device)
     n_batches = 0
-    for start in range(0, len(data), config.batch_size):
-        idx = order[start : start + config.batch_size]
-        with _autocast(device, config):
-            loss = batch_loss(
-                model, data.users[idx], data.items[idx], data.ratings[idx], config, generator
+    for start in range(0, order.numel(), run_plan.batch_size):
+        idx = order[start : start + run_plan.batch_size]
+        ratings = None
+        if run_plan.loss == "rating":
+            batch = UserBatch(
+                users=data.users[idx],
+                rows=torch.arange(idx.numel(), device=device),
+                items=data.items[idx],
             )
+            ratings = data.ratings[idx]
+        else:
+            rows, items = epoch_data.by_user.rows_of(idx)
+            batch = UserBatch(users=idx, rows=rows, items=items)
+        with _autocast(device, config):
+            loss = step_loss(model, batch, ratings, epoch_data, config, run_plan.loss, generator)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -188,7 +304,7 @@ def train_epoch(
         total += loss.detach()
         n_batches += 1
         if on_batch is not None:
-            on_batch(idx.numel())
+            on_batch(batch.items.numel())
     return float(total.item()) / max(n_batches, 1)
 
 
@@ -261,7 +377,7 @@ def rank_metrics(model: MatrixFactorization, val: Validation, k: int) -> tuple[f
 
 
 def _score(metrics: Metrics, objective: str) -> float:
-    """Higher is better: -RMSE for the rating objective, Recall@K for ranking."""
+    """Higher is better: -RMSE for the rating objective, Recall@K for the ranking ones."""
     if objective == "rating" or metrics.recall is None:
         return -metrics.rmse
     return metrics.recall
@@ -280,50 +396,60 @@ def train_model(
 ) -> Outcome:
     """Train with early stopping on `val` and restore the best epoch's weights.
 
-    Without `val` (a refit on all data) it runs exactly `epochs` epochs. `schedule_epochs`
-    is the length the learning-rate schedule anneals over: a refit copying a validated run
-    stopped at its best epoch passes that run's epoch budget, so both see the same rates.
+    Validation runs every `eval_every` epochs and on the last one; patience counts epochs
+    since the best validated one. Without `val` (a refit on all data) it runs exactly
+    `epochs` epochs. `schedule_epochs` is the length the learning-rate schedule anneals
+    over: a refit copying a validated run stopped at its best epoch passes that run's epoch
+    budget, so both see the same rates.
     """
     device = data.users.device
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device)
     generator.manual_seed(config.seed)
     optimizers = make_optimizers(model, config)
-    max_epochs = epochs or config.epochs
+    run_plan = plan(config, model.shape.n_items)
+    epoch_data = EpochData.build(data, model.shape.n_users, model.shape.n_items, config.sampler)
+    max_epochs = int(epochs or config.epochs or 1)
+    patience = int(config.patience or 1)
     schedulers = [
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule_epochs or max_epochs)
         for opt in optimizers
         if config.lr_schedule == "cosine"
     ]
-    outcome = Outcome(model=model)
+    outcome = Outcome(model=model, plan=run_plan)
+    # Zeroed now as well as at the end: rows no rating reaches get no gradient (bar
+    # softmax items, pushed down as negatives but never offered), so validation scores
+    # the predictions the exported model will make, cold pairs included.
+    zero_untrained(model, data)
     best_score = -math.inf
     # The starting weights are the fallback if the very first epoch diverges.
     best_state = copy.deepcopy(model.state_dict())
-    stale = 0
+    every = int(config.eval_every or 1)
     for epoch in range(1, max_epochs + 1):
         started = time.perf_counter()
         on_batch = on_epoch_start(epoch, len(data)) if on_epoch_start else None
-        loss = train_epoch(model, optimizers, data, config, generator, on_batch)
+        loss = train_epoch(model, optimizers, epoch_data, config, run_plan, generator, on_batch)
+        # Sampled negatives can reach items no rating did: back to zero before validating.
         zero_untrained(model, data)
         for scheduler in schedulers:
             scheduler.step()
         if not math.isfinite(loss) or not _finite(model):
             outcome.status, outcome.diverged_epoch = "diverged", epoch
             break
-        metrics = validate(model, val, config) if val is not None else None
+        checked = val is not None and (epoch % every == 0 or epoch == max_epochs)
+        metrics = validate(model, val, config) if val is not None and checked else None
         record = EpochRecord(epoch, loss, metrics, time.perf_counter() - started)
         outcome.history.append(record)
         if on_epoch_end:
             on_epoch_end(record)
-        score = _score(metrics, config.objective) if metrics else float(epoch)
-        if score > best_score + config.min_delta:
-            best_score, outcome.best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if val is not None and stale >= config.patience:
-                outcome.status = "early_stopped"
-                break
+        if val is None or metrics is not None:
+            score = _score(metrics, config.objective) if metrics else float(epoch)
+            if score > best_score + config.min_delta:
+                best_score, outcome.best_epoch = score, epoch
+                best_state = copy.deepcopy(model.state_dict())
+        if metrics is not None and epoch - outcome.best_epoch >= patience:
+            outcome.status = "early_stopped"
+            break
     model.load_state_dict(best_state)
     model.eval()
     return outcome

@@ -148,3 +148,30 @@ JOIN items AS i USING (item_idx)
 WHERE r.user_idx = $user_idx
 ORDER BY r.rating DESC, r.ts DESC NULLS LAST, i.item_id
 LIMIT $limit;
+
+-- name: run_epochs
+SELECT epoch, train_loss, val_rmse, val_recall, val_ndcg, seconds
+FROM training_epochs WHERE run_id = $run_id ORDER BY epoch;
+
+-- name: latest_evaluation
+-- The run's figures at the K it was evaluated at most recently.
+SELECT metric, k, value, baseline_value
+FROM evaluations
+WHERE run_id = $run_id
+  AND (k IS NULL OR k = (SELECT k FROM evaluations WHERE run_id = $run_id AND k IS NOT NULL
+                         ORDER BY created_at DESC LIMIT 1));
+
+-- name: list_item_counts
+-- How often each item appears in the run's measured model lists, beside its train count.
+SELECT i.item_id, i.n_train, count(l.item_id) AS listed
+FROM items AS i
+LEFT JOIN evaluation_lists AS l
+  ON l.item_id = i.item_id AND l.run_id = $run_id AND l.k = $k AND l.recommender = 'model'
+GROUP BY i.item_id, i.n_train;
+
+-- name: list_scores
+SELECT score FROM evaluation_lists
+WHERE run_id = $run_id AND k = $k AND recommender = 'model' AND source = 'model';
+
+-- name: served_scores
+SELECT run_id, score, coalesce(source, 'model') AS source FROM recommendations;

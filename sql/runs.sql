@@ -19,3 +19,31 @@ SELECT run_id, parent_run_id, status, data_seen, dataset_sha256, objective, best
 FROM training_runs
 WHERE status <> 'diverged'
 ORDER BY finished_at DESC, run_id DESC;
+
+-- name: run_listing
+SELECT run_id, parent_run_id, status, data_seen, dataset_sha256, objective, best_epoch,
+       epochs_run, top_k, val_recall, val_ndcg, val_rmse, n_train, seconds, finished_at
+FROM training_runs
+ORDER BY finished_at DESC, run_id DESC;
+
+-- name: create_serving
+-- The run `score` serves by default once someone chose one (`mfbatch serve`); without a
+-- row here it serves the newest refit.
+CREATE TABLE IF NOT EXISTS serving (
+    run_id      VARCHAR   NOT NULL,
+    promoted_at TIMESTAMP NOT NULL
+);
+
+-- name: clear_serving
+DELETE FROM serving;
+
+-- name: insert_serving
+INSERT INTO serving VALUES ($run_id, now()::TIMESTAMP);
+
+-- name: promoted_run
+SELECT run_id, promoted_at FROM serving LIMIT 1;
+
+-- name: served_runs
+SELECT run_id, count(DISTINCT user_id) AS users, max(created_at) AS created_at
+FROM recommendations
+GROUP BY run_id;

@@ -346,7 +346,7 @@ def test_published_rows_are_unseen_allowed_ranked_and_complete(
 def test_scorer_reports_the_cpu_provider_and_threads(graphs: Path) -> None:
     users_aug, items_aug_t = _tables(np.random.default_rng(0), 2, 3, 2)
     scorer = _scorer(graphs, users_aug, items_aug_t)
-    assert scorer.provider == "cpu (1 threads)"
+    assert scorer.provider == "cpu (1 thread)"
     assert scorer.warnings == []
 
 

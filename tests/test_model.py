@@ -59,21 +59,34 @@ def test_folded_tables_reproduce_eval_mode_predictions() -> None:
     assert torch.allclose(direct, folded, atol=1e-6)
 
 
-def _checkerboard(n_per_block: int = 12) -> tuple[Interactions, Validation, int]:
+def _checkerboard(
+    n_per_block: int = 12, *, dislikes: bool = False
+) -> tuple[Interactions, Validation, int]:
     """Two user groups, two item blocks; each user rated every item of their own block but
-    one (the diagonal), and nothing else. The held-out diagonal is the known answer."""
-    users, items, held_u, held_i = [], [], [], []
+    one (the diagonal). The held-out diagonal is the known answer. With `dislikes`, each
+    user also gave the lowest rating to half of the other block: what a ratings-only model
+    needs to tell the blocks apart (the softmax objectives learn it from absence alone)."""
+    users, items, stars, held_u, held_i = [], [], [], [], []
     n = 2 * n_per_block
     for u in range(n):
         block = u // n_per_block
         own = range(block * n_per_block, (block + 1) * n_per_block)
         held = block * n_per_block + (u % n_per_block)
         for i in own:
-            (held_u if i == held else users).append(u)
-            (held_i if i == held else items).append(i)
-    data = Interactions(
-        torch.tensor(users), torch.tensor(items), torch.ones(len(users), dtype=torch.float32)
-    )
+            if i == held:
+                held_u.append(u)
+                held_i.append(i)
+            else:
+                users.append(u)
+                items.append(i)
+                stars.append(1.0)
+        if dislikes:
+            other = (1 - block) * n_per_block
+            for i in range(other + u % 2, other + n_per_block, 2):
+                users.append(u)
+                items.append(i)
+                stars.append(0.0)
+    data = Interactions(torch.tensor(users), torch.tensor(items), torch.tensor(stars))
     pairs = Interactions(
         torch.tensor(held_u), torch.tensor(held_i), torch.ones(len(held_u), dtype=torch.float32)
     )
@@ -88,27 +101,49 @@ def _checkerboard(n_per_block: int = 12) -> tuple[Interactions, Validation, int]
     return data, val, n
 
 
-def test_ranking_objective_recovers_the_held_out_diagonal() -> None:
-    data, val, n = _checkerboard()
+@pytest.mark.parametrize(
+    ("objective", "sampler"),
+    [
+        ("softmax", "popularity"),
+        ("sampled", "popularity"),
+        ("sampled", "in-batch"),
+        ("sampled", "uniform"),
+        ("rating", "popularity"),
+    ],
+)
+def test_every_objective_recovers_the_held_out_diagonal(objective: str, sampler: str) -> None:
+    data, val, n = _checkerboard(dislikes=objective == "rating")
     config = TrainConfig(
-        objective="ranking",
+        objective=objective,  # type: ignore[arg-type]
+        sampler=sampler,  # type: ignore[arg-type]
         embedding_dim=8,
         epochs=60,
         patience=60,
-        batch_size=64,
+        eval_every=5,
+        batch_size=8 if objective != "rating" else 64,
         lr=0.05,
+        l2=0.0,
         negatives=16,
-        rating_weight=0.0,
         top_k=1,
         seed=0,
     )
     model = MatrixFactorization(ModelShape(n, n, 8, dropout=0.0, batch_norm=False))
     outcome = train_model(model, data, val, config)
+    assert outcome.plan is not None and outcome.plan.loss == objective
     recall_at_1, ndcg_at_1 = rank_metrics(model, val, 1)
     # Every user's single unrated in-block item is their top recommendation.
     assert recall_at_1 == pytest.approx(1.0)
     assert ndcg_at_1 == pytest.approx(1.0)
     assert outcome.history[-1].train_loss < outcome.history[0].train_loss
+
+
+def test_validation_runs_every_n_epochs_and_after_the_last() -> None:
+    data, val, n = _checkerboard()
+    config = TrainConfig(embedding_dim=4, epochs=7, patience=100, eval_every=3, batch_size=8)
+    model = MatrixFactorization(ModelShape(n, n, 4, dropout=0.0, batch_norm=False))
+    outcome = train_model(model, data, val, config)
+    assert [r.epoch for r in outcome.history if r.metrics is not None] == [3, 6, 7]
+    assert outcome.best_epoch in (3, 6, 7)
 
 
 def test_rating_objective_predicts_block_ratings() -> None:
@@ -161,7 +196,7 @@ def _random_problem(seed: int = 0) -> tuple[Interactions, Validation, int, int]:
     return data, val, n_users, n_items
 
 
-@pytest.mark.parametrize("objective", ["rating", "ranking"])
+@pytest.mark.parametrize("objective", ["rating", "softmax", "sampled"])
 def test_same_seed_gives_the_same_run(objective: str) -> None:
     data, val, n_users, n_items = _random_problem()
     config = TrainConfig(objective=objective, embedding_dim=8, epochs=4, batch_size=64, seed=3)  # type: ignore[arg-type]
@@ -218,9 +253,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_weights() -> None:
 
 def test_refit_without_validation_runs_exactly_the_given_epochs() -> None:
     data, _, n_users, n_items = _random_problem()
-    config = TrainConfig(
-        objective="ranking", embedding_dim=4, epochs=50, batch_size=64, negatives=8
-    )
+    config = TrainConfig(embedding_dim=4, epochs=50, batch_size=64, eval_every=1)
     model = MatrixFactorization(ModelShape(n_users, n_items, 4, 0.0, False))
     outcome = train_model(model, data, None, config, epochs=3)
     assert [r.epoch for r in outcome.history] == [1, 2, 3]

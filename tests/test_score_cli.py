@@ -198,7 +198,7 @@ def test_score_writes_the_top_k_unrated_items_of_every_user(ws: Workspace) -> No
         f"scored {N_USERS} users with run {ws.refit} (refit on train+val) on cpu"
     )
     assert "popularity" not in result.stdout  # a refit trained every user
-    assert "(table recommendations replaced)" in result.stdout
+    assert "(table recommendations replaced, publish 1)" in result.stdout
     assert "Traceback" not in result.stderr
 
     rated = _rated(ws.db, ("train", "val"))
@@ -384,7 +384,9 @@ def test_a_run_failing_half_way_changes_nothing(
     assert "Traceback" not in result.stdout + result.stderr
     lines = [s for s in result.stderr.splitlines() if s.strip()]
     assert lines[0].startswith(f"serving run {ws.validated} (validated on train"), lines
-    assert len(lines) == 2 and lines[1].startswith(line), lines
+    # Progress lines of the batch that got through, then the one error line.
+    assert all(s.startswith("score: ") for s in lines[1:-1]), lines
+    assert lines[-1].startswith(line), lines
     assert result.stdout == ""
 
     assert ws.recommendations() == before

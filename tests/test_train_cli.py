@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import duckdb
@@ -83,13 +84,35 @@ def test_train_records_the_run_and_saves_loadable_weights(dataset: Path) -> None
     assert torch.equal(state["user_emb.weight"], model.user_emb.weight)
 
 
-def test_ranking_run_reports_recall(dataset: Path) -> None:
-    code, out = _train(dataset, "--epochs", "2")
+def test_softmax_run_reports_recall_and_logs_one_line_per_epoch(dataset: Path) -> None:
+    code, out = _train(dataset, "--epochs", "3", "--eval-every", "2")
     assert code == 0, out
     assert "Recall@20" in out
+    # Not a terminal (as under cron): a plain line per epoch instead of progress bars,
+    # with validation figures on the validated epochs (2, and the last).
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"], out
+    assert "Recall@20" not in lines[0] and "Recall@20" in lines[1] and "Recall@20" in lines[2]
+    assert all("loss " in line and line.endswith(" s") for line in lines)
     with duckdb.connect(str(dataset), read_only=True) as con:
         recall, objective = con.sql("SELECT val_recall, objective FROM training_runs").fetchall()[0]
-    assert objective == "ranking" and 0.0 <= recall <= 1.0
+        checked = con.sql(
+            "SELECT epoch FROM training_epochs WHERE val_recall IS NOT NULL ORDER BY epoch"
+        ).fetchall()
+    assert objective == "softmax" and 0.0 <= recall <= 1.0
+    assert [e for (e,) in checked] == [2, 3]
+
+
+def test_thread_counts_over_the_cores_are_capped_and_absurd_ones_refused(
+    dataset: Path,
+) -> None:
+    cores = len(os.sched_getaffinity(0))
+    code, out = _train(dataset, "--epochs", "1", "--threads", str(2 * cores))
+    assert code == 0, out
+    assert f"--threads {2 * cores}: capped at the {cores} cores" in out
+    assert f"training on cpu ({cores} thread{'' if cores == 1 else 's'})" in out
+    code, out = _train(dataset, "--epochs", "1", "--threads", "100000")
+    assert code == 2 and "--threads: 100000 threads is more than 4x" in out, out
 
 
 def test_refit_on_all_uses_the_validated_epoch_count(dataset: Path) -> None:
@@ -179,6 +202,14 @@ def test_empty_val_split(dataset: Path) -> None:
         ("--lr", "nan", "--lr"),
         ("--dropout", "1.5", "--dropout"),
         ("--objective", "accuracy", "--objective"),
+        ("--objective", "ranking", "--objective"),
+        ("--threads", "0", "--threads"),
+        ("--threads", "-3", "--threads"),
+        ("--memory-mb", "0", "--memory-mb"),
+        ("--eval-every", "0", "--eval-every"),
+        ("--sampler", "random", "--sampler"),
+        ("--l2-mode", "ials", "--l2-mode"),
+        ("--temperature", "0", "--temperature"),
     ],
 )
 def test_senseless_settings(dataset: Path, flag: str, value: str, needle: str) -> None:

@@ -1,0 +1,158 @@
+"""The Python API: the same stage functions the CLI runs, keyword-only, typed.
+
+    import mfbatch
+    mfbatch.preprocess(db="ml.duckdb", dataset="ml-100k", source="ml-100k.zip",
+                       split={"kind": "user-time", "val_fraction": 0.2})
+    run = mfbatch.train(db="ml.duckdb")                # TrainConfig fields as keywords
+    figures = mfbatch.evaluate(db="ml.duckdb", top_k=20)
+    mfbatch.train(db="ml.duckdb", on="all")            # the serving refit
+    mfbatch.score(db="ml.duckdb", top_k=20)
+    lists = mfbatch.read_lists(db="ml.duckdb")         # a Polars frame, raw ids
+
+Each takes `db` (a path) and/or `config` (a TOML path or a loaded `Config`); keywords
+override the config's section for that stage and are type-checked like CLI flags. Errors
+are `mfbatch.errors.MfbatchError` subclasses with a one-line message. Heavy modules
+(torch, onnxruntime) load only when a function needs them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mfbatch.config import Config, load_config
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from mfbatch.evaluate import Evaluation
+    from mfbatch.history import Diff
+    from mfbatch.preprocess import PreprocessSummary
+    from mfbatch.recommend import UserReport
+    from mfbatch.report import ReportSummary
+    from mfbatch.runs import RunListing
+    from mfbatch.score import ScoreSummary
+    from mfbatch.train import TrainSummary
+
+PathLike = str | os.PathLike[str]
+
+
+def _config(
+    config: Config | PathLike | None,
+    db: PathLike | None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    db_path = Path(db) if db is not None else None
+    if isinstance(config, Config):
+        import dataclasses
+
+        base = dataclasses.replace(config, db=db_path or config.db)
+        # Re-validate the overrides through the same loader as everything else.
+        merged = {
+            name: {**dataclasses.asdict(getattr(base, name)), **dict(values)}
+            for name, values in (overrides or {}).items()
+        }
+        checked = load_config(db=base.db, overrides=merged)
+        return dataclasses.replace(
+            base, **{name: getattr(checked, name) for name in overrides or {}}
+        )
+    path = Path(config) if config is not None else None
+    return load_config(path, db=db_path, overrides=overrides)
+
+
+def preprocess(
+    *,
+    db: PathLike | None = None,
+    config: Config | PathLike | None = None,
+    split: Mapping[str, Any] | None = None,
+    **data: Any,
+) -> PreprocessSummary:
+    """Read ratings into the database: `data` are DataConfig fields, `split` SplitConfig's."""
+    from mfbatch.preprocess import preprocess as run
+
+    return run(config=_config(config, db, {"data": data, "split": split or {}}))
+
+
+def train(
+    *, db: PathLike | None = None, config: Config | PathLike | None = None, **settings: Any
+) -> TrainSummary:
+    """Train (or, with on="all", refit) and export a run; `settings` are TrainConfig fields."""
+    from mfbatch.train import train as run
+
+    return run(config=_config(config, db, {"train": settings}))
+
+
+def evaluate(
+    *, db: PathLike | None = None, config: Config | PathLike | None = None, **settings: Any
+) -> Evaluation:
+    """Measure the validated run on its own lists; `settings` are EvaluateConfig fields."""
+    from mfbatch.evaluate import evaluate as run
+
+    return run(config=_config(config, db, {"evaluate": settings}))
+
+
+def score(
+    *, db: PathLike | None = None, config: Config | PathLike | None = None, **settings: Any
+) -> ScoreSummary:
+    """Publish the served lists; `settings` are ScoreConfig fields (top_k, users, ...)."""
+    from mfbatch.score import score as run
+
+    return run(config=_config(config, db, {"score": settings}))
+
+
+def recommend(
+    *, user_id: str, db: PathLike | None = None, config: Config | PathLike | None = None
+) -> UserReport:
+    """One user's served list beside their own top-rated items."""
+    from mfbatch.recommend import recommend as run
+
+    return run(db_path=_config(config, db).db, user_id=user_id)
+
+
+def read_lists(
+    *,
+    db: PathLike | None = None,
+    config: Config | PathLike | None = None,
+    publish: int | None = None,
+) -> pl.DataFrame:
+    """The served lists (or a kept publish) as a Polars frame: raw ids, rank, score, source."""
+    from mfbatch.history import read_lists as run
+
+    return run(db_path=_config(config, db).db, publish=publish)
+
+
+def list_runs(
+    *, db: PathLike | None = None, config: Config | PathLike | None = None
+) -> list[RunListing]:
+    """Every training run, newest first."""
+    from mfbatch import runs
+
+    return runs.list_runs(db_path=_config(config, db).db)
+
+
+def diff(
+    *,
+    db: PathLike | None = None,
+    config: Config | PathLike | None = None,
+    before: int | None = None,
+    after: int | None = None,
+) -> Diff:
+    """What changed between two publishes of the served lists (default: the last two)."""
+    from mfbatch.history import diff as run
+
+    return run(db_path=_config(config, db).db, before=before, after=after)
+
+
+def report(
+    *,
+    out: PathLike,
+    db: PathLike | None = None,
+    config: Config | PathLike | None = None,
+    run_id: str = "latest",
+) -> ReportSummary:
+    """Write the offline HTML report of a validated run."""
+    from mfbatch.report import report as run
+
+    return run(db_path=_config(config, db).db, out=Path(out), run_id=run_id)

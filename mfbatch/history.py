@@ -1,0 +1,170 @@
+"""Served lists over time, and in the formats a warehouse reads.
+
+Every publish of `recommendations` (a full `score` or a `--users` update) is kept whole in
+`recommendation_history`, numbered, for the last `--keep-history` publishes;
+`recommendations` stays the current one. `diff` says what changed between two nights;
+`export_lists` writes the lists as Parquet (a file, or a folder partitioned by run) or CSV.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from mfbatch import db
+from mfbatch.errors import ConfigError, DatabaseError
+
+# Column types of every list export, documented in the README ("Outputs").
+LIST_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("rank", pa.int32()),
+        ("score", pa.float64()),
+        ("predicted_rating", pa.float64()),  # null unless a rating model's own prediction
+        ("source", pa.string()),  # model | popularity (| fold-in)
+        ("created_at", pa.timestamp("us")),
+    ]
+)
+
+
+def record_publish(con: duckdb.DuckDBPyConnection, keep: int) -> int:
+    """Snapshot `recommendations` as the next publish; drop what the retention lets go.
+
+    Runs inside the publishing transaction, so the history never disagrees with the table.
+    """
+    db.run(con, "create_recommendation_history")
+    row = db.record(con, "next_publish_id")
+    publish_id = int(row["publish_id"]) if row else 1
+    db.run(con, "snapshot_recommendations", publish_id=publish_id)
+    db.run(con, "prune_history", publish_id=publish_id, keep=keep)
+    return publish_id
+
+
+@dataclass(frozen=True)
+class Diff:
+    before: int
+    after: int
+    users_compared: int
+    users_changed: int
+    users_added: int
+    users_removed: int
+    mean_overlap: float | None
+    items_entered: list[str]
+    items_left: list[str]
+
+    def line(self) -> str:
+        overlap = f"{self.mean_overlap:.1%}" if self.mean_overlap is not None else "-"
+        return (
+            f"publish {self.before} -> {self.after}: {self.users_changed:,} of "
+            f"{self.users_compared:,} users' top-K changed (mean overlap {overlap}), "
+            f"{self.users_added:,} users added, {self.users_removed:,} removed; "
+            f"{len(self.items_entered):,} items entered the lists, {len(self.items_left):,} left"
+        )
+
+
+def _publish_ids(con: duckdb.DuckDBPyConnection, path: Path) -> list[int]:
+    if not db.table_exists(con, "recommendation_history"):
+        raise DatabaseError(f"{path} has no history of served lists; run `mfbatch score` first")
+    return [int(r["publish_id"]) for r in db.records(con, "publishes")]
+
+
+def diff(*, db_path: Path, before: int | None = None, after: int | None = None) -> Diff:
+    """What changed between two publishes (default: the last two)."""
+    con = db.connect(db_path, read_only=True)
+    try:
+        ids = _publish_ids(con, db_path)
+        after = ids[0] if after is None and ids else after
+        before = ids[1] if before is None and len(ids) > 1 else before
+        if after is None or before is None:
+            raise DatabaseError(
+                f"{db_path} holds {len(ids)} publish(es); a diff needs two (run `mfbatch score`"
+                " again tomorrow, or pass --before/--after)"
+            )
+        for flag, value in (("--before", before), ("--after", after)):
+            if value not in ids:
+                raise ConfigError(
+                    f"{flag}: no publish {value} kept in {db_path}; kept: "
+                    f"{', '.join(map(str, sorted(ids)))}"
+                )
+        users = db.record(con, "diff_users", before=before, after=after) or {}
+        items = db.records(con, "diff_items", before=before, after=after)
+    finally:
+        con.close()
+    return Diff(
+        before=before,
+        after=after,
+        users_compared=int(users.get("users_compared") or 0),
+        users_changed=int(users.get("users_changed") or 0),
+        users_added=int(users.get("users_added") or 0),
+        users_removed=int(users.get("users_removed") or 0),
+        mean_overlap=users.get("mean_overlap"),
+        items_entered=[r["item_id"] for r in items if r["change"] == "entered"],
+        items_left=[r["item_id"] for r in items if r["change"] == "left"],
+    )
+
+
+def read_lists(*, db_path: Path, publish: int | None = None) -> pl.DataFrame:
+    """The served lists (or a kept publish) as a Polars frame with raw ids."""
+    con = db.connect(db_path, read_only=True)
+    try:
+        if publish is None:
+            if not db.table_exists(con, "recommendations"):
+                raise DatabaseError(f"{db_path} has no recommendations; run `mfbatch score` first")
+            frame = db.frame(con, "served_lists")
+        else:
+            if publish not in _publish_ids(con, db_path):
+                raise ConfigError(f"--publish: no publish {publish} kept in {db_path}")
+            frame = db.frame(con, "published_lists", publish_id=publish)
+    finally:
+        con.close()
+    return pl.from_arrow(frame.to_arrow().cast(LIST_SCHEMA))  # type: ignore[return-value]
+
+
+def export_lists(*, db_path: Path, out: Path, publish: int | None = None) -> tuple[Path, int]:
+    """Write the lists to `out`: .parquet or .csv file, else a folder of Parquet by run_id.
+
+    Written beside the target and renamed into place: a reader never sees half a file.
+    """
+    suffix = out.suffix.lower()
+    if suffix not in (".parquet", ".csv", ""):
+        raise ConfigError(
+            f"--output: {out} must end in .parquet or .csv, or name a folder for a Parquet "
+            "dataset partitioned by run_id"
+        )
+    frame = read_lists(db_path=db_path, publish=publish)
+    staging = out.with_name(f".{out.name}.partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        if suffix == ".parquet":
+            frame.write_parquet(staging)
+        elif suffix == ".csv":
+            frame.write_csv(staging)
+        else:
+            ds.write_dataset(
+                frame.to_arrow(),
+                staging,
+                format="parquet",
+                partitioning=["run_id"],
+                partitioning_flavor="hive",
+            )
+        if out.is_dir() and suffix == "":
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if staging.is_file():
+            staging.unlink()
+        raise DatabaseError(
+            f"writing {out} failed ({exc}); free space or pick another path"
+        ) from None
+    return out, frame.height

@@ -1,0 +1,166 @@
+"""Training losses on tensors. Each reuses the module's `forward` / `item_logits`.
+
+- `full_softmax`: a softmax over the whole catalogue for every rated (user, item), summed
+  over the user's rated items. Per user that is Σ_{i∈I_u} (logsumexp_j s_uj − s_ui) =
+  |I_u|·lse_u − Σ_i s_ui, so one logits row per *user* per step carries every one of that
+  user's ratings: the same loss as the per-rating form at a fraction of the cost.
+- `sampled_softmax`: the same loss with the catalogue's logsumexp estimated from shared
+  samples (popularity-drawn or the batch's own items), each corrected by −log(S·q(item)),
+  for catalogues whose full rows do not fit in memory.
+- `mse`: squared error on the observed normalised ratings (the `rating` objective).
+
+All three return the mean per-rating loss of the batch plus the L2 term, so their scale
+(and the meaning of `--l2`) does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mfbatch.model import MatrixFactorization
+
+
+@dataclass(frozen=True)
+class UserBatch:
+    """A batch of users and, flattened, every (row, item) rating they have in train."""
+
+    users: torch.Tensor  # [B] int64
+    rows: torch.Tensor  # [R] position in `users` of each rating
+    items: torch.Tensor  # [R] the rated item
+
+
+def l2_penalty(model: MatrixFactorization, batch: UserBatch, l2: float, mode: str) -> torch.Tensor:
+    """L2 on the factor tables, scaled so that summed over an epoch it is one fixed penalty.
+
+    `frequency` weights each row by how many ratings it has (iALS's frequency-scaled L2,
+    and what per-rating SGD with L2 on the batch's rows does implicitly):
+    Σ_(u,i) ‖p_u‖² + ‖q_i‖². `plain` is λ(‖P‖² + ‖Q‖²) spread evenly over an epoch's steps:
+    the batch's user rows once each, the item table in proportion to the batch's share of
+    users. Both are divided by the batch's ratings, like the loss.
+    """
+    if l2 == 0.0:
+        return model.global_bias.new_zeros(())
+    n = max(batch.items.numel(), 1)
+    if mode == "frequency":
+        # Row norms weighted by counts, not one gathered row per rating: the same sum
+        # without [ratings x dim] temporaries (91k x 256 floats a step at 100k users).
+        user_counts = torch.bincount(batch.rows, minlength=batch.users.numel())
+        items, item_counts = torch.unique(batch.items, return_counts=True)
+        user_term = (user_counts * model.user_emb(batch.users).float().pow(2).sum(-1)).sum()
+        item_term = (item_counts * model.item_emb(items).float().pow(2).sum(-1)).sum()
+        return l2 * (user_term + item_term) / n
+    share = batch.users.numel() / model.shape.n_users
+    user_term = (model.user_emb(batch.users).float() ** 2).sum()
+    # Through the lookup, not .weight: sparse tables then still get sparse gradients.
+    every_item = torch.arange(model.shape.n_items, device=batch.users.device)
+    item_term = share * (model.item_emb(every_item).float() ** 2).sum()
+    return l2 * (user_term + item_term) / n
+
+
+def user_weights(batch: UserBatch, exponent: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ratings per batch user, weight per batch user): |I_u|^-exponent, scaled so the
+    batch's ratings still sum to their count.
+
+    The ranking metrics average over users, while a summed per-rating loss lets the
+    heaviest raters dominate; a partial down-weighting (exponent 0.3) measured better on
+    the inner split (docs/training.md). 0 is the plain per-rating sum.
+    """
+    counts = torch.bincount(batch.rows, minlength=batch.users.numel()).float()
+    if exponent == 0.0:
+        return counts, torch.ones_like(counts)
+    weights = counts.clamp(min=1.0) ** -exponent
+    return counts, weights * counts.sum() / (weights * counts).sum()
+
+
+def full_softmax(
+    model: MatrixFactorization,
+    batch: UserBatch,
+    all_items: torch.Tensor,
+    temperature: float = 1.0,
+    user_exponent: float = 0.0,
+) -> torch.Tensor:
+    """Mean over the batch's ratings of (logsumexp over the catalogue − positive logit),
+    each user's ratings weighted by `user_weights`."""
+    # Logits may come out of a bf16 matmul on CUDA; logsumexp over thousands of items
+    # needs fp32, or the largest term swamps the rest.
+    logits = model.item_logits(batch.users, all_items).float() / temperature
+    lse = torch.logsumexp(logits, dim=1)
+    positive = logits[batch.rows, batch.items]
+    counts, weights = user_weights(batch, user_exponent)
+    summed = (weights * counts * lse).sum() - (weights[batch.rows] * positive).sum()
+    return summed / max(batch.items.numel(), 1)
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Distinct sampled items, how often each was drawn, and the draw's log-probability."""
+
+    items: torch.Tensor  # [U] distinct items
+    log_weight: torch.Tensor  # [U] log(multiplicity) − log(S · q(item))
+
+
+def draw_samples(
+    log_q: torch.Tensor,
+    n: int,
+    generator: torch.Generator,
+    batch_items: torch.Tensor | None = None,
+) -> Samples:
+    """`n` items drawn with replacement from q (`log_q` over the catalogue), or the
+    batch's own rated items when `batch_items` is given (in-batch negatives, whose q is
+    the items' share of the ratings: users are drawn uniformly, so an item turns up in a
+    batch about in proportion to its rating count)."""
+    if batch_items is None:
+        drawn = torch.multinomial(log_q.exp(), n, replacement=True, generator=generator)
+    else:
+        drawn = batch_items
+    items, multiplicity = torch.unique(drawn, return_counts=True)
+    log_weight = multiplicity.float().log() - math.log(drawn.numel()) - log_q[items]
+    return Samples(items, log_weight)
+
+
+def sampled_softmax(
+    model: MatrixFactorization,
+    batch: UserBatch,
+    samples: Samples,
+    temperature: float = 1.0,
+    user_exponent: float = 0.0,
+) -> torch.Tensor:
+    """The full softmax loss with Σ_j exp(s_uj) estimated as Σ_k exp(s_uk)/(S q_k).
+
+    Per rating (u, i): logaddexp(s_ui, log Σ_{k: item_k ≠ i} exp(s_uk − log(S q_k))) − s_ui.
+    The positive's own draws are taken out of the user's shared estimate in log space, so
+    each rating costs O(1) on top of one [B, U] logits block per step; as samples grow the
+    estimate tends to the catalogue's sum and the loss to `full_softmax`'s.
+    """
+    user_vec = model.user_vectors(batch.users)
+    logits = model.item_logits(batch.users, samples.items, user_vec=user_vec).float() / temperature
+    corrected = logits + samples.log_weight
+    lse = torch.logsumexp(corrected, dim=1)  # [B]
+    rated_by = batch.users[batch.rows]
+    positive = model.pair_logits(rated_by, batch.items, user_vec=user_vec[batch.rows]).float()
+    positive = positive / temperature
+    # The positive's share of the shared estimate: its logit plus its log-weight where it
+    # was drawn (−inf where it was not).
+    weight_of = torch.full(
+        (model.shape.n_items,), -math.inf, device=logits.device, dtype=logits.dtype
+    )
+    weight_of[samples.items] = samples.log_weight
+    own = positive + weight_of[batch.items] - lse[batch.rows]
+    # log(1 − e^own); clamped so a user whose only sample is the positive stays finite.
+    rest = lse[batch.rows] + torch.log((-torch.expm1(own)).clamp(min=1e-6))
+    loss = torch.logaddexp(positive, rest) - positive
+    _, weights = user_weights(batch, user_exponent)
+    return (weights[batch.rows] * loss).mean()
+
+
+def mse(
+    model: MatrixFactorization,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    ratings: torch.Tensor,
+) -> torch.Tensor:
+    """Mean squared error on the [0, 1] ratings."""
+    return torch.mean((model(users, items).float() - ratings) ** 2)

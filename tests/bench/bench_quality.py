@@ -1,0 +1,410 @@
+"""Ranking quality of the default pipeline beside popularity, EASE and implicit's ALS.
+
+    python tests/bench/bench_quality.py DB [--k 20] [--seeds 0,1,2] [--lambdas ...] [--out FILE]
+
+DB is a database made by `mfbatch preprocess` (e.g. ML-100K with `--split user-time
+--val-fraction 0.2`). Every method ranks the same train/val split, and every method's
+top-K lists go through ONE metric function (`metrics` below), which implements the
+trainer's definitions: Recall@K = hits / min(|relevant|, K); NDCG@K against min(|relevant|,
+K) ideal hits; users without validation items are left out; rated-in-train items are never
+offered, nor are items with no train rating; users with no train rating get the popularity
+list. It is checked once against `mfbatch.trainer.rank_metrics` on the trained model.
+
+mfbatch is run two ways, each over --seeds (mean ± std):
+  - `pipeline`: what `mfbatch train` does: early stopping on the validation split (so the
+    figure has seen that split, as every tuned peer's has);
+  - `fixed`: the default epoch budget run to its end without looking at validation at all.
+EASE (λ grid) and ALS (small grid; skipped when `implicit` is not installed) are reported
+at their best grid point on this split, which flatters them. ALS is optional: it is not a
+dependency of mfbatch (`pip install implicit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import torch
+
+from mfbatch.config import TrainConfig
+from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.trainer import Csr, Interactions, Validation, rank_metrics, train_model
+
+
+@dataclass(frozen=True)
+class Split:
+    n_users: int
+    n_items: int
+    train_u: np.ndarray
+    train_i: np.ndarray
+    train_r: np.ndarray  # normalised [0, 1]
+    train_ts: np.ndarray  # int64 seconds (0 when the data has none)
+    val_u: np.ndarray
+    val_i: np.ndarray
+    val_r: np.ndarray
+    rating_min: float
+    rating_max: float
+
+
+def load(path: str) -> Split:
+    con = duckdb.connect(path, read_only=True)
+    n_users, n_items, lo, hi = con.sql(
+        "SELECT n_users, n_items, rating_min, rating_max FROM dataset_meta"
+    ).fetchall()[0]
+    rows = con.sql(
+        "SELECT user_idx, item_idx, rating_norm, coalesce(epoch(ts), 0)::BIGINT AS ts, "
+        "split = 'val' AS is_val FROM ratings"
+    ).fetchnumpy()
+    con.close()
+    v = rows["is_val"].astype(bool)
+    return Split(
+        int(n_users),
+        int(n_items),
+        rows["user_idx"][~v].astype(np.int64),
+        rows["item_idx"][~v].astype(np.int64),
+        rows["rating_norm"][~v].astype(np.float32),
+        rows["ts"][~v].astype(np.int64),
+        rows["user_idx"][v].astype(np.int64),
+        rows["item_idx"][v].astype(np.int64),
+        rows["rating_norm"][v].astype(np.float32),
+        float(lo),
+        float(hi),
+    )
+
+
+def inner_split(split: Split, fraction: float, kind: str, seed: int = 0) -> Split:
+    """Carve a validation split out of `split`'s train part, the outer val untouched.
+
+    `user-time`: each user's newest round(fraction * n_u) train ratings (at least one left
+    in train), like `preprocess --split user-time`; `random`: a seeded share of the rows.
+    """
+    n = split.train_u.size
+    if kind == "random":
+        held = np.zeros(n, dtype=bool)
+        held[np.random.default_rng(seed).choice(n, round(fraction * n), replace=False)] = True
+    else:
+        order = np.lexsort((split.train_i, -split.train_ts, split.train_u))  # newest first
+        u_sorted = split.train_u[order]
+        starts = np.searchsorted(u_sorted, u_sorted, side="left")
+        rank = np.arange(n) - starts  # 0 = the user's newest
+        counts = np.bincount(split.train_u, minlength=split.n_users)[u_sorted]
+        take = np.minimum(np.rint(fraction * counts).astype(np.int64), counts - 1)
+        held = np.zeros(n, dtype=bool)
+        held[order[rank < take]] = True
+    keep = ~held
+    return dataclasses.replace(
+        split,
+        train_u=split.train_u[keep],
+        train_i=split.train_i[keep],
+        train_r=split.train_r[keep],
+        train_ts=split.train_ts[keep],
+        val_u=split.train_u[held],
+        val_i=split.train_i[held],
+        val_r=split.train_r[held],
+    )
+
+
+# --- one metric function for every method -------------------------------------------------
+
+
+def serving(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(popularity order, untrained-item mask, user has train ratings) as `evaluate` serves."""
+    counts = np.bincount(split.train_i, minlength=split.n_items)
+    popular = np.argsort(-counts, kind="stable")
+    has_train = np.bincount(split.train_u, minlength=split.n_users) > 0
+    return popular, counts == 0, has_train
+
+
+def top_lists(split: Split, scores_of: Callable[[np.ndarray], np.ndarray], k: int) -> np.ndarray:
+    """[n_users, k] item indices (-1: nothing offered) from a method's score rows."""
+    popular, untrained, has_train = serving(split)
+    seen = Csr.build(
+        torch.from_numpy(split.train_u), torch.from_numpy(split.train_i), split.n_users
+    )
+    indptr, indices = seen.indptr.numpy(), seen.indices.numpy()
+    lists = np.full((split.n_users, k), -1, dtype=np.int64)
+    chunk = max(1, (1 << 22) // split.n_items)
+    for start in range(0, split.n_users, chunk):
+        users = np.arange(start, min(start + chunk, split.n_users))
+        scores = np.asarray(scores_of(users), dtype=np.float64).copy()
+        scores[:, untrained] = -np.inf
+        for row, u in enumerate(users):
+            scores[row, indices[indptr[u] : indptr[u + 1]]] = -np.inf
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        finite = np.isfinite(np.take_along_axis(scores, top, 1))
+        lists[users] = np.where(finite, top, -1)
+    fallback = np.where(untrained[popular[:k]], -1, popular[:k])
+    lists[~has_train] = fallback
+    return lists
+
+
+def metrics(split: Split, lists: np.ndarray, k: int) -> tuple[float, float]:
+    """Recall@K (hits / min(|rel|, K)) and NDCG@K, mean over users with a val item."""
+    relevant = np.zeros((split.n_users, split.n_items + 1), dtype=bool)  # last col: -1
+    relevant[split.val_u, split.val_i] = True
+    n_rel = relevant.sum(1)
+    hits = relevant[np.arange(split.n_users)[:, None], lists]
+    hits &= lists >= 0
+    keep = n_rel > 0
+    capped = np.minimum(n_rel, k)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = np.cumsum(discounts)[np.maximum(capped, 1) - 1]
+    recall = hits.sum(1)[keep] / capped[keep]
+    ndcg = (hits * discounts[: lists.shape[1]]).sum(1)[keep] / ideal[keep]
+    return float(recall.mean()), float(ndcg.mean())
+
+
+# --- methods ------------------------------------------------------------------------------
+
+
+def train_matrix(split: Split) -> np.ndarray:
+    x = np.zeros((split.n_users, split.n_items), dtype=np.float64)
+    x[split.train_u, split.train_i] = 1.0
+    return x
+
+
+def popularity(split: Split) -> Callable[[np.ndarray], np.ndarray]:
+    counts = np.bincount(split.train_i, minlength=split.n_items).astype(np.float64)
+    return lambda users: np.broadcast_to(counts, (users.size, split.n_items))
+
+
+def ease(split: Split, lam: float) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    started = time.perf_counter()
+    x = train_matrix(split)
+    p = np.linalg.inv(x.T @ x + lam * np.eye(split.n_items))
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    seconds = time.perf_counter() - started
+    return lambda users: x[users] @ b, seconds
+
+
+def als(
+    split: Split, factors: int, reg: float, alpha: float, seed: int
+) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    import scipy.sparse as sp
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    user_items = sp.csr_matrix(
+        (np.ones(split.train_u.size, dtype=np.float32), (split.train_u, split.train_i)),
+        shape=(split.n_users, split.n_items),
+    )
+    model = AlternatingLeastSquares(
+        factors=factors, regularization=reg, alpha=alpha, iterations=15, random_state=seed
+    )
+    started = time.perf_counter()
+    try:  # implicit's own advice: its threads, not OpenBLAS's, parallelise the solve
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, "blas"):
+            model.fit(user_items, show_progress=False)
+    except ImportError:
+        model.fit(user_items, show_progress=False)
+    seconds = time.perf_counter() - started
+    uf, vf = np.asarray(model.user_factors), np.asarray(model.item_factors)
+    return lambda users: uf[users] @ vf.T, seconds
+
+
+def tensors(split: Split) -> tuple[Interactions, Validation]:
+    data = Interactions(
+        torch.from_numpy(split.train_u),
+        torch.from_numpy(split.train_i),
+        torch.from_numpy(split.train_r),
+    )
+    pairs = Interactions(
+        torch.from_numpy(split.val_u), torch.from_numpy(split.val_i), torch.from_numpy(split.val_r)
+    )
+    popular, untrained = Validation.serving_rules(data.items, split.n_items)
+    val = Validation(
+        pairs=pairs,
+        train_items=Csr.build(data.users, data.items, split.n_users),
+        val_items=Csr.build(pairs.users, pairs.items, split.n_users),
+        rank_users=torch.unique(pairs.users),
+        rating_min=split.rating_min,
+        rating_max=split.rating_max,
+        popular=popular,
+        untrained_items=untrained,
+    )
+    return data, val
+
+
+def mfbatch_fit(
+    split: Split, config: TrainConfig, *, early_stop: bool = True
+) -> tuple[MatrixFactorization, float, Any]:
+    """Train as `mfbatch train` does (early stopping on split.val) or blind for the
+    config's epochs (`early_stop=False`: validation never looked at)."""
+    data, val = tensors(split)
+    torch.manual_seed(config.seed)
+    model = MatrixFactorization(
+        ModelShape(
+            split.n_users,
+            split.n_items,
+            int(config.embedding_dim or 0),
+            config.dropout,
+            config.batch_norm,
+        )
+    )
+    started = time.perf_counter()
+    outcome = train_model(model, data, val if early_stop else None, config)
+    return model, time.perf_counter() - started, outcome
+
+
+def mf_scores(model: MatrixFactorization, n_items: int) -> Callable[[np.ndarray], np.ndarray]:
+    items = torch.arange(n_items)
+
+    def scores(users: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model.item_logits(torch.from_numpy(users), items).double().numpy()
+
+    return scores
+
+
+def rmse(split: Split, model: MatrixFactorization) -> float:
+    with torch.no_grad():
+        pred = model(torch.from_numpy(split.val_u), torch.from_numpy(split.val_i)).clamp(0, 1)
+    err = (pred.numpy() - split.val_r) * (split.rating_max - split.rating_min)
+    return float(np.sqrt(np.mean(err**2)))
+
+
+def mean_std(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+
+def run_mfbatch(
+    split: Split, config: TrainConfig, seeds: list[int], k: int, *, early_stop: bool
+) -> Iterator[tuple[float, float, float, int]]:
+    for seed in seeds:
+        cfg = dataclasses.replace(config, seed=seed)
+        model, seconds, outcome = mfbatch_fit(split, cfg, early_stop=early_stop)
+        recall, ndcg = metrics(split, top_lists(split, mf_scores(model, split.n_items), k), k)
+        yield recall, ndcg, seconds, len(outcome.history)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("db")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--lambdas", default="50,100,200,300,500,1000")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--sampled",
+        default="",
+        help="also the sampled softmax, e.g. 'popularity:256;in-batch:0' (sampler:negatives)",
+    )
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    k, seeds = args.k, [int(s) for s in args.seeds.split(",")]
+    split = load(args.db)
+    rows: list[dict[str, Any]] = []
+
+    def report(name: str, recalls: list[float], ndcgs: list[float], secs: list[float]) -> None:
+        rows.append(
+            {
+                "method": name,
+                "recall": statistics.mean(recalls),
+                "recall_std": statistics.stdev(recalls) if len(recalls) > 1 else 0.0,
+                "ndcg": statistics.mean(ndcgs),
+                "ndcg_std": statistics.stdev(ndcgs) if len(ndcgs) > 1 else 0.0,
+                "seconds": statistics.median(secs) if secs else None,
+            }
+        )
+        sec = f"{statistics.median(secs):7.2f} s" if secs else "       -"
+        print(
+            f"{name:<44} Recall@{k} {mean_std(recalls)}  NDCG@{k} {mean_std(ndcgs)}  {sec}",
+            flush=True,
+        )
+
+    print(
+        f"{args.db}: {split.n_users:,} users, {split.n_items:,} items, train "
+        f"{split.train_u.size:,}, val {split.val_u.size:,}; torch threads "
+        f"{torch.get_num_threads()}",
+        flush=True,
+    )
+    r, n = metrics(split, top_lists(split, popularity(split), k), k)
+    report("popularity", [r], [n], [])
+
+    best_ease: tuple[float, float, float, float] | None = None
+    for lam in (float(v) for v in args.lambdas.split(",")):
+        scores, secs = ease(split, lam)
+        r, n = metrics(split, top_lists(split, scores, k), k)
+        print(f"  EASE λ={lam:<6g} Recall@{k} {r:.4f}  NDCG@{k} {n:.4f}  {secs:.2f} s")
+        if best_ease is None or r + n > best_ease[1] + best_ease[2]:
+            best_ease = (lam, r, n, secs)
+    assert best_ease is not None
+    report(f"EASE (best λ={best_ease[0]:g})", [best_ease[1]], [best_ease[2]], [best_ease[3]])
+
+    try:
+        import implicit  # noqa: F401
+
+        have_als = True
+    except ImportError:
+        have_als = False
+        print("  implicit is not installed: ALS skipped (pip install implicit)")
+    if have_als:
+        # Centred where a wider sweep on ML-100K found ALS's best (alpha 1 beat 5-20,
+        # regularisation 10 beat 0.01-1 and 50).
+        grid = [(f, reg, 1.0) for f in (32, 64, 128) for reg in (3.0, 10.0, 20.0, 40.0)]
+        best_als: tuple[Any, float] | None = None
+        for factors, reg, alpha in grid:
+            scores, secs = als(split, factors, reg, alpha, 0)
+            r, n = metrics(split, top_lists(split, scores, k), k)
+            print(
+                f"  ALS f={factors} reg={reg} alpha={alpha:<4g} Recall@{k} {r:.4f}  "
+                f"NDCG@{k} {n:.4f}  {secs:.2f} s"
+            )
+            if best_als is None or r + n > best_als[1]:
+                best_als = ((factors, reg, alpha), r + n)
+        assert best_als is not None
+        (factors, reg, alpha), _ = best_als
+        res = []
+        for seed in seeds:
+            scores, secs = als(split, factors, reg, alpha, seed)
+            res.append((*metrics(split, top_lists(split, scores, k), k), secs))
+        report(
+            f"ALS (best of {len(grid)}: f={factors} reg={reg} a={alpha:g})",
+            [x[0] for x in res],
+            [x[1] for x in res],
+            [x[2] for x in res],
+        )
+
+    config = TrainConfig(device="cpu", top_k=k)
+    # The shared metric agrees with the trainer's own on the same model (once).
+    model, _, _ = mfbatch_fit(split, dataclasses.replace(config, epochs=3))
+    ours = metrics(split, top_lists(split, mf_scores(model, split.n_items), k), k)
+    _, val = tensors(split)
+    theirs = rank_metrics(model, val, k)
+    assert np.allclose(ours, theirs, atol=1e-9), (ours, theirs)
+    print(f"  metric check vs trainer.rank_metrics: {ours[0]:.6f}/{ours[1]:.6f} agree")
+
+    variants: list[tuple[str, TrainConfig, bool]] = [
+        ("mfbatch default (pipeline: early stop on val)", config, True),
+        ("mfbatch default (fixed epochs, val unseen)", config, False),
+    ]
+    for spec in filter(None, args.sampled.split(";")):
+        sampler, negatives = spec.split(":")
+        sampled = dataclasses.replace(
+            config, objective="sampled", sampler=sampler, negatives=int(negatives)
+        )
+        variants.append((f"  sampled {sampler} {negatives} (fixed epochs)", sampled, False))
+    for label, cfg, early in variants:
+        res = list(run_mfbatch(split, cfg, seeds, k, early_stop=early))
+        report(label, [x[0] for x in res], [x[1] for x in res], [x[2] for x in res])
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"db": args.db, "k": k, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The losses in mfbatch.objectives against their per-rating definitions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mfbatch.config import TrainConfig
+from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.objectives import (
+    Samples,
+    UserBatch,
+    draw_samples,
+    full_softmax,
+    l2_penalty,
+    sampled_softmax,
+)
+from mfbatch.trainer import Csr, plan
+
+
+def _model_and_batch(
+    n_users: int = 6, n_items: int = 15, seed: int = 0
+) -> tuple[MatrixFactorization, UserBatch]:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = MatrixFactorization(ModelShape(n_users, n_items, 4, 0.0, False), init_std=0.8)
+    with torch.no_grad():
+        model.item_bias.weight.normal_(0.0, 0.5, generator=gen)
+    users, items = [], []
+    for u in range(n_users):
+        rated = torch.randperm(n_items, generator=gen)[: 1 + u]  # 1..n_users items each
+        users += [u] * rated.numel()
+        items += rated.tolist()
+    csr = Csr.build(torch.tensor(users), torch.tensor(items), n_users)
+    batch_users = torch.tensor([4, 0, 2, 5])
+    rows, rated_items = csr.rows_of(batch_users)
+    return model, UserBatch(batch_users, rows, rated_items)
+
+
+def _per_rating_full_softmax(model: MatrixFactorization, batch: UserBatch) -> torch.Tensor:
+    """The definition, one rating at a time: logsumexp over the catalogue − own logit."""
+    every = torch.arange(model.shape.n_items)
+    losses = []
+    for row, item in zip(batch.rows.tolist(), batch.items.tolist(), strict=True):
+        logits = model.item_logits(batch.users[row : row + 1], every)[0]
+        losses.append(torch.logsumexp(logits, 0) - logits[item])
+    return torch.stack(losses).mean()
+
+
+def test_grouped_softmax_equals_the_per_rating_softmax() -> None:
+    model, batch = _model_and_batch()
+    grouped = full_softmax(model, batch, torch.arange(model.shape.n_items))
+    expected = _per_rating_full_softmax(model, batch)
+    assert grouped.item() == pytest.approx(expected.item(), rel=1e-6)
+    # ...and the gradients, which is what training sees.
+    weight = model.user_emb.weight
+    (g_grouped,) = torch.autograd.grad(grouped, weight)
+    (g_expected,) = torch.autograd.grad(_per_rating_full_softmax(model, batch), weight)
+    assert torch.allclose(g_grouped, g_expected, atol=1e-6)
+
+
+def test_temperature_divides_the_logits() -> None:
+    model, batch = _model_and_batch()
+    every = torch.arange(model.shape.n_items)
+    with torch.no_grad():
+        model.user_emb.weight /= 2.0
+        model.item_bias.weight /= 2.0
+    halved = full_softmax(model, batch, every)
+    with torch.no_grad():
+        model.user_emb.weight *= 2.0
+        model.item_bias.weight *= 2.0
+    assert full_softmax(model, batch, every, temperature=2.0).item() == pytest.approx(
+        halved.item(), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("q_kind", ["popularity", "uniform"])
+def test_logq_sampled_softmax_approaches_the_full_loss(q_kind: str) -> None:
+    model, batch = _model_and_batch()
+    n_items = model.shape.n_items
+    full = full_softmax(model, batch, torch.arange(n_items)).item()
+    # A skewed sampling distribution: without the -log q correction the estimate would
+    # stay biased however many samples are drawn.
+    weights = torch.arange(1, n_items + 1, dtype=torch.float64) ** 2
+    if q_kind == "uniform":
+        weights = torch.ones(n_items, dtype=torch.float64)
+    log_q = (weights / weights.sum()).log().float()
+    gen = torch.Generator().manual_seed(0)
+
+    def error(n: int, draws: int) -> float:
+        errs = [
+            abs(sampled_softmax(model, batch, draw_samples(log_q, n, gen)).item() - full)
+            for _ in range(draws)
+        ]
+        return sum(errs) / draws
+
+    few, many, most = error(8, 20), error(10_000, 5), error(2_000_000, 3)
+    assert most < many < few
+    assert most < 2e-3 * full
+    # Every item once at weight S*q = 1 is the full sum itself: the positive's own term
+    # is taken out of the shared estimate and added back exactly once.
+    exact = Samples(torch.arange(n_items), torch.zeros(n_items))
+    assert sampled_softmax(model, batch, exact).item() == pytest.approx(full, rel=1e-6)
+
+
+def test_in_batch_samples_use_the_batch_items_with_their_frequency() -> None:
+    log_q = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    samples = draw_samples(log_q, 99, torch.Generator(), batch_items=torch.tensor([0, 0, 2, 0]))
+    assert samples.items.tolist() == [0, 2]
+    # log(multiplicity) - log(S q): 3 of 4 draws for item 0 (q 0.5), 1 of 4 for item 2.
+    expected = torch.log(torch.tensor([3 / (4 * 0.5), 1 / (4 * 0.25)]))
+    assert torch.allclose(samples.log_weight, expected)
+
+
+def test_frequency_l2_weights_rows_by_their_ratings_and_plain_by_table() -> None:
+    model, batch = _model_and_batch()
+    p, q = model.user_emb.weight.detach(), model.item_emb.weight.detach()
+    n = batch.items.numel()
+    freq = l2_penalty(model, batch, 0.5, "frequency").item()
+    expected = (
+        0.5 * ((p[batch.users[batch.rows]] ** 2).sum() + (q[batch.items] ** 2).sum()).item() / n
+    )
+    assert freq == pytest.approx(expected, rel=1e-5)
+    plain = l2_penalty(model, batch, 0.5, "plain").item()
+    share = batch.users.numel() / model.shape.n_users
+    expected = 0.5 * ((p[batch.users] ** 2).sum() + share * (q**2).sum()).item() / n
+    assert plain == pytest.approx(expected, rel=1e-5)
+
+
+def test_catalogues_too_wide_for_the_budget_fall_back_to_sampling() -> None:
+    config = TrainConfig(memory_mb=16, batch_size=256, negatives=1024)
+    # 16 MiB holds 1,048 rows of 1,000 items: the full softmax, 256 users a step.
+    fits = plan(config, n_items=1_000)
+    assert (fits.loss, fits.batch_size, fits.note) == ("softmax", 256, None)
+    # 4 MiB holds 65 rows of 4,000 items: the full softmax, 65 users a step.
+    capped = plan(dataclasses.replace(config, memory_mb=4), n_items=4_000)
+    assert (capped.loss, capped.batch_size) == ("softmax", 65)
+    # 2 MiB holds 32: too few to be worth it. Sampled, with a note saying why.
+    few = plan(dataclasses.replace(config, memory_mb=2), n_items=4_000)
+    assert few.loss == "sampled" and few.note is not None and "--memory-mb 2" in few.note
+    assert few.batch_size == 128  # 1,024 samples a row: 128 rows fit in 2 MiB
+    # Room enough, but 20,000 items cost ~20x 1,024 samples a step: sampled too.
+    wide = plan(dataclasses.replace(config, memory_mb=4096), n_items=20_000)
+    assert wide.loss == "sampled" and wide.note is not None and "--negatives 1024" in wide.note
+    roomy = dataclasses.replace(config, memory_mb=4096, negatives=4096)
+    assert plan(roomy, n_items=20_000).loss == "softmax"
+    assert plan(TrainConfig(objective="rating"), 10**7).loss == "rating"
+
+
+def test_user_exponent_weights_each_users_ratings_and_keeps_the_scale() -> None:
+    model, batch = _model_and_batch()
+    every = torch.arange(model.shape.n_items)
+    logits = model.item_logits(batch.users, every).detach()
+    per_rating = torch.logsumexp(logits, 1)[batch.rows] - logits[batch.rows, batch.items]
+    counts = torch.bincount(batch.rows, minlength=batch.users.numel()).float()
+    raw = counts**-0.5
+    weights = raw * counts.sum() / (raw * counts).sum()
+    expected = (weights[batch.rows] * per_rating).sum() / batch.items.numel()
+    got = full_softmax(model, batch, every, user_exponent=0.5)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    # The weights move loss between users, not its scale: they sum to the ratings.
+    assert float((weights[batch.rows]).sum()) == pytest.approx(batch.items.numel(), rel=1e-6)
