@@ -496,3 +496,25 @@ def test_a_database_from_before_lineage_is_served_and_asked_to_re_preprocess(
     result = _append(db, _day(db, tmp_path))
     user_error(result, 4, "older mfbatch", "preprocess` again")
     assert _rows(db, "SELECT count(*) FROM ratings") == before
+
+
+def test_score_users_and_a_validated_run_fold_in_appended_users_too(
+    db: Path, tmp_path: Path
+) -> None:
+    items = sorted(_mapping(db, "items"))
+    rows = [("newcomer", item, 5, 2_000_000_000 + n) for n, item in enumerate(items[:6])]
+    assert _append(db, _csv(tmp_path / "day1.csv", rows)).exit_code == 0
+    _score(db)
+    everyone = _rows(db, "SELECT user_id, item_id, rank FROM recommendations ORDER BY ALL")
+    # --users: only the newcomer's rows are replaced, through the same fold-in.
+    (tmp_path / "users.txt").write_text("newcomer\n")
+    line = _score(db, "--users", str(tmp_path / "users.txt")).strip().splitlines()[-1]
+    assert "scored 1 users" in line and "1 folded in" in line, line
+    assert _rows(db, "SELECT user_id, item_id, rank FROM recommendations ORDER BY ALL") == everyone
+    # A validated run never fitted appended rows: it folds the newcomer in as well.
+    ((validated,),) = _rows(db, "SELECT run_id FROM training_runs WHERE data_seen = 'train'")
+    line = _score(db, "--run-id", validated).strip().splitlines()[-1]
+    assert "1 folded in" in line, line
+    assert _rows(
+        db, "SELECT DISTINCT source, run_id FROM recommendations WHERE user_id = 'newcomer'"
+    ) == [("fold-in", validated)]
