@@ -1,3 +1,34 @@
-"""mfbatch: nightly top-K for every user from a matrix-factorization model."""
+"""mfbatch: nightly top-K for every user from a matrix-factorization model.
+
+`import mfbatch` gives the Python API (mfbatch.api): keyword-only functions for each stage
+that return their summaries; the CLI is a thin layer over the same functions.
+"""
 
 __version__ = "0.1.0"
+
+from mfbatch.api import (
+    append,
+    diff,
+    evaluate,
+    list_runs,
+    preprocess,
+    read_lists,
+    recommend,
+    report,
+    score,
+    train,
+)
+
+__all__ = [
+    "__version__",
+    "append",
+    "diff",
+    "evaluate",
+    "list_runs",
+    "preprocess",
+    "read_lists",
+    "recommend",
+    "report",
+    "score",
+    "train",
+]

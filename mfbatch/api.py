@@ -9,6 +9,8 @@
     mfbatch.score(db="ml.duckdb", top_k=20)
     lists = mfbatch.read_lists(db="ml.duckdb")         # a Polars frame, raw ids
 
+The stages themselves live in `mfbatch.stages` (one module each).
+
 Each takes `db` (a path) and/or `config` (a TOML path or a loaded `Config`); keywords
 override the config's section for that stage and are type-checked like CLI flags. Errors
 are `mfbatch.errors.MfbatchError` subclasses with a one-line message. Heavy modules
@@ -23,18 +25,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mfbatch.config import Config, load_config
+from mfbatch.errors import ConfigError
 
 if TYPE_CHECKING:
     import polars as pl
 
-    from mfbatch.evaluate import Evaluation
     from mfbatch.history import Diff
-    from mfbatch.preprocess import PreprocessSummary
-    from mfbatch.recommend import UserReport
-    from mfbatch.report import ReportSummary
     from mfbatch.runs import RunListing
-    from mfbatch.score import ScoreSummary
-    from mfbatch.train import TrainSummary
+    from mfbatch.stages.append import AppendSummary
+    from mfbatch.stages.evaluate import Evaluation
+    from mfbatch.stages.preprocess import PreprocessSummary
+    from mfbatch.stages.recommend import UserReport
+    from mfbatch.stages.report import ReportSummary
+    from mfbatch.stages.score import ScoreSummary
+    from mfbatch.stages.train import TrainSummary
 
 PathLike = str | os.PathLike[str]
 
@@ -70,16 +74,28 @@ def preprocess(
     **data: Any,
 ) -> PreprocessSummary:
     """Read ratings into the database: `data` are DataConfig fields, `split` SplitConfig's."""
-    from mfbatch.preprocess import preprocess as run
+    from mfbatch.stages.preprocess import preprocess as run
 
     return run(config=_config(config, db, {"data": data, "split": split or {}}))
+
+
+def append(
+    *, db: PathLike | None = None, config: Config | PathLike | None = None, **data: Any
+) -> AppendSummary:
+    """Add new ratings (`source=...`, DataConfig fields) to the dataset; `score` then folds
+    in every user whose ratings the served run has not seen."""
+    from mfbatch.stages.append import append as run
+
+    if data.get("source") is None:
+        raise ConfigError("append: name the file of new ratings with source=...")
+    return run(config=_config(config, db, {"data": data}))
 
 
 def train(
     *, db: PathLike | None = None, config: Config | PathLike | None = None, **settings: Any
 ) -> TrainSummary:
     """Train (or, with on="all", refit) and export a run; `settings` are TrainConfig fields."""
-    from mfbatch.train import train as run
+    from mfbatch.stages.train import train as run
 
     return run(config=_config(config, db, {"train": settings}))
 
@@ -88,7 +104,7 @@ def evaluate(
     *, db: PathLike | None = None, config: Config | PathLike | None = None, **settings: Any
 ) -> Evaluation:
     """Measure the validated run on its own lists; `settings` are EvaluateConfig fields."""
-    from mfbatch.evaluate import evaluate as run
+    from mfbatch.stages.evaluate import evaluate as run
 
     return run(config=_config(config, db, {"evaluate": settings}))
 
@@ -97,7 +113,7 @@ def score(
     *, db: PathLike | None = None, config: Config | PathLike | None = None, **settings: Any
 ) -> ScoreSummary:
     """Publish the served lists; `settings` are ScoreConfig fields (top_k, users, ...)."""
-    from mfbatch.score import score as run
+    from mfbatch.stages.score import score as run
 
     return run(config=_config(config, db, {"score": settings}))
 
@@ -106,7 +122,7 @@ def recommend(
     *, user_id: str, db: PathLike | None = None, config: Config | PathLike | None = None
 ) -> UserReport:
     """One user's served list beside their own top-rated items."""
-    from mfbatch.recommend import recommend as run
+    from mfbatch.stages.recommend import recommend as run
 
     return run(db_path=_config(config, db).db, user_id=user_id)
 
@@ -153,6 +169,6 @@ def report(
     run_id: str = "latest",
 ) -> ReportSummary:
     """Write the offline HTML report of a validated run."""
-    from mfbatch.report import report as run
+    from mfbatch.stages.report import report as run
 
     return run(db_path=_config(config, db).db, out=Path(out), run_id=run_id)

@@ -174,7 +174,7 @@ def preprocess(
 ) -> None:
     """Read ratings, map ids, scale to [0,1], split train/val, write DuckDB tables."""
     from mfbatch.config import load_config
-    from mfbatch.preprocess import preprocess as run_preprocess
+    from mfbatch.stages.preprocess import preprocess as run_preprocess
 
     def action() -> None:
         if append:
@@ -205,7 +205,7 @@ def preprocess(
         if time_col == "":
             resolved = _without_time(resolved)
         if append:
-            from mfbatch.append import append as run_append
+            from mfbatch.stages.append import append as run_append
 
             _emit(run_append(config=resolved), as_json)
             return
@@ -292,7 +292,7 @@ def train(
 ) -> None:
     """Train the MF model on the train split, early-stop on val, save export/<run_id>/."""
     from mfbatch.config import load_config
-    from mfbatch.train import train as run_train
+    from mfbatch.stages.train import train as run_train
 
     def action() -> None:
         resolved = load_config(
@@ -394,7 +394,7 @@ def score(
 ) -> None:
     """Serve: top-K items each user has not rated (any split) into table recommendations."""
     from mfbatch.config import load_config
-    from mfbatch.score import score as run_score
+    from mfbatch.stages.score import score as run_score
 
     def action() -> None:
         resolved = load_config(
@@ -445,7 +445,7 @@ def evaluate(
     from rich.table import Table
 
     from mfbatch.config import load_config
-    from mfbatch.evaluate import evaluate as run_evaluate
+    from mfbatch.stages.evaluate import evaluate as run_evaluate
 
     def action() -> Any:
         resolved = load_config(
@@ -499,7 +499,7 @@ def recommend(
     from rich.table import Table
 
     from mfbatch.config import load_config
-    from mfbatch.recommend import recommend as run_recommend
+    from mfbatch.stages.recommend import recommend as run_recommend
 
     report = _guard(lambda: run_recommend(db_path=load_config(config, db=db).db, user_id=user))
     if as_json or quiet:
@@ -668,7 +668,7 @@ def report(
 ) -> None:
     """One offline HTML page: training curves, metrics vs popularity, long tail, scores."""
     from mfbatch.config import load_config
-    from mfbatch.report import report as run_report
+    from mfbatch.stages.report import report as run_report
 
     summary = _guard(
         lambda: run_report(db_path=load_config(config, db=db).db, out=out, run_id=run_id)

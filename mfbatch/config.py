@@ -207,7 +207,7 @@ class TrainConfig:
     rank_metrics: bool = False  # also compute Recall/NDCG when the objective is rating
     eval_users: int = 5000
     eval_every: int | None = None  # validate every N epochs (and after the last)
-    threads: int | None = None  # CPU threads; None: see mfbatch.train.resolve_threads
+    threads: int | None = None  # CPU threads; None: see mfbatch.stages.train.resolve_threads
     seed: int = 0
     amp: bool = True
     on: TrainOn = "train"
@@ -236,7 +236,7 @@ class TrainConfig:
             "--memory-mb": self.memory_mb,
         }
         # Absurd counts are refused like score's; a few more than the cores are capped at
-        # training time (mfbatch.train.resolve_threads) with a note.
+        # training time (mfbatch.stages.train.resolve_threads) with a note.
         check_threads("--threads", self.threads)
         for flag, value in positive_ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

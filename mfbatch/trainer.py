@@ -1,6 +1,6 @@
 """Training on tensors: `train_model` (orchestration), `train_epoch`, `validate`.
 
-No files and no database here: the stage (mfbatch.train) loads tensors, hands them over,
+No files and no database here: the stage (mfbatch.stages.train) loads tensors, hands them over,
 and persists what comes back. The whole train split lives on the device; batches are
 slices of a shuffled index, never a per-sample Dataset/DataLoader.
 """

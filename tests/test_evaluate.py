@@ -45,11 +45,11 @@ from typer.testing import CliRunner
 from mfbatch import db
 from mfbatch.cli import app
 from mfbatch.config import load_config
-from mfbatch.evaluate import Evaluation, _ranking
-from mfbatch.evaluate import evaluate as run_evaluate
 from mfbatch.export import ONNX_FILE, build_graph, load_model
 from mfbatch.inference import SeenItems
 from mfbatch.lists import popularity_top_k
+from mfbatch.stages.evaluate import Evaluation, _ranking
+from mfbatch.stages.evaluate import evaluate as run_evaluate
 
 UserError = Callable[..., str]
 CONFIG_ERROR, DATABASE_ERROR, MODEL_ERROR = 2, 4, 5

@@ -24,7 +24,7 @@ from mfbatch.export import build_graph, export_model
 from mfbatch.inference import Scorer, SeenItems, _gpu_present
 from mfbatch.lists import ListBatch, to_arrow
 from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.score import _with_rating
+from mfbatch.stages.score import _with_rating
 
 PROPERTY = settings(
     max_examples=30,

@@ -18,7 +18,8 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from mfbatch import __version__, api
+import mfbatch
+from mfbatch import __version__
 from mfbatch.cli import app
 from mfbatch.errors import ConfigError
 
@@ -76,8 +77,8 @@ def runs_by_role(path: Path) -> dict[str, str]:
 
 
 def test_the_api_runs_every_stage(tmp_path: Path) -> None:
-    path = tmp_path / "api.duckdb"
-    prepared = api.preprocess(
+    path = tmp_path / "mfbatch.duckdb"
+    prepared = mfbatch.preprocess(
         db=path,
         dataset="synthetic",
         users=40,
@@ -86,14 +87,14 @@ def test_the_api_runs_every_stage(tmp_path: Path) -> None:
         split={"kind": "user-time", "val_fraction": 0.2},
     )
     assert 0 < prepared.n_users <= 40 and path.exists()
-    trained = api.train(db=path, embedding_dim=8, epochs=2, export_dir=tmp_path / "export")
+    trained = mfbatch.train(db=path, embedding_dim=8, epochs=2, export_dir=tmp_path / "export")
     assert trained.data_seen == "train"
-    figures = api.evaluate(db=path, top_k=5)
+    figures = mfbatch.evaluate(db=path, top_k=5)
     assert figures.run_id == trained.run_id and 0.0 <= (figures.model["recall"] or 0) <= 1.0
-    refit = api.train(db=path, on="all", export_dir=tmp_path / "export")
-    served = api.score(db=path, top_k=5)
+    refit = mfbatch.train(db=path, on="all", export_dir=tmp_path / "export")
+    served = mfbatch.score(db=path, top_k=5)
     assert served.run_id == refit.run_id and served.rows > 0
-    lists = api.read_lists(db=path)
+    lists = mfbatch.read_lists(db=path)
     assert lists.height == served.rows
     assert lists.columns == [
         "run_id", "user_id", "item_id", "rank", "score", "predicted_rating", "source",
@@ -107,16 +108,30 @@ def test_the_api_runs_every_stage(tmp_path: Path) -> None:
     assert lists.select("user_id", "item_id", "rank").cast({"rank": pl.Int64}).equals(table)
     user = lists["user_id"][0]
     assert [
-        r.item_id for r in api.recommend(db=path, user_id=user).recommendations
+        r.item_id for r in mfbatch.recommend(db=path, user_id=user).recommendations
     ] == lists.filter(pl.col("user_id") == user)["item_id"].to_list()
-    assert [r.run_id for r in api.list_runs(db=path)] == [refit.run_id, trained.run_id]
+    assert [r.run_id for r in mfbatch.list_runs(db=path)] == [refit.run_id, trained.run_id]
+
+    # The daily cycle through the API: a new user's ratings appended, then folded in.
+    new = tmp_path / "new.csv"
+    items = lists["item_id"].unique().sort().to_list()[:5]
+    new.write_text(
+        "user_id,item_id,rating,timestamp\n"
+        + "".join(f"newcomer,{item},5,{2_000_000_000 + n}\n" for n, item in enumerate(items))
+    )
+    appended = mfbatch.append(db=path, dataset="csv", source=new)
+    assert appended.new_users == 1
+    mfbatch.score(db=path, top_k=5)
+    newcomer = mfbatch.recommend(db=path, user_id="newcomer")
+    assert {r.source for r in newcomer.recommendations} == {"fold-in"}
+    assert not {r.item_id for r in newcomer.recommendations} & set(items)
 
 
 def test_the_api_checks_keywords_like_flags(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="epochs: expected a whole number"):
-        api.train(db=tmp_path / "x.duckdb", epochs="3")
+        mfbatch.train(db=tmp_path / "x.duckdb", epochs="3")
     with pytest.raises(ConfigError, match="unknown key"):
-        api.score(db=tmp_path / "x.duckdb", topk=5)
+        mfbatch.score(db=tmp_path / "x.duckdb", topk=5)
 
 
 # --- outputs a warehouse reads -------------------------------------------------------------
@@ -125,7 +140,7 @@ def test_the_api_checks_keywords_like_flags(tmp_path: Path) -> None:
 def test_parquet_csv_and_folder_outputs_equal_the_table(db: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     ok(cli("score", "--db", db, "--top-k", "5", "--output", out / "lists.parquet"))
-    served = api.read_lists(db=db)
+    served = mfbatch.read_lists(db=db)
     from_parquet = pl.read_parquet(out / "lists.parquet")
     assert from_parquet.equals(served)
     assert dict(from_parquet.schema) == {

@@ -21,7 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 import mfbatch.db
-import mfbatch.score
+import mfbatch.stages.score
 from mfbatch.cli import app
 from mfbatch.export import load_model, read_metadata
 from mfbatch.inference import _gpu_present
@@ -349,7 +349,7 @@ def test_export_rewrites_model_onnx(ws: Workspace) -> None:
 def _fail_on_second_batch(
     monkeypatch: pytest.MonkeyPatch, error: BaseException
 ) -> Callable[[], int]:
-    real = mfbatch.score.to_arrow
+    real = mfbatch.stages.score.to_arrow
     calls = 0
 
     def faulty(*args: Any, **kwargs: Any) -> Any:
@@ -359,7 +359,7 @@ def _fail_on_second_batch(
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mfbatch.score, "to_arrow", faulty)
+    monkeypatch.setattr(mfbatch.stages.score, "to_arrow", faulty)
     return lambda: calls
 
 
@@ -568,7 +568,7 @@ def test_no_room_for_the_spool(
     def read_only(*args: Any, **kwargs: Any) -> str:
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(mfbatch.score.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(mfbatch.stages.score.tempfile, "mkdtemp", read_only)
     result = ws.score("--top-k", "3")
     monkeypatch.undo()
     assert result.code == 4, (result.stderr, result.exception)

@@ -32,7 +32,7 @@ from mfbatch.errors import DatabaseError
 from mfbatch.export import build_graph, read_metadata
 from mfbatch.inference import SeenItems
 from mfbatch.lists import ListPlan, build_lists, popularity_top_k
-from mfbatch.score import SPOOL_PREFIX
+from mfbatch.stages.score import SPOOL_PREFIX
 
 runner = CliRunner()
 SMALL = ["--embedding-dim", "8", "--batch-size", "256", "--negatives", "32", "--epochs", "3"]

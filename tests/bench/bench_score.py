@@ -40,7 +40,7 @@ from mfbatch.data.transforms import prepare
 from mfbatch.export import augmented_tables, export_model, save_model
 from mfbatch.inference import Scorer, SeenItems, machine_threads
 from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.preprocess import write_dataset
+from mfbatch.stages.preprocess import write_dataset
 
 K = 20
 
@@ -283,7 +283,7 @@ _E2E = """
 import resource, sys
 from pathlib import Path
 from mfbatch.config import load_config
-from mfbatch.score import score
+from mfbatch.stages.score import score
 overrides = {"score": {"memory_mb": int(sys.argv[2])}}
 config = load_config(None, db=Path(sys.argv[1]), overrides=overrides)
 print(score(config=config).line())

@@ -5,7 +5,7 @@
 One fixed workload (default softmax steps on synthetic data) timed with 1 thread and with
 all cores, first as the machine is, then with one core kept busy by a spinning child
 process (what a second job on a 2-core box does), and with the default that
-`mfbatch.train.resolve_threads` picks under that load. Medians of --repeats; the load
+`mfbatch.stages.train.resolve_threads` picks under that load. Medians of --repeats; the load
 average is printed, since other jobs on a shared machine move these figures.
 """
 
@@ -23,7 +23,7 @@ from mfbatch.config import TrainConfig
 from mfbatch.data.synthetic import SyntheticSpec, generate
 from mfbatch.data.transforms import dense_ids
 from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.train import resolve_threads, usable_cores
+from mfbatch.stages.train import resolve_threads, usable_cores
 from mfbatch.trainer import EpochData, Interactions, make_optimizers, plan, train_epoch
 
 
