@@ -67,3 +67,10 @@ class Steps:
                 highlight=False,
                 soft_wrap=True,
             )
+
+
+def log_step(console: Console | None, label: str, text: str, started: float) -> None:
+    """One line per step of a short stage, only off a terminal (a bar shows it on one)."""
+    if console is not None and not console.is_terminal:
+        seconds = time.perf_counter() - started
+        console.print(f"{label}: {text} ({seconds:.1f} s)", highlight=False, soft_wrap=True)

@@ -326,3 +326,20 @@ def test_report_renders_in_a_real_browser(db: Path, tmp_path: Path) -> None:
     # The figures are drawn: matplotlib's default blue and orange are on the page.
     colours = {colour for _, colour in image.getcolors(maxcolors=1 << 20) or []}
     assert (31, 119, 180) in colours and (255, 127, 14) in colours
+
+
+def test_short_stages_print_a_line_per_step_when_not_on_a_terminal(
+    db: Path, tmp_path: Path
+) -> None:
+    fresh = tmp_path / "f.duckdb"
+    result = ok(cli("preprocess", "--dataset", "synthetic", "--users", "20", "--items", "10",
+                    "--ratings-per-user", "4", "--db", fresh))  # fmt: skip
+    steps = [
+        re.sub(r"\d+ rows", "N rows", line.split(" (")[0]) for line in result.stderr.splitlines()
+    ]
+    assert steps == ["preprocess: reading synthetic", "preprocess: preparing N rows",
+                     f"preprocess: writing {fresh}"]  # fmt: skip
+    assert result.stdout.strip().splitlines()[-1].startswith("preprocessed ")
+    evaluated = ok(cli("evaluate", "--db", db, "--top-k", "5"))
+    assert evaluated.stderr.startswith("evaluate: listing ")
+    assert evaluated.stdout.strip().splitlines()[-1].startswith("evaluated run ")

@@ -12,6 +12,7 @@ those rows (sql/evaluate.sql); RMSE/MAE use the exported graph's own tables, kep
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from mfbatch.config import Config
 from mfbatch.errors import ConfigError
 from mfbatch.inference import Scorer, SeenItems
 from mfbatch.lists import MODEL, POPULARITY, ListPlan, build_lists, to_arrow
+from mfbatch.progress import log_step
 from mfbatch.runs import Dataset, find_run
 
 RANKING = ("precision", "recall", "recall_uncapped", "ndcg", "map", "hit_rate", "coverage")
@@ -137,6 +139,8 @@ def evaluate(*, config: Config, console: Console | None = None) -> Evaluation:
             users, seen, item_mask, np.ones(dataset.n_users, dtype=bool), counts["item"], k
         ),
     }
+    started = time.perf_counter()
+    log_step(console, "evaluate", f"listing {len(users):,} users with run {run.run_id}", started)
     scorer = Scorer(run.model_path, provider=config.score.provider, threads=config.score.threads)
     batch = scorer.auto_batch_size(dataset.n_items, config.score.memory_mb)
     staged_lists = pa.concat_tables(
@@ -147,6 +151,7 @@ def evaluate(*, config: Config, console: Console | None = None) -> Evaluation:
         for lists in build_lists(scorer, plan, batch)
     )
 
+    log_step(console, "evaluate", f"measuring {staged_lists.num_rows:,} listed items", started)
     predicted = onnx_predictions(
         run.model_path, pairs["user_idx"].to_numpy(), pairs["item_idx"].to_numpy()
     )

@@ -21,6 +21,7 @@ from mfbatch import __version__, db
 from mfbatch.config import Config
 from mfbatch.data import DataLoaderFactory
 from mfbatch.data.base import PreparedData, RawData
+from mfbatch.progress import log_step
 
 # Bumped when preprocessing changes what it writes for the same input, so dataset_sha256
 # (which runs and models cite) changes with it.
@@ -102,10 +103,18 @@ def preprocess(*, config: Config, console: Console | None = None) -> PreprocessS
             task = progress.add_task(
                 f"reading {config.data.source or config.data.dataset}", total=3
             )
+            log_step(
+                console,
+                "preprocess",
+                f"reading {config.data.source or config.data.dataset}",
+                started,
+            )
             raw = loader.load_data()
             progress.update(task, advance=1, description=f"preparing {raw.ratings.height:,} rows")
+            log_step(console, "preprocess", f"preparing {raw.ratings.height:,} rows", started)
             prepared = loader.preprocess_data(raw)
             progress.update(task, advance=1, description=f"writing {path}")
+            log_step(console, "preprocess", f"writing {path}", started)
             fingerprint = dataset_fingerprint(raw, prepared, config)
             seconds = time.perf_counter() - started
             write_dataset(con, path, raw, prepared, config, fingerprint, seconds)
