@@ -12,7 +12,7 @@ min(|relevant|, K) ideal hits). On the same users:
 - fold-in (what `score` published, and each fold-in method on the same model tables),
 - a full retrain: a fresh preprocess of everything appended, train, refit, score,
 - popularity: the most-rated items of all appended data the user has not rated,
-- EASE (tests/bench/reference_ease.py's closed form) on all appended data.
+- EASE (Steck 2019's closed form, as in bench_quality.py) on all appended data.
 
 Trained databases are kept in --work, so a second run only re-measures.
 """
