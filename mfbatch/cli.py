@@ -286,6 +286,10 @@ def train(
         ),
     ] = None,
     export_dir: Annotated[Path | None, typer.Option(help="Where runs are saved (export/).")] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(help="Data-parallel processes (1): gloo on CPU, NCCL on GPUs."),
+    ] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -325,6 +329,7 @@ def train(
                     seed=seed,
                     on=on,
                     export_dir=export_dir,
+                    nproc=nproc,
                 )
             },
         )

@@ -212,6 +212,8 @@ class TrainConfig:
     amp: bool = True
     on: TrainOn = "train"
     export_dir: Path = Path("export")
+    # Data-parallel processes (mfbatch.distributed): gloo on CPU, one GPU each with NCCL.
+    nproc: int = 1
 
     def __post_init__(self) -> None:
         _choice("--objective", self.objective, Objective)
@@ -234,6 +236,7 @@ class TrainConfig:
             "--eval-users": self.eval_users,
             "--eval-every": self.eval_every,
             "--memory-mb": self.memory_mb,
+            "--nproc": self.nproc,
         }
         # Absurd counts are refused like score's; a few more than the cores are capped at
         # training time (mfbatch.stages.train.resolve_threads) with a note.
@@ -258,11 +261,34 @@ class TrainConfig:
         ):
             if not (math.isfinite(amount) and amount >= 0.0):
                 raise ConfigError(f"{flag}: must be >= 0, got {amount}")
+        if isinstance(self.nproc, int) and self.nproc > 1:
+            check_sharding(self.objective, self.batch_norm, self.optimizer, self.nproc)
         if self.optimizer in ("sparse_adam", "adagrad") and self.weight_decay:
             raise ConfigError(
                 f"--weight-decay: {self.optimizer} updates only the rows a batch touches; "
                 "use --l2 for regularisation instead"
             )
+
+
+def check_sharding(objective: str, batch_norm: bool, optimizer: str, nproc: int) -> None:
+    """What data-parallel training (mfbatch.distributed) does not cover, refused in one line."""
+    if nproc > 256:
+        raise ConfigError(f"--nproc: {nproc} processes is more than 256; pass fewer")
+    if objective == "rating":
+        raise ConfigError(
+            "--nproc: the rating objective is batched by rating, not by user, and is not "
+            "sharded; use --objective softmax or sampled, or --nproc 1"
+        )
+    if batch_norm:
+        raise ConfigError(
+            "--nproc: --batch-norm keeps running statistics per process that would "
+            "diverge; use --no-batch-norm or --nproc 1"
+        )
+    if optimizer in ("sparse_adam", "adagrad"):
+        raise ConfigError(
+            f"--nproc: --optimizer {optimizer} gives the item table sparse gradients, which "
+            "are not all-reduced; use adam or adamw"
+        )
 
 
 Provider = Literal["auto", "cuda", "cpu"]
