@@ -393,6 +393,30 @@ def score(
         Path | None,
         typer.Option(help="Also write the lists to a .parquet/.csv file or a Parquet folder."),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="default (this process) or ray (user shards over Ray actors)."),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="ray: 'auto' or host:port of a cluster (default: a local Ray)."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="ray: scoring actors (2), one ONNX session each.")
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(help="ray: GPUs per actor (0); CUDA provider when > 0.")
+    ] = None,
+    parts_dir: Annotated[
+        Path | None, typer.Option(help="ray: keep the Parquet parts (one per shard) here.")
+    ] = None,
+    publish: Annotated[
+        bool | None,
+        typer.Option(
+            "--publish/--no-publish",
+            help="ray: publish into DuckDB (default), or leave the Parquet parts as the output.",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -418,6 +442,12 @@ def score(
                     exclude_items=exclude_items,
                     keep_history=keep_history,
                     output=output,
+                    engine=engine,
+                    ray_address=ray_address,
+                    workers=workers,
+                    gpus_per_worker=gpus_per_worker,
+                    parts_dir=parts_dir,
+                    publish=publish,
                 )
             },
         )

@@ -292,6 +292,7 @@ def check_sharding(objective: str, batch_norm: bool, optimizer: str, nproc: int)
 
 
 Provider = Literal["auto", "cuda", "cpu"]
+Engine = Literal["default", "ray"]
 DEFAULT_DB = Path("mfbatch.duckdb")
 
 
@@ -331,9 +332,42 @@ class ScoreConfig:
     exclude_items: Path | None = None
     keep_history: int = 7  # publishes of the served table kept in recommendation_history
     output: Path | None = None  # also write the served lists here (.parquet, .csv, folder)
+    # default: in this process. ray: user shards over Ray actors (mfbatch.engines.ray_score).
+    engine: Engine = "default"
+    ray_address: str | None = None  # None: start a local Ray; "auto" or host:port: join one
+    workers: int | None = None  # actors; None: 2
+    gpus_per_worker: float | None = None  # None: 0 (CPU actors)
+    parts_dir: Path | None = None  # keep the Parquet parts here (else a spool, removed)
+    publish: bool = True  # False (with parts_dir): the Parquet dataset is the output
 
     def __post_init__(self) -> None:
         _choice("--provider", self.provider, Provider)
+        _choice("--engine", self.engine, Engine)
+        if self.engine != "ray":
+            given = {
+                "--ray-address": self.ray_address is not None,
+                "--workers": self.workers is not None,
+                "--gpus-per-worker": self.gpus_per_worker is not None,
+                "--parts-dir": self.parts_dir is not None,
+                "--no-publish": not self.publish,
+            }
+            for flag, present in given.items():
+                if present:
+                    raise ConfigError(f"{flag}: only with --engine ray")
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not 1 <= self.workers <= 4096
+        ):
+            raise ConfigError(
+                f"--workers: must be a whole number in [1, 4096], got {self.workers!r}"
+            )
+        if self.gpus_per_worker is not None and not (
+            math.isfinite(self.gpus_per_worker) and 0.0 <= self.gpus_per_worker <= 16.0
+        ):
+            raise ConfigError(f"--gpus-per-worker: must be in [0, 16], got {self.gpus_per_worker}")
+        if not self.publish and self.parts_dir is None:
+            raise ConfigError(
+                "--no-publish: the Parquet parts would be thrown away; pass --parts-dir too"
+            )
         if isinstance(self.keep_history, bool) or self.keep_history < 1:
             raise ConfigError(
                 f"--keep-history: must be a whole number >= 1, got {self.keep_history!r}"
