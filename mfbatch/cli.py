@@ -7,6 +7,7 @@ on stderr and an exit code, so a user error never shows a traceback.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -333,7 +334,10 @@ def train(
                 )
             },
         )
-        _emit(run_train(config=resolved, console=_console(quiet, as_json)), as_json)
+        summary = run_train(config=resolved, console=_console(quiet, as_json))
+        # Under torchrun every rank runs this command; rank 0 speaks for the run.
+        if os.environ.get("RANK", "0") == "0":
+            _emit(summary, as_json)
 
     _guard(action)
 

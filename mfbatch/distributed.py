@@ -119,6 +119,14 @@ class Shard:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
 
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (a run id: one run, however many processes)."""
+        if not self.active:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,40 @@ def test_two_processes_match_one_in_quality_with_default_weights(
         assert abs(second - first) <= 0.02, (key, first, second)
     # The run is usable as a trained model: non-trivial recall, not a random ranking.
     assert two["val"]["Recall@20"] > 0.05  # type: ignore[index]
+
+
+@pytest.mark.slow
+def test_the_same_command_under_torchrun_is_one_run(ratings: Path, tmp_path: Path) -> None:
+    # torchrun sets RANK/WORLD_SIZE for each process; the command needs no --nproc, and
+    # the two ranks must still make one run: one summary, one run row, one export.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    train = ["train", "--db", str(ratings), "--export-dir", str(tmp_path), "--threads", "1"]
+    done = subprocess.run(
+        [*torchrun, "--master-port", port, "-m", "mfbatch", *train, *SMALL, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, done.stdout
+    run_id = json.loads(lines[0])["run_id"]
+    assert [p.name for p in tmp_path.iterdir()] == [run_id]
+    con = duckdb.connect(str(ratings), read_only=True)
+    try:
+        count = con.execute(
+            "SELECT count(*) FROM training_runs WHERE run_id = ?", [run_id]
+        ).fetchone()
+    finally:
+        con.close()
+    assert count == (1,)
 
 
 def test_nproc_refuses_what_it_does_not_shard(ratings: Path) -> None:

@@ -251,7 +251,7 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
     if console and outcome.plan and outcome.plan.note:
         console.print(f"note: {outcome.plan.note}", highlight=False)
 
-    run_id = new_run_id()
+    run_id = shard.from_main(new_run_id())
     export_path = settings.export_dir / run_id
     seconds = time.perf_counter() - started
     fit_seconds = sum(r.seconds for r in outcome.history) or seconds
