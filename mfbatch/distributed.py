@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mfbatch.errors import ModelError
+from mfbatch.errors import ConfigError, ModelError
 
 # A rank that dies leaves the others waiting in a collective: they give up after this.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
@@ -60,6 +60,12 @@ class Shard:
     def device(self, device: torch.device) -> torch.device:
         """One GPU per rank on a node: cuda:LOCAL_RANK."""
         if device.type == "cuda" and self.active:
+            if self.local_rank >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"--nproc: rank {self.rank} wants cuda:{self.local_rank} but this node has "
+                    f"{torch.cuda.device_count()} GPU(s); start one process per GPU, or "
+                    "--device cpu"
+                )
             torch.cuda.set_device(self.local_rank)
             return torch.device("cuda", self.local_rank)
         return device

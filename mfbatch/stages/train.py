@@ -155,6 +155,12 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
         # Checked once here: workers opening the file for writing at the same time as
         # others read it would trip DuckDB's lock.
         db.check_writable(config.db)
+        gpus = torch.cuda.device_count()
+        if resolve_device(config.train.device).type == "cuda" and nproc > gpus:
+            raise ConfigError(
+                f"--nproc: {nproc} processes need one GPU each, this machine has {gpus}; "
+                f"pass --nproc {gpus} or --device cpu"
+            )
         return distributed.spawn(
             nproc, _rank, (config,), lambda: _train(config=config, console=console, checked=True)
         )
