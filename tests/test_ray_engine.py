@@ -167,3 +167,23 @@ def test_shards_cover_every_user_once() -> None:
         assert ranges[0][0] == 0 and ranges[-1][1] == users
         assert all(a < b for a, b in ranges)
         assert all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
+
+
+@pytest.mark.slow
+def test_ray_users_update_merges_like_the_default_engine(
+    local_ray: None, served: Path, tmp_path: Path
+) -> None:
+    # --users: only those users' rows are replaced, on either engine, from the same start.
+    wanted = tmp_path / "users.txt"
+    wanted.write_text("3\n17\n250\n")
+    _cli("score", "--db", served, "--top-k", "5")
+    default = _score(served, "--users", wanted)
+    _cli("score", "--db", served, "--top-k", "5")
+    on_ray = _score(served, "--users", wanted, "--engine", "ray")
+    assert on_ray == default
+    ks = {}
+    for row in default:
+        ks[row[0]] = max(ks.get(row[0], 0), row[2])
+    # The three users got full 20-item lists; everyone else kept the 5-item ones.
+    assert {u for u, k in ks.items() if k == 20} == {"3", "17", "250"}
+    assert len(ks) > 3 and all(k == 5 for u, k in ks.items() if u not in {"3", "17", "250"})
