@@ -10,6 +10,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+# Optional extras on top of [dev]: make install EXTRAS=ray adds Ray for `score --engine ray`.
+EXTRAS ?=
+comma := ,
+PIP_EXTRAS := dev$(if $(EXTRAS),$(comma)$(EXTRAS),)
 
 DB ?= mfbatch.duckdb
 EXPORT_DIR ?= export
@@ -37,10 +41,10 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[$(PIP_EXTRAS)]'
 	@touch $@
 
-install: $(BIN)/.installed ## Create .venv: pinned torch, then mfbatch with [dev]
+install: $(BIN)/.installed ## Create .venv: pinned torch, then mfbatch with [dev] (EXTRAS=ray: + Ray)
 
 test: $(INSTALL_STAMP) ## Run the test suite
 	$(BIN)/python -m pytest

@@ -7,6 +7,7 @@ on stderr and an exit code, so a user error never shows a traceback.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -286,6 +287,10 @@ def train(
         ),
     ] = None,
     export_dir: Annotated[Path | None, typer.Option(help="Where runs are saved (export/).")] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(help="Data-parallel processes (1): gloo on CPU, NCCL on GPUs."),
+    ] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -325,10 +330,14 @@ def train(
                     seed=seed,
                     on=on,
                     export_dir=export_dir,
+                    nproc=nproc,
                 )
             },
         )
-        _emit(run_train(config=resolved, console=_console(quiet, as_json)), as_json)
+        summary = run_train(config=resolved, console=_console(quiet, as_json))
+        # Under torchrun every rank runs this command; rank 0 speaks for the run.
+        if os.environ.get("RANK", "0") == "0":
+            _emit(summary, as_json)
 
     _guard(action)
 
@@ -388,6 +397,30 @@ def score(
         Path | None,
         typer.Option(help="Also write the lists to a .parquet/.csv file or a Parquet folder."),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="default (this process) or ray (user shards over Ray actors)."),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="ray: 'auto' or host:port of a cluster (default: a local Ray)."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="ray: scoring actors (2), one ONNX session each.")
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(help="ray: GPUs per actor (0); CUDA provider when > 0.")
+    ] = None,
+    parts_dir: Annotated[
+        Path | None, typer.Option(help="ray: keep the Parquet parts (one per shard) here.")
+    ] = None,
+    publish: Annotated[
+        bool | None,
+        typer.Option(
+            "--publish/--no-publish",
+            help="ray: publish into DuckDB (default), or leave the Parquet parts as the output.",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -413,6 +446,12 @@ def score(
                     exclude_items=exclude_items,
                     keep_history=keep_history,
                     output=output,
+                    engine=engine,
+                    ray_address=ray_address,
+                    workers=workers,
+                    gpus_per_worker=gpus_per_worker,
+                    parts_dir=parts_dir,
+                    publish=publish,
                 )
             },
         )

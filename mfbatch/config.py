@@ -212,6 +212,8 @@ class TrainConfig:
     amp: bool = True
     on: TrainOn = "train"
     export_dir: Path = Path("export")
+    # Data-parallel processes (mfbatch.distributed): gloo on CPU, one GPU each with NCCL.
+    nproc: int = 1
 
     def __post_init__(self) -> None:
         _choice("--objective", self.objective, Objective)
@@ -234,6 +236,7 @@ class TrainConfig:
             "--eval-users": self.eval_users,
             "--eval-every": self.eval_every,
             "--memory-mb": self.memory_mb,
+            "--nproc": self.nproc,
         }
         # Absurd counts are refused like score's; a few more than the cores are capped at
         # training time (mfbatch.stages.train.resolve_threads) with a note.
@@ -258,6 +261,8 @@ class TrainConfig:
         ):
             if not (math.isfinite(amount) and amount >= 0.0):
                 raise ConfigError(f"{flag}: must be >= 0, got {amount}")
+        if isinstance(self.nproc, int) and self.nproc > 1:
+            check_sharding(self.objective, self.batch_norm, self.optimizer, self.nproc)
         if self.optimizer in ("sparse_adam", "adagrad") and self.weight_decay:
             raise ConfigError(
                 f"--weight-decay: {self.optimizer} updates only the rows a batch touches; "
@@ -265,7 +270,29 @@ class TrainConfig:
             )
 
 
+def check_sharding(objective: str, batch_norm: bool, optimizer: str, nproc: int) -> None:
+    """What data-parallel training (mfbatch.distributed) does not cover, refused in one line."""
+    if nproc > 256:
+        raise ConfigError(f"--nproc: {nproc} processes is more than 256; pass fewer")
+    if objective == "rating":
+        raise ConfigError(
+            "--nproc: the rating objective is batched by rating, not by user, and is not "
+            "sharded; use --objective softmax or sampled, or --nproc 1"
+        )
+    if batch_norm:
+        raise ConfigError(
+            "--nproc: --batch-norm keeps running statistics per process that would "
+            "diverge; use --no-batch-norm or --nproc 1"
+        )
+    if optimizer in ("sparse_adam", "adagrad"):
+        raise ConfigError(
+            f"--nproc: --optimizer {optimizer} gives the item table sparse gradients, which "
+            "are not all-reduced; use adam or adamw"
+        )
+
+
 Provider = Literal["auto", "cuda", "cpu"]
+Engine = Literal["default", "ray"]
 DEFAULT_DB = Path("mfbatch.duckdb")
 
 
@@ -305,9 +332,42 @@ class ScoreConfig:
     exclude_items: Path | None = None
     keep_history: int = 7  # publishes of the served table kept in recommendation_history
     output: Path | None = None  # also write the served lists here (.parquet, .csv, folder)
+    # default: in this process. ray: user shards over Ray actors (mfbatch.engines.ray_score).
+    engine: Engine = "default"
+    ray_address: str | None = None  # None: start a local Ray; "auto" or host:port: join one
+    workers: int | None = None  # actors; None: 2
+    gpus_per_worker: float | None = None  # None: 0 (CPU actors)
+    parts_dir: Path | None = None  # keep the Parquet parts here (else a spool, removed)
+    publish: bool = True  # False (with parts_dir): the Parquet dataset is the output
 
     def __post_init__(self) -> None:
         _choice("--provider", self.provider, Provider)
+        _choice("--engine", self.engine, Engine)
+        if self.engine != "ray":
+            given = {
+                "--ray-address": self.ray_address is not None,
+                "--workers": self.workers is not None,
+                "--gpus-per-worker": self.gpus_per_worker is not None,
+                "--parts-dir": self.parts_dir is not None,
+                "--no-publish": not self.publish,
+            }
+            for flag, present in given.items():
+                if present:
+                    raise ConfigError(f"{flag}: only with --engine ray")
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not 1 <= self.workers <= 4096
+        ):
+            raise ConfigError(
+                f"--workers: must be a whole number in [1, 4096], got {self.workers!r}"
+            )
+        if self.gpus_per_worker is not None and not (
+            math.isfinite(self.gpus_per_worker) and 0.0 <= self.gpus_per_worker <= 16.0
+        ):
+            raise ConfigError(f"--gpus-per-worker: must be in [0, 16], got {self.gpus_per_worker}")
+        if not self.publish and self.parts_dir is None:
+            raise ConfigError(
+                "--no-publish: the Parquet parts would be thrown away; pass --parts-dir too"
+            )
         if isinstance(self.keep_history, bool) or self.keep_history < 1:
             raise ConfigError(
                 f"--keep-history: must be a whole number >= 1, got {self.keep_history!r}"

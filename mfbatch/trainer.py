@@ -19,6 +19,7 @@ from torch import nn
 
 from mfbatch import objectives
 from mfbatch.config import TrainConfig
+from mfbatch.distributed import Shard
 from mfbatch.model import MatrixFactorization
 from mfbatch.objectives import UserBatch
 
@@ -267,9 +268,15 @@ def train_epoch(
     run_plan: Plan,
     generator: torch.Generator,
     on_batch: Callable[[int], None] | None = None,
+    shard: Shard | None = None,
 ) -> float:
     """One pass over the ratings in shuffled batches (of users for the softmax losses, of
-    ratings for MSE); returns the mean batch loss."""
+    ratings for MSE); returns the mean batch loss.
+
+    With an active `shard` (mfbatch.distributed) every rank walks the same global batches
+    and trains on the users of each that it owns; see that module for why this is the
+    single-process step split in parts.
+    """
     model.train()
     data = epoch_data.data
     device = data.users.device
@@ -280,8 +287,13 @@ def train_epoch(
         order = users[torch.randperm(users.numel(), device=device, generator=generator)]
     total = torch.zeros((), device=device)
     n_batches = 0
+    sharded = shard is not None and shard.active
+    per_user = epoch_data.by_user.indptr[1:] - epoch_data.by_user.indptr[:-1]
     for start in range(0, order.numel(), run_plan.batch_size):
         idx = order[start : start + run_plan.batch_size]
+        scale = 1.0
+        if shard is not None and sharded:
+            idx, scale = shard.step_share(idx, per_user)
         ratings = None
         if run_plan.loss == "rating":
             batch = UserBatch(
@@ -293,11 +305,26 @@ def train_epoch(
         else:
             rows, items = epoch_data.by_user.rows_of(idx)
             batch = UserBatch(users=idx, rows=rows, items=items)
-        with _autocast(device, config):
-            loss = step_loss(model, batch, ratings, epoch_data, config, run_plan.loss, generator)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if idx.numel():
+            with _autocast(device, config):
+                loss = step_loss(
+                    model, batch, ratings, epoch_data, config, run_plan.loss, generator
+                )
+            # A rank's share of the global batch's ratings: the ranks' gradients then sum
+            # to the single-process one (scale is 1.0 in one process).
+            loss = loss * scale
+            loss.backward()
+        else:
+            # This rank owns none of the batch's users. It still draws the step's
+            # samples, so every rank's generator stays at the same point, and joins the
+            # all-reduce with zero gradients.
+            loss = torch.zeros((), device=device)
+            if run_plan.loss == "sampled" and config.sampler != "in-batch":
+                objectives.draw_samples(epoch_data.log_q, config.negatives, generator)
+        if shard is not None and sharded:
+            shard.sync_gradients(model)
         for opt in optimizers:
             opt.step()
         # Summed on the device: no host sync per batch.
@@ -305,6 +332,8 @@ def train_epoch(
         n_batches += 1
         if on_batch is not None:
             on_batch(batch.items.numel())
+    if shard is not None and sharded:
+        shard.total(total)
     return float(total.item()) / max(n_batches, 1)
 
 
@@ -393,6 +422,7 @@ def train_model(
     schedule_epochs: int | None = None,
     on_epoch_start: Callable[[int, int], Callable[[int], None] | None] | None = None,
     on_epoch_end: Callable[[EpochRecord], None] | None = None,
+    shard: Shard | None = None,
 ) -> Outcome:
     """Train with early stopping on `val` and restore the best epoch's weights.
 
@@ -428,7 +458,13 @@ def train_model(
     for epoch in range(1, max_epochs + 1):
         started = time.perf_counter()
         on_batch = on_epoch_start(epoch, len(data)) if on_epoch_start else None
-        loss = train_epoch(model, optimizers, epoch_data, config, run_plan, generator, on_batch)
+        loss = train_epoch(
+            model, optimizers, epoch_data, config, run_plan, generator, on_batch, shard
+        )
+        if shard is not None and shard.active:
+            # User rows moved only on their owner rank: every rank takes the owners' rows,
+            # so validation, early stopping and the kept weights agree on all ranks.
+            shard.gather_users(model)
         # Sampled negatives can reach items no rating did: back to zero before validating.
         zero_untrained(model, data)
         for scheduler in schedulers:

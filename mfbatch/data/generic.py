@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -25,10 +26,20 @@ _ROLE_FLAGS = {
 class _TableLoader(BaseDataLoader):
     """Shared by CSV and Parquet: pick the columns, type them, check them."""
 
+    # Parquet also takes a folder of parts (hive-partitioned or not).
+    folders = False
+
     def _source(self) -> Path:
         source = self.data.source
         if source is None:
             raise InputDataError(f"--source: --dataset {self.data.dataset} needs a file path")
+        if self.folders and source.is_dir():
+            if not any(source.rglob("*.parquet")):
+                raise InputDataError(
+                    f"--source: {source} is a folder with no .parquet files under it; pass a "
+                    "Parquet file or a folder of parts"
+                )
+            return source
         if not source.is_file():
             raise InputDataError(f"--source: {source} does not exist or is not a file")
         return source
@@ -111,11 +122,21 @@ class _TableLoader(BaseDataLoader):
             ratings=frame.select("user_id", "item_id", "rating", "ts"),
             items=None,
             source=str(source),
-            source_sha256=sha256_file(source),
+            source_sha256=_sha256_source(source),
             loader=self.name,
             layout=self.name,
             rating_scale=None,
         )
+
+
+def _sha256_source(source: Path) -> str:
+    """A file's checksum; for a folder of parts, one over each part's path and checksum."""
+    if not source.is_dir():
+        return sha256_file(source)
+    digest = hashlib.sha256()
+    for part in sorted(source.rglob("*.parquet")):
+        digest.update(f"{part.relative_to(source).as_posix()}\0{sha256_file(part)}\n".encode())
+    return digest.hexdigest()
 
 
 def _as_id(column: pl.Series) -> pl.Series:
@@ -282,7 +303,11 @@ class CsvLoader(_TableLoader):
 
 @DataLoaderFactory.register("parquet")
 class ParquetLoader(_TableLoader):
+    folders = True
+
     def _read(self, source: Path) -> pl.DataFrame:
+        if source.is_dir():
+            return self._read_folder(source)
         try:
             schema = pl.read_parquet_schema(source)
         except (pl.exceptions.PolarsError, OSError) as exc:
@@ -300,3 +325,33 @@ class ParquetLoader(_TableLoader):
         return frame.rename({column: role for role, column in roles.items()}).with_columns(
             pl.col("rating").cast(pl.Float64)
         )
+
+    def _read_folder(self, source: Path) -> pl.DataFrame:
+        """Every part under `source`; `key=value` folder names become columns (hive), so a
+        partition key can be the user, item or time column. Read with Polars' streaming
+        engine: only the four columns are materialised, part by part."""
+        try:
+            scan = pl.scan_parquet(source / "**" / "*.parquet", hive_partitioning=True)
+            schema = scan.collect_schema()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise InputDataError(
+                f"{source}: not a readable folder of Parquet parts ({first_line(exc)})"
+            ) from None
+        roles = self._check_present(source, list(schema.names()))
+        if not schema[roles["rating"]].is_numeric():
+            raise InputDataError(
+                f"{source}: column {roles['rating']} holds {schema[roles['rating']]}, not "
+                "numbers; pass --rating-col naming the numeric rating column"
+            )
+        try:
+            frame = (
+                scan.select([pl.col(column).alias(role) for role, column in roles.items()])
+                .with_columns(pl.col("rating").cast(pl.Float64))
+                .collect(engine="streaming")
+            )
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise InputDataError(
+                f"{source}: the parts could not be read together ({first_line(exc)}); "
+                "check that they share one schema"
+            ) from None
+        return frame

@@ -270,6 +270,11 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     """Score, spool, then publish `recommendations` in one transaction."""
     started = time.perf_counter()
     settings = config.score
+    if settings.engine == "ray":
+        # Shards over Ray actors, Parquet parts, then the same publish (mfbatch.engines).
+        from mfbatch.engines.ray_score import score_with_ray
+
+        return score_with_ray(config=config, console=console)
     # Publishing needs the write lock: refuse a locked or read-only database before scoring.
     db.check_writable(config.db)
     remove_stale_spools(config.db.parent)
@@ -397,9 +402,17 @@ def _publish(
 ) -> int:
     with pa.memory_map(str(spool)) as source:
         spooled = pa.ipc.open_file(source).read_all()
+    return publish_lists(path, spooled, run_id, created, partial=partial, keep=keep)
+
+
+def publish_lists(
+    path: Path, lists: object, run_id: str, created: datetime, *, partial: bool, keep: int
+) -> int:
+    """`lists` (an Arrow table, or a pyarrow dataset of Parquet parts that DuckDB scans)
+    into `recommendations` in one transaction; returns the publish id."""
     con = db.connect(path)
     try:
-        con.register("spooled_recommendations", spooled)
+        con.register("spooled_recommendations", lists)
         # Row order carries no meaning here (rank is a column), so DuckDB may write in
         # parallel.
         db.run(con, "unordered_inserts")

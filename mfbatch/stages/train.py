@@ -23,8 +23,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mfbatch import __version__, db
-from mfbatch.config import Config, TrainConfig, load_config
+from mfbatch import __version__, db, distributed
+from mfbatch.config import Config, TrainConfig, check_sharding, load_config
 from mfbatch.errors import ConfigError, DatabaseError, ModelError
 from mfbatch.export import export_model, save_model
 from mfbatch.model import MatrixFactorization, ModelShape
@@ -134,7 +134,7 @@ def _refit_config(run: Run, config: TrainConfig) -> TrainConfig:
     """The validated run's own settings, so the refit differs from it only in its data."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in run.config["train"].items() if k in fields}
-    values.update(on="all", device=config.device, export_dir=config.export_dir)
+    values.update(on="all", device=config.device, export_dir=config.export_dir, nproc=config.nproc)
     try:
         return load_config(overrides={"train": values}).train
     except ConfigError as exc:
@@ -146,16 +146,54 @@ def _refit_config(run: Run, config: TrainConfig) -> TrainConfig:
 
 
 def train(*, config: Config, console: Console | None = None) -> TrainSummary:
-    """Train, save export/<run_id>/, record the run. Raises MfbatchError on bad input."""
+    """Train, save export/<run_id>/, record the run. Raises MfbatchError on bad input.
+
+    `--nproc N` (outside torchrun) starts N-1 worker ranks and trains as rank 0 here.
+    """
+    nproc = config.train.nproc
+    if nproc > 1 and not distributed.from_env().active:
+        # Checked once here: workers opening the file for writing at the same time as
+        # others read it would trip DuckDB's lock.
+        db.check_writable(config.db)
+        gpus = torch.cuda.device_count()
+        if resolve_device(config.train.device).type == "cuda" and nproc > gpus:
+            raise ConfigError(
+                f"--nproc: {nproc} processes need one GPU each, this machine has {gpus}; "
+                f"pass --nproc {gpus} or --device cpu"
+            )
+        return distributed.spawn(
+            nproc, _rank, (config,), lambda: _train(config=config, console=console, checked=True)
+        )
+    return _train(config=config, console=console)
+
+
+def _rank(config: Config) -> None:
+    """A worker rank of `--nproc`: trains its shard, prints and records nothing."""
+    _train(config=config, console=None, checked=True)
+
+
+def _train(*, config: Config, console: Console | None, checked: bool = False) -> TrainSummary:
     started_at = datetime.now(timezone.utc).replace(tzinfo=None)
     started = time.perf_counter()
     settings = config.train
-    device = resolve_device(settings.device)
+    shard = distributed.from_env()
+    if shard.active:
+        # Under torchrun --nproc may be left at 1: the launcher's world size decides.
+        check_sharding(settings.objective, settings.batch_norm, settings.optimizer, shard.world)
+    device = shard.device(resolve_device(settings.device))
+    distributed.init(shard, device)
+    if not shard.main:
+        console = None
     # The run is recorded at the end: a locked or unwritable database is refused now,
     # not after the training it would throw away.
-    db.check_writable(config.db)
+    if shard.main and not checked:
+        db.check_writable(config.db)
+    shard.barrier()
     if device.type == "cpu":
         threads, note = resolve_threads(settings.threads)
+        if shard.active and settings.threads is None:
+            # Ranks start together and each would count the same idle cores: split them.
+            threads = max(1, usable_cores() // shard.world)
         torch.set_num_threads(threads)
         if note and console:
             console.print(f"note: {note}", highlight=False)
@@ -179,7 +217,12 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
         "rating_max": dataset.rating_max,
     }
     if console:
-        console.print(f"training on {describe(device)}", highlight=False)
+        ranks = (
+            f" x {shard.world} processes ({'nccl' if device.type == 'cuda' else 'gloo'})"
+            if shard.active
+            else ""
+        )
+        console.print(f"training on {describe(device)}{ranks}", highlight=False)
 
     is_val = frame["is_val"].to_numpy()
     fit = frame if settings.on == "all" else frame.filter(~pl.col("is_val"))
@@ -210,15 +253,17 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
         sparse=settings.optimizer in ("sparse_adam", "adagrad"),
     )
     model = MatrixFactorization(shape).to(device)
-    outcome = _fit(model, data, val, settings, epochs, console)
+    outcome = _fit(model, data, val, settings, epochs, console, shard)
     if console and outcome.plan and outcome.plan.note:
         console.print(f"note: {outcome.plan.note}", highlight=False)
 
-    run_id = new_run_id()
+    run_id = shard.from_main(new_run_id())
     export_path = settings.export_dir / run_id
     seconds = time.perf_counter() - started
-    examples = len(data) * max(len(outcome.history), 1)
     fit_seconds = sum(r.seconds for r in outcome.history) or seconds
+    if not shard.main:
+        # Every rank holds the same weights; only rank 0 exports and records them.
+        return _summary(run_id, device, outcome, settings, data, seconds, fit_seconds, export_path)
     manifest = save_model(
         model,
         export_path,
@@ -239,8 +284,30 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
         },
     )
     export_model(model, manifest, export_path)
+    summary = _summary(run_id, device, outcome, settings, data, seconds, fit_seconds, export_path)
+    record_run(config, settings, summary, outcome, info, parent, started_at)
+    if outcome.status == "diverged":
+        raise ModelError(
+            f"training diverged (loss not finite) in epoch {outcome.diverged_epoch}; the last "
+            f"good weights (epoch {outcome.best_epoch}) are in {export_path}; lower --lr "
+            "or raise --l2"
+        )
+    return summary
+
+
+def _summary(
+    run_id: str,
+    device: torch.device,
+    outcome: Outcome,
+    settings: TrainConfig,
+    data: Interactions,
+    seconds: float,
+    fit_seconds: float,
+    export_path: Path,
+) -> TrainSummary:
+    examples = len(data) * max(len(outcome.history), 1)
     best = _best(outcome)
-    summary = TrainSummary(
+    return TrainSummary(
         run_id=run_id,
         device=device.type,
         status=outcome.status,
@@ -259,14 +326,6 @@ def train(*, config: Config, console: Console | None = None) -> TrainSummary:
         export_path=export_path,
         top_k=settings.top_k,
     )
-    record_run(config, settings, summary, outcome, info, parent, started_at)
-    if outcome.status == "diverged":
-        raise ModelError(
-            f"training diverged (loss not finite) in epoch {outcome.diverged_epoch}; the last "
-            f"good weights (epoch {outcome.best_epoch}) are in {export_path}; lower --lr "
-            "or raise --l2"
-        )
-    return summary
 
 
 def _validation(
@@ -307,6 +366,7 @@ def _fit(
     settings: TrainConfig,
     epochs: int | None,
     console: Console | None,
+    shard: distributed.Shard | None = None,
 ) -> Outcome:
     total_epochs = epochs or settings.epochs
     # Bars on a terminal; in a log (cron, CI, a pipe) one plain line per epoch instead.
@@ -352,6 +412,7 @@ def _fit(
             schedule_epochs=settings.epochs if epochs is not None else None,
             on_epoch_start=start,
             on_epoch_end=end,
+            shard=shard,
         )
 
 
