@@ -22,6 +22,8 @@ from mfbatch.export import check_finite, split_stages, vectors_graph
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# Score rows per CPU batch that the speed-first batch size aims at (auto_batch_size).
+FAST_CPU_BATCH_MB = 128
 
 
 def machine_threads() -> int:
@@ -82,6 +84,7 @@ class Scorer:
     # as exported on the CPU too, so tests hold every path to the same oracle.
     graph: str = "auto"
     warnings: list[str] = field(default_factory=list)
+    on_cuda: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if not self.path.is_file():
@@ -151,6 +154,7 @@ class Scorer:
                     f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
                 ) from None
         on_cuda = self.session is not None and CUDA in self.session.get_providers()
+        self.on_cuda = on_cuda
         n = options.intra_op_num_threads
         self.provider = "cuda" if on_cuda else f"cpu ({n} thread{'' if n == 1 else 's'})"
 
@@ -179,11 +183,17 @@ class Scorer:
         return None
 
     def auto_batch_size(self, n_items: int, memory_mb: int) -> int:
-        """Users per batch so one batch's score rows fit in `memory_mb`."""
+        """Users per batch: the fastest size on this device that fits in `memory_mb`."""
         # The CPU path holds one [B, I] buffer, masked in place; the whole-graph path
         # also holds ScatterND's copy and TopK's input.
         per_user = n_items * 4 * (1 if self._split is not None else 3)
-        return int(np.clip((memory_mb << 20) // per_user, 1, 16384))
+        budget = memory_mb << 20
+        if not self.on_cuda:
+            # Bigger is not faster on the CPU: past ~100-200 MB of scores per batch the
+            # MatMul and TopK stream the matrix through memory with nothing left to
+            # amortise (bench_score.py measures the floor at each size).
+            budget = min(budget, FAST_CPU_BATCH_MB << 20)
+        return int(np.clip(budget // per_user, 1, 16384))
 
     def _top_k_split(
         self,

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from mfbatch.errors import ConfigError, ModelError
 from mfbatch.export import build_graph, export_model
-from mfbatch.inference import Scorer, SeenItems, _gpu_present
+from mfbatch.inference import FAST_CPU_BATCH_MB, Scorer, SeenItems, _gpu_present
 from mfbatch.lists import ListBatch, to_arrow
 from mfbatch.model import MatrixFactorization, ModelShape
 from mfbatch.stages.score import _with_rating
@@ -377,8 +377,14 @@ def test_cuda_requested_on_a_cpu_only_machine(graphs: Path) -> None:
 
 @pytest.mark.parametrize(
     ("n_items", "memory_mb", "expected"),
-    # The CPU path keeps one float32 score row per user in flight.
-    [(100_000, 512, (512 << 20) // (100_000 * 4)), (10, 512, 16384), (10**9, 16, 1)],
+    # The CPU path keeps one float32 score row per user in flight; past FAST_CPU_BATCH_MB
+    # of them a bigger batch is slower, so a larger budget does not make the batch larger.
+    [
+        (100_000, 512, (FAST_CPU_BATCH_MB << 20) // (100_000 * 4)),
+        (100_000, 64, (64 << 20) // (100_000 * 4)),
+        (10, 512, 16384),
+        (10**9, 16, 1),
+    ],
 )
 def test_auto_batch_size(graphs: Path, n_items: int, memory_mb: int, expected: int) -> None:
     users_aug, items_aug_t = _tables(np.random.default_rng(0), 2, 3, 2)
