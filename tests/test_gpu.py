@@ -114,6 +114,27 @@ def test_ort_cuda_io_binding_matches_the_oracle() -> None:
 
 @pytest.mark.gpu
 @needs_cuda
+def test_the_serving_scorer_on_cuda_matches_the_oracle(tmp_path: Path) -> None:
+    """`mfbatch score --provider cuda`'s own path: model.onnx whole on the CUDA provider."""
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
+    onnx = pytest.importorskip("onnx")
+    from mfbatch.export import build_graph
+    from mfbatch.inference import Scorer, SeenItems
+
+    u, vt, indptr, indices, mask = (t.numpy() for t in _case("cpu"))
+    path = tmp_path / "model.onnx"
+    onnx.save_model(build_graph(u, vt, {"n_users": len(u), "n_items": vt.shape[1]}), str(path))
+    scorer = Scorer(path, provider="cuda")
+    assert scorer.on_cuda
+    users = np.arange(len(u))
+    items, scores = scorer.top_k(users, SeenItems(indptr, indices), mask, 8)
+    _assert_lists(_oracle(_case("cpu"), users), items, scores)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_bf16_training_on_the_device_reaches_a_validated_model() -> None:
     users, items, ratings = bench_gpu.ratings_synthetic(400, 60, 12)
     out = bench_gpu.bench_training(users, items, ratings, 3, torch.device("cuda"))
