@@ -13,9 +13,10 @@ per user (popularity-skewed), measured in one run:
              at the batch size the Scorer picks;
   e2e:       `mfbatch score` as a subprocess on a DuckDB file holding the same shapes,
              including start-up, reading the db and writing the recommendations.
-Medians of --repeats, wall seconds and CPU seconds (all threads; the e2e child's from
-getrusage). Ratios are against the floor measured in this run. On a shared machine the
-CPU-second ratios are the steadier ones; the load average is printed before and after.
+Medians of --repeats (taken round robin), wall seconds and CPU seconds (all threads; the
+e2e child's from getrusage). Ratios are against the floor measured in this run. On a
+shared machine the CPU-second ratios are the steadier ones; the load average is printed
+before and after.
 """
 
 from __future__ import annotations
@@ -244,9 +245,41 @@ def main() -> None:
             for start in range(0, args.users, batch):
                 scorer.top_k(all_users[start : start + batch], seen, no_mask, K)
 
-        floors: dict[int, tuple[float, float]] = {}
+        rss: list[float] = []
+
+        def e2e_run() -> None:
+            proc = subprocess.run(
+                [sys.executable, "-c", _E2E, str(db_path), str(args.memory_mb)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise SystemExit(f"mfbatch score failed:\n{proc.stdout}\n{proc.stderr}")
+            rss.append(int(proc.stdout.strip().splitlines()[-1]) / 1024)
+
+        # Round robin: each repeat runs every floor size, the core and e2e back to back, so
+        # a change in what else the machine runs shifts all of them, not one.
+        runs: dict[str, tuple[Callable[[], None], Callable[[], float]]] = {
+            **{f"floor@{size}": (floor_run(size), time.process_time) for size in sizes},
+            "core": (core, time.process_time),
+            "e2e": (e2e_run, children_cpu),
+        }
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, (fn, cpu_clock) in runs.items():
+                started, cpu_started = time.perf_counter(), cpu_clock()
+                fn()
+                samples[name].append((time.perf_counter() - started, cpu_clock() - cpu_started))
+        median = {
+            name: (
+                statistics.median(w for w, _ in got),
+                statistics.median(c for _, c in got),
+            )
+            for name, got in samples.items()
+        }
+        floors = {size: median[f"floor@{size}"] for size in sizes}
         for size in sizes:
-            floors[size] = timed(floor_run(size), args.repeats)
             print(f"  floor @ {size:>5} {floors[size][0]:7.2f} s  {floors[size][1]:6.2f} cpu-s")
         best = min(floors, key=lambda size: floors[size][0])
         best_cpu = min(floors, key=lambda size: floors[size][1])
@@ -255,26 +288,11 @@ def main() -> None:
             "floor_cpu": floors[best_cpu][1],
             "floor_batch": best,
         }
-        results["core"], results["core_cpu"] = timed(core, args.repeats)
+        results["core"], results["core_cpu"] = median["core"]
         print(f"  core @ {batch:>5}  {results['core']:7.2f} s  {results['core_cpu']:6.2f} cpu-s")
         results["numpy"], results["numpy_cpu"] = timed(numpy_baseline, 1)
         print(f"  numpy        {results['numpy']:7.2f} s  {results['numpy_cpu']:6.2f} cpu-s")
-        e2e, e2e_cpu, rss = [], [], []
-        for _ in range(args.repeats):
-            started, cpu_started = time.perf_counter(), children_cpu()
-            proc = subprocess.run(
-                [sys.executable, "-c", _E2E, str(db_path), str(args.memory_mb)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            e2e.append(time.perf_counter() - started)
-            e2e_cpu.append(children_cpu() - cpu_started)
-            if proc.returncode != 0:
-                raise SystemExit(f"mfbatch score failed:\n{proc.stdout}\n{proc.stderr}")
-            rss.append(int(proc.stdout.strip().splitlines()[-1]) / 1024)
-        results["e2e"] = statistics.median(e2e)
-        results["e2e_cpu"] = statistics.median(e2e_cpu)
+        results["e2e"], results["e2e_cpu"] = median["e2e"]
         results["e2e_peak_rss_mb"] = max(rss)
     load_after = os.getloadavg()
     print(
