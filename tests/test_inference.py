@@ -287,6 +287,37 @@ def test_every_path_through_the_spool_equals_the_oracle(
     assert all(other == lists[1] for other in lists.values())
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_batch_split_across_workers_equals_one_worker_and_the_oracle(
+    graphs: Path, threads: int
+) -> None:
+    rng = np.random.default_rng(13)
+    n_users, n_items, k = 1000, 50, 6
+    users_aug, items_aug_t = _tables(rng, n_users, n_items, 5)
+    per_user = [
+        sorted(rng.choice(n_items, rng.integers(0, 47), replace=False).tolist())
+        for _ in range(n_users)
+    ]
+    allowed = (rng.random(n_items) > 0.2).tolist()
+    mask, seen, users = _mask(allowed), _seen(per_user), rng.permutation(n_users)
+    path = graphs / "sliced.onnx"
+    meta = {"n_users": n_users, "n_items": n_items}
+    onnx.save_model(build_graph(users_aug, items_aug_t, meta), str(path))
+    one = Scorer(path, provider="cpu", threads=1)
+    many = Scorer(path, provider="cpu", threads=threads)
+    assert many.provider == f"cpu ({threads} threads)"
+    items, scores = many.top_k(users, seen, mask, k)
+    _assert_top_k_matches(_oracle(users_aug, items_aug_t, users, per_user, mask), items, scores)
+    alone_items, alone_scores = one.top_k(users, seen, mask, k)
+    np.testing.assert_array_equal(items, alone_items)
+    np.testing.assert_array_equal(scores, alone_scores)
+    # Folded-in rows take the same sliced path.
+    rows = np.ascontiguousarray(users_aug[users])
+    rows_items, rows_scores = many.top_k_rows(users, rows, seen, mask, k)
+    np.testing.assert_array_equal(rows_items, items)
+    np.testing.assert_allclose(rows_scores, scores, atol=1e-6)
+
+
 def test_a_failure_on_the_writer_thread_reaches_the_caller(graphs: Path, tmp_path: Path) -> None:
     calls = 0
     error = OSError(28, "No space left on device")
