@@ -259,6 +259,8 @@ def bench_ort_cuda(
         # ORT runs on its own stream: torch's work that produced the inputs must be done.
         torch.cuda.synchronize()
         session.run_with_iobinding(binding)
+        # ...and ORT's writes must be done before torch reads the outputs.
+        binding.synchronize_outputs()
         return top_items, top_scores
 
     seconds = all_users(top_k)
@@ -402,8 +404,16 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     report: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
+
+    def save() -> None:
+        # After every part: a run cut off by the time limit still leaves what it measured.
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2, default=str))
+
     if args.tests:
         report["tests"] = run_gpu_tests()
+        save()
     if not torch.cuda.is_available():
         report["why"] = "torch sees no CUDA device here: nothing was measured"
         print(report["why"])
@@ -416,11 +426,13 @@ def main() -> None:
             flush=True,
         )
         report["scoring"] = bench_scoring(args, device)
+        save()
         torch.cuda.empty_cache()
         if args.ml100k is not None and args.ml100k.is_file():
             users, items, ratings, name = ratings_ml100k(args.ml100k)
             print(f"training on {name}", flush=True)
             report["train_ml100k"] = bench_training(users, items, ratings, None, device)
+            save()
         else:
             report["train_ml100k"] = {
                 "run": False,
@@ -440,11 +452,8 @@ def main() -> None:
                 users, items, ratings, args.train_epochs, device
             )
     report["seconds"] = time.perf_counter() - started
-    text = json.dumps(report, indent=2, default=str)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    save()
+    print(json.dumps(report, indent=2, default=str))
 
 
 if __name__ == "__main__":
