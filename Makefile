@@ -32,7 +32,11 @@ MFBATCH := $(BIN)/mfbatch
 # runs them with the environment in BIN as it is, installing nothing (tests/test_make_all.py).
 INSTALL_STAMP ?= $(BIN)/.installed
 
-.PHONY: help install test lint bench all preprocess train evaluate refit score clean
+# gpu-check runs where only torch (CUDA) and numpy may be installed: any python3 there.
+GPU_PYTHON ?= python3
+ML100K ?=
+
+.PHONY: help install test lint bench gpu-check all preprocess train evaluate refit score clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -59,6 +63,11 @@ bench: $(INSTALL_STAMP) ## Benchmarks (not part of the test run); results in ben
 	$(BIN)/python tests/bench/bench_preprocess.py --out bench-results/preprocess.json
 	$(BIN)/python tests/bench/bench_train.py --out bench-results/train.json
 	$(BIN)/python tests/bench/bench_score.py --out bench-results/score.json
+
+gpu-check: ## GPU tests (marker gpu) + GPU benchmarks, < 5 min; figures in bench-results/gpu.json
+	@mkdir -p bench-results
+	timeout 300 $(GPU_PYTHON) tests/bench/bench_gpu.py --tests --out bench-results/gpu.json \
+		$(if $(ML100K),--ml100k $(ML100K),)
 
 preprocess: $(INSTALL_STAMP) ## Stage 1: ratings -> DuckDB (DATASET=, SOURCE=)
 	$(MFBATCH) preprocess $(CONFIG_FLAG) --dataset $(DATASET) $(SOURCE_FLAG) --db $(DB) $(PREPROCESS_FLAGS)

@@ -16,7 +16,6 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as ds
 
 from mfbatch import db
 from mfbatch.errors import ConfigError, DatabaseError
@@ -150,6 +149,10 @@ def export_lists(*, db_path: Path, out: Path, publish: int | None = None) -> tup
         elif suffix == ".csv":
             frame.write_csv(staging)
         else:
+            # Imported here: pyarrow.dataset pulls in pandas (~0.2 s), which every
+            # `mfbatch score` would otherwise pay at start-up for a rarely used format.
+            import pyarrow.dataset as ds
+
             ds.write_dataset(
                 frame.to_arrow(),
                 staging,

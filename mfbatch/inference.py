@@ -6,8 +6,10 @@ Kept apart from the scoring stage so tests and benchmarks drive exactly the code
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from mfbatch.export import check_finite, split_stages, vectors_graph
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# Score rows per CPU batch that the speed-first batch size aims at (auto_batch_size).
+FAST_CPU_BATCH_MB = 128
 
 
 def machine_threads() -> int:
@@ -82,6 +86,7 @@ class Scorer:
     # as exported on the CPU too, so tests hold every path to the same oracle.
     graph: str = "auto"
     warnings: list[str] = field(default_factory=list)
+    on_cuda: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if not self.path.is_file():
@@ -128,6 +133,8 @@ class Scorer:
         self.session: ort.InferenceSession | None = None
         self._split: tuple[ort.InferenceSession, ort.InferenceSession] | None = None
         self._buffer = np.empty((0, 0), dtype=np.float32)
+        self._workers = options.intra_op_num_threads
+        self._pool: ThreadPoolExecutor | None = None
         if want_cuda:
             self.session = self._cuda_session(options, proto)
         if self.session is None and self.graph == "whole":
@@ -140,6 +147,11 @@ class Scorer:
                     f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
                 ) from None
         if self.session is None:
+            # One thread per session: each of `threads` workers runs its own slice of the
+            # batch through both halves. Split in ORT's intra-op pool instead, only the MatMul
+            # and TopK ran in parallel and the masking between them left a core idle: at 2
+            # threads that was 1.25x one thread, against ~2x for the slices.
+            self._options = options = self._single_thread(options)
             try:
                 scores, topk = split_stages(proto)
                 self._split = (
@@ -151,8 +163,18 @@ class Scorer:
                     f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
                 ) from None
         on_cuda = self.session is not None and CUDA in self.session.get_providers()
-        n = options.intra_op_num_threads
+        self.on_cuda = on_cuda
+        n = self._workers
         self.provider = "cuda" if on_cuda else f"cpu ({n} thread{'' if n == 1 else 's'})"
+
+    @staticmethod
+    def _single_thread(options: ort.SessionOptions) -> ort.SessionOptions:
+        single = ort.SessionOptions()
+        single.intra_op_num_threads = 1
+        single.inter_op_num_threads = 1
+        single.graph_optimization_level = options.graph_optimization_level
+        single.log_severity_level = options.log_severity_level
+        return single
 
     def _cuda_session(
         self, options: ort.SessionOptions, proto: onnx.ModelProto
@@ -179,11 +201,17 @@ class Scorer:
         return None
 
     def auto_batch_size(self, n_items: int, memory_mb: int) -> int:
-        """Users per batch so one batch's score rows fit in `memory_mb`."""
+        """Users per batch: the fastest size on this device that fits in `memory_mb`."""
         # The CPU path holds one [B, I] buffer, masked in place; the whole-graph path
         # also holds ScatterND's copy and TopK's input.
         per_user = n_items * 4 * (1 if self._split is not None else 3)
-        return int(np.clip((memory_mb << 20) // per_user, 1, 16384))
+        budget = memory_mb << 20
+        if not self.on_cuda:
+            # Bigger is not faster on the CPU: past ~100-200 MB of scores per batch the
+            # MatMul and TopK stream the matrix through memory with nothing left to
+            # amortise (bench_score.py measures the floor at each size).
+            budget = min(budget, FAST_CPU_BATCH_MB << 20)
+        return int(np.clip(budget // per_user, 1, 16384))
 
     def _top_k_split(
         self,
@@ -194,23 +222,62 @@ class Scorer:
         item_mask: np.ndarray,
         k: int,
     ) -> list[np.ndarray]:
-        assert self._split is not None
-        topk_session = self._split[1]
+        """The batch in one slice per worker, each scored, masked and ranked on its own."""
         n_items = item_mask.shape[0]
         if self._buffer.shape[0] < len(users) or self._buffer.shape[1] != n_items:
             self._buffer = np.empty((len(users), n_items), dtype=np.float32)
-        scores = self._buffer[: len(users)]
+        denied = np.flatnonzero(np.isneginf(item_mask))
+        # Slices of at least a few hundred users: smaller ones cost more in per-run
+        # overhead than a second core gives back.
+        slices = int(np.clip(len(users) // 256, 1, self._workers))
+        bounds = np.linspace(0, len(users), slices + 1).astype(np.int64)
+        name, values = feed
+
+        def run(lo: int, hi: int) -> list[np.ndarray]:
+            # Rows lo:hi of the shared buffer: no slice writes where another does.
+            return self._top_k_slice(
+                session,
+                (name, values[lo:hi]),
+                users[lo:hi],
+                self._buffer[lo:hi],
+                seen,
+                denied,
+                k,
+            )
+
+        if slices == 1:
+            return run(0, len(users))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="mfbatch-score")
+        parts = [
+            future.result()
+            for future in [
+                self._pool.submit(run, int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)
+            ]
+        ]
+        return [np.concatenate([part[i] for part in parts]) for i in range(2)]
+
+    def _top_k_slice(
+        self,
+        session: ort.InferenceSession,
+        feed: tuple[str, np.ndarray],
+        users: np.ndarray,
+        scores: np.ndarray,
+        seen: SeenItems,
+        denied: np.ndarray,
+        k: int,
+    ) -> list[np.ndarray]:
+        assert self._split is not None
         binding = session.io_binding()
         binding.bind_cpu_input(*feed)
         # ORT writes straight into our buffer, which is then masked in place.
         binding.bind_output("scores", "cpu", 0, np.float32, list(scores.shape), scores.ctypes.data)
         session.run_with_iobinding(binding)
-        denied = np.flatnonzero(np.isneginf(item_mask))
         if denied.size:
             scores[:, denied] = -np.inf
         pairs = self._known_pairs(seen, users)
         scores[pairs[:, 0], pairs[:, 1]] = -np.inf
-        outputs: list[np.ndarray] = topk_session.run(
+        outputs: list[np.ndarray] = self._split[1].run(
             ["top_items", "top_scores"], {"scores": scores, "k": np.array([k], dtype=np.int64)}
         )
         return outputs

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from mfbatch.errors import ConfigError, ModelError
 from mfbatch.export import build_graph, export_model
-from mfbatch.inference import Scorer, SeenItems, _gpu_present
-from mfbatch.lists import ListBatch, to_arrow
+from mfbatch.inference import FAST_CPU_BATCH_MB, Scorer, SeenItems, _gpu_present
+from mfbatch.lists import ListBatch, ListPlan, build_lists, to_arrow
 from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.stages.score import _with_rating
+from mfbatch.stages.score import Spooler, _with_rating
 
 PROPERTY = settings(
     max_examples=30,
@@ -219,6 +219,127 @@ def test_batch_equals_one_user_at_a_time(graphs: Path, graph: str) -> None:
             assert part_items[offset][finite].tolist() == items[row][finite].tolist()
 
 
+# --- Every path to the spool: graph, batch size, the writer thread ----------------------------
+
+
+def _spooled(scorer: Scorer, plan: ListPlan, batch: int, path: Path) -> dict[int, list[Any]]:
+    """The lists as `score` spools them (writer thread included), read back per user."""
+    user_ids = pa.array([str(u) for u in range(len(plan.cold))])
+    item_ids = pa.array([str(i) for i in range(len(plan.item_mask))])
+    spooler = Spooler(path, lambda lists: to_arrow(lists, user_ids, item_ids))
+    try:
+        for lists in build_lists(scorer, plan, batch):
+            spooler.put(lists)
+        assert spooler.close() is not None
+    finally:
+        spooler.stop()
+    with pa.memory_map(str(path)) as source:
+        rows = pa.ipc.open_file(source).read_all().to_pylist()
+    out: dict[int, list[Any]] = {}
+    for row in rows:
+        out.setdefault(int(row["user_id"]), []).append(row)
+    return out
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_every_path_through_the_spool_equals_the_oracle(
+    graphs: Path, tmp_path: Path, graph: str
+) -> None:
+    rng = np.random.default_rng(5)
+    n_users, n_items, k = 41, 57, 7
+    users_aug, items_aug_t = _tables(rng, n_users, n_items, 6)
+    per_user = [
+        sorted(rng.choice(n_items, rng.integers(0, 30), replace=False).tolist())
+        for _ in range(n_users)
+    ]
+    per_user[3] = list(range(36))  # fewer than k allowed items left
+    allowed = (rng.random(n_items) > 0.15).tolist()  # a deny list...
+    allowed[40:] = [False] * (n_items - 40)  # ...and an allow list of the first 40 items
+    mask = _mask(allowed)
+    users = rng.permutation(n_users)
+    plan = ListPlan(
+        users=users,
+        seen=_seen(per_user),
+        item_mask=mask,
+        cold=np.zeros(n_users, dtype=bool),
+        popularity=np.ones(n_items, dtype=np.int64),
+        k=k,
+    )
+    scorer = _scorer(graphs, users_aug, items_aug_t, graph)
+    full = _oracle(users_aug, items_aug_t, users, per_user, mask)
+    lists = {}
+    for batch in (1, 4, 9, n_users, FAST_CPU_BATCH_MB << 20):
+        spooled = _spooled(scorer, plan, batch, tmp_path / f"{batch}.arrow")
+        items = np.zeros((n_users, k), dtype=np.int64)
+        scores = np.full((n_users, k), -np.inf, dtype=np.float32)
+        for row, user in enumerate(users):
+            got = spooled.get(int(user), [])
+            assert [r["rank"] for r in got] == list(range(1, len(got) + 1))
+            items[row, : len(got)] = [int(r["item_id"]) for r in got]
+            scores[row, : len(got)] = [r["score"] for r in got]
+            # Fill the slots with nothing left to offer as the graph does: distinct items.
+            spare = [i for i in range(n_items) if i not in items[row, : len(got)]]
+            items[row, len(got) :] = spare[: k - len(got)]
+        _assert_top_k_matches(full, items, scores)
+        assert len(spooled.get(3, [])) == sum(allowed[36:]) < k
+        lists[batch] = {u: [(r["item_id"], r["rank"]) for r in rows] for u, rows in spooled.items()}
+    # Not only each equal to the oracle within ties: the same lists, whatever the batch.
+    assert all(other == lists[1] for other in lists.values())
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_batch_split_across_workers_equals_one_worker_and_the_oracle(
+    graphs: Path, threads: int
+) -> None:
+    rng = np.random.default_rng(13)
+    n_users, n_items, k = 1000, 50, 6
+    users_aug, items_aug_t = _tables(rng, n_users, n_items, 5)
+    per_user = [
+        sorted(rng.choice(n_items, rng.integers(0, 47), replace=False).tolist())
+        for _ in range(n_users)
+    ]
+    allowed = (rng.random(n_items) > 0.2).tolist()
+    mask, seen, users = _mask(allowed), _seen(per_user), rng.permutation(n_users)
+    path = graphs / "sliced.onnx"
+    meta = {"n_users": n_users, "n_items": n_items}
+    onnx.save_model(build_graph(users_aug, items_aug_t, meta), str(path))
+    one = Scorer(path, provider="cpu", threads=1)
+    many = Scorer(path, provider="cpu", threads=threads)
+    assert many.provider == f"cpu ({threads} threads)"
+    items, scores = many.top_k(users, seen, mask, k)
+    _assert_top_k_matches(_oracle(users_aug, items_aug_t, users, per_user, mask), items, scores)
+    alone_items, alone_scores = one.top_k(users, seen, mask, k)
+    np.testing.assert_array_equal(items, alone_items)
+    np.testing.assert_array_equal(scores, alone_scores)
+    # Folded-in rows take the same sliced path.
+    rows = np.ascontiguousarray(users_aug[users])
+    rows_items, rows_scores = many.top_k_rows(users, rows, seen, mask, k)
+    np.testing.assert_array_equal(rows_items, items)
+    np.testing.assert_allclose(rows_scores, scores, atol=1e-6)
+
+
+def test_a_failure_on_the_writer_thread_reaches_the_caller(graphs: Path, tmp_path: Path) -> None:
+    calls = 0
+    error = OSError(28, "No space left on device")
+
+    def convert(lists: ListBatch) -> pa.Table:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise error
+        return pa.table({"n": pa.array(lists.users)})
+
+    spooler = Spooler(tmp_path / "spool.arrow", convert)
+    batch = ListBatch(np.arange(3), np.zeros((3, 1)), np.zeros((3, 1)), np.ones(3, dtype=bool))
+    with pytest.raises(OSError) as info:
+        for _ in range(50):  # the failure surfaces on a later put() or on close()
+            spooler.put(batch)
+        spooler.close()
+    spooler.stop()
+    assert info.value is error and calls == 2
+    assert not spooler._thread.is_alive()
+
+
 # --- Properties of the published rows, at the Scorer level -----------------------------------
 
 
@@ -377,8 +498,14 @@ def test_cuda_requested_on_a_cpu_only_machine(graphs: Path) -> None:
 
 @pytest.mark.parametrize(
     ("n_items", "memory_mb", "expected"),
-    # The CPU path keeps one float32 score row per user in flight.
-    [(100_000, 512, (512 << 20) // (100_000 * 4)), (10, 512, 16384), (10**9, 16, 1)],
+    # The CPU path keeps one float32 score row per user in flight; past FAST_CPU_BATCH_MB
+    # of them a bigger batch is slower, so a larger budget does not make the batch larger.
+    [
+        (100_000, 512, (FAST_CPU_BATCH_MB << 20) // (100_000 * 4)),
+        (100_000, 64, (64 << 20) // (100_000 * 4)),
+        (10, 512, 16384),
+        (10**9, 16, 1),
+    ],
 )
 def test_auto_batch_size(graphs: Path, n_items: int, memory_mb: int, expected: int) -> None:
     users_aug, items_aug_t = _tables(np.random.default_rng(0), 2, 3, 2)

@@ -14,11 +14,15 @@ disk at any point leaves the previous `recommendations` table exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +38,7 @@ from mfbatch.errors import ConfigError, DatabaseError, InputDataError
 from mfbatch.foldin import fold_in, method_for
 from mfbatch.history import export_lists, record_publish
 from mfbatch.inference import Scorer, SeenItems
-from mfbatch.lists import ListPlan, build_lists, to_arrow
+from mfbatch.lists import ListBatch, ListPlan, build_lists, to_arrow
 from mfbatch.progress import Steps
 from mfbatch.runs import Dataset, Run, find_run
 
@@ -319,27 +323,26 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
             "make the folder writable; the previous recommendations are unchanged"
         ) from None
     spool = spool_dir / "recommendations.arrow"
-    rows = popularity_users = 0
+    popularity_users = 0
     empty: list[int] = []
+    spooler = Spooler(
+        spool,
+        lambda lists: _with_rating(
+            to_arrow(lists, inputs.user_ids, inputs.item_ids), run.objective, lo, hi
+        ),
+    )
     try:
-        writer: pa.ipc.RecordBatchFileWriter | None = None
         with Steps(console, "score", len(plan.users), "users") as progress:
             for lists in build_lists(scorer, plan, batch):
                 empty.extend(lists.empty_users()[: 5 - len(empty)].tolist())
                 popularity_users += int((~lists.from_model).sum())
-                table = _with_rating(
-                    to_arrow(lists, inputs.user_ids, inputs.item_ids), run.objective, lo, hi
-                )
-                if writer is None:
-                    writer = pa.ipc.new_file(str(spool), table.schema)
-                writer.write_table(table)
-                rows += table.num_rows
+                spooler.put(lists)
                 if lists.empty_users().size and len(empty) >= 5:
                     break
                 progress.advance(len(lists.users))
-        if writer is None:
+        rows = spooler.close()
+        if rows is None:
             raise InputDataError("no users to score")
-        writer.close()
         if empty:
             shown = ", ".join(repr(inputs.user_ids[u].as_py()) for u in empty)
             raise ConfigError(
@@ -361,6 +364,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
             "the previous recommendations are unchanged"
         ) from None
     finally:
+        spooler.stop()
         shutil.rmtree(spool_dir, ignore_errors=True)
     written = None
     if settings.output is not None:
@@ -381,6 +385,77 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         fold_seconds=fold_seconds,
         unscorable_items=inputs.unscorable_items,
     )
+
+
+class Spooler:
+    """Converts each batch's lists to Arrow and appends them to the spool, on its own thread.
+
+    ONNX Runtime releases the GIL while it scores, so the conversion and the file write of
+    one batch run while the next batch scores instead of taking turns with it. Batches are
+    written in the order they were put. A failure on the thread (disk full, Ctrl-C delivered
+    there, a bug) is raised again in the caller, unchanged, by the next put() or close().
+    """
+
+    def __init__(self, path: Path, convert: Callable[[ListBatch], pa.Table]) -> None:
+        self._path = path
+        self._convert = convert
+        # Two in flight at most: the one being written and the one just scored; more
+        # would only hold lists in memory while the disk is behind.
+        self._queue: queue.Queue[ListBatch | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._rows: int | None = None
+        self._thread = threading.Thread(target=self._drain, name="mfbatch-spool", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        writer: pa.ipc.RecordBatchFileWriter | None = None
+        rows = 0
+        try:
+            while (lists := self._queue.get()) is not None and not self._stopping.is_set():
+                table = self._convert(lists)
+                if writer is None:
+                    writer = pa.ipc.new_file(str(self._path), table.schema)
+                writer.write_table(table)
+                rows += table.num_rows
+            if writer is not None:
+                writer.close()
+                writer = None
+                self._rows = rows
+        except BaseException as exc:  # re-raised on the caller's thread, whatever it is
+            self._error = exc
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def put(self, lists: ListBatch | None) -> None:
+        while self._thread.is_alive():
+            self._check()
+            try:
+                self._queue.put(lists, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+        self._check()
+
+    def close(self) -> int | None:
+        """Waits for every batch to be on disk: the rows spooled, None if there were none."""
+        self.put(None)
+        self._thread.join()
+        self._check()
+        return self._rows
+
+    def stop(self) -> None:
+        """Ends the thread without writing what is still queued (after a failure)."""
+        self._stopping.set()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+        self._thread.join()
 
 
 def _with_rating(table: pa.Table, objective: str, lo: float, hi: float) -> pa.Table:
