@@ -147,7 +147,7 @@ def _choice(flag: str, value: str, kind: object) -> None:
 
 # Settings whose best value depends on the objective; a None field takes its objective's
 # value here. Chosen on an inner validation split carved from ML-100K's train split
-# (tests/bench/tune_defaults.py; docs/training.md has the figures).
+# (tests/bench/tune_defaults.py; README, "The model" has the figures).
 _BY_OBJECTIVE: dict[str, dict[str, Any]] = {
     "rating": {
         "embedding_dim": 128,

@@ -66,7 +66,7 @@ def user_weights(batch: UserBatch, exponent: float) -> tuple[torch.Tensor, torch
 
     The ranking metrics average over users, while a summed per-rating loss lets the
     heaviest raters dominate; a partial down-weighting (exponent 0.3) measured better on
-    the inner split (docs/training.md). 0 is the plain per-rating sum.
+    the inner split (README, "The model"). 0 is the plain per-rating sum.
     """
     counts = torch.bincount(batch.rows, minlength=batch.users.numel()).float()
     if exponent == 0.0:

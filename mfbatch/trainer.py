@@ -163,7 +163,7 @@ BYTES_PER_LOGIT = 16
 MIN_FULL_ROWS = 64
 # The full softmax costs n_items logits per user and step, the sampled one `negatives`:
 # past this ratio the exact loss costs an epoch many times over for a small gain
-# (100k users x 20k items: 76 s vs ~10 s an epoch, docs/training.md).
+# (100k users x 20k items: 76 s vs ~10 s an epoch, README, "The model").
 MAX_FULL_TO_SAMPLED = 8
 
 

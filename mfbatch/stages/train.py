@@ -109,7 +109,7 @@ def resolve_threads(requested: int | None) -> tuple[int, str | None]:
     """(threads, note). Never more than the cores this process may run on; by default
     only the cores that are idle now, because torch's threads wait for each other at
     every op: with one of two cores busy, two threads ran ~9x slower than one
-    (docs/training.md)."""
+    (README, "The model")."""
     cores = usable_cores()
     if requested is not None:
         if requested > cores:

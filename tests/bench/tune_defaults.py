@@ -8,7 +8,7 @@ train ratings (or a random share, `--inner random`) becomes the validation set, 
 point trains on the rest for its full epoch budget without early stopping, and is scored
 once (Recall/NDCG@20 with bench_quality's metric function; RMSE for `--objective rating`).
 `--grid` is a JSON list of TrainConfig overrides applied on top of the objective's
-defaults; the default grid is the one docs/training.md reports.
+defaults; the default grid is the one README, "The model" reports.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--k", type=int, default=20)
     # One thread: the grid runs on a shared 2-core machine, where a second torch thread
-    # waiting on a busy core makes every op crawl (docs/training.md, threads).
+    # waiting on a busy core makes every op crawl (README, "The model", threads).
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
