@@ -54,6 +54,7 @@ from mfbatch.stages.score import (
     _load_inputs,
     _with_rating,
     publish_lists,
+    refuse_empty_lists,
     remove_stale_spools,
 )
 
@@ -252,14 +253,7 @@ def score_with_ray(*, config: Config, console: Console | None = None) -> ScoreSu
                 soft_wrap=True,
             )
         results = _run_pipeline(ray, ranges, payload, options, workers, cores, console)
-        empty = [int(e) for e in results["empty"] if e >= 0]
-        if empty:
-            shown = ", ".join(repr(inputs.user_ids[u].as_py()) for u in empty[:5])
-            raise ConfigError(
-                f"some users would get an empty list (e.g. user {shown}): they rated every "
-                "item left after --include-items/--exclude-items; widen the allow list; "
-                "nothing was published"
-            )
+        refuse_empty_lists([int(e) for e in results["empty"] if e >= 0], inputs.user_ids)
         publish_id = 0
         if settings.publish:
             dataset = pads.dataset(sorted(str(p) for p in parts.glob("part-*.parquet")))

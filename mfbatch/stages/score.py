@@ -244,6 +244,17 @@ def _load_inputs(config: Config) -> _Inputs:
     )
 
 
+def refuse_empty_lists(empty: list[int], user_ids: pa.Array) -> None:
+    """Never publish a user with nothing: every engine checks its lists with this."""
+    if empty:
+        shown = ", ".join(repr(user_ids[u].as_py()) for u in empty[:5])
+        raise ConfigError(
+            f"some users would get an empty list (e.g. user {shown}): they rated every "
+            "item left after --include-items/--exclude-items; widen the allow list; "
+            "nothing was published"
+        )
+
+
 def remove_stale_spools(folder: Path) -> int:
     """Spool folders a killed `score` left beside the database (owner process gone)."""
     removed = 0
@@ -343,13 +354,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         rows = spooler.close()
         if rows is None:
             raise InputDataError("no users to score")
-        if empty:
-            shown = ", ".join(repr(inputs.user_ids[u].as_py()) for u in empty)
-            raise ConfigError(
-                f"some users would get an empty list (e.g. user {shown}): they rated every "
-                "item left after --include-items/--exclude-items; widen the allow list; "
-                "nothing was published"
-            )
+        refuse_empty_lists(empty, inputs.user_ids)
         publish_id = _publish(
             config.db,
             spool,
