@@ -20,7 +20,7 @@ from mfbatch.errors import MfbatchError
 
 app = typer.Typer(
     name="mfbatch",
-    help="Batch matrix-factorization recommender: preprocess -> train -> score -> evaluate.",
+    help="Batch matrix-factorization recommender: preprocess -> train -> evaluate -> score.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
