@@ -28,10 +28,6 @@ CUDA = "CUDAExecutionProvider"
 FAST_CPU_BATCH_MB = 128
 
 
-def machine_threads() -> int:
-    return machine_cores()
-
-
 def _gpu_present() -> bool:
     # onnxruntime-gpu lists the CUDA provider even on machines without a GPU; only try it
     # when the NVIDIA driver is there, so CPU machines don't pay for (and log) a failed load.
@@ -120,7 +116,7 @@ class Scorer:
                 "--provider cuda: no CUDA device/provider here "
                 f"(onnxruntime {ort.__version__} offers {', '.join(available)}); use --provider cpu"
             )
-        options.intra_op_num_threads = self.threads or machine_threads()
+        options.intra_op_num_threads = self.threads or machine_cores()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3

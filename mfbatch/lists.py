@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from mfbatch.inference import Scorer, SeenItems
@@ -51,6 +52,18 @@ class ListBatch:
     def empty_users(self) -> np.ndarray:
         """Users of the batch left with no item at all."""
         return self.users[~np.isfinite(self.scores).any(axis=1)]
+
+
+def fitted_counts(
+    trained: pl.DataFrame, n_users: int, n_items: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ratings per user, ratings per item) a run was fitted on, from a `trained_counts`
+    query's (kind, idx, n) rows: zero marks a cold user or an item never offered."""
+    counts = {"user": np.zeros(n_users, np.int64), "item": np.zeros(n_items, np.int64)}
+    for kind, column in counts.items():
+        part = trained.filter(pl.col("kind") == kind)
+        column[part["idx"].to_numpy()] = part["n"].to_numpy()
+    return counts["user"], counts["item"]
 
 
 def popularity_order(popularity: np.ndarray) -> np.ndarray:

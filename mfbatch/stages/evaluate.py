@@ -29,7 +29,7 @@ from mfbatch import db
 from mfbatch.config import Config
 from mfbatch.errors import ConfigError
 from mfbatch.inference import Scorer, SeenItems
-from mfbatch.lists import MODEL, POPULARITY, ListPlan, build_lists, to_arrow
+from mfbatch.lists import MODEL, POPULARITY, ListPlan, build_lists, fitted_counts, to_arrow
 from mfbatch.progress import log_step
 from mfbatch.runs import Dataset, find_run
 
@@ -120,23 +120,17 @@ def evaluate(*, config: Config, console: Console | None = None) -> Evaluation:
     lo, hi = dataset.rating_min, dataset.rating_max
     threshold = lo if settings.min_rating is None else float(settings.min_rating)
 
-    counts = {
-        kind: np.zeros(n, dtype=np.int64)
-        for kind, n in (("user", dataset.n_users), ("item", dataset.n_items))
-    }
-    for kind, column in counts.items():
-        part = trained.filter(trained["kind"] == kind)
-        column[part["idx"].to_numpy()] = part["n"].to_numpy()
-    item_mask = np.where(counts["item"] > 0, 0.0, -np.inf).astype(np.float32)
+    user_counts, item_counts = fitted_counts(trained, dataset.n_users, dataset.n_items)
+    item_mask = np.where(item_counts > 0, 0.0, -np.inf).astype(np.float32)
     seen = SeenItems.from_pairs(
         seen_frame["user_idx"].to_numpy(), seen_frame["item_idx"].to_numpy(), dataset.n_users
     )
     # Only users with a validation rating can be judged; their lists are what is measured.
     users = np.unique(pairs["user_idx"].to_numpy()).astype(np.int64)
     plans = {
-        MODEL: ListPlan(users, seen, item_mask, counts["user"] == 0, counts["item"], k),
+        MODEL: ListPlan(users, seen, item_mask, user_counts == 0, item_counts, k),
         POPULARITY: ListPlan(
-            users, seen, item_mask, np.ones(dataset.n_users, dtype=bool), counts["item"], k
+            users, seen, item_mask, np.ones(dataset.n_users, dtype=bool), item_counts, k
         ),
     }
     started = time.perf_counter()

@@ -38,7 +38,7 @@ from mfbatch.errors import ConfigError, DatabaseError, InputDataError
 from mfbatch.foldin import fold_in, method_for
 from mfbatch.history import export_lists, record_publish
 from mfbatch.inference import Scorer, SeenItems
-from mfbatch.lists import ListBatch, ListPlan, build_lists, to_arrow
+from mfbatch.lists import ListBatch, ListPlan, build_lists, fitted_counts, to_arrow
 from mfbatch.progress import Steps
 from mfbatch.runs import Dataset, Run, find_run
 
@@ -189,12 +189,7 @@ def _load_inputs(config: Config) -> _Inputs:
             "exclude-items",
         )
         item_mask[denied] = -np.inf
-    user_counts = trained.filter(trained["kind"] == "user")
-    item_counts = trained.filter(trained["kind"] == "item")
-    fitted_users = np.zeros(dataset.n_users, dtype=np.int64)
-    fitted_users[user_counts["idx"].to_numpy()] = user_counts["n"].to_numpy()
-    fitted_items = np.zeros(dataset.n_items, dtype=np.int64)
-    fitted_items[item_counts["idx"].to_numpy()] = item_counts["n"].to_numpy()
+    fitted_users, fitted_items = fitted_counts(trained, dataset.n_users, dataset.n_items)
     # The model knows nothing of items it never trained on (or appended after it was
     # trained, beyond its tables): it can't rank them.
     model_users, model_items = int(metadata["n_users"]), int(metadata["n_items"])

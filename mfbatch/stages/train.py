@@ -209,13 +209,6 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
             parent, epochs = validated.run_id, max(validated.best_epoch, 1)
     finally:
         con.close()
-    info: dict[str, Any] = {
-        "dataset_sha256": dataset.sha256,
-        "n_users": dataset.n_users,
-        "n_items": dataset.n_items,
-        "rating_min": dataset.rating_min,
-        "rating_max": dataset.rating_max,
-    }
     if console:
         ranks = (
             f" x {shard.world} processes ({'nccl' if device.type == 'cuda' else 'gloo'})"
@@ -241,7 +234,7 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
     n_users, n_items = dataset.n_users, dataset.n_items
     val = None
     if settings.on == "train":
-        val = _validation(frame, data, n_users, settings, device, info)
+        val = _validation(frame, data, settings, device, dataset)
 
     torch.manual_seed(settings.seed)
     shape = ModelShape(
@@ -270,11 +263,11 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
         manifest={
             "run_id": run_id,
             "parent_run_id": parent,
-            "dataset_sha256": info["dataset_sha256"],
+            "dataset_sha256": dataset.sha256,
             "data_seen": "train+val" if settings.on == "all" else "train",
             "shape": dataclasses.asdict(shape),
-            "rating_min": info["rating_min"],
-            "rating_max": info["rating_max"],
+            "rating_min": dataset.rating_min,
+            "rating_max": dataset.rating_max,
             "objective": settings.objective,
             "best_epoch": outcome.best_epoch,
             "status": outcome.status,
@@ -285,7 +278,7 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
     )
     export_model(model, manifest, export_path)
     summary = _summary(run_id, device, outcome, settings, data, seconds, fit_seconds, export_path)
-    record_run(config, settings, summary, outcome, info, parent, started_at)
+    record_run(config, settings, summary, outcome, dataset, parent, started_at)
     if outcome.status == "diverged":
         raise ModelError(
             f"training diverged (loss not finite) in epoch {outcome.diverged_epoch}; the last "
@@ -331,10 +324,9 @@ def _summary(
 def _validation(
     frame: pl.DataFrame,
     data: Interactions,
-    n_users: int,
     settings: TrainConfig,
     device: torch.device,
-    info: dict[str, Any],
+    dataset: Dataset,
 ) -> Validation:
     held = frame.filter(pl.col("is_val"))
     pairs = Interactions(
@@ -342,7 +334,8 @@ def _validation(
         items=_tensor(held["item_idx"].to_numpy(), device, torch.int64),
         ratings=_tensor(held["rating_norm"].to_numpy(), device, torch.float32),
     )
-    popular, untrained = Validation.serving_rules(data.items, int(info["n_items"]))
+    popular, untrained = Validation.serving_rules(data.items, dataset.n_items)
+    n_users = dataset.n_users
     candidates = np.unique(held["user_idx"].to_numpy())
     if candidates.size > settings.eval_users:
         rng = np.random.default_rng(settings.seed)
@@ -352,8 +345,8 @@ def _validation(
         train_items=Csr.build(data.users, data.items, n_users),
         val_items=Csr.build(pairs.users, pairs.items, n_users),
         rank_users=_tensor(candidates, device, torch.int64),
-        rating_min=float(info["rating_min"]),
-        rating_max=float(info["rating_max"]),
+        rating_min=dataset.rating_min,
+        rating_max=dataset.rating_max,
         popular=popular,
         untrained_items=untrained,
     )
@@ -425,7 +418,7 @@ def record_run(
     settings: TrainConfig,
     summary: TrainSummary,
     outcome: Outcome,
-    info: dict[str, Any],
+    dataset: Dataset,
     parent: str | None,
     started_at: datetime,
 ) -> None:
@@ -460,7 +453,7 @@ def record_run(
                 finished_at=datetime.now(timezone.utc).replace(tzinfo=None),
                 status=outcome.status,
                 config=json.dumps(resolved),
-                dataset_sha256=info["dataset_sha256"],
+                dataset_sha256=dataset.sha256,
                 data_seen=summary.data_seen,
                 device=summary.device,
                 objective=settings.objective,

@@ -41,11 +41,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from mfbatch import db
-from mfbatch.config import SplitConfig
+from mfbatch.config import SplitConfig, machine_cores
 from mfbatch.data.base import RawData
 from mfbatch.data.transforms import prepare
 from mfbatch.export import augmented_tables, export_model, save_model
-from mfbatch.inference import Scorer, SeenItems, machine_threads
+from mfbatch.inference import Scorer, SeenItems
 from mfbatch.model import MatrixFactorization, ModelShape
 from mfbatch.stages.preprocess import write_dataset
 
@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--memory-mb", type=int, default=512)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    threads = machine_threads()
+    threads = machine_cores()
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     model = MatrixFactorization(
@@ -352,6 +352,6 @@ print(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
 """
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", str(machine_threads()))
+    os.environ.setdefault("OMP_NUM_THREADS", str(machine_cores()))
     _ = onnx
     main()
