@@ -582,7 +582,8 @@ def runs(
     from mfbatch.config import load_config
     from mfbatch.runs import list_runs
 
-    listing = _guard(lambda: list_runs(db_path=load_config(config, db=db).db))
+    path = _guard(lambda: load_config(config, db=db).db)
+    listing = _guard(lambda: list_runs(db_path=path))
     if as_json:
         typer.echo(json.dumps(_plain(listing)))
         return
@@ -615,7 +616,7 @@ def runs(
                 served or "-",
             )
         Console().print(table)
-    typer.echo(f"{len(listing)} runs in {load_config(config, db=db).db}")
+    typer.echo(f"{len(listing)} runs in {path}")
 
 
 @app.command()
