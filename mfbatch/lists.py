@@ -26,7 +26,25 @@ from mfbatch.inference import Scorer, SeenItems
 MODEL = "model"
 POPULARITY = "popularity"
 FOLD_IN = "fold-in"
-SOURCES = pa.array([MODEL, POPULARITY, FOLD_IN])
+# Through Polars, not pa.array: see arrow_array.
+SOURCES = pl.Series([MODEL, POPULARITY, FOLD_IN]).to_arrow()
+
+
+def arrow_array(values: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+    """A numeric numpy array as Arrow (nulls where `valid` is False), sharing its memory.
+
+    Not pa.array: that imports pandas to ask whether its input is a pandas object, ~0.2 s
+    of every `mfbatch score` start-up for a library the scorer never uses.
+    """
+    values = np.ascontiguousarray(values)
+    bitmap = None if valid is None else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    nulls = 0 if valid is None else int(len(valid) - np.count_nonzero(valid))
+    return pa.Array.from_buffers(
+        pa.from_numpy_dtype(values.dtype),
+        len(values),
+        [bitmap, pa.py_buffer(values)],
+        null_count=nulls,
+    )
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,21 @@ def fitted_counts(
         part = trained.filter(pl.col("kind") == kind)
         column[part["idx"].to_numpy()] = part["n"].to_numpy()
     return counts["user"], counts["item"]
+
+
+def numpy_view(column: pa.ChunkedArray, dtype: type[np.generic]) -> np.ndarray:
+    """A numeric (or dictionary-encoded: its indices) column without nulls as numpy.
+
+    Not .to_numpy(): pyarrow imports pandas for that too (see arrow_array).
+    """
+    chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    if isinstance(chunk, pa.DictionaryArray):
+        chunk = chunk.indices
+    assert chunk.null_count == 0, "a column with nulls has no plain numpy view"
+    size = np.dtype(dtype).itemsize
+    return np.frombuffer(
+        chunk.buffers()[1], dtype=dtype, count=len(chunk), offset=chunk.offset * size
+    )
 
 
 def popularity_order(popularity: np.ndarray) -> np.ndarray:
@@ -146,12 +179,14 @@ def to_arrow(batch: ListBatch, user_ids: pa.Array, item_ids: pa.Array) -> pa.Tab
     return pa.table(
         {
             # Dictionary-encoded: indices into the raw-id arrays, no string copied per row.
-            "user_id": pa.DictionaryArray.from_arrays(pa.array(users, pa.int32()), user_ids),
-            "item_id": pa.DictionaryArray.from_arrays(
-                pa.array(batch.items[valid], pa.int32()), item_ids
+            "user_id": pa.DictionaryArray.from_arrays(
+                arrow_array(users.astype(np.int32)), user_ids
             ),
-            "rank": pa.array(ranks[valid]),
-            "score": pa.array(batch.scores[valid].astype(np.float64)),
-            "source": pa.DictionaryArray.from_arrays(pa.array(source[valid]), SOURCES),
+            "item_id": pa.DictionaryArray.from_arrays(
+                arrow_array(batch.items[valid].astype(np.int32)), item_ids
+            ),
+            "rank": arrow_array(ranks[valid]),
+            "score": arrow_array(batch.scores[valid].astype(np.float64)),
+            "source": pa.DictionaryArray.from_arrays(arrow_array(source[valid]), SOURCES),
         }
     )

@@ -1,5 +1,6 @@
--- History of served lists: every publish of `recommendations` is kept whole, numbered,
--- for as many publishes as the retention says; the diff and the exports read from here.
+-- History of served lists: every publish is kept whole, numbered, for as many publishes
+-- as the retention says (at least one: the view `recommendations` is the newest); the
+-- diff and the exports read from here.
 
 -- name: create_recommendation_history
 CREATE TABLE IF NOT EXISTS recommendation_history (
@@ -18,12 +19,31 @@ CREATE TABLE IF NOT EXISTS recommendation_history (
 -- name: next_publish_id
 SELECT coalesce(max(publish_id), 0) + 1 AS publish_id FROM recommendation_history;
 
--- name: snapshot_recommendations
--- The whole served table as it stands after this publish (a `--users` update included).
+-- name: carry_over_users
+-- `--users`: everyone the update leaves out keeps the list the previous publish served
+-- (`recommendations` is still that publish, or the table an older version served from).
 INSERT INTO recommendation_history
 SELECT $publish_id, now()::TIMESTAMP, run_id, user_id, item_id, rank, score,
        predicted_rating, coalesce(source, 'model'), created_at
-FROM recommendations;
+FROM recommendations
+WHERE user_id NOT IN (SELECT DISTINCT user_id::VARCHAR FROM spooled_recommendations);
+
+-- name: insert_publish
+-- The scorer's lists (an Arrow spool or Parquet parts, registered as a view) written once,
+-- as this publish: `recommendations` is a view of the newest publish, not a second copy.
+INSERT INTO recommendation_history
+SELECT $publish_id, now()::TIMESTAMP, $run_id::VARCHAR, user_id::VARCHAR, item_id::VARCHAR,
+       rank::INTEGER, score::DOUBLE, predicted_rating::DOUBLE, source::VARCHAR,
+       $created_at::TIMESTAMP
+FROM spooled_recommendations;
+
+-- name: serve_newest_publish
+-- What `recommendations` means: the newest publish (a rolled-back publish never commits
+-- its rows, so the newest committed one is always the served one).
+CREATE OR REPLACE VIEW recommendations AS
+SELECT run_id, user_id, item_id, rank, score, predicted_rating, source, created_at
+FROM recommendation_history
+WHERE publish_id = (SELECT max(publish_id) FROM recommendation_history);
 
 -- name: prune_history
 DELETE FROM recommendation_history WHERE publish_id <= $publish_id - $keep;

@@ -31,39 +31,16 @@ SELECT item_idx, item_id FROM items ORDER BY item_idx;
 SET preserve_insertion_order = false;
 
 -- name: drop_recommendations_staging
+-- Left by a version that staged the lists in a table before swapping it in: stale.
 DROP TABLE IF EXISTS recommendations_staging;
-
--- name: create_recommendations_staging
--- Filled from the spool the scorer wrote (registered from Arrow), while the published
--- table stays readable.
-CREATE TABLE recommendations_staging AS
-SELECT
-    $run_id::VARCHAR AS run_id,
-    user_id::VARCHAR AS user_id,
-    item_id::VARCHAR AS item_id,
-    rank::INTEGER AS rank,
-    score::DOUBLE AS score,
-    predicted_rating::DOUBLE AS predicted_rating,
-    source::VARCHAR AS source,  -- 'model' | 'popularity' (no rating the run trained on)
-    $created_at::TIMESTAMP AS created_at
-FROM spooled_recommendations;
 
 -- name: add_recommendations_source
 -- A table written before `source` existed held model lists only.
 ALTER TABLE recommendations ADD COLUMN IF NOT EXISTS source VARCHAR DEFAULT 'model';
 
--- name: delete_staged_users_recommendations
-DELETE FROM recommendations
-WHERE user_id IN (SELECT DISTINCT user_id FROM recommendations_staging);
-
--- name: insert_staged_recommendations
-INSERT INTO recommendations BY NAME SELECT * FROM recommendations_staging;
-
 -- name: drop_recommendations
+-- Only ever the table an older version served from; it is a view from then on.
 DROP TABLE IF EXISTS recommendations;
-
--- name: publish_recommendations
-ALTER TABLE recommendations_staging RENAME TO recommendations;
 
 -- name: count_recommendations
 SELECT count(*), count(DISTINCT user_id) FROM recommendations;

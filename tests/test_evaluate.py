@@ -46,6 +46,7 @@ from mfbatch import db
 from mfbatch.cli import app
 from mfbatch.config import load_config
 from mfbatch.export import ONNX_FILE, build_graph, load_model
+from mfbatch.history import publish
 from mfbatch.inference import SeenItems
 from mfbatch.lists import popularity_top_k
 from mfbatch.stages.evaluate import Evaluation, _ranking
@@ -290,9 +291,7 @@ def build_db(
                 orient="row",
             )
             con.register("spooled_recommendations", spooled.to_arrow())
-            db.run(con, "drop_recommendations_staging")
-            db.run(con, "create_recommendations_staging", run_id=RUN_ID, created_at=start)
-            db.run(con, "publish_recommendations")
+            publish(con, run_id=RUN_ID, created=start, partial=False, keep=1)
     finally:
         con.close()
     return path

@@ -36,9 +36,17 @@ from mfbatch import db
 from mfbatch.config import Config
 from mfbatch.errors import ConfigError, DatabaseError, InputDataError
 from mfbatch.foldin import fold_in, method_for
-from mfbatch.history import export_lists, record_publish
+from mfbatch.history import export_lists, publish
 from mfbatch.inference import Scorer, SeenItems
-from mfbatch.lists import ListBatch, ListPlan, build_lists, fitted_counts, to_arrow
+from mfbatch.lists import (
+    ListBatch,
+    ListPlan,
+    arrow_array,
+    build_lists,
+    fitted_counts,
+    numpy_view,
+    to_arrow,
+)
 from mfbatch.progress import Steps
 from mfbatch.runs import Dataset, Run, find_run
 
@@ -460,15 +468,15 @@ class Spooler:
 
 def _with_rating(table: pa.Table, objective: str, lo: float, hi: float) -> pa.Table:
     """predicted_rating in stars where the score is one (a rating model's, on model rows)."""
-    scores = table.column("score").to_numpy()
     if objective == "rating":
+        scores = numpy_view(table.column("score"), np.float64)
         # Trained and folded-in vectors alike (a rating model's fold-in solves its offset).
-        from_model = np.asarray(table.column("source").combine_chunks().indices) != 1
+        from_model = numpy_view(table.column("source"), np.int8) != 1
         stars = np.where(from_model, np.clip(scores, 0.0, 1.0) * (hi - lo) + lo, np.nan)
-        predicted = pa.array(stars, mask=~from_model)
+        predicted = arrow_array(stars, valid=from_model)
     else:
         # A ranking model's score orders items but is not on the star scale.
-        predicted = pa.nulls(len(scores), pa.float64())
+        predicted = pa.nulls(table.num_rows, pa.float64())
     return table.append_column("predicted_rating", predicted)
 
 
@@ -491,21 +499,9 @@ def publish_lists(
         # Row order carries no meaning here (rank is a column), so DuckDB may write in
         # parallel.
         db.run(con, "unordered_inserts")
-        # Staging happens inside the transaction too: a failure while copying the spool
-        # (disk full, bad file) is rolled back like the swap and reported in one line.
+        # The copy from the spool is inside the transaction: a failure while writing it
+        # (disk full, a truncated part) is rolled back like the rest and reported in one line.
         with db.transaction(con, f"recommendations into {path}"):
-            # A staging table left by an older version or a foreign tool is stale: drop it.
-            db.run(con, "drop_recommendations_staging")
-            db.run(con, "create_recommendations_staging", run_id=run_id, created_at=created)
-            if partial and db.table_exists(con, "recommendations"):
-                # --users: those users' rows are replaced, everyone else's stay.
-                db.run(con, "add_recommendations_source")
-                db.run(con, "delete_staged_users_recommendations")
-                db.run(con, "insert_staged_recommendations")
-                db.run(con, "drop_recommendations_staging")
-            else:
-                db.run(con, "drop_recommendations")
-                db.run(con, "publish_recommendations")
-            return record_publish(con, keep)
+            return publish(con, run_id=run_id, created=created, partial=partial, keep=keep)
     finally:
         con.close()
