@@ -21,6 +21,7 @@ The graph then masks what must not be recommended and takes the top K:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -187,6 +188,19 @@ def load_model(path: Path) -> tuple[MatrixFactorization, dict[str, Any]]:
     return model, manifest
 
 
+def load_graph(path: Path) -> onnx.ModelProto:
+    """model.onnx parsed, once per file version: checking a run's metadata and opening
+    its sessions read the same file, and parsing a big one is not free (~0.1 s at
+    100k users x 20k items). Callers must not modify the result."""
+    stat = path.stat()
+    return _load_graph(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_graph(path: str, mtime_ns: int, size: int) -> onnx.ModelProto:
+    return onnx.load_model(path, load_external_data=False)
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """The metadata export_model stored, without loading the weights into a session."""
     if not path.is_file():
@@ -194,7 +208,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
             f"{path} does not exist; run `mfbatch export --run-id <id>` (or `mfbatch train`)"
         )
     try:
-        proto = onnx.load_model(str(path), load_external_data=False)
+        proto = load_graph(path)
     except Exception as exc:  # onnx raises assorted protobuf/IO errors
         raise ModelError(
             f"{path} is not a readable ONNX model ({exc}); re-run `mfbatch export`"

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from mfbatch.config import machine_cores
 from mfbatch.errors import ConfigError, ModelError, first_line
-from mfbatch.export import check_finite, split_stages, vectors_graph
+from mfbatch.export import check_finite, load_graph, split_stages, vectors_graph
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -92,7 +92,7 @@ class Scorer:
         if self.graph not in ("auto", "split", "whole"):
             raise ConfigError(f"graph: {self.graph!r} is not one of auto, split, whole")
         try:
-            proto = onnx.load_model(str(self.path))
+            proto = load_graph(self.path)
         except Exception as exc:  # onnx raises assorted protobuf/IO errors
             raise ModelError(
                 f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
