@@ -7,9 +7,10 @@ popular items they have not rated (`source = 'popularity'`), never an untrained 
 
 The database is read at the start and written at the end. In between, batches of users
 go through the exported graph and their lists are spooled to an Arrow IPC file beside the
-database; publishing is a staging table filled from that spool and swapped in (or, for
-`--users`, merged over those users' rows) inside one transaction. A crash, Ctrl-C or full
-disk at any point leaves the previous `recommendations` table exactly as it was.
+database; publishing writes that spool into `recommendation_history` as the next publish
+(for `--users`, with everyone else's previous rows) inside one transaction, and the view
+`recommendations` shows the newest publish. A crash, Ctrl-C or full disk at any point
+leaves the previous lists served exactly as they were.
 """
 
 from __future__ import annotations
