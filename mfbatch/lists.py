@@ -155,3 +155,19 @@ def to_arrow(batch: ListBatch, user_ids: pa.Array, item_ids: pa.Array) -> pa.Tab
             "source": pa.DictionaryArray.from_arrays(pa.array(source[valid]), SOURCES),
         }
     )
+
+
+def with_rating(table: pa.Table, objective: str, lo: float, hi: float) -> pa.Table:
+    """`to_arrow`'s table plus predicted_rating: stars where the score is one (a rating
+    model's score on model and fold-in rows), null for ranking scores and popularity rows."""
+    scores = table.column("score").to_numpy()
+    if objective == "rating":
+        # Trained and folded-in vectors alike (a rating model's fold-in solves its offset).
+        popularity = SOURCES.to_pylist().index(POPULARITY)
+        from_model = np.asarray(table.column("source").combine_chunks().indices) != popularity
+        stars = np.where(from_model, np.clip(scores, 0.0, 1.0) * (hi - lo) + lo, np.nan)
+        predicted = pa.array(stars, mask=~from_model)
+    else:
+        # A ranking model's score orders items but is not on the star scale.
+        predicted = pa.nulls(len(scores), pa.float64())
+    return table.append_column("predicted_rating", predicted)
