@@ -123,3 +123,11 @@ INSERT INTO dataset_meta VALUES (
     $n_val_cold_user, $n_val_cold_item, $split_kind, $val_fraction, $split_seed,
     $time_cutoff, $config, $mfbatch_version, $seconds, now()::TIMESTAMP
 );
+
+-- name: limit_memory
+-- Out-of-core preprocess (--memory-mb): DuckDB's share of the budget; what does not fit
+-- while the ratings are appended spills to the temp directory.
+SET memory_limit = $memory_limit;
+
+-- name: spill_to
+SET temp_directory = $folder;
