@@ -317,19 +317,21 @@ class ParquetLoader(_TableLoader):
             pl.col("rating").cast(pl.Float64)
         )
 
-    def scan(self) -> tuple[Path, pl.LazyFrame]:
-        """The source as a lazy frame of the role columns (rating as Float64), checked against
-        its schema and nothing else: what the out-of-core preprocess streams
-        (mfbatch.data.outofcore checks the values as `load_data` does)."""
+    def scan(self, *, row_index: str) -> tuple[Path, pl.LazyFrame]:
+        """The source as a lazy frame of the role columns (rating as Float64) and each row's
+        position (`row_index`), checked against its schema and nothing else: what the
+        out-of-core preprocess streams (mfbatch.data.outofcore checks the values as
+        `load_data` does). The position is numbered by the scan itself, so a slice of rows
+        reads only those rows."""
         source = self._source()
         if source.is_dir():
-            scan = self._scan_folder(source)
+            scan = self._scan_folder(source, row_index)
             schema = scan.collect_schema()
         else:
             schema = self._file_schema(source)
-            scan = pl.scan_parquet(source)
+            scan = pl.scan_parquet(source, row_index_name=row_index)
         roles = self._checked_schema(source, schema)
-        return source, self._select(scan, roles)
+        return source, self._select(scan, roles, row_index)
 
     @staticmethod
     def _file_schema(source: Path) -> pl.Schema:
@@ -351,15 +353,20 @@ class ParquetLoader(_TableLoader):
         return roles
 
     @staticmethod
-    def _select(scan: pl.LazyFrame, roles: dict[str, str]) -> pl.LazyFrame:
-        return scan.select(
-            [pl.col(column).alias(role) for role, column in roles.items()]
-        ).with_columns(pl.col("rating").cast(pl.Float64))
+    def _select(
+        scan: pl.LazyFrame, roles: dict[str, str], row_index: str | None = None
+    ) -> pl.LazyFrame:
+        kept = [pl.col(column).alias(role) for role, column in roles.items()]
+        if row_index is not None:
+            kept.append(pl.col(row_index))
+        return scan.select(kept).with_columns(pl.col("rating").cast(pl.Float64))
 
     @staticmethod
-    def _scan_folder(source: Path) -> pl.LazyFrame:
+    def _scan_folder(source: Path, row_index: str | None = None) -> pl.LazyFrame:
         try:
-            scan = pl.scan_parquet(source / "**" / "*.parquet", hive_partitioning=True)
+            scan = pl.scan_parquet(
+                source / "**" / "*.parquet", hive_partitioning=True, row_index_name=row_index
+            )
             scan.collect_schema()
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise InputDataError(

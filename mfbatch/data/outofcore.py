@@ -49,40 +49,51 @@ from mfbatch.errors import ConfigError, InputDataError, first_line
 # Bytes of Python-side memory per rating while a bucket is deduplicated and written
 # (5 columns read, a sorted copy, the dedup key and its argsort, the output columns);
 # measured on the 25M-row benchmark, with headroom.
-BYTES_PER_BUCKET_ROW = 160
+BYTES_PER_BUCKET_ROW = 240
 # What the interpreter, Polars, DuckDB and the streaming pass hold besides the bucket.
-RESERVED_MB = 320
+RESERVED_MB = 384
 # Rows per streamed chunk in the bucketing pass.
-CHUNK_ROWS = 100_000
+CHUNK_ROWS = 500_000
 ROW = "__row"
 
 
 @dataclass(frozen=True)
 class Scanned:
-    """The checked, typed lazy ratings (user_id, item_id, rating, ts, __row) and figures."""
+    """The checked source and its figures; `frame` is the typed ratings (user_id, item_id,
+    rating, ts, __row), `chunk` a slice of it by source row."""
 
-    frame: pl.LazyFrame
+    numbered: pl.LazyFrame  # the role columns as read, with __row
+    keep: pl.Expr  # not a blank row
+    typed: list[pl.Expr]
     source: Path
+    rows_read: int  # blank rows included
     rows_in: int
     rating_seen: tuple[float, float]
     has_ts: bool
+
+    @property
+    def frame(self) -> pl.LazyFrame:
+        return self.numbered.filter(self.keep).select(self.typed)
+
+    def chunk(self, start: int, length: int) -> pl.LazyFrame:
+        # Sliced before the filter, so each slice reads only its own rows.
+        return self.numbered.slice(start, length).filter(self.keep).select(self.typed)
 
 
 def scan(loader: ParquetLoader, split: SplitConfig) -> Scanned:
     """`load_data`'s checks and typing, each as a streaming aggregate over the source."""
     data = loader.data
-    source, lazy = loader.scan()
+    source, numbered = loader.scan(row_index=ROW)
     columns = {
         "user_id": data.user_col,
         "item_id": data.item_col,
         "rating": data.rating_col,
         "ts": data.time_col,
     }
-    schema = lazy.collect_schema()
+    schema = numbered.collect_schema()
     roles = [r for r in ("user_id", "item_id", "rating", "ts") if r in schema]
-    lazy = lazy.with_row_index(ROW).filter(
-        ~pl.all_horizontal(pl.col(role).is_null() for role in roles)
-    )
+    keep = ~pl.all_horizontal(pl.col(role).is_null() for role in roles)
+    lazy = numbered.filter(keep)
     checked = [r for r in roles if not (r == "ts" and split.kind == "random")]
     first_row = {f"null_{r}": pl.col(ROW).filter(pl.col(r).is_null()).first() for r in checked}
     id_checks = {f"int_{r}": _integral(pl.col(r), schema[r]) for r in ("user_id", "item_id")}
@@ -140,15 +151,21 @@ def scan(loader: ParquetLoader, split: SplitConfig) -> Scanned:
                 f"{source} row {found['row']}, column {columns['ts']}: "
                 f"{found['value']!r} {OUTSIDE_YEARS}"
             )
-    frame = lazy.select(
-        typed["user_id"].alias("user_id"),
-        typed["item_id"].alias("item_id"),
-        "rating",
-        ts.alias("ts"),
-        ROW,
-    )
     return Scanned(
-        frame, source, int(figures["rows"]), (figures["lo"], figures["hi"]), "ts" in schema
+        numbered=numbered,
+        keep=keep,
+        typed=[
+            typed["user_id"].alias("user_id"),
+            typed["item_id"].alias("item_id"),
+            pl.col("rating"),
+            ts.alias("ts"),
+            pl.col(ROW),
+        ],
+        source=source,
+        rows_read=int(_collect(numbered.select(pl.len()), source).item()),
+        rows_in=int(figures["rows"]),
+        rating_seen=(figures["lo"], figures["hi"]),
+        has_ts="ts" in schema,
     )
 
 
@@ -239,7 +256,7 @@ class Buckets:
 
 def duckdb_mb(memory_mb: int) -> int:
     """DuckDB's memory_limit: its buffer pool would otherwise keep the appended blocks."""
-    return max(64, memory_mb // 4)
+    return max(64, memory_mb // 8)
 
 
 def bucket_rows(memory_mb: int) -> int:
@@ -350,19 +367,20 @@ def _write_buckets(
             "item_idx": pl.int_range(len(item_ids), dtype=pl.Int32, eager=True),
         }
     )
-    mapped = (
-        scanned.frame.join(users.lazy(), on="user_id")
-        .join(items.lazy(), on="item_id")
-        .select("bucket", "user_idx", "item_idx", "rating", "ts", ROW)
-    )
     paths = [work / f"bucket-{b:05d}.arrow" for b in range(n_buckets)]
     writers: dict[int, ipc.RecordBatchFileWriter] = {}
     options = ipc.IpcWriteOptions(compression="lz4")
     try:
-        # Order is not kept here (cheaper): each row carries its source position instead.
-        for chunk in mapped.collect_batches(
-            engine="streaming", maintain_order=False, chunk_size=CHUNK_ROWS
-        ):
+        # Slices of the source, each collected on its own: Polars' streaming engine ran
+        # ahead of this loop (collect_batches held ~0.35 GB on the 25M benchmark).
+        for start in range(0, scanned.rows_read, CHUNK_ROWS):
+            chunk = (
+                scanned.chunk(start, CHUNK_ROWS)
+                .join(users.lazy(), on="user_id")
+                .join(items.lazy(), on="item_id")
+                .select("bucket", "user_idx", "item_idx", "rating", "ts", ROW)
+                .collect()
+            )
             for key, rows in chunk.partition_by("bucket", as_dict=True, include_key=False).items():
                 index = int(key[0])
                 table = rows.to_arrow()

@@ -240,6 +240,7 @@ def _out_of_core(
         config,
         fingerprint,
         seconds,
+        spool=work,
     )
     return _summary(
         path, origin, buckets.stats, buckets.users.height, buckets.items.height, fingerprint
@@ -303,9 +304,11 @@ def _write_tables(
     config: Config,
     fingerprint: str,
     seconds: float,
+    spool: Path | None = None,
 ) -> None:
     """The dataset tables in one transaction; `ratings` arrive in (user, item) order, in
-    one frame or several, each inserted as it comes."""
+    one frame or several, each inserted as it comes (through a Parquet file in `spool`
+    when given)."""
     con.register("staged_users", users.to_arrow())
     con.register("staged_items", items.to_arrow())
     try:
@@ -317,6 +320,13 @@ def _write_tables(
             db.run(con, "insert_users")
             db.run(con, "insert_items")
             for part in ratings:
+                if spool is not None:
+                    file = spool / "ratings-part.parquet"
+                    part.write_parquet(file, compression="lz4")
+                    del part
+                    db.run(con, "insert_ratings_from_parquet", path=str(file))
+                    file.unlink()
+                    continue
                 con.register("staged_ratings", part.to_arrow())
                 try:
                     db.run(con, "insert_ratings")
