@@ -304,6 +304,8 @@ def prepare(
     n_user_ratings = np.zeros(n_users, dtype=np.int64)
     n_item_ratings = np.zeros(n_items, dtype=np.int64)
     for index, raw in enumerate(raw_parts):
+        # Source order decides which duplicate is kept. The slices are appended in order
+        # today; sorting by position keeps that true if the pass ever runs them in parallel.
         rows = _read(raw).sort(ROW).drop(ROW)
         raw.unlink()
         kept, gone = drop_duplicates(rows, n_items)
