@@ -3,27 +3,26 @@
 The same result as `load_data` + `transforms.prepare`, table for table, without ever
 holding every rating at once:
 
-1. Checks and small aggregates (row count, rating range, id types, the time unit, the
-   sorted distinct ids with each user's row count) come from Polars' streaming engine
-   over a lazy scan; the values checked and the messages are `load_data`'s.
-2. One streaming pass maps raw ids to dense ones and writes the ratings into buckets of
-   whole users (Arrow IPC files under a work folder): contiguous ranges of user_idx sized
-   from the memory budget. Each row carries its position in the source, so a bucket can
-   be put back into file order, which decides which duplicate is kept.
+1. mfbatch.data.lazyscan checks and types the source lazily; the small aggregates (the
+   sorted distinct ids, each user's row count) come from Polars' streaming engine.
+2. One pass over the source in slices of rows maps raw ids to dense ones and appends
+   each row to its bucket (Arrow IPC files in a work folder): contiguous ranges of
+   user_idx sized from the memory budget. Each row carries its position in the source,
+   which decides which duplicate is kept.
 3. Each bucket is deduplicated in memory with the very function the in-memory path uses;
    a bucket in user order is a slice of the in-memory path's sorted frame.
 4. The split: `user-time` is per user, so per bucket. `time` needs one global cutoff,
    found by keeping only the newest n_val timestamps across buckets (or the oldest, when
-   that is the smaller side), then ties at the cutoff go to the last (user, item) keys,
-   assigned from the last bucket backwards. `random` draws the same NumPy permutation of
-   positions as the in-memory path (8 bytes per rating, briefly) and cuts it by bucket.
+   that is the smaller side: 8 bytes each, at most half the ratings), then ties at the
+   cutoff go to the last (user, item) keys, assigned from the last bucket backwards.
+   `random` draws the same NumPy permutation of positions as the in-memory path (8 bytes
+   per rating, briefly) and cuts it by bucket.
 5. Counts are summed over buckets, then each bucket's final rows are built by the shared
    `transforms.finish_ratings` and handed to the writer, one bucket at a time.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,7 +34,7 @@ import pyarrow.ipc as ipc
 
 from mfbatch.config import SplitConfig
 from mfbatch.data.base import PrepStats
-from mfbatch.data.generic import EARLIEST, EPOCH_UNITS, LATEST, OUTSIDE_YEARS, ParquetLoader
+from mfbatch.data.lazyscan import ROW, Scanned, collect
 from mfbatch.data.transforms import (
     drop_duplicates,
     finish_ratings,
@@ -44,7 +43,7 @@ from mfbatch.data.transforms import (
     split_mask,
     val_count,
 )
-from mfbatch.errors import ConfigError, InputDataError, first_line
+from mfbatch.errors import InputDataError, first_line
 
 # Bytes of Python-side memory per rating while a bucket is deduplicated and written
 # (5 columns read, a sorted copy, the dedup key and its argsort, the output columns);
@@ -54,175 +53,6 @@ BYTES_PER_BUCKET_ROW = 240
 RESERVED_MB = 384
 # Rows per streamed chunk in the bucketing pass.
 CHUNK_ROWS = 500_000
-ROW = "__row"
-
-
-@dataclass(frozen=True)
-class Scanned:
-    """The checked source and its figures; `frame` is the typed ratings (user_id, item_id,
-    rating, ts, __row), `chunk` a slice of it by source row."""
-
-    numbered: pl.LazyFrame  # the role columns as read, with __row
-    keep: pl.Expr  # not a blank row
-    typed: list[pl.Expr]
-    source: Path
-    rows_read: int  # blank rows included
-    rows_in: int
-    rating_seen: tuple[float, float]
-    has_ts: bool
-
-    @property
-    def frame(self) -> pl.LazyFrame:
-        return self.numbered.filter(self.keep).select(self.typed)
-
-    def chunk(self, start: int, length: int) -> pl.LazyFrame:
-        # Sliced before the filter, so each slice reads only its own rows.
-        return self.numbered.slice(start, length).filter(self.keep).select(self.typed)
-
-
-def scan(loader: ParquetLoader, split: SplitConfig) -> Scanned:
-    """`load_data`'s checks and typing, each as a streaming aggregate over the source."""
-    data = loader.data
-    source, numbered = loader.scan(row_index=ROW)
-    columns = {
-        "user_id": data.user_col,
-        "item_id": data.item_col,
-        "rating": data.rating_col,
-        "ts": data.time_col,
-    }
-    schema = numbered.collect_schema()
-    roles = [r for r in ("user_id", "item_id", "rating", "ts") if r in schema]
-    keep = ~pl.all_horizontal(pl.col(role).is_null() for role in roles)
-    lazy = numbered.filter(keep)
-    checked = [r for r in roles if not (r == "ts" and split.kind == "random")]
-    first_row = {f"null_{r}": pl.col(ROW).filter(pl.col(r).is_null()).first() for r in checked}
-    id_checks = {f"int_{r}": _integral(pl.col(r), schema[r]) for r in ("user_id", "item_id")}
-    finite = pl.col("rating").is_finite()
-    ts_checks: dict[str, pl.Expr] = {}
-    if "ts" in schema and schema["ts"].is_numeric():
-        ts_checks["ts_largest"] = pl.col("ts").abs().max()
-        if schema["ts"].is_float():
-            odd = ~pl.col("ts").is_finite() & pl.col("ts").is_not_null()
-            ts_checks["ts_odd_row"] = pl.col(ROW).filter(odd).first()
-            ts_checks["ts_odd"] = pl.col("ts").filter(odd).first()
-    figures = _collect(
-        lazy.select(
-            rows=pl.len(),
-            lo=pl.col("rating").min(),
-            hi=pl.col("rating").max(),
-            bad_row=pl.col(ROW).filter(~finite).first(),
-            bad=pl.col("rating").filter(~finite).first(),
-            **first_row,
-            **{k: v for k, v in id_checks.items() if v is not None},
-            **ts_checks,
-        ),
-        source,
-    ).row(0, named=True)
-    if figures["rows"] == 0:
-        raise InputDataError(f"{source}: the file holds no rating rows")
-    for role in checked:
-        row = figures[f"null_{role}"]
-        if row is not None:
-            need = f"; --split {split.kind} needs a time on every rating" if role == "ts" else ""
-            raise InputDataError(
-                f"{source} row {row}, column {columns[role]}: value is missing{need}"
-            )
-    if figures["bad_row"] is not None:
-        raise InputDataError(
-            f"{source} row {figures['bad_row']}, column {columns['rating']}: "
-            f"{figures['bad']} is not a finite number"
-        )
-    typed = {
-        role: _as_id(pl.col(role), schema[role], figures.get(f"int_{role}"))
-        for role in ("user_id", "item_id")
-    }
-    ts = pl.lit(None, dtype=pl.Datetime("us"))
-    if "ts" in schema:
-        ts = _as_timestamp(source, str(columns["ts"]), schema["ts"], figures)
-        outside = (ts < EARLIEST) | (ts >= LATEST)
-        found = _collect(
-            lazy.select(
-                row=pl.col(ROW).filter(outside).first(), value=pl.col("ts").filter(outside).first()
-            ),
-            source,
-        ).row(0, named=True)
-        if found["row"] is not None:
-            raise InputDataError(
-                f"{source} row {found['row']}, column {columns['ts']}: "
-                f"{found['value']!r} {OUTSIDE_YEARS}"
-            )
-    return Scanned(
-        numbered=numbered,
-        keep=keep,
-        typed=[
-            typed["user_id"].alias("user_id"),
-            typed["item_id"].alias("item_id"),
-            pl.col("rating"),
-            ts.alias("ts"),
-            pl.col(ROW),
-        ],
-        source=source,
-        rows_read=int(_collect(numbered.select(pl.len()), source).item()),
-        rows_in=int(figures["rows"]),
-        rating_seen=(figures["lo"], figures["hi"]),
-        has_ts="ts" in schema,
-    )
-
-
-def _collect(query: pl.LazyFrame, source: Path) -> pl.DataFrame:
-    try:
-        return query.collect(engine="streaming")
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise InputDataError(
-            f"{source}: the ratings could not be read ({first_line(exc)}); check that "
-            "every part shares one schema"
-        ) from None
-
-
-def _integral(column: pl.Expr, dtype: pl.DataType) -> pl.Expr | None:
-    """Whether every id is an integer (generic._as_id's test), for the types that ask."""
-    if dtype.is_float():
-        return (column == column.round()).all()
-    if dtype == pl.String:
-        as_int = column.cast(pl.Int64, strict=False)
-        return (as_int.null_count() == column.null_count()) & (
-            as_int.cast(pl.String) == column
-        ).all()
-    return None
-
-
-def _as_id(column: pl.Expr, dtype: pl.DataType, integral: bool | None) -> pl.Expr:
-    if dtype.is_integer() or integral:
-        return column.cast(pl.Int64)
-    return column.cast(pl.String)
-
-
-def _as_timestamp(
-    source: Path, column: str, dtype: pl.DataType, figures: dict[str, object]
-) -> pl.Expr:
-    ts = pl.col("ts")
-    if dtype.is_numeric():
-        if figures.get("ts_odd_row") is not None:
-            raise InputDataError(
-                f"{source} row {figures['ts_odd_row']}, column {column}: "
-                f"{figures['ts_odd']!r} is not a Unix time"
-            )
-        largest = float(figures["ts_largest"] or 0)  # type: ignore[arg-type]
-        unit = next(u for bound, u in EPOCH_UNITS if largest <= bound)
-        return pl.from_epoch(ts.cast(pl.Int64), time_unit=unit).cast(pl.Datetime("us"))
-    if isinstance(dtype, pl.Datetime):
-        if dtype.time_zone is not None:
-            ts = ts.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
-        return ts.cast(pl.Datetime("us"))
-    if isinstance(dtype, pl.Date):
-        return ts.cast(pl.Datetime("us"))
-    # Polars infers a text format from the first value of what it is given: a chunk here,
-    # the whole column in memory, so the two paths could read the same text differently.
-    raise ConfigError(
-        f"--memory-mb: {source} column {column} holds {dtype} times, which only the "
-        "in-memory path parses; store them as a Parquet timestamp or Unix time, or drop "
-        "--memory-mb"
-    )
 
 
 @dataclass
@@ -282,8 +112,8 @@ def prepare(
         declared=rating_scale,
     )
     frame = scanned.frame
-    per_user = _collect(frame.group_by("user_id").len().sort("user_id"), scanned.source)
-    item_ids = _collect(frame.select(pl.col("item_id").unique().sort()), scanned.source)["item_id"]
+    per_user = collect(frame.group_by("user_id").len().sort("user_id"), scanned.source)
+    item_ids = collect(frame.select(pl.col("item_id").unique().sort()), scanned.source)["item_id"]
     user_ids = per_user["user_id"]
     n_users, n_items = len(user_ids), len(item_ids)
     # Contiguous user ranges of about `bucket_rows` ratings each (one heavy user may exceed it).
@@ -503,7 +333,3 @@ def _write(frame: pl.DataFrame, path: Path) -> Path:
 
 def _read(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
     return pl.read_ipc(path, columns=columns)
-
-
-def remove(work: Path) -> None:
-    shutil.rmtree(work, ignore_errors=True)

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mfbatch import __version__, db
 from mfbatch.config import Config
-from mfbatch.data import DataLoaderFactory, outofcore
+from mfbatch.data import DataLoaderFactory, lazyscan, outofcore
 from mfbatch.data.base import BaseDataLoader, PreparedData, PrepStats, RawData
 from mfbatch.data.generic import ParquetLoader, sha256_source
 from mfbatch.errors import ConfigError
@@ -207,7 +207,7 @@ def _out_of_core(
         log_step(console, "preprocess", step, started)
 
     log(f"scanning {config.data.source} (out of core, --memory-mb {memory_mb})")
-    scanned = outofcore.scan(loader, config.split)
+    scanned = lazyscan.scan(loader, config.split)
     data = config.data
     declared = (
         (data.rating_min, data.rating_max)
