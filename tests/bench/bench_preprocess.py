@@ -232,8 +232,10 @@ def measure(
         tail = log.read_text(errors="replace")[-2000:]
         if not may_fail:
             raise SystemExit(f"{' '.join(command)} failed (rc {proc.returncode}):\n{tail}")
-        last = [line for line in tail.splitlines() if line.strip()][-1:] or [""]
-        return Run(seconds, 0, proc.returncode, cpu, 0, last[0][:300])
+        lines = [line for line in tail.splitlines() if line.strip()] or [""]
+        # A failed allocation aborts with a Rust backtrace after the line that says so.
+        said = [line for line in lines if "failed" in line or "rror" in line] or lines[-1:]
+        return Run(seconds, 0, proc.returncode, cpu, 0, said[0][:300])
     peak_kib, virtual_kib = (int(v) for v in report.read_text().split())
     return Run(seconds, peak_kib * 1024, proc.returncode, cpu, virtual_kib * 1024)
 
