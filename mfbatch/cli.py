@@ -161,6 +161,13 @@ def preprocess(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Where downloads are kept (~/.cache/mfbatch).")
     ] = None,
+    memory_mb: Annotated[
+        int | None,
+        typer.Option(
+            help="Parquet sources: preprocess out of core within about this many MB (at "
+            "least 512) instead of holding every rating in memory; the same tables.",
+        ),
+    ] = None,
     append: Annotated[
         bool,
         typer.Option(
@@ -180,6 +187,10 @@ def preprocess(
     def action() -> None:
         if append:
             _check_append(source, split, val_fraction, seed)
+            if memory_mb is not None:
+                from mfbatch.errors import ConfigError
+
+                raise ConfigError("--memory-mb: --append reads its file in memory; drop it")
         resolved = load_config(
             config,
             db=db,
@@ -201,6 +212,7 @@ def preprocess(
                     cache_dir=cache_dir,
                 ),
                 "split": _overrides(kind=split, val_fraction=val_fraction, seed=seed),
+                "preprocess": _overrides(memory_mb=memory_mb),
             },
         )
         if time_col == "":

@@ -1,8 +1,9 @@
 """Typed configuration, built once per command.
 
 Each stage has a frozen dataclass. `load_config` reads an optional TOML file
-(`[data]`, `[split]`, `[train]`, `[score]` tables and a top-level `db`), applies the CLI's
-overrides on top, validates, and returns one `Config`. Nothing downstream sees a dict.
+(`[data]`, `[split]`, `[preprocess]`, `[train]`, `[score]` tables and a top-level `db`),
+applies the CLI's overrides on top, validates, and returns one `Config`. Nothing
+downstream sees a dict.
 """
 
 from __future__ import annotations
@@ -127,6 +128,29 @@ class SplitConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(
                 f"--val-fraction: must be strictly between 0 and 1, got {self.val_fraction}"
+            )
+
+
+# The least `--memory-mb` preprocess takes: the interpreter, Polars, DuckDB and the
+# streaming pass hold about 0.3-0.45 GB before any bucket of ratings (README, "Measured").
+MIN_MEMORY_MB = 512
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How `mfbatch preprocess` runs (not what it writes: both ways give the same tables)."""
+
+    # None: every rating in memory. A number: out of core within about that many MB
+    # (mfbatch.data.outofcore; Parquet sources only).
+    memory_mb: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory_mb is not None and (
+            isinstance(self.memory_mb, bool) or self.memory_mb < MIN_MEMORY_MB
+        ):
+            raise ConfigError(
+                f"--memory-mb: at least {MIN_MEMORY_MB} (the streaming pass and the "
+                f"libraries alone need about that), got {self.memory_mb!r}"
             )
 
 
@@ -405,6 +429,7 @@ class Config:
     db: Path = DEFAULT_DB
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -425,6 +450,7 @@ class Config:
 _SECTIONS: dict[str, type[Any]] = {
     "data": DataConfig,
     "split": SplitConfig,
+    "preprocess": PreprocessConfig,
     "train": TrainConfig,
     "score": ScoreConfig,
     "evaluate": EvaluateConfig,

@@ -190,3 +190,19 @@ def to_arrow(batch: ListBatch, user_ids: pa.Array, item_ids: pa.Array) -> pa.Tab
             "source": pa.DictionaryArray.from_arrays(arrow_array(source[valid]), SOURCES),
         }
     )
+
+
+def with_rating(table: pa.Table, objective: str, lo: float, hi: float) -> pa.Table:
+    """`to_arrow`'s table plus predicted_rating: stars where the score is one (a rating
+    model's score on model and fold-in rows), null for ranking scores and popularity rows."""
+    if objective == "rating":
+        scores = numpy_view(table.column("score"), np.float64)
+        # Trained and folded-in vectors alike (a rating model's fold-in solves its offset).
+        popularity = SOURCES.to_pylist().index(POPULARITY)
+        from_model = numpy_view(table.column("source"), np.int8) != popularity
+        stars = np.where(from_model, np.clip(scores, 0.0, 1.0) * (hi - lo) + lo, np.nan)
+        predicted = arrow_array(stars, valid=from_model)
+    else:
+        # A ranking model's score orders items but is not on the star scale.
+        predicted = pa.nulls(table.num_rows, pa.float64())
+    return table.append_column("predicted_rating", predicted)

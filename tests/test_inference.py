@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from mfbatch.errors import ConfigError, ModelError
 from mfbatch.export import build_graph, export_model
 from mfbatch.inference import FAST_CPU_BATCH_MB, Scorer, SeenItems, _gpu_present
-from mfbatch.lists import ListBatch, ListPlan, build_lists, to_arrow
+from mfbatch.lists import ListBatch, ListPlan, build_lists, to_arrow, with_rating
 from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.stages.score import Spooler, _with_rating
+from mfbatch.stages.score import Spooler
 
 PROPERTY = settings(
     max_examples=30,
@@ -416,7 +416,7 @@ def test_published_rows_are_unseen_allowed_ranked_and_complete(
     items, scores = scorer.top_k(users, seen, mask, k)
     lists = ListBatch(users, items, scores, np.ones(len(users), dtype=bool))
     # run_id and created_at are constants the publishing query adds (tested in the CLI tests).
-    table = _with_rating(
+    table = with_rating(
         to_arrow(
             lists,
             pa.array([f"user-{u}" for u in range(problem["n_users"])], pa.string()),

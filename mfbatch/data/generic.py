@@ -122,14 +122,14 @@ class _TableLoader(BaseDataLoader):
             ratings=frame.select("user_id", "item_id", "rating", "ts"),
             items=None,
             source=str(source),
-            source_sha256=_sha256_source(source),
+            source_sha256=sha256_source(source),
             loader=self.name,
             layout=self.name,
             rating_scale=None,
         )
 
 
-def _sha256_source(source: Path) -> str:
+def sha256_source(source: Path) -> str:
     """A file's checksum; for a folder of parts, one over each part's path and checksum."""
     if not source.is_dir():
         return sha256_file(source)
@@ -156,14 +156,18 @@ def _as_id(column: pl.Series) -> pl.Series:
 # Unix epochs are told apart by magnitude: seconds past 1e11 would be the year 5138, so a
 # larger value is in ms, then us, then ns (1.7e18 ns is 2023). Anything that still lands
 # outside these years is not a time a rating was made.
-_EPOCH_UNITS: tuple[tuple[float, Literal["s", "ms", "us", "ns"]], ...] = (
+EPOCH_UNITS: tuple[tuple[float, Literal["s", "ms", "us", "ns"]], ...] = (
     (1e11, "s"),
     (1e14, "ms"),
     (1e17, "us"),
     (float("inf"), "ns"),
 )
-_EARLIEST = datetime(1900, 1, 1)
-_LATEST = datetime(2100, 1, 1)
+EARLIEST = datetime(1900, 1, 1)
+LATEST = datetime(2100, 1, 1)
+OUTSIDE_YEARS = (
+    f"is outside {EARLIEST.year}-{LATEST.year} as a time; give Unix seconds, ms, us or ns, "
+    "or an ISO date-time"
+)
 
 
 def _as_timestamp(
@@ -180,7 +184,7 @@ def _as_timestamp(
             if odd.height:
                 raise refuse(int(odd["__row"][0]), odd["ts"][0], "is not a Unix time")
         largest = float(ts.abs().max() or 0)  # type: ignore[arg-type]
-        unit = next(u for bound, u in _EPOCH_UNITS if largest <= bound)
+        unit = next(u for bound, u in EPOCH_UNITS if largest <= bound)
         parsed = pl.from_epoch(ts.cast(pl.Int64), time_unit=unit).cast(pl.Datetime("us"))
     elif isinstance(ts.dtype, pl.Datetime):
         if ts.dtype.time_zone is not None:
@@ -209,13 +213,12 @@ def _as_timestamp(
             )
         if isinstance(parsed.dtype, pl.Datetime) and parsed.dtype.time_zone is not None:
             parsed = parsed.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
-    outside = frame.filter((parsed < _EARLIEST) | (parsed >= _LATEST))
+    outside = frame.filter((parsed < EARLIEST) | (parsed >= LATEST))
     if outside.height:
         raise refuse(
             int(outside["__row"][0]),
             outside["ts"][0],
-            f"is outside {_EARLIEST.year}-{_LATEST.year} as a time; give Unix seconds, ms, us "
-            "or ns, or an ISO date-time",
+            OUTSIDE_YEARS,
         )
     return parsed.alias("ts")
 
@@ -308,50 +311,79 @@ class ParquetLoader(_TableLoader):
     def _read(self, source: Path) -> pl.DataFrame:
         if source.is_dir():
             return self._read_folder(source)
+        roles = self._checked_schema(source, self._file_schema(source))
+        frame = pl.read_parquet(source, columns=list(roles.values()))
+        return frame.rename({column: role for role, column in roles.items()}).with_columns(
+            pl.col("rating").cast(pl.Float64)
+        )
+
+    def scan(self, *, row_index: str) -> tuple[Path, pl.LazyFrame]:
+        """The source as a lazy frame of the role columns (rating as Float64) and each row's
+        position (`row_index`), checked against its schema and nothing else: what the
+        out-of-core preprocess streams (mfbatch.data.outofcore checks the values as
+        `load_data` does). The position is numbered by the scan itself, so a slice of rows
+        reads only those rows."""
+        source = self._source()
+        if source.is_dir():
+            scan = self._scan_folder(source, row_index)
+            schema = scan.collect_schema()
+        else:
+            schema = self._file_schema(source)
+            scan = pl.scan_parquet(source, row_index_name=row_index)
+        roles = self._checked_schema(source, schema)
+        return source, self._select(scan, roles, row_index)
+
+    @staticmethod
+    def _file_schema(source: Path) -> pl.Schema:
         try:
-            schema = pl.read_parquet_schema(source)
+            return pl.Schema(pl.read_parquet_schema(source))
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise InputDataError(
                 f"{source}: not a readable Parquet file ({first_line(exc)})"
             ) from None
-        roles = self._check_present(source, list(schema))
+
+    def _checked_schema(self, source: Path, schema: pl.Schema) -> dict[str, str]:
+        roles = self._check_present(source, list(schema.names()))
         rating_type = schema[roles["rating"]]
         if not rating_type.is_numeric():
             raise InputDataError(
                 f"{source}: column {roles['rating']} holds {rating_type}, not numbers; "
                 "pass --rating-col naming the numeric rating column"
             )
-        frame = pl.read_parquet(source, columns=list(roles.values()))
-        return frame.rename({column: role for role, column in roles.items()}).with_columns(
-            pl.col("rating").cast(pl.Float64)
-        )
+        return roles
+
+    @staticmethod
+    def _select(
+        scan: pl.LazyFrame, roles: dict[str, str], row_index: str | None = None
+    ) -> pl.LazyFrame:
+        kept = [pl.col(column).alias(role) for role, column in roles.items()]
+        if row_index is not None:
+            kept.append(pl.col(row_index))
+        return scan.select(kept).with_columns(pl.col("rating").cast(pl.Float64))
+
+    @staticmethod
+    def _scan_folder(source: Path, row_index: str | None = None) -> pl.LazyFrame:
+        try:
+            scan = pl.scan_parquet(
+                source / "**" / "*.parquet", hive_partitioning=True, row_index_name=row_index
+            )
+            scan.collect_schema()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise InputDataError(
+                f"{source}: not a readable folder of Parquet parts ({first_line(exc)})"
+            ) from None
+        return scan
 
     def _read_folder(self, source: Path) -> pl.DataFrame:
         """Every part under `source`; `key=value` folder names become columns (hive), so a
         partition key can be the user, item or time column. Read with Polars' streaming
         engine: only the four columns are materialised, part by part."""
+        scan = self._scan_folder(source)
+        roles = self._checked_schema(source, scan.collect_schema())
         try:
-            scan = pl.scan_parquet(source / "**" / "*.parquet", hive_partitioning=True)
-            schema = scan.collect_schema()
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            raise InputDataError(
-                f"{source}: not a readable folder of Parquet parts ({first_line(exc)})"
-            ) from None
-        roles = self._check_present(source, list(schema.names()))
-        if not schema[roles["rating"]].is_numeric():
-            raise InputDataError(
-                f"{source}: column {roles['rating']} holds {schema[roles['rating']]}, not "
-                "numbers; pass --rating-col naming the numeric rating column"
-            )
-        try:
-            frame = (
-                scan.select([pl.col(column).alias(role) for role, column in roles.items()])
-                .with_columns(pl.col("rating").cast(pl.Float64))
-                .collect(engine="streaming")
-            )
+            return self._select(scan, roles).collect(engine="streaming")
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise InputDataError(
                 f"{source}: the parts could not be read together ({first_line(exc)}); "
                 "check that they share one schema"
             ) from None
-        return frame

@@ -131,13 +131,13 @@ def split_mask(frame: pl.DataFrame, split: SplitConfig, *, origin: str) -> np.nd
                 f"{missing:,} of {n:,} have none; pass --time-col or use --split random"
             )
     if split.kind == "random":
-        n_val = _val_count(n, split.val_fraction)
+        n_val = val_count(n, split.val_fraction)
         mask = np.zeros(n, dtype=bool)
         mask[np.random.default_rng(split.seed).choice(n, size=n_val, replace=False)] = True
         return mask
     ts = frame["ts"].dt.epoch("us").to_numpy()
     if split.kind == "time":
-        n_val = _val_count(n, split.val_fraction)
+        n_val = val_count(n, split.val_fraction)
         if n_val == 0:
             return np.zeros(n, dtype=bool)
         cutoff = np.partition(ts, n - n_val)[n - n_val]
@@ -158,7 +158,7 @@ def split_mask(frame: pl.DataFrame, split: SplitConfig, *, origin: str) -> np.nd
     return np.asarray(ranked["newest"].to_numpy() <= take)
 
 
-def _val_count(n: int, fraction: float) -> int:
+def val_count(n: int, fraction: float) -> int:
     n_val = int(n * fraction + 0.5)
     # Always leave at least one training row, and give tiny sets one validation row.
     return max(min(n_val, n - 1), 1 if n >= 2 else 0)
@@ -202,43 +202,10 @@ def prepare(
     cold_item = np.zeros(frame.height, dtype=bool)
     cold_item[val_rows] = train_items[val_items] == 0
 
-    split_labels = pl.Series("split", ["train", "val"], dtype=SPLIT)
-    prepared = frame.with_columns(
-        rating_norm=normalise(pl.col("rating"), lo, hi),
-        split=split_labels.gather(pl.Series(is_val.view(np.uint8))),
-        cold_user=pl.Series(cold_user),
-        cold_item=pl.Series(cold_item),
-    ).select(
-        "user_idx", "item_idx", "rating", "rating_norm", "ts", "split", "cold_user", "cold_item"
+    prepared = finish_ratings(frame, is_val, cold_user, cold_item, lo, hi)
+    users, items = id_tables(
+        user_ids, item_ids, n_user_ratings, train_users, n_item_ratings, train_items, raw.items
     )
-
-    users = pl.DataFrame(
-        {
-            "user_idx": pl.int_range(len(user_ids), dtype=pl.Int32, eager=True),
-            "user_id": user_ids.cast(pl.String),
-            "n_ratings": n_user_ratings.astype(np.int32),
-            "n_train": train_users.astype(np.int32),
-        }
-    )
-    items = pl.DataFrame(
-        {
-            "item_idx": pl.int_range(len(item_ids), dtype=pl.Int32, eager=True),
-            "item_id": item_ids.cast(pl.String),
-            "n_ratings": n_item_ratings.astype(np.int32),
-            "n_train": train_items.astype(np.int32),
-        }
-    )
-    meta = (
-        raw.items
-        if raw.items is not None
-        else pl.DataFrame(schema={"item_id": pl.String, "title": pl.String, "genres": pl.String})
-    )
-    items = items.join(
-        meta.select("item_id", "title", "genres").unique("item_id", keep="first"),
-        on="item_id",
-        how="left",
-        maintain_order="left",
-    ).select("item_idx", "item_id", "title", "genres", "n_ratings", "n_train")
 
     n_val = len(val_rows)
     cutoff: datetime | None = None
@@ -256,3 +223,64 @@ def prepare(
         time_cutoff=cutoff,
     )
     return PreparedData(ratings=prepared, users=users, items=items, stats=stats)
+
+
+def finish_ratings(
+    frame: pl.DataFrame,
+    is_val: np.ndarray,
+    cold_user: np.ndarray,
+    cold_item: np.ndarray,
+    lo: float,
+    hi: float,
+) -> pl.DataFrame:
+    """The `ratings` table's columns from deduplicated rows and their split flags (shared
+    with the out-of-core path, mfbatch.data.outofcore, so both write the same types)."""
+    split_labels = pl.Series("split", ["train", "val"], dtype=SPLIT)
+    return frame.with_columns(
+        rating_norm=normalise(pl.col("rating"), lo, hi),
+        split=split_labels.gather(pl.Series(is_val.view(np.uint8))),
+        cold_user=pl.Series(cold_user),
+        cold_item=pl.Series(cold_item),
+    ).select(
+        "user_idx", "item_idx", "rating", "rating_norm", "ts", "split", "cold_user", "cold_item"
+    )
+
+
+def id_tables(
+    user_ids: pl.Series,
+    item_ids: pl.Series,
+    n_user_ratings: np.ndarray,
+    train_users: np.ndarray,
+    n_item_ratings: np.ndarray,
+    train_items: np.ndarray,
+    metadata: pl.DataFrame | None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The `users` and `items` tables: raw id per dense index, with rating counts."""
+    users = pl.DataFrame(
+        {
+            "user_idx": pl.int_range(len(user_ids), dtype=pl.Int32, eager=True),
+            "user_id": user_ids.cast(pl.String),
+            "n_ratings": n_user_ratings.astype(np.int32),
+            "n_train": train_users.astype(np.int32),
+        }
+    )
+    items = pl.DataFrame(
+        {
+            "item_idx": pl.int_range(len(item_ids), dtype=pl.Int32, eager=True),
+            "item_id": item_ids.cast(pl.String),
+            "n_ratings": n_item_ratings.astype(np.int32),
+            "n_train": train_items.astype(np.int32),
+        }
+    )
+    meta = (
+        metadata
+        if metadata is not None
+        else pl.DataFrame(schema={"item_id": pl.String, "title": pl.String, "genres": pl.String})
+    )
+    items = items.join(
+        meta.select("item_id", "title", "genres").unique("item_id", keep="first"),
+        on="item_id",
+        how="left",
+        maintain_order="left",
+    ).select("item_idx", "item_id", "title", "genres", "n_ratings", "n_train")
+    return users, items

@@ -4,7 +4,7 @@ The lists are built by the same code as the default engine (`build_lists`, `to_a
 the same rating column) from the same `ListPlan`, so they are identical by construction;
 only where they are computed differs:
 
-- The driver loads the plan once (mfbatch.stages.score._load_inputs), folds in users the
+- The driver loads the plan once (mfbatch.stages.score.load_inputs), folds in users the
   run has not seen, and puts the plan, the raw ids and the model's bytes into the object
   store once. Actors read them from there (numpy arrays zero-copy from shared memory on a
   node), not one copy per task.
@@ -45,14 +45,13 @@ from mfbatch.errors import ConfigError, DatabaseError, InputDataError
 from mfbatch.foldin import fold_in, method_for
 from mfbatch.history import export_lists
 from mfbatch.inference import Scorer
-from mfbatch.lists import ListPlan, build_lists, to_arrow
+from mfbatch.lists import ListPlan, build_lists, to_arrow, with_rating
 from mfbatch.progress import Steps
 from mfbatch.stages.score import (
     OWNER_FILE,
     SPOOL_PREFIX,
     ScoreSummary,
-    _load_inputs,
-    _with_rating,
+    load_inputs,
     publish_lists,
     refuse_empty_lists,
     remove_stale_spools,
@@ -151,7 +150,7 @@ class ShardScorer:
                 empty = int(nothing[0])
             table = to_arrow(lists, self.user_ids, self.item_ids)
             tables.append(
-                _with_rating(
+                with_rating(
                     table, self.options["objective"], self.options["lo"], self.options["hi"]
                 )
             )
@@ -182,7 +181,7 @@ def score_with_ray(*, config: Config, console: Console | None = None) -> ScoreSu
     if settings.publish:
         db.check_writable(config.db)
     remove_stale_spools(config.db.parent)
-    inputs = _load_inputs(config)
+    inputs = load_inputs(config)
     run = inputs.run
     plan = inputs.plan
     fold_started = time.perf_counter()

@@ -1,26 +1,36 @@
 """Stage 1, `mfbatch preprocess`: source file -> prepared DuckDB tables.
 
 Reads with the loader the config names, prepares (ids, scale, duplicates, split) and
-replaces users / items / ratings / dataset_meta in one transaction.
+replaces users / items / ratings / dataset_meta in one transaction. With
+`preprocess.memory_mb` (`--memory-mb`) a Parquet source is prepared out of core
+(mfbatch.data.outofcore) into the same tables, its ratings written bucket by bucket
+inside that one transaction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import shutil
+import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
+import polars as pl
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mfbatch import __version__, db
 from mfbatch.config import Config
-from mfbatch.data import DataLoaderFactory
-from mfbatch.data.base import PreparedData, RawData
+from mfbatch.data import DataLoaderFactory, lazyscan, outofcore
+from mfbatch.data.base import BaseDataLoader, PreparedData, PrepStats, RawData
+from mfbatch.data.generic import ParquetLoader, sha256_source
+from mfbatch.errors import ConfigError
 from mfbatch.progress import log_step
 
 # Bumped when preprocessing changes what it writes for the same input, so dataset_sha256
@@ -58,6 +68,18 @@ class PreprocessSummary:
 # Settings that can't change which ratings or ids a dataset holds: where the file was
 # found, and where downloads are cached.
 _NOT_IDENTITY = ("source", "cache_dir")
+# The out-of-core path's work folder, beside the database (same disk as the spill).
+WORK_PREFIX = ".mfbatch-preprocess-"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a dataset came from, as dataset_meta records it."""
+
+    source: str
+    source_sha256: str
+    loader: str
+    layout: str
 
 
 def dataset_fingerprint(raw: RawData, prepared: PreparedData, config: Config) -> str:
@@ -66,12 +88,16 @@ def dataset_fingerprint(raw: RawData, prepared: PreparedData, config: Config) ->
     The column mapping and separator are in it, so re-reading the same file with
     --user-col/--item-col swapped makes every model trained before refused.
     """
+    return _fingerprint(raw.source_sha256, raw.layout, prepared.stats, config)
+
+
+def _fingerprint(source_sha256: str, layout: str, stats: PrepStats, config: Config) -> str:
     reading = {k: v for k, v in config.to_dict()["data"].items() if k not in _NOT_IDENTITY}
     identity = {
-        "source_sha256": raw.source_sha256,
-        "layout": raw.layout,
+        "source_sha256": source_sha256,
+        "layout": layout,
         "reading": reading,
-        "scale": [prepared.stats.rating_min, prepared.stats.rating_max],
+        "scale": [stats.rating_min, stats.rating_max],
         "split": config.to_dict()["split"],
         "preprocess_version": PREPROCESS_VERSION,
     }
@@ -90,35 +116,36 @@ def _progress(console: Console | None) -> Progress:
     )
 
 
-def preprocess(*, config: Config, console: Console | None = None) -> PreprocessSummary:
-    """Run the stage; raises MfbatchError subclasses on bad input, leaving the db as it was."""
+def preprocess(
+    *, config: Config, console: Console | None = None, bucket_rows: int | None = None
+) -> PreprocessSummary:
+    """Run the stage; raises MfbatchError subclasses on bad input, leaving the db as it was.
+
+    `bucket_rows`: out of core, ratings per bucket instead of what `--memory-mb` allows
+    (tests use a few hundred to cross many buckets on a small input).
+    """
     started = time.perf_counter()
     path = config.db
     existed = path.exists()
+    loader = DataLoaderFactory.create(config.data, config.split)
+    memory_mb = config.preprocess.memory_mb
+    if memory_mb is not None and not isinstance(loader, ParquetLoader):
+        raise ConfigError(
+            f"--memory-mb: only a Parquet source (--dataset parquet, a file or a folder of "
+            f"parts) is preprocessed out of core; --dataset {config.data.dataset} is read in "
+            "memory, so drop --memory-mb"
+        )
     # Open (and lock) the database first: a locked file should fail before minutes of parsing.
     con = db.connect(path)
+    work: Path | None = None
     try:
-        loader = DataLoaderFactory.create(config.data, config.split)
         with _progress(console) as progress:
-            task = progress.add_task(
-                f"reading {config.data.source or config.data.dataset}", total=3
-            )
-            log_step(
-                console,
-                "preprocess",
-                f"reading {config.data.source or config.data.dataset}",
-                started,
-            )
-            raw = loader.load_data()
-            progress.update(task, advance=1, description=f"preparing {raw.ratings.height:,} rows")
-            log_step(console, "preprocess", f"preparing {raw.ratings.height:,} rows", started)
-            prepared = loader.preprocess_data(raw)
-            progress.update(task, advance=1, description=f"writing {path}")
-            log_step(console, "preprocess", f"writing {path}", started)
-            fingerprint = dataset_fingerprint(raw, prepared, config)
-            seconds = time.perf_counter() - started
-            write_dataset(con, path, raw, prepared, config, fingerprint, seconds)
-            progress.update(task, advance=1)
+            if memory_mb is not None and isinstance(loader, ParquetLoader):
+                work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=path.parent))
+                rows = bucket_rows or outofcore.bucket_rows(memory_mb)
+                summary = _out_of_core(con, loader, config, memory_mb, rows, work, console, started)
+            else:
+                summary = _in_memory(con, loader, config, console, progress, started)
     except BaseException:
         con.close()
         if not existed:
@@ -126,22 +153,117 @@ def preprocess(*, config: Config, console: Console | None = None) -> PreprocessS
             for leftover in (path, path.with_name(path.name + ".wal")):
                 leftover.unlink(missing_ok=True)
         raise
+    finally:
+        if work is not None:
+            con.close()  # DuckDB's spill files live in `work` until it lets go
+            shutil.rmtree(work, ignore_errors=True)
     con.close()
-    stats = prepared.stats
+    return dataclasses.replace(summary, seconds=time.perf_counter() - started)
+
+
+def _in_memory(
+    con: duckdb.DuckDBPyConnection,
+    loader: BaseDataLoader,
+    config: Config,
+    console: Console | None,
+    progress: Progress,
+    started: float,
+) -> PreprocessSummary:
+    path = config.db
+    what = config.data.source or config.data.dataset
+    task = progress.add_task(f"reading {what}", total=3)
+    log_step(console, "preprocess", f"reading {what}", started)
+    raw = loader.load_data()
+    progress.update(task, advance=1, description=f"preparing {raw.ratings.height:,} rows")
+    log_step(console, "preprocess", f"preparing {raw.ratings.height:,} rows", started)
+    prepared = loader.preprocess_data(raw)
+    progress.update(task, advance=1, description=f"writing {path}")
+    log_step(console, "preprocess", f"writing {path}", started)
+    fingerprint = dataset_fingerprint(raw, prepared, config)
+    seconds = time.perf_counter() - started
+    write_dataset(con, path, raw, prepared, config, fingerprint, seconds)
+    progress.update(task, advance=1)
+    origin = Origin(raw.source, raw.source_sha256, raw.loader, raw.layout)
+    return _summary(
+        path, origin, prepared.stats, prepared.users.height, prepared.items.height, fingerprint
+    )
+
+
+def _out_of_core(
+    con: duckdb.DuckDBPyConnection,
+    loader: ParquetLoader,
+    config: Config,
+    memory_mb: int,
+    bucket_rows: int,
+    work: Path,
+    console: Console | None,
+    started: float,
+) -> PreprocessSummary:
+    """The Parquet source in buckets of users (mfbatch.data.outofcore), written in one
+    transaction with DuckDB held to its share of the budget, spilling into `work`."""
+    path = config.db
+
+    def log(step: str) -> None:
+        log_step(console, "preprocess", step, started)
+
+    log(f"scanning {config.data.source} (out of core, --memory-mb {memory_mb})")
+    scanned = lazyscan.scan(loader, config.split)
+    data = config.data
+    declared = (
+        (data.rating_min, data.rating_max)
+        if data.rating_min is not None and data.rating_max is not None
+        else None
+    )
+    buckets = outofcore.prepare(
+        scanned,
+        split=config.split,
+        rating_scale=declared,
+        work=work,
+        bucket_rows=bucket_rows,
+        log=log,
+    )
+    origin = Origin(str(scanned.source), sha256_source(scanned.source), loader.name, loader.name)
+    fingerprint = _fingerprint(origin.source_sha256, origin.layout, buckets.stats, config)
+    seconds = time.perf_counter() - started
+    log(f"writing {path}")
+    db.run(con, "limit_memory", memory_limit=f"{outofcore.duckdb_mb(memory_mb)}MB")
+    db.run(con, "spill_to", folder=str(work))
+    _write_tables(
+        con,
+        path,
+        origin,
+        buckets.users,
+        buckets.items,
+        buckets.ratings(),
+        buckets.n_ratings,
+        buckets.stats,
+        config,
+        fingerprint,
+        seconds,
+        spool=work,
+    )
+    return _summary(
+        path, origin, buckets.stats, buckets.users.height, buckets.items.height, fingerprint
+    )
+
+
+def _summary(
+    path: Path, origin: Origin, stats: PrepStats, n_users: int, n_items: int, fingerprint: str
+) -> PreprocessSummary:
     return PreprocessSummary(
         db=path,
-        source=raw.source,
-        layout=raw.layout,
+        source=origin.source,
+        layout=origin.layout,
         rows_in=stats.rows_in,
         duplicates_dropped=stats.duplicates_dropped,
-        n_users=prepared.users.height,
-        n_items=prepared.items.height,
+        n_users=n_users,
+        n_items=n_items,
         n_train=stats.n_train,
         n_val=stats.n_val,
         n_val_cold_user=stats.n_val_cold_user,
         n_val_cold_item=stats.n_val_cold_item,
         dataset_sha256=fingerprint,
-        seconds=time.perf_counter() - started,
+        seconds=0.0,
     )
 
 
@@ -155,37 +277,76 @@ def write_dataset(
     seconds: float,
 ) -> None:
     """Replace the four dataset tables in one transaction."""
-    stats = prepared.stats
-    staged = {
-        "staged_users": prepared.users,
-        "staged_items": prepared.items,
-        "staged_ratings": prepared.ratings,
-    }
-    for name, frame in staged.items():
-        con.register(name, frame.to_arrow())
+    _write_tables(
+        con,
+        path,
+        Origin(raw.source, raw.source_sha256, raw.loader, raw.layout),
+        prepared.users,
+        prepared.items,
+        [prepared.ratings],
+        prepared.ratings.height,
+        prepared.stats,
+        config,
+        fingerprint,
+        seconds,
+    )
+
+
+def _write_tables(
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    origin: Origin,
+    users: pl.DataFrame,
+    items: pl.DataFrame,
+    ratings: Iterable[pl.DataFrame],
+    n_ratings: int,
+    stats: PrepStats,
+    config: Config,
+    fingerprint: str,
+    seconds: float,
+    spool: Path | None = None,
+) -> None:
+    """The dataset tables in one transaction; `ratings` arrive in (user, item) order, in
+    one frame or several, each inserted as it comes (through a Parquet file in `spool`
+    when given)."""
+    con.register("staged_users", users.to_arrow())
+    con.register("staged_items", items.to_arrow())
     try:
         with db.transaction(con, f"the dataset into {path}"):
             for table in ("ratings", "users", "items", "dataset_meta", "dataset_versions"):
                 db.run(con, f"drop_{table}")
             for table in ("users", "items", "ratings", "dataset_meta", "dataset_versions"):
                 db.run(con, f"create_{table}")
-            for table in ("users", "items", "ratings"):
-                db.run(con, f"insert_{table}")
+            db.run(con, "insert_users")
+            db.run(con, "insert_items")
+            for part in ratings:
+                if spool is not None:
+                    file = spool / "ratings-part.parquet"
+                    part.write_parquet(file, compression="lz4")
+                    del part
+                    db.run(con, "insert_ratings_from_parquet", path=str(file))
+                    file.unlink()
+                    continue
+                con.register("staged_ratings", part.to_arrow())
+                try:
+                    db.run(con, "insert_ratings")
+                finally:
+                    con.unregister("staged_ratings")
             db.run(
                 con,
                 "insert_dataset_meta",
                 dataset_sha256=fingerprint,
-                source=raw.source,
-                source_sha256=raw.source_sha256,
-                loader=raw.loader,
-                layout=raw.layout,
+                source=origin.source,
+                source_sha256=origin.source_sha256,
+                loader=origin.loader,
+                layout=origin.layout,
                 rating_min=stats.rating_min,
                 rating_max=stats.rating_max,
                 rows_in=stats.rows_in,
                 duplicates_dropped=stats.duplicates_dropped,
-                n_users=prepared.users.height,
-                n_items=prepared.items.height,
-                n_ratings=prepared.ratings.height,
+                n_users=users.height,
+                n_items=items.height,
+                n_ratings=n_ratings,
                 n_train=stats.n_train,
                 n_val=stats.n_val,
                 n_val_cold_user=stats.n_val_cold_user,
@@ -202,14 +363,14 @@ def write_dataset(
                 con,
                 "insert_base_version",
                 dataset_sha256=fingerprint,
-                source=raw.source,
+                source=origin.source,
                 rows_in=stats.rows_in,
-                rows_added=prepared.ratings.height,
-                new_users=prepared.users.height,
-                new_items=prepared.items.height,
+                rows_added=n_ratings,
+                new_users=users.height,
+                new_items=items.height,
                 # UTC like training_runs.started_at, which score compares it with.
                 created_at=datetime.now(timezone.utc).replace(tzinfo=None),
             )
     finally:
-        for name in staged:
-            con.unregister(name)
+        con.unregister("staged_users")
+        con.unregister("staged_items")

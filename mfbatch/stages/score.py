@@ -39,15 +39,7 @@ from mfbatch.errors import ConfigError, DatabaseError, InputDataError
 from mfbatch.foldin import fold_in, method_for
 from mfbatch.history import export_lists, publish
 from mfbatch.inference import Scorer, SeenItems
-from mfbatch.lists import (
-    ListBatch,
-    ListPlan,
-    arrow_array,
-    build_lists,
-    fitted_counts,
-    numpy_view,
-    to_arrow,
-)
+from mfbatch.lists import ListBatch, ListPlan, build_lists, fitted_counts, to_arrow, with_rating
 from mfbatch.progress import Steps
 from mfbatch.runs import Dataset, Run, find_run
 
@@ -101,7 +93,9 @@ class ScoreSummary:
 
 
 @dataclass(frozen=True)
-class _Inputs:
+class ScoreInputs:
+    """What both engines score from, read once: the run, the plan, the raw ids, fold-in."""
+
     run: Run
     dataset: Dataset
     plan: ListPlan
@@ -146,7 +140,8 @@ def _lookup(known: pa.Array, wanted: list[str], path: Path, what: str) -> np.nda
     return np.unique(np.array([index[w] for w in wanted], dtype=np.int64))
 
 
-def _load_inputs(config: Config) -> _Inputs:
+def load_inputs(config: Config) -> ScoreInputs:
+    """Read and check everything a score needs; the database is closed again on return."""
     settings = config.score
     con = db.connect(config.db, read_only=True)
     try:
@@ -233,7 +228,7 @@ def _load_inputs(config: Config) -> _Inputs:
         k=settings.top_k,
         folded=folded,
     )
-    return _Inputs(
+    return ScoreInputs(
         run,
         dataset,
         plan,
@@ -297,7 +292,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     # Publishing needs the write lock: refuse a locked or read-only database before scoring.
     db.check_writable(config.db)
     remove_stale_spools(config.db.parent)
-    inputs = _load_inputs(config)
+    inputs = load_inputs(config)
     run = inputs.run
     scorer = Scorer(run.model_path, provider=settings.provider, threads=settings.threads)
     for warning in scorer.warnings:
@@ -342,7 +337,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     empty: list[int] = []
     spooler = Spooler(
         spool,
-        lambda lists: _with_rating(
+        lambda lists: with_rating(
             to_arrow(lists, inputs.user_ids, inputs.item_ids), run.objective, lo, hi
         ),
     )
@@ -465,20 +460,6 @@ class Spooler:
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)
         self._thread.join()
-
-
-def _with_rating(table: pa.Table, objective: str, lo: float, hi: float) -> pa.Table:
-    """predicted_rating in stars where the score is one (a rating model's, on model rows)."""
-    if objective == "rating":
-        scores = numpy_view(table.column("score"), np.float64)
-        # Trained and folded-in vectors alike (a rating model's fold-in solves its offset).
-        from_model = numpy_view(table.column("source"), np.int8) != 1
-        stars = np.where(from_model, np.clip(scores, 0.0, 1.0) * (hi - lo) + lo, np.nan)
-        predicted = arrow_array(stars, valid=from_model)
-    else:
-        # A ranking model's score orders items but is not on the star scale.
-        predicted = pa.nulls(table.num_rows, pa.float64())
-    return table.append_column("predicted_rating", predicted)
 
 
 def _publish(

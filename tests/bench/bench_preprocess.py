@@ -8,6 +8,12 @@ in a temporary directory and never inside the repository:
   the real movies.dat so titles join) plus the real movies.dat / users.dat / README from
   --ml1m-meta, zipped as ml-1m.zip. The GroupLens files must never be committed.
 - 25M: 25,000,000 synthetic ratings (250,000 users x 40,000 items) in one Parquet file.
+  Also preprocessed out of core (`--memory-mb`, default 512): its time, peak RSS and
+  table checksums against the in-memory run's, then both ways once more under an
+  address-space cap (RLIMIT_AS, --cap-gib, default 4): the in-memory run is expected to
+  fail under it and the out-of-core one to pass. RLIMIT_AS caps virtual memory, which
+  Polars' and DuckDB's allocators reserve well beyond what they touch (VmPeak is
+  reported beside the peak RSS), so the cap is far above the RSS figures.
 
 Each measured run is a fresh subprocess: wall time from spawn to exit (interpreter start
 and imports included) and the peak RSS of that process (VmHWM, which the process reads
@@ -171,6 +177,9 @@ class Run:
     seconds: float
     peak_rss_bytes: int
     rc: int
+    cpu_seconds: float = 0.0
+    peak_virtual_bytes: int = 0
+    error: str = ""
 
 
 @dataclass
@@ -189,25 +198,46 @@ class Case:
         return statistics.median(r.peak_rss_bytes for r in self.runs)
 
 
-def measure(command: list[str], log: Path) -> Run:
+def measure(
+    command: list[str], log: Path, *, cap_bytes: int | None = None, may_fail: bool = False
+) -> Run:
     """One fresh process: wall seconds spawn-to-exit and its peak RSS (bytes).
 
-    `command` runs under `--child`, which reports the process's VmHWM at exit. Not the
-    rusage of wait4: Linux carries ru_maxrss across exec, so a child forked from this
-    (large) process would report at least this process's RSS.
+    `command` runs under `--child`, which reports the process's VmHWM (and VmPeak) at
+    exit. Not the rusage of wait4: Linux carries ru_maxrss across exec, so a child forked
+    from this (large) process would report at least this process's RSS. CPU seconds are
+    the children's user + system time around the run. `cap_bytes` sets RLIMIT_AS in the
+    child before it starts.
     """
+    import resource
+
     report = log.with_suffix(".rss")
     report.unlink(missing_ok=True)
     full = [sys.executable, str(Path(__file__).resolve()), "--child", str(report), *command]
+
+    def cap() -> None:
+        if cap_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("wb") as out:
         started = time.perf_counter()
-        proc = subprocess.run(full, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
+        proc = subprocess.run(
+            full, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, check=False, preexec_fn=cap
+        )
         seconds = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:]
-        raise SystemExit(f"{' '.join(command)} failed (rc {proc.returncode}):\n{tail}")
-    peak_kib = int(report.read_text())
-    return Run(seconds=seconds, peak_rss_bytes=peak_kib * 1024, rc=proc.returncode)
+        if not may_fail:
+            raise SystemExit(f"{' '.join(command)} failed (rc {proc.returncode}):\n{tail}")
+        lines = [line for line in tail.splitlines() if line.strip()] or [""]
+        # A failed allocation aborts with a Rust backtrace after the line that says so.
+        said = [line for line in lines if "failed" in line or "rror" in line] or lines[-1:]
+        return Run(seconds, 0, proc.returncode, cpu, 0, said[0][:300])
+    peak_kib, virtual_kib = (int(v) for v in report.read_text().split())
+    return Run(seconds, peak_kib * 1024, proc.returncode, cpu, virtual_kib * 1024)
 
 
 def child(argv: list[str]) -> None:
@@ -217,9 +247,10 @@ def child(argv: list[str]) -> None:
     report, impl, rest = Path(argv[0]), argv[1], argv[2:]
 
     def peak() -> None:
-        status = Path("/proc/self/status").read_text()
-        kib = next(int(line.split()[1]) for line in status.splitlines() if line[:6] == "VmHWM:")
-        report.write_text(str(kib))
+        status = Path("/proc/self/status").read_text().splitlines()
+        kib = next(int(line.split()[1]) for line in status if line[:6] == "VmHWM:")
+        virtual = next(int(line.split()[1]) for line in status if line[:7] == "VmPeak:")
+        report.write_text(f"{kib} {virtual}")
 
     atexit.register(peak)
     if impl == "pandas":
@@ -245,6 +276,31 @@ def check_db(path: Path) -> dict[str, Any]:
     finally:
         con.close()
     return {"ratings": n, "val": n_val, "users": users, "items": items, "titled_items": titled}
+
+
+def table_checksums(path: Path) -> dict[str, Any]:
+    """Per table: row count and, per column, a sum of hash(rowid, value): equal sums mean
+    the same rows in the same stored order (as far as a 64-bit hash tells)."""
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        found: dict[str, Any] = {}
+        for table in ("users", "items", "ratings"):
+            found[table] = list(
+                con.execute(
+                    f"SELECT count(*), sum(hash(rowid, COLUMNS(*)) % 1000000007) FROM {table}"
+                ).fetchone()  # type: ignore[arg-type]
+            )
+        found["dataset_meta"] = [
+            str(v)
+            for v in con.execute(
+                "SELECT * EXCLUDE (config, seconds, created_at) FROM dataset_meta"
+            ).fetchone()  # type: ignore[union-attr]
+        ]
+    finally:
+        con.close()
+    return found
 
 
 # --------------------------------------------------------------------------- pandas
@@ -360,8 +416,73 @@ def run_cases(
             )
             if i == 0:
                 checks[case.impl] = check_db(db)
+                if case.impl == "mfbatch" and dataset == "25m":
+                    checks["checksums"] = table_checksums(db)
             db.unlink(missing_ok=True)
     return mf, pd_case, checks
+
+
+def run_out_of_core(
+    source: Path,
+    work: Path,
+    flags: list[str],
+    *,
+    memory_mb: int,
+    cap_gib: float,
+    repeats: int,
+    in_memory: Case,
+    in_memory_checksums: dict[str, Any],
+) -> dict[str, Any]:
+    """The 25M file with --memory-mb: time, peak RSS, tables against the in-memory run's,
+    then both ways under an address-space cap."""
+    ooc = Case("25m", "mfbatch-out-of-core", ["mfbatch", "preprocess", "--source", str(source)])
+    ooc.command += [*flags, "--memory-mb", str(memory_mb)]
+    db = work / "25m-out-of-core.duckdb"
+    same = None
+    for i in range(repeats):
+        for leftover in (db, db.with_name(db.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+        run = measure([*ooc.command, "--db", str(db)], work / "25m-ooc.log")
+        ooc.runs.append(run)
+        print(
+            f"  25m    out-of-core run {i + 1}/{repeats}: {run.seconds:6.2f} s "
+            f"({run.cpu_seconds:.1f} CPU-s), peak RSS {run.peak_rss_bytes / GIB:5.2f} GiB, "
+            f"VmPeak {run.peak_virtual_bytes / GIB:5.2f} GiB",
+            flush=True,
+        )
+        if i == 0:
+            same = table_checksums(db) == in_memory_checksums
+            print(f"  25m    out-of-core tables identical to in-memory: {same}", flush=True)
+    db.unlink(missing_ok=True)
+    cap = int(cap_gib * GIB)
+    capped: dict[str, Any] = {}
+    for case in (in_memory, ooc):
+        capped_db = work / f"25m-capped-{case.impl}.duckdb"
+        run = measure(
+            [*case.command, "--db", str(capped_db)],
+            work / f"25m-capped-{case.impl}.log",
+            cap_bytes=cap,
+            may_fail=True,
+        )
+        capped[case.impl] = asdict(run)
+        verdict = "passed" if run.rc == 0 else f"FAILED rc {run.rc}: {run.error}"
+        print(f"  25m    {case.impl} under RLIMIT_AS {cap_gib:g} GiB: {verdict}", flush=True)
+        for leftover in (capped_db, capped_db.with_name(capped_db.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+    return {
+        "memory_mb": memory_mb,
+        "median_s": ooc.median_s,
+        "median_cpu_s": statistics.median(r.cpu_seconds for r in ooc.runs),
+        "median_peak_rss_bytes": ooc.median_rss,
+        "runs": [asdict(r) for r in ooc.runs],
+        "command": ooc.command,
+        "in_memory_median_s": in_memory.median_s,
+        "in_memory_median_cpu_s": statistics.median(r.cpu_seconds for r in in_memory.runs),
+        "in_memory_median_peak_rss_bytes": in_memory.median_rss,
+        "tables_identical_to_in_memory": same,
+        "rlimit_as_bytes": cap,
+        "capped": capped,
+    }
 
 
 def main() -> None:
@@ -379,6 +500,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="ML-1M repeats (3)")
     parser.add_argument("--repeats-25m", type=int, default=1, help="25M repeats (1)")
     parser.add_argument("--quick", action="store_true", help="skip the 25M case")
+    parser.add_argument(
+        "--memory-mb", type=int, default=512, help="25M out of core: --memory-mb (512)"
+    )
+    parser.add_argument(
+        "--cap-gib", type=float, default=4.0, help="25M: RLIMIT_AS for the capped runs (4)"
+    )
     parser.add_argument(
         "--keep", type=Path, default=None, help="build inputs here and keep them (not the repo)"
     )
@@ -455,6 +582,17 @@ def main() -> None:
                 "status": "PASS" if ok else "MISS",
             }
             rows.append((dataset, mf, pd_case, max_s, max_rss, ok))
+            if dataset == "25m":
+                results["cases"]["25m-out-of-core"] = run_out_of_core(
+                    source,
+                    work,
+                    flags,
+                    memory_mb=args.memory_mb,
+                    cap_gib=args.cap_gib,
+                    repeats=repeats,
+                    in_memory=mf,
+                    in_memory_checksums=checks["checksums"],
+                )
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -468,6 +606,18 @@ def main() -> None:
             f"{dataset:8} {mf.median_s:10.2f} {mf.median_rss / GIB:9.2f} "
             f"{pd_case.median_s:9.2f} {pd_case.median_rss / GIB:9.2f} "
             f"{pd_case.median_s / mf.median_s:5.1f}x  {target}: {'PASS' if ok else 'MISS'}"
+        )
+    ooc = results["cases"].get("25m-out-of-core")
+    if ooc:
+        capped = {k: "pass" if v["rc"] == 0 else "FAIL" for k, v in ooc["capped"].items()}
+        print(
+            f"25m out of core (--memory-mb {ooc['memory_mb']}): {ooc['median_s']:.2f} s "
+            f"({ooc['median_cpu_s']:.1f} CPU-s), peak {ooc['median_peak_rss_bytes'] / GIB:.2f} "
+            f"GiB vs in memory {ooc['in_memory_median_s']:.2f} s "
+            f"({ooc['in_memory_median_cpu_s']:.1f} CPU-s), "
+            f"{ooc['in_memory_median_peak_rss_bytes'] / GIB:.2f} GiB; tables identical: "
+            f"{ooc['tables_identical_to_in_memory']}; under RLIMIT_AS "
+            f"{ooc['rlimit_as_bytes'] / GIB:g} GiB: {capped}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
