@@ -14,10 +14,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-import polars as pl
+
+if TYPE_CHECKING:  # at run time DuckDB imports what .pl()/.fetchnumpy() need, when called
+    import numpy as np
+    import polars as pl
+    import pyarrow as pa
 
 from mfbatch.errors import DatabaseError, first_line
 
@@ -131,6 +135,20 @@ def one(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> tuple[Any, 
 def frame(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> pl.DataFrame:
     """The named query's result as a Polars frame, handed over through Arrow."""
     return con.sql(_checked(name, params).sql, params=params or None).pl()
+
+
+def arrays(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> dict[str, np.ndarray]:
+    """The named query's columns as numpy arrays (strings as object arrays).
+
+    What `score` reads with: no Polars (~0.1 s to import) and no pandas on that path.
+    """
+    # Through a relation: a cursor's fetchnumpy() measured 4x slower on 9M rows.
+    return con.sql(_checked(name, params).sql, params=params or None).fetchnumpy()
+
+
+def arrow(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> pa.Table:
+    """The named query's result as an Arrow table."""
+    return con.sql(_checked(name, params).sql, params=params or None).to_arrow_table()
 
 
 def records(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> list[dict[str, Any]]:

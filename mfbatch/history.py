@@ -13,13 +13,16 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
-import polars as pl
 import pyarrow as pa
 
 from mfbatch import db
 from mfbatch.errors import ConfigError, DatabaseError
+
+if TYPE_CHECKING:  # imported where used: `score` never needs Polars
+    import polars as pl
 
 # Column types of every list export, documented in the README ("Outputs").
 LIST_SCHEMA = pa.schema(
@@ -148,6 +151,8 @@ def read_lists(*, db_path: Path, publish: int | None = None) -> pl.DataFrame:
             frame = db.frame(con, "published_lists", publish_id=publish)
     finally:
         con.close()
+    import polars as pl
+
     return pl.from_arrow(frame.to_arrow().cast(LIST_SCHEMA))  # type: ignore[return-value]
 
 

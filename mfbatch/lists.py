@@ -14,11 +14,10 @@ kind of list `score` serves.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 
 from mfbatch.inference import Scorer, SeenItems
@@ -26,8 +25,18 @@ from mfbatch.inference import Scorer, SeenItems
 MODEL = "model"
 POPULARITY = "popularity"
 FOLD_IN = "fold-in"
-# Through Polars, not pa.array: see arrow_array.
-SOURCES = pl.Series([MODEL, POPULARITY, FOLD_IN]).to_arrow()
+
+
+def _strings(values: list[str]) -> pa.Array:
+    """A few Python strings as Arrow, built from buffers (not pa.array: see arrow_array)."""
+    data = "".join(values).encode()
+    offsets = np.cumsum([0, *(len(v.encode()) for v in values)], dtype=np.int32)
+    return pa.Array.from_buffers(
+        pa.string(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+
+
+SOURCES = _strings([MODEL, POPULARITY, FOLD_IN])
 
 
 def arrow_array(values: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
@@ -73,14 +82,14 @@ class ListBatch:
 
 
 def fitted_counts(
-    trained: pl.DataFrame, n_users: int, n_items: int
+    trained: Mapping[str, np.ndarray], n_users: int, n_items: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ratings per user, ratings per item) a run was fitted on, from a `trained_counts`
-    query's (kind, idx, n) rows: zero marks a cold user or an item never offered."""
+    query's (kind, idx, n) columns: zero marks a cold user or an item never offered."""
     counts = {"user": np.zeros(n_users, np.int64), "item": np.zeros(n_items, np.int64)}
     for kind, column in counts.items():
-        part = trained.filter(pl.col("kind") == kind)
-        column[part["idx"].to_numpy()] = part["n"].to_numpy()
+        rows = trained["kind"] == kind
+        column[trained["idx"][rows]] = trained["n"][rows]
     return counts["user"], counts["item"]
 
 

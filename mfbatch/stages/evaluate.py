@@ -111,7 +111,7 @@ def evaluate(*, config: Config, console: Console | None = None) -> Evaluation:
                 f"--top-k: {k} is more than the catalogue's {dataset.n_items:,} items"
             )
         seen_frame = db.frame(con, "seen_train")
-        trained = db.frame(con, "trained_counts", all_splits=False)
+        trained = db.arrays(con, "trained_counts", all_splits=False)
         user_ids = db.frame(con, "user_ids")["user_id"].to_arrow()
         item_ids = db.frame(con, "item_ids")["item_id"].to_arrow()
         pairs = db.frame(con, "val_pairs")

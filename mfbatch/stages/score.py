@@ -29,7 +29,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 from rich.console import Console
 
@@ -153,22 +152,22 @@ def load_inputs(config: Config) -> ScoreInputs:
                 f"--top-k: {settings.top_k} is more than the catalogue's {dataset.n_items:,} items"
             )
         # Served lists never hold an item the user rated in any split, whatever run it is.
-        seen_frame = db.frame(con, "seen_all")
+        seen_pairs = db.arrays(con, "seen_all")
         all_splits = run.data_seen == "train+val"
         if db.table_exists(con, "dataset_versions"):
             version = db.record(con, "run_data_version", run_id=run.run_id)
             assert version is not None  # an aggregate always returns a row
-            trained = db.frame(
+            trained = db.arrays(
                 con, "trained_counts_versioned", all_splits=all_splits, version=version["version"]
             )
-            fresh = db.frame(
+            fresh = db.arrays(
                 con, "fold_in_ratings", all_splits=all_splits, version=version["version"]
             )
         else:  # preprocessed before lineage existed: nothing was appended
-            trained = db.frame(con, "trained_counts", all_splits=all_splits)
+            trained = db.arrays(con, "trained_counts", all_splits=all_splits)
             fresh = None
-        user_ids = db.frame(con, "user_ids")["user_id"].to_arrow()
-        item_ids = db.frame(con, "item_ids")["item_id"].to_arrow()
+        user_ids = db.arrow(con, "user_ids").column("user_id").combine_chunks()
+        item_ids = db.arrow(con, "item_ids").column("item_id").combine_chunks()
     finally:
         con.close()
 
@@ -205,20 +204,19 @@ def load_inputs(config: Config) -> ScoreInputs:
     fold_indptr = np.zeros(1, dtype=np.int64)
     fold_items = np.zeros(0, dtype=np.int64)
     fold_ratings = np.zeros(0, dtype=np.float32)
-    if fresh is not None and fresh.height:
+    if fresh is not None and len(fresh["user_idx"]):
         wanted = np.zeros(dataset.n_users, dtype=bool)
         wanted[users] = True
-        fresh = fresh.filter(pl.Series(wanted[fresh["user_idx"].to_numpy()]))
-        fold_user_rows = fresh["user_idx"].to_numpy().astype(np.int64)
+        keep = wanted[fresh["user_idx"]]
+        fresh = {name: column[keep] for name, column in fresh.items()}
+        fold_user_rows = fresh["user_idx"].astype(np.int64)
         fold_users, counts = np.unique(fold_user_rows, return_counts=True)
         fold_indptr = np.concatenate([[0], np.cumsum(counts)])
-        fold_items = fresh["item_idx"].to_numpy().astype(np.int64)
-        fold_ratings = fresh["rating_norm"].to_numpy().astype(np.float32)
+        fold_items = fresh["item_idx"].astype(np.int64)
+        fold_ratings = fresh["rating_norm"].astype(np.float32)
         folded[fold_users] = np.arange(len(fold_users))
-    popularity = np.bincount(seen_frame["item_idx"].to_numpy(), minlength=dataset.n_items)
-    seen = SeenItems.from_pairs(
-        seen_frame["user_idx"].to_numpy(), seen_frame["item_idx"].to_numpy(), dataset.n_users
-    )
+    popularity = np.bincount(seen_pairs["item_idx"], minlength=dataset.n_items)
+    seen = SeenItems.from_pairs(seen_pairs["user_idx"], seen_pairs["item_idx"], dataset.n_users)
     plan = ListPlan(
         users=users,
         seen=seen,
