@@ -198,6 +198,9 @@ class TrainConfig:
     temperature: float = 1.0
     # Softmax objectives: each user's loss weighted by |I_u|^-user_exponent (normalised).
     user_exponent: float = 0.3
+    # Softmax objectives: a rating's weight halves every this share of its user's history
+    # back from their newest (mfbatch.objectives.recency_weights); 0 turns it off.
+    recency_half_life: float = 0.0
     # Softmax: the budget for one step's [users x items] logits; when too few full rows
     # fit, training falls back to the sampled softmax. Sampled: `negatives` draws a step.
     memory_mb: int = 1024
@@ -253,6 +256,10 @@ class TrainConfig:
             raise ConfigError(f"--dropout: must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.user_exponent) and 0.0 <= self.user_exponent <= 1.0):
             raise ConfigError(f"--user-exponent: must be in [0, 1], got {self.user_exponent}")
+        if not (math.isfinite(self.recency_half_life) and self.recency_half_life >= 0.0):
+            raise ConfigError(
+                f"--recency-half-life: must be >= 0 (0 turns it off), got {self.recency_half_life}"
+            )
         if not (math.isfinite(self.temperature) and 0.0 < self.temperature <= 100.0):
             raise ConfigError(f"--temperature: must be in (0, 100], got {self.temperature}")
         for flag, amount in (

@@ -218,6 +218,7 @@ def tensors(split: Split) -> tuple[Interactions, Validation]:
         torch.from_numpy(split.train_u),
         torch.from_numpy(split.train_i),
         torch.from_numpy(split.train_r),
+        torch.from_numpy(split.train_ts),
     )
     pairs = Interactions(
         torch.from_numpy(split.val_u), torch.from_numpy(split.val_i), torch.from_numpy(split.val_r)
