@@ -465,7 +465,11 @@ def train_model(
     optimizers = make_optimizers(model, config)
     run_plan = plan(config, model.shape.n_items)
     epoch_data = EpochData.build(
-        data, model.shape.n_users, model.shape.n_items, config.sampler, config.recency_half_life
+        data,
+        model.shape.n_users,
+        model.shape.n_items,
+        config.sampler,
+        float(config.recency_half_life or 0.0),
     )
     max_epochs = int(epochs or config.epochs or 1)
     patience = int(config.patience or 1)

@@ -35,7 +35,7 @@ import duckdb
 import numpy as np
 import torch
 
-from mfbatch.config import TrainConfig
+from mfbatch.config import TrainConfig, recency_for
 from mfbatch.model import MatrixFactorization, ModelShape
 from mfbatch.trainer import Csr, Interactions, Validation, rank_metrics, train_model
 
@@ -53,12 +53,13 @@ class Split:
     val_r: np.ndarray
     rating_min: float
     rating_max: float
+    split_kind: str  # what val holds out: sets the default --recency-half-life
 
 
 def load(path: str) -> Split:
     con = duckdb.connect(path, read_only=True)
-    n_users, n_items, lo, hi = con.sql(
-        "SELECT n_users, n_items, rating_min, rating_max FROM dataset_meta"
+    n_users, n_items, lo, hi, kind = con.sql(
+        "SELECT n_users, n_items, rating_min, rating_max, split_kind FROM dataset_meta"
     ).fetchall()[0]
     rows = con.sql(
         "SELECT user_idx, item_idx, rating_norm, coalesce(epoch(ts), 0)::BIGINT AS ts, "
@@ -78,6 +79,7 @@ def load(path: str) -> Split:
         rows["rating_norm"][v].astype(np.float32),
         float(lo),
         float(hi),
+        str(kind),
     )
 
 
@@ -110,6 +112,7 @@ def inner_split(split: Split, fraction: float, kind: str, seed: int = 0) -> Spli
         val_u=split.train_u[held],
         val_i=split.train_i[held],
         val_r=split.train_r[held],
+        split_kind=kind,
     )
 
 
@@ -242,6 +245,8 @@ def mfbatch_fit(
 ) -> tuple[MatrixFactorization, float, Any]:
     """Train as `mfbatch train` does (early stopping on split.val) or blind for the
     config's epochs (`early_stop=False`: validation never looked at)."""
+    if config.recency_half_life is None:  # as the train stage resolves it
+        config = dataclasses.replace(config, recency_half_life=recency_for(split.split_kind))
     data, val = tensors(split)
     torch.manual_seed(config.seed)
     model = MatrixFactorization(
