@@ -37,6 +37,7 @@ import torch
 
 from mfbatch.config import TrainConfig, recency_for
 from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.objectives import recency_weights
 from mfbatch.trainer import Csr, Interactions, Validation, rank_metrics, train_model
 
 
@@ -180,24 +181,50 @@ def popularity(split: Split) -> Callable[[np.ndarray], np.ndarray]:
     return lambda users: np.broadcast_to(counts, (users.size, split.n_items))
 
 
-def ease(split: Split, lam: float) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+def recency(split: Split, half_life: float) -> np.ndarray:
+    """Each train rating's weight within its user, as mfbatch's --recency-half-life gives it."""
+    return recency_weights(
+        torch.from_numpy(split.train_u), torch.from_numpy(split.train_ts), split.n_users, half_life
+    ).numpy()
+
+
+def ease(
+    split: Split, lam: float, history: np.ndarray | None = None
+) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """EASE's item-item weights B from the binary matrix X; a user's scores are their
+    history row times B, the row weighted per rating by `history` when given (recency)."""
     started = time.perf_counter()
     x = train_matrix(split)
     p = np.linalg.inv(x.T @ x + lam * np.eye(split.n_items))
     b = -p / np.diag(p)
     np.fill_diagonal(b, 0.0)
     seconds = time.perf_counter() - started
+    if history is not None:
+        x = np.zeros_like(x)
+        x[split.train_u, split.train_i] = history
     return lambda users: x[users] @ b, seconds
 
 
 def als(
-    split: Split, factors: int, reg: float, alpha: float, seed: int
+    split: Split,
+    factors: int,
+    reg: float,
+    alpha: float,
+    seed: int,
+    confidence: np.ndarray | None = None,
 ) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """implicit's ALS on the binary matrix, or with each rating's value set to
+    `confidence` (recency weights: ALS's confidence is 1 + alpha * value)."""
     import scipy.sparse as sp
     from implicit.cpu.als import AlternatingLeastSquares
 
     user_items = sp.csr_matrix(
-        (np.ones(split.train_u.size, dtype=np.float32), (split.train_u, split.train_i)),
+        (
+            np.ones(split.train_u.size, dtype=np.float32)
+            if confidence is None
+            else confidence.astype(np.float32),
+            (split.train_u, split.train_i),
+        ),
         shape=(split.n_users, split.n_items),
     )
     model = AlternatingLeastSquares(
@@ -307,6 +334,11 @@ def main() -> None:
         default="",
         help="also the sampled softmax, e.g. 'popularity:256;in-batch:0' (sampler:negatives)",
     )
+    parser.add_argument(
+        "--recency-peers",
+        default="0.1,0.2,0.5",
+        help="half-lives for EASE and ALS given mfbatch's recency weights ('' to skip)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.threads:
@@ -350,6 +382,20 @@ def main() -> None:
             best_ease = (lam, r, n, secs)
     assert best_ease is not None
     report(f"EASE (best λ={best_ease[0]:g})", [best_ease[1]], [best_ease[2]], [best_ease[3]])
+    half_lives = [float(v) for v in filter(None, args.recency_peers.split(","))]
+    if half_lives and split.train_ts.any():
+        # The same signal mfbatch's --recency-half-life uses, given to EASE as a
+        # recency-weighted history row at scoring time (B itself is fitted as usual).
+        best_re: tuple[str, float, float, float] | None = None
+        for lam in (float(v) for v in args.lambdas.split(",")):
+            for h in half_lives:
+                scores, secs = ease(split, lam, recency(split, h))
+                r, n = metrics(split, top_lists(split, scores, k), k)
+                print(f"  EASE+recency λ={lam:<6g} h={h:<4g} Recall@{k} {r:.4f}  NDCG@{k} {n:.4f}")
+                if best_re is None or r + n > best_re[1] + best_re[2]:
+                    best_re = (f"λ={lam:g} h={h:g}", r, n, secs)
+        assert best_re is not None
+        report(f"EASE+recency (best {best_re[0]})", [best_re[1]], [best_re[2]], [best_re[3]])
 
     try:
         import implicit  # noqa: F401
@@ -384,6 +430,30 @@ def main() -> None:
             [x[1] for x in res],
             [x[2] for x in res],
         )
+    if have_als and half_lives and split.train_ts.any():
+        grid_re = [(f, reg, h) for f in (64, 128) for reg in (10.0, 20.0, 40.0) for h in half_lives]
+        best_re_als: tuple[Any, float] | None = None
+        for factors, reg, h in grid_re:
+            scores, secs = als(split, factors, reg, 1.0, 0, recency(split, h))
+            r, n = metrics(split, top_lists(split, scores, k), k)
+            print(
+                f"  ALS+recency f={factors} reg={reg} h={h:<4g} "
+                f"Recall@{k} {r:.4f}  NDCG@{k} {n:.4f}"
+            )
+            if best_re_als is None or r + n > best_re_als[1]:
+                best_re_als = ((factors, reg, h), r + n)
+        assert best_re_als is not None
+        (factors, reg, h), _ = best_re_als
+        res = []
+        for seed in seeds:
+            scores, secs = als(split, factors, reg, 1.0, seed, recency(split, h))
+            res.append((*metrics(split, top_lists(split, scores, k), k), secs))
+        report(
+            f"ALS+recency (best of {len(grid_re)}: f={factors} reg={reg} h={h:g})",
+            [x[0] for x in res],
+            [x[1] for x in res],
+            [x[2] for x in res],
+        )
 
     config = TrainConfig(device="cpu", top_k=k)
     # The shared metric agrees with the trainer's own on the same model (once).
@@ -397,6 +467,11 @@ def main() -> None:
     variants: list[tuple[str, TrainConfig, bool]] = [
         ("mfbatch default (pipeline: early stop on val)", config, True),
         ("mfbatch default (fixed epochs, val unseen)", config, False),
+        (
+            "mfbatch previous default (no recency, L2 0.05; pipeline)",
+            dataclasses.replace(config, recency_half_life=0.0, l2=0.05),
+            True,
+        ),
     ]
     for spec in filter(None, args.sampled.split(";")):
         sampler, negatives = spec.split(":")
