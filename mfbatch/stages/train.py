@@ -213,9 +213,7 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
         con.close()
     if settings.recency_half_life is None:
         # Recorded resolved, so a refit copying this run weights its ratings the same way.
-        settings = dataclasses.replace(
-            settings, recency_half_life=recency_for(dataset.split_kind)
-        )
+        settings = dataclasses.replace(settings, recency_half_life=recency_for(dataset.split_kind))
     if console:
         ranks = (
             f" x {shard.world} processes ({'nccl' if device.type == 'cuda' else 'gloo'})"
