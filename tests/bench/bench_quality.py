@@ -1,6 +1,7 @@
 """Ranking quality of the default pipeline beside popularity, EASE and implicit's ALS.
 
-    python tests/bench/bench_quality.py DB [--k 20] [--seeds 0,1,2] [--lambdas ...] [--out FILE]
+    python tests/bench/bench_quality.py DB [--k 20] [--seeds 0,1,2] [--lambdas ...]
+                                        [--recency-peers 0.1,0.2,0.5] [--out FILE]
 
 DB is a database made by `mfbatch preprocess` (e.g. ML-100K with `--split user-time
 --val-fraction 0.2`). Every method ranks the same train/val split, and every method's
@@ -14,9 +15,14 @@ mfbatch is run two ways, each over --seeds (mean ± std):
   - `pipeline`: what `mfbatch train` does: early stopping on the validation split (so the
     figure has seen that split, as every tuned peer's has);
   - `fixed`: the default epoch budget run to its end without looking at validation at all.
+On a split by time (where the default weights ratings by recency) the pipeline also runs
+with `--recency-half-life 0`, the previous default, for a baseline in the same run.
 EASE (λ grid) and ALS (small grid; skipped when `implicit` is not installed) are reported
 at their best grid point on this split, which flatters them. ALS is optional: it is not a
-dependency of mfbatch (`pip install implicit`).
+dependency of mfbatch (`pip install implicit`). `EASE+recency` / `ALS+recency` are the same
+peers given mfbatch's recency weights (`--recency-peers` half-lives, best on this split
+too): mfbatch's default uses the ratings' order, and a peer blind to it is not the whole
+comparison.
 """
 
 from __future__ import annotations
