@@ -39,9 +39,14 @@ def l2_penalty(model: MatrixFactorization, batch: UserBatch, l2: float, mode: st
 
     `frequency` weights each row by how many ratings it has (iALS's frequency-scaled L2,
     and what per-rating SGD with L2 on the batch's rows does implicitly):
-    Σ_(u,i) ‖p_u‖² + ‖q_i‖². `plain` is λ(‖P‖² + ‖Q‖²) spread evenly over an epoch's steps:
-    the batch's user rows once each, the item table in proportion to the batch's share of
-    users. Both are divided by the batch's ratings, like the loss.
+    Σ_(u,i) ‖p_u‖² + ‖q_i‖². With `batch.weights` (mean 1 per user) a rating counts w²:
+    unequal weights make n ratings worth n²/Σw² equal ones (Kish's effective sample
+    size), and the prior keeps its strength against that evidence, not against n. (On the
+    inner split this made the existing λ right again under recency weighting, where the
+    plain count wanted λ ≈ 0.08; README, "Defaults".) `plain` is λ(‖P‖² + ‖Q‖²) spread
+    evenly over an epoch's steps: the batch's user rows once each, the item table in
+    proportion to the batch's share of users. Both are divided by the batch's ratings,
+    like the loss.
     """
     if l2 == 0.0:
         return model.global_bias.new_zeros(())
@@ -49,8 +54,14 @@ def l2_penalty(model: MatrixFactorization, batch: UserBatch, l2: float, mode: st
     if mode == "frequency":
         # Row norms weighted by counts, not one gathered row per rating: the same sum
         # without [ratings x dim] temporaries (91k x 256 floats a step at 100k users).
-        user_counts = torch.bincount(batch.rows, minlength=batch.users.numel())
-        items, item_counts = torch.unique(batch.items, return_counts=True)
+        if batch.weights is None:
+            user_counts = torch.bincount(batch.rows, minlength=batch.users.numel())
+            items, item_counts = torch.unique(batch.items, return_counts=True)
+        else:
+            w2 = batch.weights.float().square()
+            user_counts = w2.new_zeros(batch.users.numel()).index_add_(0, batch.rows, w2)
+            items, inverse = torch.unique(batch.items, return_inverse=True)
+            item_counts = w2.new_zeros(items.numel()).index_add_(0, inverse, w2)
         user_term = (user_counts * model.user_emb(batch.users).float().pow(2).sum(-1)).sum()
         item_term = (item_counts * model.item_emb(items).float().pow(2).sum(-1)).sum()
         return l2 * (user_term + item_term) / n

@@ -128,6 +128,13 @@ def test_frequency_l2_weights_rows_by_their_ratings_and_plain_by_table() -> None
     share = batch.users.numel() / model.shape.n_users
     expected = 0.5 * ((p[batch.users] ** 2).sum() + share * (q**2).sum()).item() / n
     assert plain == pytest.approx(expected, rel=1e-5)
+    # Weighted ratings count w² each (their effective number); weights of one change nothing.
+    ones = dataclasses.replace(batch, weights=torch.ones(n))
+    assert l2_penalty(model, ones, 0.5, "frequency").item() == pytest.approx(freq, rel=1e-6)
+    w = torch.linspace(0.2, 1.8, n)
+    weighted = l2_penalty(model, dataclasses.replace(batch, weights=w), 0.5, "frequency").item()
+    rows = (p[batch.users[batch.rows]] ** 2).sum(1) + (q[batch.items] ** 2).sum(1)
+    assert weighted == pytest.approx(0.5 * float((w**2 * rows).sum()) / n, rel=1e-5)
 
 
 def test_catalogues_too_wide_for_the_budget_fall_back_to_sampling() -> None:
