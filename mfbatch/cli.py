@@ -261,7 +261,7 @@ def train(
         float | None,
         typer.Option(
             help="Softmax: a rating's weight halves every this share of its user's history, "
-            "newest first (0.2 on time splits, 0 = off; off on random splits)."
+            "newest first (default 0.2 on user-time splits, off otherwise; 0 = off)."
         ),
     ] = None,
     memory_mb: Annotated[
