@@ -269,6 +269,13 @@ def train(
         float | None,
         typer.Option(help="Softmax: weight each user's ratings by |I_u|^-x (0.3; 0 = per rating)."),
     ] = None,
+    recency_half_life: Annotated[
+        float | None,
+        typer.Option(
+            help="Softmax: a rating's weight halves every this share of its user's history, "
+            "newest first (default 0.2 on user-time splits, off otherwise; 0 = off)."
+        ),
+    ] = None,
     memory_mb: Annotated[
         int | None,
         typer.Option(help="Budget for one step's logits (1024); decides full vs sampled."),
@@ -333,6 +340,7 @@ def train(
                     l2_mode=l2_mode,
                     temperature=temperature,
                     user_exponent=user_exponent,
+                    recency_half_life=recency_half_life,
                     memory_mb=memory_mb,
                     negatives=negatives,
                     sampler=sampler,

@@ -222,6 +222,10 @@ class TrainConfig:
     temperature: float = 1.0
     # Softmax objectives: each user's loss weighted by |I_u|^-user_exponent (normalised).
     user_exponent: float = 0.3
+    # Softmax objectives: a rating's weight halves every this share of its user's history
+    # back from their newest (mfbatch.objectives.recency_weights); 0 turns it off. None:
+    # `recency_for(split_kind)`, resolved by the train stage from the database.
+    recency_half_life: float | None = None
     # Softmax: the budget for one step's [users x items] logits; when too few full rows
     # fit, training falls back to the sampled softmax. Sampled: `negatives` draws a step.
     memory_mb: int = 1024
@@ -277,6 +281,9 @@ class TrainConfig:
             raise ConfigError(f"--dropout: must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.user_exponent) and 0.0 <= self.user_exponent <= 1.0):
             raise ConfigError(f"--user-exponent: must be in [0, 1], got {self.user_exponent}")
+        recency = self.recency_half_life
+        if recency is not None and not (math.isfinite(recency) and recency >= 0.0):
+            raise ConfigError(f"--recency-half-life: must be >= 0 (0 turns it off), got {recency}")
         if not (math.isfinite(self.temperature) and 0.0 < self.temperature <= 100.0):
             raise ConfigError(f"--temperature: must be in (0, 100], got {self.temperature}")
         for flag, amount in (
@@ -292,6 +299,18 @@ class TrainConfig:
                 f"--weight-decay: {self.optimizer} updates only the rows a batch touches; "
                 "use --l2 for regularisation instead"
             )
+
+
+# Measured on the inner user-time split (README, "Defaults"): 0.2 lifted Recall/NDCG@20 by
+# 18% / 26% there. On a random split the held-out ratings are as old as the rest, and every
+# half-life measured worse (inner random split); on a global `time` split it measured worse
+# too (one outer run), and there is no inner split of that kind to choose one on: off.
+RECENCY_HALF_LIFE = 0.2
+
+
+def recency_for(split_kind: str) -> float:
+    """The default `recency_half_life` for a database whose validation split is `split_kind`."""
+    return RECENCY_HALF_LIFE if split_kind == "user-time" else 0.0
 
 
 def check_sharding(objective: str, batch_norm: bool, optimizer: str, nproc: int) -> None:

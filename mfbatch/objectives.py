@@ -30,6 +30,8 @@ class UserBatch:
     users: torch.Tensor  # [B] int64
     rows: torch.Tensor  # [R] position in `users` of each rating
     items: torch.Tensor  # [R] the rated item
+    # [R] each rating's weight within its user (e.g. `recency_weights`); None: all ones.
+    weights: torch.Tensor | None = None
 
 
 def l2_penalty(model: MatrixFactorization, batch: UserBatch, l2: float, mode: str) -> torch.Tensor:
@@ -37,9 +39,14 @@ def l2_penalty(model: MatrixFactorization, batch: UserBatch, l2: float, mode: st
 
     `frequency` weights each row by how many ratings it has (iALS's frequency-scaled L2,
     and what per-rating SGD with L2 on the batch's rows does implicitly):
-    Σ_(u,i) ‖p_u‖² + ‖q_i‖². `plain` is λ(‖P‖² + ‖Q‖²) spread evenly over an epoch's steps:
-    the batch's user rows once each, the item table in proportion to the batch's share of
-    users. Both are divided by the batch's ratings, like the loss.
+    Σ_(u,i) ‖p_u‖² + ‖q_i‖². With `batch.weights` (mean 1 per user) a rating counts w²:
+    unequal weights make n ratings worth n²/Σw² equal ones (Kish's effective sample
+    size), and the prior keeps its strength against that evidence, not against n. (On the
+    inner split this made the existing λ right again under recency weighting, where the
+    plain count wanted λ ≈ 0.08; README, "Defaults".) `plain` is λ(‖P‖² + ‖Q‖²) spread
+    evenly over an epoch's steps: the batch's user rows once each, the item table in
+    proportion to the batch's share of users. Both are divided by the batch's ratings,
+    like the loss.
     """
     if l2 == 0.0:
         return model.global_bias.new_zeros(())
@@ -47,8 +54,14 @@ def l2_penalty(model: MatrixFactorization, batch: UserBatch, l2: float, mode: st
     if mode == "frequency":
         # Row norms weighted by counts, not one gathered row per rating: the same sum
         # without [ratings x dim] temporaries (91k x 256 floats a step at 100k users).
-        user_counts = torch.bincount(batch.rows, minlength=batch.users.numel())
-        items, item_counts = torch.unique(batch.items, return_counts=True)
+        if batch.weights is None:
+            user_counts = torch.bincount(batch.rows, minlength=batch.users.numel())
+            items, item_counts = torch.unique(batch.items, return_counts=True)
+        else:
+            w2 = batch.weights.float().square()
+            user_counts = w2.new_zeros(batch.users.numel()).index_add_(0, batch.rows, w2)
+            items, inverse = torch.unique(batch.items, return_inverse=True)
+            item_counts = w2.new_zeros(items.numel()).index_add_(0, inverse, w2)
         user_term = (user_counts * model.user_emb(batch.users).float().pow(2).sum(-1)).sum()
         item_term = (item_counts * model.item_emb(items).float().pow(2).sum(-1)).sum()
         return l2 * (user_term + item_term) / n
@@ -75,6 +88,53 @@ def user_weights(batch: UserBatch, exponent: float) -> tuple[torch.Tensor, torch
     return counts, weights * counts.sum() / (weights * counts).sum()
 
 
+def rating_weights(batch: UserBatch, exponent: float) -> torch.Tensor:
+    """[R] the weight of each rating in the loss: its user's `user_weights` times its own
+    `batch.weights` (which keep each user's total, so the two do not interact)."""
+    _, per_user = user_weights(batch, exponent)
+    weights = per_user[batch.rows]
+    return weights if batch.weights is None else weights * batch.weights
+
+
+def recency_weights(
+    users: torch.Tensor, ts: torch.Tensor, n_users: int, half_life: float
+) -> torch.Tensor:
+    """[R] 2^(-newer / (half_life * n_u)) per rating, rescaled to mean 1 within each user.
+
+    `newer` counts the user's ratings strictly newer than this one (ties share a weight),
+    n_u is the user's number of ratings: the weight halves every `half_life` share of a
+    user's history back from their newest rating. By position rather than by clock time:
+    many users rate in one sitting, where seconds say nothing about order of interest.
+    Mean 1 per user keeps each user's share of the loss (and `user_weights`) unchanged.
+    0 is no weighting.
+    """
+    ones = torch.ones(users.numel(), device=users.device)
+    if half_life <= 0.0 or users.numel() == 0:
+        return ones
+    # Newest first within user; ties get the position of their first member, so equal
+    # timestamps count no rating of their own group as newer.
+    order = torch.argsort(ts, descending=True, stable=True)
+    order = order[torch.argsort(users[order], stable=True)]
+    u, t = users[order], ts[order]
+    n = users.numel()
+    new_user = torch.ones(n, dtype=torch.bool, device=users.device)
+    new_user[1:] = u[1:] != u[:-1]
+    new_group = new_user.clone()
+    new_group[1:] |= t[1:] != t[:-1]
+    position = torch.arange(n, device=users.device)
+    user_start = torch.cummax(torch.where(new_user, position, 0), 0).values
+    group_start = torch.cummax(torch.where(new_group, position, 0), 0).values
+    newer = (group_start - user_start).double()
+    counts = torch.bincount(users, minlength=n_users).double()
+    raw = torch.exp2(-newer / (half_life * counts[u]))
+    mean = torch.zeros(n_users, dtype=torch.float64, device=users.device)
+    mean.index_add_(0, u, raw)
+    mean = mean / counts.clamp(min=1.0)
+    weights = torch.empty(n, dtype=torch.float32, device=users.device)
+    weights[order] = (raw / mean[u]).float()
+    return weights
+
+
 def full_softmax(
     model: MatrixFactorization,
     batch: UserBatch,
@@ -83,14 +143,15 @@ def full_softmax(
     user_exponent: float = 0.0,
 ) -> torch.Tensor:
     """Mean over the batch's ratings of (logsumexp over the catalogue − positive logit),
-    each user's ratings weighted by `user_weights`."""
+    each rating weighted by `rating_weights`: Σ_u (Σ_{i∈I_u} w_ui) lse_u − Σ w_ui s_ui."""
     # Logits may come out of a bf16 matmul on CUDA; logsumexp over thousands of items
     # needs fp32, or the largest term swamps the rest.
     logits = model.item_logits(batch.users, all_items).float() / temperature
     lse = torch.logsumexp(logits, dim=1)
     positive = logits[batch.rows, batch.items]
-    counts, weights = user_weights(batch, user_exponent)
-    summed = (weights * counts * lse).sum() - (weights[batch.rows] * positive).sum()
+    weights = rating_weights(batch, user_exponent)
+    per_user = torch.zeros_like(lse).index_add_(0, batch.rows, weights)
+    summed = (per_user * lse).sum() - (weights * positive).sum()
     return summed / max(batch.items.numel(), 1)
 
 
@@ -152,8 +213,7 @@ def sampled_softmax(
     # log(1 − e^own); clamped so a user whose only sample is the positive stays finite.
     rest = lse[batch.rows] + torch.log((-torch.expm1(own)).clamp(min=1e-6))
     loss = torch.logaddexp(positive, rest) - positive
-    _, weights = user_weights(batch, user_exponent)
-    return (weights[batch.rows] * loss).mean()
+    return (rating_weights(batch, user_exponent) * loss).mean()
 
 
 def mse(

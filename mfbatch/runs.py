@@ -43,6 +43,7 @@ class Dataset:
     rating_max: float
     n_train: int
     n_val: int
+    split_kind: str  # time | user-time | random: what the validation split holds out
 
     @staticmethod
     def load(con: duckdb.DuckDBPyConnection, path: Path) -> Dataset:
@@ -59,6 +60,7 @@ class Dataset:
             rating_max=float(row["rating_max"]),
             n_train=int(row["n_train"]),
             n_val=int(row["n_val"]),
+            split_kind=str(row["split_kind"]),
         )
 
 

@@ -31,6 +31,8 @@ class Interactions:
     users: torch.Tensor  # int64
     items: torch.Tensor  # int64
     ratings: torch.Tensor  # float32 in [0, 1]
+    # When each rating was made (any monotone unit), for `--recency-half-life`; None: unknown.
+    ts: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.users.numel())
@@ -45,7 +47,7 @@ class Csr:
 
     @staticmethod
     def build(users: torch.Tensor, items: torch.Tensor, n_users: int) -> Csr:
-        order = torch.argsort(users * (int(items.max().item()) + 1 if items.numel() else 1) + items)
+        order = Csr.order(users, items)
         counts = torch.bincount(users, minlength=n_users)
         indptr = torch.zeros(n_users + 1, dtype=torch.int64, device=users.device)
         indptr[1:] = torch.cumsum(counts, 0)
@@ -53,12 +55,22 @@ class Csr:
 
     def rows_of(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row position in `users`, item) for every item of every user in `users`."""
+        rows, at = self.positions_of(users)
+        return rows, self.indices[at]
+
+    def positions_of(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row position in `users`, position in `indices`) for every item of `users`."""
         starts, ends = self.indptr[users], self.indptr[users + 1]
         lengths = ends - starts
         rows = torch.repeat_interleave(torch.arange(users.numel(), device=users.device), lengths)
         offsets = torch.cumsum(lengths, 0) - lengths
         within = torch.arange(rows.numel(), device=users.device) - offsets[rows]
-        return rows, self.indices[starts[rows] + within]
+        return rows, starts[rows] + within
+
+    @staticmethod
+    def order(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The permutation `build` applies to the ratings (by user, then item)."""
+        return torch.argsort(users * (int(items.max().item()) + 1 if items.numel() else 1) + items)
 
 
 @dataclass(frozen=True)
@@ -205,9 +217,17 @@ class EpochData:
     active_users: torch.Tensor  # users with at least one rating: the softmax epoch
     log_q: torch.Tensor  # log sampling probability per item (sampled softmax)
     all_items: torch.Tensor
+    # Per rating, in `by_user.indices` order: its weight within its user (softmax losses).
+    weights: torch.Tensor | None = None
 
     @staticmethod
-    def build(data: Interactions, n_users: int, n_items: int, sampler: str) -> EpochData:
+    def build(
+        data: Interactions,
+        n_users: int,
+        n_items: int,
+        sampler: str,
+        recency_half_life: float = 0.0,
+    ) -> EpochData:
         device = data.users.device
         counts = torch.bincount(data.items, minlength=n_items).double()
         if sampler == "uniform":
@@ -218,12 +238,17 @@ class EpochData:
         else:  # in-batch: the items come from the batch, with frequency q
             q = counts / counts.sum().clamp(min=1.0)
         user_counts = torch.bincount(data.users, minlength=n_users)
+        weights = None
+        if recency_half_life > 0.0 and data.ts is not None:
+            weights = objectives.recency_weights(data.users, data.ts, n_users, recency_half_life)
+            weights = weights[Csr.order(data.users, data.items)]
         return EpochData(
             data=data,
             by_user=Csr.build(data.users, data.items, n_users),
             active_users=torch.nonzero(user_counts).squeeze(1),
             log_q=q.log().float(),
             all_items=torch.arange(n_items, device=device),
+            weights=weights,
         )
 
 
@@ -303,8 +328,9 @@ def train_epoch(
             )
             ratings = data.ratings[idx]
         else:
-            rows, items = epoch_data.by_user.rows_of(idx)
-            batch = UserBatch(users=idx, rows=rows, items=items)
+            rows, at = epoch_data.by_user.positions_of(idx)
+            weights = None if epoch_data.weights is None else epoch_data.weights[at]
+            batch = UserBatch(idx, rows, epoch_data.by_user.indices[at], weights)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         if idx.numel():
@@ -438,7 +464,13 @@ def train_model(
     generator.manual_seed(config.seed)
     optimizers = make_optimizers(model, config)
     run_plan = plan(config, model.shape.n_items)
-    epoch_data = EpochData.build(data, model.shape.n_users, model.shape.n_items, config.sampler)
+    epoch_data = EpochData.build(
+        data,
+        model.shape.n_users,
+        model.shape.n_items,
+        config.sampler,
+        float(config.recency_half_life or 0.0),
+    )
     max_epochs = int(epochs or config.epochs or 1)
     patience = int(config.patience or 1)
     schedulers = [

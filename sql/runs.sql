@@ -3,7 +3,7 @@
 -- read back as records, never unpacked by position.
 
 -- name: dataset_identity
-SELECT dataset_sha256, n_users, n_items, rating_min, rating_max, n_train, n_val
+SELECT dataset_sha256, n_users, n_items, rating_min, rating_max, n_train, n_val, split_kind
 FROM dataset_meta;
 
 -- name: run_by_id

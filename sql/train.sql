@@ -4,7 +4,8 @@
 -- Sorted so per-user structures (CSR of rated items) are built without another sort.
 -- Appended ratings are fitted only by a refit on all data: a validated run trains on the
 -- preprocess's train split alone, so `evaluate` measures what it always measured.
-SELECT user_idx, item_idx, rating_norm, split = 'val' AS is_val
+-- ts_ms orders each user's ratings for --recency-half-life (NULL when the source has none).
+SELECT user_idx, item_idx, rating_norm, epoch_ms(ts) AS ts_ms, split = 'val' AS is_val
 FROM ratings
 WHERE $all_splits OR split <> 'append'
 ORDER BY user_idx, item_idx;

@@ -15,9 +15,10 @@ from mfbatch.objectives import (
     draw_samples,
     full_softmax,
     l2_penalty,
+    recency_weights,
     sampled_softmax,
 )
-from mfbatch.trainer import Csr, plan
+from mfbatch.trainer import Csr, Interactions, Validation, plan, rank_metrics, train_model
 
 
 def _model_and_batch(
@@ -127,6 +128,13 @@ def test_frequency_l2_weights_rows_by_their_ratings_and_plain_by_table() -> None
     share = batch.users.numel() / model.shape.n_users
     expected = 0.5 * ((p[batch.users] ** 2).sum() + share * (q**2).sum()).item() / n
     assert plain == pytest.approx(expected, rel=1e-5)
+    # Weighted ratings count w² each (their effective number); weights of one change nothing.
+    ones = dataclasses.replace(batch, weights=torch.ones(n))
+    assert l2_penalty(model, ones, 0.5, "frequency").item() == pytest.approx(freq, rel=1e-6)
+    w = torch.linspace(0.2, 1.8, n)
+    weighted = l2_penalty(model, dataclasses.replace(batch, weights=w), 0.5, "frequency").item()
+    rows = (p[batch.users[batch.rows]] ** 2).sum(1) + (q[batch.items] ** 2).sum(1)
+    assert weighted == pytest.approx(0.5 * float((w**2 * rows).sum()) / n, rel=1e-5)
 
 
 def test_catalogues_too_wide_for_the_budget_fall_back_to_sampling() -> None:
@@ -162,3 +170,108 @@ def test_user_exponent_weights_each_users_ratings_and_keeps_the_scale() -> None:
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     # The weights move loss between users, not its scale: they sum to the ratings.
     assert float((weights[batch.rows]).sum()) == pytest.approx(batch.items.numel(), rel=1e-6)
+
+
+def test_rating_weights_of_one_leave_both_losses_unchanged() -> None:
+    model, batch = _model_and_batch()
+    every = torch.arange(model.shape.n_items)
+    ones = dataclasses.replace(batch, weights=torch.ones(batch.items.numel()))
+    for exponent in (0.0, 0.3):
+        plain = full_softmax(model, batch, every, user_exponent=exponent)
+        weighted = full_softmax(model, ones, every, user_exponent=exponent)
+        assert weighted.item() == pytest.approx(plain.item(), rel=1e-6)
+        samples = draw_samples(torch.full((model.shape.n_items,), -2.7), 64, torch.Generator())
+        assert sampled_softmax(model, ones, samples, user_exponent=exponent).item() == (
+            pytest.approx(sampled_softmax(model, batch, samples, user_exponent=exponent).item())
+        )
+
+
+def test_weighted_grouped_softmax_equals_the_weighted_per_rating_sum() -> None:
+    model, batch = _model_and_batch()
+    every = torch.arange(model.shape.n_items)
+    weights = torch.rand(batch.items.numel(), generator=torch.Generator().manual_seed(3)) * 2
+    weighted = dataclasses.replace(batch, weights=weights)
+    logits = model.item_logits(batch.users, every)
+    per_rating = torch.logsumexp(logits, 1)[batch.rows] - logits[batch.rows, batch.items]
+    expected = (weights * per_rating).sum() / batch.items.numel()
+    got = full_softmax(model, weighted, every)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    (g_got,) = torch.autograd.grad(got, model.item_emb.weight)
+    (g_expected,) = torch.autograd.grad(expected, model.item_emb.weight)
+    assert torch.allclose(g_got, g_expected, atol=1e-6)
+
+
+def test_recency_weights_halve_per_share_of_history_and_keep_each_users_total() -> None:
+    users = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    ts = torch.tensor([10, 30, 20, 30, 5, 6, 1])
+    got = recency_weights(users, ts, 3, half_life=0.5)
+    # User 0 (4 ratings, half-life 2 ratings): the two at t=30 are newest (none newer),
+    # t=20 has 2 newer, t=10 has 3: raw 1, 1, 2^-1, 2^-1.5, rescaled to mean 1.
+    raw0 = torch.tensor([2**-1.5, 1.0, 0.5, 1.0], dtype=torch.float64)
+    raw1 = torch.tensor([0.5, 1.0], dtype=torch.float64)  # half-life 1 rating
+    expected = torch.cat([raw0 / raw0.mean(), raw1 / raw1.mean(), torch.ones(1).double()])
+    assert torch.allclose(got.double(), expected, atol=1e-6)
+    assert torch.equal(recency_weights(users, ts, 3, half_life=0.0), torch.ones(7))
+    # The order of the input rows does not matter.
+    perm = torch.tensor([6, 2, 4, 0, 5, 3, 1])
+    assert torch.allclose(recency_weights(users[perm], ts[perm], 3, 0.5), got[perm])
+
+
+def _drifting_users(seed: int = 0) -> tuple[Interactions, Validation]:
+    """Two item blocks (0-9, 10-19). Anchor users rate within one block, at random times;
+    drifting users rated 8 items of block A long ago, then 3 of block B, and their held-out
+    future is the rest of block B. Only the order of their ratings says which block."""
+    gen = torch.Generator().manual_seed(seed)
+    users, items, ts = [], [], []
+    for u in range(40):
+        block = 10 * (u % 2)
+        for i in torch.randperm(10, generator=gen)[:6].tolist():
+            users.append(u)
+            items.append(block + i)
+            ts.append(int(torch.randint(0, 1000, (1,), generator=gen)))
+    val_u, val_i = [], []
+    for u in range(40, 60):
+        a = torch.randperm(10, generator=gen)[:8].tolist()
+        b = (10 + torch.randperm(10, generator=gen)).tolist()
+        for t, i in enumerate(a + b[:3]):
+            users.append(u)
+            items.append(i)
+            ts.append(t)
+        val_u += [u] * 7
+        val_i += b[3:]
+    data = Interactions(
+        torch.tensor(users), torch.tensor(items), torch.ones(len(users)), torch.tensor(ts)
+    )
+    pairs = Interactions(torch.tensor(val_u), torch.tensor(val_i), torch.ones(len(val_u)))
+    val = Validation(
+        pairs=pairs,
+        train_items=Csr.build(data.users, data.items, 60),
+        val_items=Csr.build(pairs.users, pairs.items, 60),
+        rank_users=torch.arange(40, 60),
+        rating_min=1.0,
+        rating_max=5.0,
+    )
+    return data, val
+
+
+def test_recency_weighting_ranks_a_users_newer_taste_first() -> None:
+    data, val = _drifting_users()
+    recalls = {}
+    for half_life in (0.0, 0.05):
+        config = TrainConfig(
+            device="cpu",
+            embedding_dim=8,
+            epochs=60,
+            batch_size=16,
+            lr=0.05,
+            l2=0.05,
+            recency_half_life=half_life,
+        )
+        torch.manual_seed(0)
+        model = MatrixFactorization(ModelShape(60, 20, 8, 0.0, False))
+        train_model(model, data, None, config)
+        recalls[half_life] = rank_metrics(model, val, 5)[0]
+    # Unweighted, 8 of a drifting user's 11 ratings say block A, and A's two unrated items
+    # take 2 of the top 5 (recall 0.6); weighted, the 3 newest (block B) ratings win.
+    assert recalls[0.0] < 0.7
+    assert recalls[0.05] > 0.85

@@ -134,6 +134,27 @@ def test_refit_on_all_uses_the_validated_epoch_count(dataset: Path) -> None:
     assert refit[7] is None
 
 
+@pytest.mark.parametrize(
+    ("split", "expected"), [("user-time", 0.2), ("time", 0.0), ("random", 0.0)]
+)
+def test_recency_default_follows_the_split_and_is_recorded(
+    tmp_path: Path, split: str, expected: float
+) -> None:
+    db = tmp_path / "mf.duckdb"
+    code, out = _invoke(
+        "preprocess", "--dataset", "synthetic", "--users", "30", "--items", "20",
+        "--ratings-per-user", "8", "--split", split, "--val-fraction", "0.2", "--db", str(db),
+    )  # fmt: skip
+    assert code == 0, out
+    assert _train(db, "--epochs", "2")[0] == 0
+    # The refit copies the validated run's resolved value, whatever the split says.
+    code, out = _train(db, "--on", "all")
+    assert code == 0, out
+    with duckdb.connect(str(db), read_only=True) as con:
+        configs = con.sql("SELECT config FROM training_runs ORDER BY finished_at").fetchall()
+    assert [json.loads(c)["train"]["recency_half_life"] for (c,) in configs] == [expected] * 2
+
+
 def test_toml_config_with_cli_override(dataset: Path, tmp_path: Path) -> None:
     toml = tmp_path / "mfbatch.toml"
     toml.write_text('[train]\nembedding_dim = 6\nepochs = 5\nobjective = "rating"\n')
@@ -210,6 +231,8 @@ def test_empty_val_split(dataset: Path) -> None:
         ("--sampler", "random", "--sampler"),
         ("--l2-mode", "ials", "--l2-mode"),
         ("--temperature", "0", "--temperature"),
+        ("--recency-half-life", "-0.5", "--recency-half-life"),
+        ("--recency-half-life", "inf", "--recency-half-life"),
     ],
 )
 def test_senseless_settings(dataset: Path, flag: str, value: str, needle: str) -> None:

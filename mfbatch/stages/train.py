@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mfbatch import __version__, db, distributed
-from mfbatch.config import Config, TrainConfig, check_sharding, load_config
+from mfbatch.config import Config, TrainConfig, check_sharding, load_config, recency_for
 from mfbatch.errors import ConfigError, DatabaseError, ModelError
 from mfbatch.export import export_model, save_model
 from mfbatch.model import MatrixFactorization, ModelShape
@@ -134,6 +134,8 @@ def _refit_config(run: Run, config: TrainConfig) -> TrainConfig:
     """The validated run's own settings, so the refit differs from it only in its data."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in run.config["train"].items() if k in fields}
+    # Runs recorded before --recency-half-life existed trained without it.
+    values.setdefault("recency_half_life", 0.0)
     values.update(on="all", device=config.device, export_dir=config.export_dir, nproc=config.nproc)
     try:
         return load_config(overrides={"train": values}).train
@@ -209,6 +211,9 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
             parent, epochs = validated.run_id, max(validated.best_epoch, 1)
     finally:
         con.close()
+    if settings.recency_half_life is None:
+        # Recorded resolved, so a refit copying this run weights its ratings the same way.
+        settings = dataclasses.replace(settings, recency_half_life=recency_for(dataset.split_kind))
     if console:
         ranks = (
             f" x {shard.world} processes ({'nccl' if device.type == 'cuda' else 'gloo'})"
@@ -230,7 +235,17 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
         users=_tensor(fit["user_idx"].to_numpy(), device, torch.int64),
         items=_tensor(fit["item_idx"].to_numpy(), device, torch.int64),
         ratings=_tensor(fit["rating_norm"].to_numpy(), device, torch.float32),
+        # Without a time for every rating there is no order to weight by recency.
+        ts=None
+        if fit["ts_ms"].null_count()
+        else _tensor(fit["ts_ms"].to_numpy(), device, torch.int64),
     )
+    if settings.recency_half_life and data.ts is None and console:
+        console.print(
+            "note: --recency-half-life: some ratings have no timestamp, so none is weighted "
+            "by recency",
+            highlight=False,
+        )
     n_users, n_items = dataset.n_users, dataset.n_items
     val = None
     if settings.on == "train":

@@ -1,6 +1,7 @@
 """Ranking quality of the default pipeline beside popularity, EASE and implicit's ALS.
 
-    python tests/bench/bench_quality.py DB [--k 20] [--seeds 0,1,2] [--lambdas ...] [--out FILE]
+    python tests/bench/bench_quality.py DB [--k 20] [--seeds 0,1,2] [--lambdas ...]
+                                        [--recency-peers 0.1,0.2,0.5] [--out FILE]
 
 DB is a database made by `mfbatch preprocess` (e.g. ML-100K with `--split user-time
 --val-fraction 0.2`). Every method ranks the same train/val split, and every method's
@@ -14,9 +15,14 @@ mfbatch is run two ways, each over --seeds (mean ± std):
   - `pipeline`: what `mfbatch train` does: early stopping on the validation split (so the
     figure has seen that split, as every tuned peer's has);
   - `fixed`: the default epoch budget run to its end without looking at validation at all.
+On a split by time (where the default weights ratings by recency) the pipeline also runs
+with `--recency-half-life 0`, the previous default, for a baseline in the same run.
 EASE (λ grid) and ALS (small grid; skipped when `implicit` is not installed) are reported
 at their best grid point on this split, which flatters them. ALS is optional: it is not a
-dependency of mfbatch (`pip install implicit`).
+dependency of mfbatch (`pip install implicit`). `EASE+recency` / `ALS+recency` are the same
+peers given mfbatch's recency weights (`--recency-peers` half-lives, best on this split
+too): mfbatch's default uses the ratings' order, and a peer blind to it is not the whole
+comparison.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ import duckdb
 import numpy as np
 import torch
 
-from mfbatch.config import TrainConfig
+from mfbatch.config import TrainConfig, recency_for
 from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.objectives import recency_weights
 from mfbatch.trainer import Csr, Interactions, Validation, rank_metrics, train_model
 
 
@@ -53,12 +60,13 @@ class Split:
     val_r: np.ndarray
     rating_min: float
     rating_max: float
+    split_kind: str  # what val holds out: sets the default --recency-half-life
 
 
 def load(path: str) -> Split:
     con = duckdb.connect(path, read_only=True)
-    n_users, n_items, lo, hi = con.sql(
-        "SELECT n_users, n_items, rating_min, rating_max FROM dataset_meta"
+    n_users, n_items, lo, hi, kind = con.sql(
+        "SELECT n_users, n_items, rating_min, rating_max, split_kind FROM dataset_meta"
     ).fetchall()[0]
     rows = con.sql(
         "SELECT user_idx, item_idx, rating_norm, coalesce(epoch(ts), 0)::BIGINT AS ts, "
@@ -78,6 +86,7 @@ def load(path: str) -> Split:
         rows["rating_norm"][v].astype(np.float32),
         float(lo),
         float(hi),
+        str(kind),
     )
 
 
@@ -110,6 +119,7 @@ def inner_split(split: Split, fraction: float, kind: str, seed: int = 0) -> Spli
         val_u=split.train_u[held],
         val_i=split.train_i[held],
         val_r=split.train_r[held],
+        split_kind=kind,
     )
 
 
@@ -177,24 +187,50 @@ def popularity(split: Split) -> Callable[[np.ndarray], np.ndarray]:
     return lambda users: np.broadcast_to(counts, (users.size, split.n_items))
 
 
-def ease(split: Split, lam: float) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+def recency(split: Split, half_life: float) -> np.ndarray:
+    """Each train rating's weight within its user, as mfbatch's --recency-half-life gives it."""
+    return recency_weights(
+        torch.from_numpy(split.train_u), torch.from_numpy(split.train_ts), split.n_users, half_life
+    ).numpy()
+
+
+def ease(
+    split: Split, lam: float, history: np.ndarray | None = None
+) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """EASE's item-item weights B from the binary matrix X; a user's scores are their
+    history row times B, the row weighted per rating by `history` when given (recency)."""
     started = time.perf_counter()
     x = train_matrix(split)
     p = np.linalg.inv(x.T @ x + lam * np.eye(split.n_items))
     b = -p / np.diag(p)
     np.fill_diagonal(b, 0.0)
     seconds = time.perf_counter() - started
+    if history is not None:
+        x = np.zeros_like(x)
+        x[split.train_u, split.train_i] = history
     return lambda users: x[users] @ b, seconds
 
 
 def als(
-    split: Split, factors: int, reg: float, alpha: float, seed: int
+    split: Split,
+    factors: int,
+    reg: float,
+    alpha: float,
+    seed: int,
+    confidence: np.ndarray | None = None,
 ) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """implicit's ALS on the binary matrix, or with each rating's value set to
+    `confidence` (recency weights: ALS's confidence is 1 + alpha * value)."""
     import scipy.sparse as sp
     from implicit.cpu.als import AlternatingLeastSquares
 
     user_items = sp.csr_matrix(
-        (np.ones(split.train_u.size, dtype=np.float32), (split.train_u, split.train_i)),
+        (
+            np.ones(split.train_u.size, dtype=np.float32)
+            if confidence is None
+            else confidence.astype(np.float32),
+            (split.train_u, split.train_i),
+        ),
         shape=(split.n_users, split.n_items),
     )
     model = AlternatingLeastSquares(
@@ -218,6 +254,7 @@ def tensors(split: Split) -> tuple[Interactions, Validation]:
         torch.from_numpy(split.train_u),
         torch.from_numpy(split.train_i),
         torch.from_numpy(split.train_r),
+        torch.from_numpy(split.train_ts),
     )
     pairs = Interactions(
         torch.from_numpy(split.val_u), torch.from_numpy(split.val_i), torch.from_numpy(split.val_r)
@@ -241,6 +278,8 @@ def mfbatch_fit(
 ) -> tuple[MatrixFactorization, float, Any]:
     """Train as `mfbatch train` does (early stopping on split.val) or blind for the
     config's epochs (`early_stop=False`: validation never looked at)."""
+    if config.recency_half_life is None:  # as the train stage resolves it
+        config = dataclasses.replace(config, recency_half_life=recency_for(split.split_kind))
     data, val = tensors(split)
     torch.manual_seed(config.seed)
     model = MatrixFactorization(
@@ -301,6 +340,11 @@ def main() -> None:
         default="",
         help="also the sampled softmax, e.g. 'popularity:256;in-batch:0' (sampler:negatives)",
     )
+    parser.add_argument(
+        "--recency-peers",
+        default="0.1,0.2,0.5",
+        help="half-lives for EASE and ALS given mfbatch's recency weights ('' to skip)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.threads:
@@ -344,6 +388,20 @@ def main() -> None:
             best_ease = (lam, r, n, secs)
     assert best_ease is not None
     report(f"EASE (best λ={best_ease[0]:g})", [best_ease[1]], [best_ease[2]], [best_ease[3]])
+    half_lives = [float(v) for v in filter(None, args.recency_peers.split(","))]
+    if half_lives and split.train_ts.any():
+        # The same signal mfbatch's --recency-half-life uses, given to EASE as a
+        # recency-weighted history row at scoring time (B itself is fitted as usual).
+        best_re: tuple[str, float, float, float] | None = None
+        for lam in (float(v) for v in args.lambdas.split(",")):
+            for h in half_lives:
+                scores, secs = ease(split, lam, recency(split, h))
+                r, n = metrics(split, top_lists(split, scores, k), k)
+                print(f"  EASE+recency λ={lam:<6g} h={h:<4g} Recall@{k} {r:.4f}  NDCG@{k} {n:.4f}")
+                if best_re is None or r + n > best_re[1] + best_re[2]:
+                    best_re = (f"λ={lam:g} h={h:g}", r, n, secs)
+        assert best_re is not None
+        report(f"EASE+recency (best {best_re[0]})", [best_re[1]], [best_re[2]], [best_re[3]])
 
     try:
         import implicit  # noqa: F401
@@ -378,6 +436,30 @@ def main() -> None:
             [x[1] for x in res],
             [x[2] for x in res],
         )
+    if have_als and half_lives and split.train_ts.any():
+        grid_re = [(f, reg, h) for f in (64, 128) for reg in (10.0, 20.0, 40.0) for h in half_lives]
+        best_re_als: tuple[Any, float] | None = None
+        for factors, reg, h in grid_re:
+            scores, secs = als(split, factors, reg, 1.0, 0, recency(split, h))
+            r, n = metrics(split, top_lists(split, scores, k), k)
+            print(
+                f"  ALS+recency f={factors} reg={reg} h={h:<4g} "
+                f"Recall@{k} {r:.4f}  NDCG@{k} {n:.4f}"
+            )
+            if best_re_als is None or r + n > best_re_als[1]:
+                best_re_als = ((factors, reg, h), r + n)
+        assert best_re_als is not None
+        (factors, reg, h), _ = best_re_als
+        res = []
+        for seed in seeds:
+            scores, secs = als(split, factors, reg, 1.0, seed, recency(split, h))
+            res.append((*metrics(split, top_lists(split, scores, k), k), secs))
+        report(
+            f"ALS+recency (best of {len(grid_re)}: f={factors} reg={reg} h={h:g})",
+            [x[0] for x in res],
+            [x[1] for x in res],
+            [x[2] for x in res],
+        )
 
     config = TrainConfig(device="cpu", top_k=k)
     # The shared metric agrees with the trainer's own on the same model (once).
@@ -392,6 +474,10 @@ def main() -> None:
         ("mfbatch default (pipeline: early stop on val)", config, True),
         ("mfbatch default (fixed epochs, val unseen)", config, False),
     ]
+    if recency_for(split.split_kind) and split.train_ts.any():
+        # The previous default, in the same run: what the recency weighting adds.
+        no_recency = dataclasses.replace(config, recency_half_life=0.0)
+        variants.append(("mfbatch --recency-half-life 0 (pipeline)", no_recency, True))
     for spec in filter(None, args.sampled.split(";")):
         sampler, negatives = spec.split(":")
         sampled = dataclasses.replace(

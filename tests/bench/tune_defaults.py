@@ -8,7 +8,10 @@ train ratings (or a random share, `--inner random`) becomes the validation set, 
 point trains on the rest for its full epoch budget without early stopping, and is scored
 once (Recall/NDCG@20 with bench_quality's metric function; RMSE for `--objective rating`).
 `--grid` is a JSON list of TrainConfig overrides applied on top of the objective's
-defaults; the default grid is the one README, "The model" reports.
+defaults; the default grid is the one README, "The model" reports. The recency half-life
+resolves from the inner split's kind as `mfbatch train` resolves it from the database
+(on for user-time, off for random); the grid rows measured before it existed need
+`"recency_half_life": 0` to be reproduced.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ SOFTMAX_GRID = [
     {"dropout": 0.2},
     {"batch_norm": True},
 ]
+# 0 is the previous default; on a random inner split the default is already 0.
+RECENCY_GRID = [{"recency_half_life": h} for h in (0.0, 0.1, 0.2, 0.25, 0.3, 0.5, 1.0, 2.0)]
 
 
 def main() -> None:
@@ -73,7 +78,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    grid = json.loads(args.grid) if args.grid else [{}, *SOFTMAX_GRID]
+    grid = json.loads(args.grid) if args.grid else [{}, *SOFTMAX_GRID, *RECENCY_GRID]
     seeds = [int(s) for s in args.seeds.split(",")]
     inner = inner_split(load(args.db), args.fraction, args.inner)
     print(
