@@ -115,8 +115,16 @@ class Outcome:
 SPARSE_USERS_FROM = 4_000_000
 
 
-def make_optimizers(model: MatrixFactorization, config: TrainConfig) -> list[torch.optim.Optimizer]:
+def make_optimizers(
+    model: MatrixFactorization, config: TrainConfig, run_plan: Plan | None = None
+) -> list[torch.optim.Optimizer]:
     lr = float(config.lr or 0.0)  # resolved per objective by TrainConfig
+    if run_plan is not None and run_plan.loss == "sampled" and config.optimizer != "sparse_adam":
+        # A sampled step reads a few thousand item rows; a dense lookup's gradient is a
+        # fresh zero-filled [items x dim] tensor every step (page faults and all). Sparse
+        # ones go into one persistent dense gradient instead (`_DenseGrads`), so the item
+        # table still gets its dense Adam.
+        model.item_emb.sparse = model.item_bias.sparse = True
     big_user_table = model.shape.n_users * model.shape.dim >= SPARSE_USERS_FROM
     if config.optimizer == "adam" and config.objective != "rating" and big_user_table:
         # A softmax step reads every item but only its batch's users: a dense Adam
@@ -127,10 +135,10 @@ def make_optimizers(model: MatrixFactorization, config: TrainConfig) -> list[tor
         model.user_emb.sparse = model.user_bias.sparse = True
         users = [model.user_emb.weight, model.user_bias.weight]
         rest = [p for p in model.parameters() if all(p is not u for u in users)]
-        return [torch.optim.SparseAdam(users, lr=lr), torch.optim.Adam(rest, lr=lr)]
+        return [torch.optim.SparseAdam(users, lr=lr), torch.optim.Adam(rest, lr=lr, fused=True)]
     if config.optimizer in ("adam", "adamw"):
         cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        return [cls(model.parameters(), lr=lr, weight_decay=config.weight_decay)]
+        return [cls(model.parameters(), lr=lr, weight_decay=config.weight_decay, fused=True)]
     sparse = [p for n, p in model.named_parameters() if n.endswith(("_emb.weight", "_bias.weight"))]
     dense = [
         p for n, p in model.named_parameters() if not n.endswith(("_emb.weight", "_bias.weight"))
@@ -254,9 +262,18 @@ def step_loss(
             generator,
             batch_items=batch.items if config.sampler == "in-batch" else None,
         )
+        # Frequency L2 from the rows the loss looked up anyway (one lookup per table).
+        frequency = config.l2_mode == "frequency"
         loss = objectives.sampled_softmax(
-            model, batch, samples, config.temperature, config.user_exponent
+            model,
+            batch,
+            samples,
+            config.temperature,
+            config.user_exponent,
+            l2=l2 if frequency else 0.0,
         )
+        if frequency:
+            return loss
     return loss + objectives.l2_penalty(model, batch, l2, config.l2_mode)
 
 
@@ -288,6 +305,7 @@ def train_epoch(
     total = torch.zeros((), device=device)
     n_batches = 0
     sharded = shard is not None and shard.active
+    dense_grads = _DenseGrads(optimizers)
     per_user = epoch_data.by_user.indptr[1:] - epoch_data.by_user.indptr[:-1]
     for start in range(0, order.numel(), run_plan.batch_size):
         idx = order[start : start + run_plan.batch_size]
@@ -325,6 +343,7 @@ def train_epoch(
                 objectives.draw_samples(epoch_data.log_q, config.negatives, generator)
         if shard is not None and sharded:
             shard.sync_gradients(model)
+        dense_grads.fill()
         for opt in optimizers:
             opt.step()
         # Summed on the device: no host sync per batch.
@@ -335,6 +354,37 @@ def train_epoch(
     if shard is not None and sharded:
         shard.total(total)
     return float(total.item()) / max(n_batches, 1)
+
+
+class _DenseGrads:
+    """Sparse gradients of parameters a dense optimizer holds, summed into one persistent
+    dense buffer per parameter: reused memory is zeroed at memset speed, where a fresh
+    [items x dim] tensor every step paid page faults as well (most of a sampled step)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.params = [
+            p
+            for opt in optimizers
+            if isinstance(opt, torch.optim.Adam | torch.optim.AdamW)
+            for group in opt.param_groups
+            for p in group["params"]
+        ]
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def fill(self) -> None:
+        for p in self.params:
+            grad = p.grad
+            if grad is None or not grad.is_sparse:
+                continue
+            buffer = self.buffers.get(id(p))
+            if buffer is None:
+                buffer = self.buffers[id(p)] = torch.zeros_like(p)
+            else:
+                buffer.zero_()
+            # Uncoalesced is fine: index_add_ sums repeated rows.
+            buffer.index_add_(0, grad._indices()[0], grad._values())
+            p.grad = buffer
 
 
 @torch.no_grad()
@@ -436,8 +486,8 @@ def train_model(
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device)
     generator.manual_seed(config.seed)
-    optimizers = make_optimizers(model, config)
     run_plan = plan(config, model.shape.n_items)
+    optimizers = make_optimizers(model, config, run_plan)
     epoch_data = EpochData.build(data, model.shape.n_users, model.shape.n_items, config.sampler)
     max_epochs = int(epochs or config.epochs or 1)
     patience = int(config.patience or 1)
