@@ -16,6 +16,7 @@ All three return the mean per-rating loss of the batch plus the L2 term, so thei
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -185,7 +186,7 @@ class _RatedDots(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: torch.autograd.function.FunctionCtx,
         user_vec: torch.Tensor,
         item_vec: torch.Tensor,
@@ -195,19 +196,22 @@ class _RatedDots(torch.autograd.Function):
         counts = torch.bincount(rows, minlength=user_vec.shape[0])
         # fp32 whatever autocast made of the inputs: these are logits for a logsumexp.
         users, table = user_vec.float(), item_vec.float()
-        pattern = torch.sparse_csr_tensor(
-            torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]),
-            items,
-            users.new_zeros(items.numel()),
-            size=(users.shape[0], table.shape[0]),
-            check_invariants=False,
-        )
+        with warnings.catch_warnings():
+            # "Sparse CSR tensor support is in beta": once per process, on every log.
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(
+                torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]),
+                items,
+                users.new_zeros(items.numel()),
+                size=(users.shape[0], table.shape[0]),
+                check_invariants=False,
+            )
         out = torch.sparse.sampled_addmm(pattern, users, table.T, beta=0.0).values()
         ctx.save_for_backward(user_vec, item_vec, rows, items, counts)
         return out
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         user_vec, item_vec, rows, items, counts = ctx.saved_tensors  # type: ignore[attr-defined]
