@@ -240,7 +240,7 @@ def train(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Users per step (softmax, sampled; a sampled epoch takes at most 100 "
+            help="Users per step (softmax, sampled; a sampled epoch takes at most 400 "
             "steps) or ratings (rating)."
         ),
     ] = None,

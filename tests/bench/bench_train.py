@@ -10,7 +10,7 @@ optimizer and MSE loss, in the same process, so the ratio is apples to apples; t
 objectives are reported beside it. Medians of --repeats.
 
 `--epoch`: the synthetic generator's 100k x 20k x 89 (8.9M ratings), one whole epoch per
-configuration: the default plan (which samples at this catalogue size, 1/100 of the users
+configuration: the default plan (which samples at this catalogue size, 1/400 of the users
 a step), the same at the old 128 users a step, the sampled softmax at dim 64 / 1,024
 users a step, and the full softmax forced (timed over --full-steps steps and scaled to
 the epoch, labelled as such, unless --full-steps 0). `--breakdown` adds where the default
