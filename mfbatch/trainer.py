@@ -249,7 +249,7 @@ def plan(config: TrainConfig, n_items: int, n_users: int = 0) -> Plan:
         )
         note = (
             f"{why}; training with the sampled softmax ({config.negatives} "
-            f"{config.sampler} samples per step) instead"
+            f"{config.sampler} samples, {min(users, sampled_rows)} users per step) instead"
         )
     return Plan("sampled", max(1, min(users, sampled_rows)), note)
 
