@@ -250,7 +250,11 @@ def train(
         int | None, typer.Option(help="Epochs without improvement before stopping.")
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Users per step (softmax, sampled) or ratings (rating).")
+        int | None,
+        typer.Option(
+            help="Users per step (softmax, sampled; a sampled epoch takes at most 400 "
+            "steps) or ratings (rating)."
+        ),
     ] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
     lr_schedule: Annotated[str | None, typer.Option(help="constant or cosine.")] = None,

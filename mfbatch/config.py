@@ -210,7 +210,8 @@ class TrainConfig:
     epochs: int | None = None
     patience: int | None = None
     min_delta: float = 1e-4
-    # rating: ratings per step; softmax/sampled: users per step (capped by memory_mb).
+    # rating: ratings per step; softmax/sampled: users per step (capped by memory_mb;
+    # sampled raises it to 1/400 of the users, mfbatch.trainer.plan).
     batch_size: int | None = None
     lr: float | None = None
     lr_schedule: Schedule = "cosine"

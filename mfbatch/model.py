@@ -46,10 +46,20 @@ class MatrixFactorization(nn.Module):
         self.dropout = nn.Dropout(shape.dropout)
 
     def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.user_norm(self.user_emb(users)))
+        return self.user_rows(users)[1]
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.item_norm(self.item_emb(items)))
+        return self.item_rows(items)[1]
+
+    def user_rows(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table rows p_u, f(p_u)): one lookup for a loss that needs both (L2 and logits)."""
+        raw = self.user_emb(users)
+        return raw, self.dropout(self.user_norm(raw))
+
+    def item_rows(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table rows q_i, f(q_i))."""
+        raw = self.item_emb(items)
+        return raw, self.dropout(self.item_norm(raw))
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Predicted normalised rating for each (user, item) pair."""

@@ -16,9 +16,11 @@ All three return the mean per-rating loss of the batch plus the L2 term, so thei
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from mfbatch.model import MatrixFactorization
 
@@ -188,32 +190,119 @@ def sampled_softmax(
     samples: Samples,
     temperature: float = 1.0,
     user_exponent: float = 0.0,
+    l2: float = 0.0,
 ) -> torch.Tensor:
-    """The full softmax loss with Σ_j exp(s_uj) estimated as Σ_k exp(s_uk)/(S q_k).
+    """The full softmax loss with Σ_j exp(s_uj) estimated as Σ_k exp(s_uk)/(S q_k), plus
+    `l2_penalty`'s frequency-scaled L2 (weight `l2`) on the rows the step looked up.
 
     Per rating (u, i): logaddexp(s_ui, log Σ_{k: item_k ≠ i} exp(s_uk − log(S q_k))) − s_ui.
     The positive's own draws are taken out of the user's shared estimate in log space, so
     each rating costs O(1) on top of one [B, U] logits block per step; as samples grow the
     estimate tends to the catalogue's sum and the loss to `full_softmax`'s.
+
+    Each table is read once a step (the samples and the rated items together): every
+    further lookup of a big table costs its own gradient, and the rated items' logits go
+    through `_RatedDots`, never a [ratings x dim] temporary. f (dropout, BatchNorm) is
+    applied to the distinct rows, so a dropout mask is shared by the step's users.
     """
-    user_vec = model.user_vectors(batch.users)
-    logits = model.item_logits(batch.users, samples.items, user_vec=user_vec).float() / temperature
-    corrected = logits + samples.log_weight
-    lse = torch.logsumexp(corrected, dim=1)  # [B]
-    rated_by = batch.users[batch.rows]
-    positive = model.pair_logits(rated_by, batch.items, user_vec=user_vec[batch.rows]).float()
-    positive = positive / temperature
+    raw_users, user_vec = model.user_rows(batch.users)
+    n_drawn = samples.items.numel()
+    touched, where = torch.unique(torch.cat([samples.items, batch.items]), return_inverse=True)
+    raw_items, item_vec = model.item_rows(touched)
+    bias = model.item_bias(touched).squeeze(-1)
+    drawn, rated = where[:n_drawn], where[n_drawn:]
+    logits = (user_vec @ item_vec[drawn].T + bias[drawn]).float() / temperature
+    lse = torch.logsumexp(logits + samples.log_weight, dim=1)  # [B]
+    positive = _RatedDots.apply(user_vec, item_vec, batch.rows, rated) + bias[rated]
+    positive = positive.float() / temperature
     # The positive's share of the shared estimate: its logit plus its log-weight where it
     # was drawn (−inf where it was not).
-    weight_of = torch.full(
-        (model.shape.n_items,), -math.inf, device=logits.device, dtype=logits.dtype
-    )
-    weight_of[samples.items] = samples.log_weight
-    own = positive + weight_of[batch.items] - lse[batch.rows]
+    weight_of = torch.full((touched.numel(),), -math.inf, device=lse.device, dtype=lse.dtype)
+    weight_of[drawn] = samples.log_weight
+    own = positive + weight_of[rated] - lse[batch.rows]
     # log(1 − e^own); clamped so a user whose only sample is the positive stays finite.
     rest = lse[batch.rows] + torch.log((-torch.expm1(own)).clamp(min=1e-6))
     loss = torch.logaddexp(positive, rest) - positive
-    return (rating_weights(batch, user_exponent) * loss).mean()
+    loss = (rating_weights(batch, user_exponent) * loss).mean()
+    if l2 == 0.0:
+        return loss
+    # l2_penalty's "frequency" sum (a weighted rating counts w²), from the rows already
+    # looked up.
+    if batch.weights is None:
+        user_counts = torch.bincount(batch.rows, minlength=batch.users.numel())
+        item_counts = torch.bincount(rated, minlength=touched.numel())
+    else:
+        w2 = batch.weights.float().square()
+        user_counts = w2.new_zeros(batch.users.numel()).index_add_(0, batch.rows, w2)
+        item_counts = w2.new_zeros(touched.numel()).index_add_(0, rated, w2)
+    user_term = (user_counts * raw_users.float().pow(2).sum(-1)).sum()
+    item_term = (item_counts * raw_items.float().pow(2).sum(-1)).sum()
+    return loss + l2 * (user_term + item_term) / max(batch.items.numel(), 1)
+
+
+class _RatedDots(torch.autograd.Function):
+    """s_r = <user_vec[rows_r], item_vec[items_r]> for every rating r, without the
+    [ratings x dim] temporaries of gathering both sides (at 1,024 users a step, 91k x 256
+    floats gathered, multiplied and scattered back cost more than the rest of the step).
+
+    The forward is a sampled dense-dense product (SDDMM) on the ratings' CSR pattern;
+    the backward is two gather-and-sum passes (`embedding_bag`):
+    d/d user_vec[u] = Σ_r g_r q_(i_r) over u's ratings (`rows` ascending, so contiguous
+    bags) and d/d item_vec[i] = Σ_r g_r p_(u_r) over i's ratings (bags after a sort).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        user_vec: torch.Tensor,
+        item_vec: torch.Tensor,
+        rows: torch.Tensor,
+        items: torch.Tensor,
+    ) -> torch.Tensor:
+        counts = torch.bincount(rows, minlength=user_vec.shape[0])
+        # fp32 whatever autocast made of the inputs: these are logits for a logsumexp.
+        users, table = user_vec.float(), item_vec.float()
+        with warnings.catch_warnings():
+            # "Sparse CSR tensor support is in beta": once per process, on every log.
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(
+                torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]),
+                items,
+                users.new_zeros(items.numel()),
+                size=(users.shape[0], table.shape[0]),
+                check_invariants=False,
+            )
+        out = torch.sparse.sampled_addmm(pattern, users, table.T, beta=0.0).values()
+        ctx.save_for_backward(user_vec, item_vec, rows, items, counts)
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        user_vec, item_vec, rows, items, counts = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_user = grad_item = None
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            grad_user = F.embedding_bag(
+                items,
+                item_vec.to(grad.dtype),
+                torch.cumsum(counts, 0) - counts,
+                mode="sum",
+                per_sample_weights=grad,
+            ).to(user_vec.dtype)
+        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
+            by_item, order = torch.sort(items)
+            seen, per_item = torch.unique_consecutive(by_item, return_counts=True)
+            summed = F.embedding_bag(
+                rows[order],
+                user_vec.to(grad.dtype),
+                torch.cumsum(per_item, 0) - per_item,
+                mode="sum",
+                per_sample_weights=grad[order],
+            )
+            grad_item = item_vec.new_zeros(item_vec.shape)
+            grad_item[seen] = summed.to(item_vec.dtype)
+        return grad_user, grad_item, None, None
 
 
 def mse(

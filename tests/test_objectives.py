@@ -18,7 +18,18 @@ from mfbatch.objectives import (
     recency_weights,
     sampled_softmax,
 )
-from mfbatch.trainer import Csr, Interactions, Validation, plan, rank_metrics, train_model
+from mfbatch.trainer import (
+    Csr,
+    EpochData,
+    Interactions,
+    LazyAdam,
+    Validation,
+    make_optimizers,
+    plan,
+    rank_metrics,
+    train_epoch,
+    train_model,
+)
 
 
 def _model_and_batch(
@@ -106,6 +117,92 @@ def test_logq_sampled_softmax_approaches_the_full_loss(q_kind: str) -> None:
     assert sampled_softmax(model, batch, exact).item() == pytest.approx(full, rel=1e-6)
 
 
+def _per_rating_sampled_softmax(
+    model: MatrixFactorization, batch: UserBatch, samples: Samples, l2: float
+) -> torch.Tensor:
+    """The sampled loss by its definition, one rating at a time from gathered rows:
+    log(e^s_ui + Σ_{drawn k ≠ i} e^(s_uk + log_weight_k)) − s_ui, plus frequency L2."""
+    losses = []
+    for row, item in zip(batch.rows.tolist(), batch.items.tolist(), strict=True):
+        user = batch.users[row : row + 1]
+        drawn = model.item_logits(user, samples.items)[0] + samples.log_weight
+        own = model.item_logits(user, torch.tensor([item]))[0]
+        rest = drawn[samples.items != item]
+        losses.append(torch.logsumexp(torch.cat([own, rest]), 0) - own[0])
+    return torch.stack(losses).mean() + l2_penalty(model, batch, l2, "frequency")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sampled_softmax_equals_its_per_rating_definition(sparse: bool) -> None:
+    """One lookup per table, the rated logits by SDDMM and their embedding_bag backward
+    give the per-rating loss and gradients, with dense or (as the trainer sets the item
+    table for a sampled plan) sparse item gradients."""
+    model, batch = _model_and_batch()
+    model.item_emb.sparse = model.item_bias.sparse = sparse
+    # Some samples are the batch's positives, some are not, one is drawn twice.
+    samples = Samples(torch.tensor([0, 3, 7, 11]), torch.tensor([0.3, -0.2, 0.5, 0.1]))
+    params = [model.user_emb.weight, model.item_emb.weight, model.item_bias.weight]
+    got = sampled_softmax(model, batch, samples, l2=0.1)
+    expected = _per_rating_sampled_softmax(model, batch, samples, l2=0.1)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    for g, e in zip(
+        torch.autograd.grad(got, params), torch.autograd.grad(expected, params), strict=True
+    ):
+        assert torch.allclose(g.to_dense(), e.to_dense(), atol=1e-6)
+
+
+def test_sampled_steps_with_sparse_item_rows_update_like_dense_ones() -> None:
+    """The trainer gives a sampled plan's item table sparse gradients summed into one
+    persistent dense buffer: the same Adam steps as dense gradients."""
+    gen = torch.Generator().manual_seed(1)
+    users = torch.randint(0, 40, (400,), generator=gen)
+    items = torch.randint(0, 30, (400,), generator=gen)
+    data = Interactions(users, items, torch.rand(400, generator=gen))
+    config = TrainConfig(objective="sampled", embedding_dim=4, batch_size=8, negatives=16)
+    weights = []
+    for sampled_plan in (None, plan(config, 30, 40)):
+        torch.manual_seed(0)
+        model = MatrixFactorization(ModelShape(40, 30, 4, 0.0, False))
+        optimizers = make_optimizers(model, config, sampled_plan)
+        assert model.item_emb.sparse == (sampled_plan is not None)
+        epoch_data = EpochData.build(data, 40, 30, config.sampler)
+        for _ in range(2):
+            train_epoch(
+                model,
+                optimizers,
+                epoch_data,
+                config,
+                plan(config, 30, 40),
+                torch.Generator().manual_seed(0),
+            )
+        weights.append(model.item_emb.weight.detach().clone())
+    assert not torch.equal(weights[0], torch.zeros_like(weights[0]))
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_lazy_adam_takes_sparse_adams_steps() -> None:
+    """Big user tables get LazyAdam: SparseAdam's update (touched rows only, moments of
+    the others kept), cheaper. Rows repeat within a step, and one row is never touched."""
+    torch.manual_seed(0)
+    tables = [torch.nn.Embedding(12, 5, sparse=True) for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    optimizers = [
+        torch.optim.SparseAdam(list(tables[0].parameters()), lr=0.05),
+        LazyAdam(list(tables[1].parameters()), lr=0.05),
+    ]
+    untouched = tables[1].weight[11].detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        rows = torch.randint(0, 11, (7,), generator=gen)
+        target = torch.randn(7, 5, generator=gen)
+        for table, opt in zip(tables, optimizers, strict=True):
+            opt.zero_grad()
+            ((table(rows) - target) ** 2).sum().backward()
+            opt.step()
+    assert torch.allclose(tables[0].weight, tables[1].weight, atol=1e-6)
+    assert torch.equal(tables[1].weight[11], untouched)
+
+
 def test_in_batch_samples_use_the_batch_items_with_their_frequency() -> None:
     log_q = torch.log(torch.tensor([0.5, 0.25, 0.25]))
     samples = draw_samples(log_q, 99, torch.Generator(), batch_items=torch.tensor([0, 0, 2, 0]))
@@ -154,6 +251,13 @@ def test_catalogues_too_wide_for_the_budget_fall_back_to_sampling() -> None:
     assert wide.loss == "sampled" and wide.note is not None and "--negatives 1024" in wide.note
     roomy = dataclasses.replace(config, memory_mb=4096, negatives=4096)
     assert plan(roomy, n_items=20_000).loss == "softmax"
+    # A sampled epoch takes at most 400 steps where the budget allows: 200k users run
+    # 500 a step; ML-100K's 943 keep --batch-size; 2 MiB still caps them at 128.
+    big = dataclasses.replace(config, memory_mb=4096)
+    assert plan(big, n_items=20_000, n_users=200_000).batch_size == 500
+    assert plan(big, n_items=20_000, n_users=943).batch_size == 256
+    tight = dataclasses.replace(config, memory_mb=2)
+    assert plan(tight, n_items=4_000, n_users=200_000).batch_size == 128
     assert plan(TrainConfig(objective="rating"), 10**7).loss == "rating"
 
 

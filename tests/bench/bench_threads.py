@@ -42,7 +42,7 @@ def workload(data: Interactions, n_users: int, n_items: int, steps: int) -> floa
     epoch_data = EpochData(
         epoch_data.data, epoch_data.by_user, users, epoch_data.log_q, epoch_data.all_items
     )
-    optimizers = make_optimizers(model, config)
+    optimizers = make_optimizers(model, config, run_plan)
     started = time.perf_counter()
     train_epoch(model, optimizers, epoch_data, config, run_plan, torch.Generator().manual_seed(0))
     return time.perf_counter() - started

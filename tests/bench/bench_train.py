@@ -10,9 +10,12 @@ optimizer and MSE loss, in the same process, so the ratio is apples to apples; t
 objectives are reported beside it. Medians of --repeats.
 
 `--epoch`: the synthetic generator's 100k x 20k x 89 (8.9M ratings), one whole epoch per
-configuration: the default plan (which samples at this catalogue size), the sampled
-softmax at dim 64 / 1,024 users a step, and the full softmax forced (timed over
---full-steps steps and scaled to the epoch, labelled as such, unless --full-steps 0).
+configuration: the default plan (which samples at this catalogue size, 1/400 of the users
+a step), the same at the old 128 users a step, the sampled softmax at dim 64 / 1,024
+users a step, and the full softmax forced (timed over --full-steps steps and scaled to
+the epoch, labelled as such, unless --full-steps 0). `--breakdown` adds where the default
+plan's epoch goes: batch building, forward, backward, optimizer (timers around each
+phase of the same step `train_epoch` runs, over --breakdown-steps steps, scaled).
 """
 
 from __future__ import annotations
@@ -33,7 +36,17 @@ from mfbatch.config import TrainConfig
 from mfbatch.data.synthetic import SyntheticSpec, generate
 from mfbatch.data.transforms import dense_ids
 from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.trainer import EpochData, Interactions, Plan, make_optimizers, plan, train_epoch
+from mfbatch.objectives import UserBatch
+from mfbatch.trainer import (
+    EpochData,
+    Interactions,
+    Plan,
+    _DenseGrads,
+    make_optimizers,
+    plan,
+    step_loss,
+    train_epoch,
+)
 
 
 class RatingsDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -90,7 +103,7 @@ def epoch_seconds(
     """Seconds for one epoch (or `max_steps` steps scaled up to one), and the plan used."""
     shape = model.shape
     epoch_data = EpochData.build(data, shape.n_users, shape.n_items, config.sampler)
-    run_plan = run_plan or plan(config, shape.n_items)
+    run_plan = run_plan or plan(config, shape.n_items, int(epoch_data.active_users.numel()))
     if max_steps is not None:
         # Time the first steps only: a slice of the users (or ratings) as the epoch.
         units = len(data) if run_plan.loss == "rating" else epoch_data.active_users.numel()
@@ -99,7 +112,7 @@ def epoch_seconds(
         epoch_data = dataclasses.replace(epoch_data, active_users=keep)
     else:
         share = 1.0
-    optimizers = make_optimizers(model, config)
+    optimizers = make_optimizers(model, config, run_plan)
     generator = torch.Generator(device=device).manual_seed(0)
     started, cpu = time.perf_counter(), time.process_time()
     train_epoch(model, optimizers, epoch_data, config, run_plan, generator)
@@ -112,6 +125,49 @@ def epoch_seconds(
 
 
 LAST_CPU_SECONDS = [0.0]
+
+
+def breakdown(
+    model: MatrixFactorization, data: Interactions, config: TrainConfig, steps: int
+) -> dict[str, float]:
+    """CPU seconds per epoch in each phase of the default plan's step (scaled from `steps`
+    steps): what `train_epoch` does, with a timer between the phases."""
+    shape = model.shape
+    epoch_data = EpochData.build(data, shape.n_users, shape.n_items, config.sampler)
+    users = epoch_data.active_users
+    run_plan = plan(config, shape.n_items, int(users.numel()))
+    optimizers = make_optimizers(model, config, run_plan)
+    dense_grads = _DenseGrads(optimizers)
+    generator = torch.Generator().manual_seed(0)
+    order = users[torch.randperm(users.numel(), generator=generator)]
+    phases = dict.fromkeys(("batch", "forward", "backward", "optimizer"), 0.0)
+    last = [time.process_time()]
+
+    def mark(phase: str) -> None:
+        now = time.process_time()
+        phases[phase] += now - last[0]
+        last[0] = now
+
+    model.train()
+    done = 0
+    for start in range(0, steps * run_plan.batch_size, run_plan.batch_size):
+        last[0] = time.process_time()
+        idx = order[start : start + run_plan.batch_size]
+        rows, items = epoch_data.by_user.rows_of(idx)
+        batch = UserBatch(users=idx, rows=rows, items=items)
+        mark("batch")
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss = step_loss(model, batch, None, epoch_data, config, run_plan.loss, generator)
+        mark("forward")
+        loss.backward()
+        mark("backward")
+        dense_grads.fill()
+        for opt in optimizers:
+            opt.step()
+        mark("optimizer")
+        done += idx.numel()
+    return {k: v * users.numel() / done for k, v in phases.items()}
 
 
 def ours_examples_per_second(
@@ -145,6 +201,12 @@ def epoch_bench(args: argparse.Namespace, device: torch.device) -> dict[str, flo
     runs: list[tuple[str, TrainConfig, Plan | None, int | None]] = [
         ("default config (plan picks)", TrainConfig(device="cpu"), None, None),
         (
+            "default config at the old 128 users/step",
+            TrainConfig(device="cpu"),
+            Plan("sampled", 128),
+            None,
+        ),
+        (
             "sampled, dim 64, 1024 users/step",
             TrainConfig(device="cpu", objective="sampled", embedding_dim=64, batch_size=1024),
             None,
@@ -175,6 +237,19 @@ def epoch_bench(args: argparse.Namespace, device: torch.device) -> dict[str, flo
             f"{os.getloadavg()[0]:.1f})",
             flush=True,
         )
+    if args.breakdown:
+        torch.manual_seed(0)
+        config = TrainConfig(device="cpu")
+        model = MatrixFactorization(ModelShape(n_users, n_items, 256, 0.0, False)).to(device)
+        phases = breakdown(model, data, config, args.breakdown_steps)
+        for phase, seconds in phases.items():
+            results[f"breakdown {phase}"] = seconds
+        print(
+            "  default plan, CPU s/epoch by phase: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+            + f" (total {sum(phases.values()):.2f}; load avg {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
     return results
 
 
@@ -191,6 +266,8 @@ def main() -> None:
     parser.add_argument("--ratings-per-user", type=float, default=89.0)
     parser.add_argument("--full-steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--breakdown-steps", type=int, default=30)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
