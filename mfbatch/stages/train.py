@@ -211,16 +211,25 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
             parent, epochs = validated.run_id, max(validated.best_epoch, 1)
     finally:
         con.close()
+    recency_note = ""
     if settings.recency_half_life is None:
         # Recorded resolved, so a refit copying this run weights its ratings the same way.
         settings = dataclasses.replace(settings, recency_half_life=recency_for(dataset.split_kind))
+        if settings.recency_half_life and settings.objective != "rating":
+            # A default that depends on the data deserves a word: say what it is and why.
+            recency_note = (
+                f", recency half-life {settings.recency_half_life:g} (the default for a "
+                f"{dataset.split_kind} split; --recency-half-life 0 turns it off)"
+            )
     if console:
         ranks = (
             f" x {shard.world} processes ({'nccl' if device.type == 'cuda' else 'gloo'})"
             if shard.active
             else ""
         )
-        console.print(f"training on {describe(device)}{ranks}", highlight=False)
+        console.print(
+            f"training on {describe(device)}{ranks}{recency_note}", highlight=False, soft_wrap=True
+        )
 
     is_val = frame["is_val"].to_numpy()
     fit = frame if settings.on == "all" else frame.filter(~pl.col("is_val"))
