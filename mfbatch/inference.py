@@ -34,6 +34,18 @@ def _gpu_present() -> bool:
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
 
 
+def _aligned_empty(rows: int, cols: int) -> np.ndarray:
+    """A float32 [rows, cols] buffer starting on a 64-byte boundary.
+
+    ORT's MatMul writes its output with full-width vector stores; numpy's large arrays
+    start 16 bytes past a page, and writing scores there measured 24.6 against 20.8 ms a
+    batch (1,677 users x 20,000 items, one thread): the floor's own outputs are aligned.
+    """
+    raw = np.empty(rows * cols + 16, dtype=np.float32)
+    start = (-raw.ctypes.data % 64) // 4
+    return raw[start : start + rows * cols].reshape(rows, cols)
+
+
 @dataclass(frozen=True)
 class SeenItems:
     """Items each user must not be recommended, as CSR over user_idx."""
@@ -128,7 +140,7 @@ class Scorer:
         # never loaded: one copy of the tables, one parse.
         self.session: ort.InferenceSession | None = None
         self._split: tuple[ort.InferenceSession, ort.InferenceSession] | None = None
-        self._buffer = np.empty((0, 0), dtype=np.float32)
+        self._buffers: list[np.ndarray] = []
         self._workers = options.intra_op_num_threads
         self._pool: ThreadPoolExecutor | None = None
         if want_cuda:
@@ -220,35 +232,41 @@ class Scorer:
     ) -> list[np.ndarray]:
         """The batch in one slice per worker, each scored, masked and ranked on its own."""
         n_items = item_mask.shape[0]
-        if self._buffer.shape[0] < len(users) or self._buffer.shape[1] != n_items:
-            self._buffer = np.empty((len(users), n_items), dtype=np.float32)
         denied = np.flatnonzero(np.isneginf(item_mask))
         # Slices of at least a few hundred users: smaller ones cost more in per-run
         # overhead than a second core gives back.
         slices = int(np.clip(len(users) // 256, 1, self._workers))
         bounds = np.linspace(0, len(users), slices + 1).astype(np.int64)
+        rows = int(np.diff(bounds).max())
+        if (
+            len(self._buffers) < slices
+            or self._buffers[0].shape[0] < rows
+            or self._buffers[0].shape[1] != n_items
+        ):
+            self._buffers = [_aligned_empty(rows, n_items) for _ in range(slices)]
         name, values = feed
 
-        def run(lo: int, hi: int) -> list[np.ndarray]:
-            # Rows lo:hi of the shared buffer: no slice writes where another does.
+        def run(lo: int, hi: int, slot: int) -> list[np.ndarray]:
+            # Each slice has its own buffer: no slice writes where another does.
             return self._top_k_slice(
                 session,
                 (name, values[lo:hi]),
                 users[lo:hi],
-                self._buffer[lo:hi],
+                self._buffers[slot][: hi - lo],
                 seen,
                 denied,
                 k,
             )
 
         if slices == 1:
-            return run(0, len(users))
+            return run(0, len(users), 0)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="mfbatch-score")
         parts = [
             future.result()
             for future in [
-                self._pool.submit(run, int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)
+                self._pool.submit(run, int(lo), int(hi), slot)
+                for slot, (lo, hi) in enumerate(itertools.pairwise(bounds))
             ]
         ]
         return [np.concatenate([part[i] for part in parts]) for i in range(2)]
