@@ -9,6 +9,9 @@ what spans buckets (a user's duplicates, timestamps tied at the `time` cutoff, t
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -228,3 +231,36 @@ def test_a_failure_midway_keeps_the_previous_dataset(
     assert len(inserted) == 3
     assert db_snapshot(good_db) == before
     assert not list(good_db.parent.glob(WORK_PREFIX + "*"))
+
+
+def test_buckets_a_killed_run_left_are_removed(tmp_path: Path) -> None:
+    """A run killed outright (SIGKILL) can't clean up; the next one removes its folder,
+    and leaves alone one whose owner still runs and one created a moment ago."""
+    source = tmp_path / "ratings.parquet"
+    pq.write_table(_ratings("int"), source)
+    dead = tmp_path / f"{WORK_PREFIX}dead"
+    dead.mkdir()
+    (dead / "bucket-0.arrow").write_bytes(b"half a bucket")
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    (dead / "owner.pid").write_text(gone.stdout.strip())
+    unowned_old = tmp_path / f"{WORK_PREFIX}old"
+    unowned_old.mkdir()
+    os.utime(unowned_old, (1_000_000_000, 1_000_000_000))
+    unowned_new = tmp_path / f"{WORK_PREFIX}new"  # mkdtemp'd, owner not written yet
+    unowned_new.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f"{WORK_PREFIX}live"
+        live.mkdir()
+        (live / "owner.pid").write_text(str(sleeper.pid))
+        _run(source, tmp_path / "buckets.duckdb", "random", 512, 300)
+        left = sorted(p.name for p in tmp_path.glob(WORK_PREFIX + "*"))
+        assert left == sorted([live.name, unowned_new.name])
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -252,6 +252,9 @@ def test_stale_spools_are_removed_and_live_ones_kept(trained: Path) -> None:
     (dead / "owner.pid").write_text("999999999")
     orphan = trained.parent / f"{SPOOL_PREFIX}orphan"  # killed before it wrote its owner
     orphan.mkdir()
+    os.utime(orphan, (1_000_000_000, 1_000_000_000))
+    fresh = trained.parent / f"{SPOOL_PREFIX}fresh"  # another score's, owner not written yet
+    fresh.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         live = trained.parent / f"{SPOOL_PREFIX}live"
@@ -260,9 +263,11 @@ def test_stale_spools_are_removed_and_live_ones_kept(trained: Path) -> None:
         ok(cli("score", "--db", trained))
         assert not dead.exists() and not orphan.exists()
         assert live.exists()  # another score still at work
+        assert fresh.exists()
     finally:
         sleeper.kill()
         sleeper.wait()
+        fresh.rmdir()
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from rich.console import Console
 
-from mfbatch import db
+from mfbatch import db, workdirs
 from mfbatch.config import Config, ScoreConfig, machine_cores
 from mfbatch.errors import ConfigError, DatabaseError, InputDataError
 from mfbatch.foldin import fold_in, method_for
@@ -48,7 +48,6 @@ from mfbatch.inference import Scorer
 from mfbatch.lists import ListPlan, build_lists, to_arrow, with_rating
 from mfbatch.progress import Steps
 from mfbatch.stages.score import (
-    OWNER_FILE,
     SPOOL_PREFIX,
     ScoreSummary,
     load_inputs,
@@ -210,8 +209,7 @@ def score_with_ray(*, config: Config, console: Console | None = None) -> ScoreSu
                 raise ConfigError(f"--parts-dir: {parts} is not empty; pass a new or empty folder")
             parts.mkdir(parents=True, exist_ok=True)
         else:
-            spool = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=config.db.parent))
-            (spool / OWNER_FILE).write_text(str(os.getpid()))
+            spool = workdirs.make(config.db.parent, SPOOL_PREFIX)
             parts = spool / "parts"
             parts.mkdir()
     except OSError as exc:

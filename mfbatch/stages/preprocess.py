@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import polars as pl
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mfbatch import __version__, db
+from mfbatch import __version__, db, workdirs
 from mfbatch.config import Config
 from mfbatch.data import DataLoaderFactory, lazyscan, outofcore
 from mfbatch.data.base import BaseDataLoader, PreparedData, PrepStats, RawData
@@ -141,7 +140,9 @@ def preprocess(
     try:
         with _progress(console) as progress:
             if memory_mb is not None and isinstance(loader, ParquetLoader):
-                work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=path.parent))
+                # Buckets a killed run left beside this folder's databases go first.
+                workdirs.remove_stale(path.parent, WORK_PREFIX)
+                work = workdirs.make(path.parent, WORK_PREFIX)
                 rows = bucket_rows or outofcore.bucket_rows(memory_mb)
                 summary = _out_of_core(con, loader, config, memory_mb, rows, work, console, started)
             else:

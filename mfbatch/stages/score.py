@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import queue
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 from rich.console import Console
 
-from mfbatch import db
+from mfbatch import db, workdirs
 from mfbatch.config import Config
 from mfbatch.errors import ConfigError, DatabaseError, InputDataError
 from mfbatch.foldin import fold_in, method_for
@@ -43,7 +41,6 @@ from mfbatch.progress import Steps
 from mfbatch.runs import Dataset, Run, find_run
 
 SPOOL_PREFIX = ".mfbatch-score-"
-OWNER_FILE = "owner.pid"
 
 
 @dataclass(frozen=True)
@@ -254,28 +251,7 @@ def refuse_empty_lists(empty: list[int], user_ids: pa.Array) -> None:
 
 def remove_stale_spools(folder: Path) -> int:
     """Spool folders a killed `score` left beside the database (owner process gone)."""
-    removed = 0
-    for spool in folder.glob(SPOOL_PREFIX + "*"):
-        owner = spool / OWNER_FILE
-        try:
-            pid = int(owner.read_text().strip())
-        except (OSError, ValueError):
-            pid = None
-        if pid is not None and pid != os.getpid() and _alive(pid):
-            continue
-        shutil.rmtree(spool, ignore_errors=True)
-        removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return workdirs.remove_stale(folder, SPOOL_PREFIX)
 
 
 def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
@@ -323,8 +299,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     created = datetime.now(timezone.utc).replace(tzinfo=None)
 
     try:
-        spool_dir = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=config.db.parent))
-        (spool_dir / OWNER_FILE).write_text(str(os.getpid()))
+        spool_dir = workdirs.make(config.db.parent, SPOOL_PREFIX)
     except OSError as exc:
         raise DatabaseError(
             f"could not create the scoring spool beside {config.db} ({exc}); free space or "
