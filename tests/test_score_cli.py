@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 import mfbatch.db
 import mfbatch.stages.score
+import mfbatch.workdirs
 from mfbatch.cli import app
 from mfbatch.export import load_model, read_metadata
 from mfbatch.inference import _gpu_present
@@ -601,7 +602,7 @@ def test_no_room_for_the_spool(
     def read_only(*args: Any, **kwargs: Any) -> str:
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(mfbatch.stages.score.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(mfbatch.workdirs.tempfile, "mkdtemp", read_only)
     result = ws.score("--top-k", "3")
     monkeypatch.undo()
     assert result.code == 4, (result.stderr, result.exception)
