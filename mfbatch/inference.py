@@ -82,6 +82,18 @@ class SeenItems:
         out[:, 1] = self.indices[np.arange(total, dtype=np.int64) + offsets]
         return out
 
+    def flat_positions(self, users: np.ndarray, n_cols: int) -> np.ndarray:
+        """Positions in a C-order [len(users), n_cols] matrix of every seen item below
+        n_cols: what the CPU path writes -inf to (one flat index a pair, not two, measured
+        ~2.5 of 41 ms a 1,677-user batch less than `pairs` + 2-D fancy indexing)."""
+        starts = self.indptr[users]
+        lengths = self.indptr[users + 1] - starts
+        total = int(lengths.sum())
+        offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        items = self.indices[np.arange(total, dtype=np.int64) + offsets]
+        flat = np.repeat(np.arange(len(users), dtype=np.int64) * n_cols, lengths) + items
+        return flat if not total or int(items.max()) < n_cols else flat[items < n_cols]
+
 
 @dataclass
 class Scorer:
@@ -289,8 +301,8 @@ class Scorer:
         session.run_with_iobinding(binding)
         if denied.size:
             scores[:, denied] = -np.inf
-        pairs = self._known_pairs(seen, users)
-        scores[pairs[:, 0], pairs[:, 1]] = -np.inf
+        assert scores.flags.c_contiguous  # else reshape would copy and the mask be lost
+        scores.reshape(-1)[seen.flat_positions(users, scores.shape[1])] = -np.inf
         outputs: list[np.ndarray] = self._split[1].run(
             ["top_items", "top_scores"], {"scores": scores, "k": np.array([k], dtype=np.int64)}
         )

@@ -132,6 +132,10 @@ def test_seen_pairs_match_a_python_loop(
     assert pairs.dtype == np.int64
     assert pairs.shape == (len(expected), 2)
     assert [tuple(p) for p in pairs.tolist()] == expected
+    # The flat form the CPU path masks with: the same pairs, minus items past the columns.
+    n_cols = picks.draw(st.integers(1, 32))
+    flat = seen.flat_positions(users, n_cols)
+    assert flat.tolist() == [row * n_cols + item for row, item in expected if item < n_cols]
 
 
 def test_seen_items_csr_layout() -> None:
