@@ -211,7 +211,7 @@ class TrainConfig:
     patience: int | None = None
     min_delta: float = 1e-4
     # rating: ratings per step; softmax/sampled: users per step (capped by memory_mb;
-    # sampled raises it to 1/400 of the users, mfbatch.trainer.plan).
+    # sampled raises it to 1/400 of the users, mfbatch.plan.plan).
     batch_size: int | None = None
     lr: float | None = None
     lr_schedule: Schedule = "cosine"

@@ -18,14 +18,12 @@ from mfbatch.objectives import (
     recency_weights,
     sampled_softmax,
 )
+from mfbatch.plan import LazyAdam, make_optimizers, plan
 from mfbatch.trainer import (
     Csr,
     EpochData,
     Interactions,
-    LazyAdam,
     Validation,
-    make_optimizers,
-    plan,
     rank_metrics,
     train_epoch,
     train_model,

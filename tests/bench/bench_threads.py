@@ -23,8 +23,9 @@ from mfbatch.config import TrainConfig
 from mfbatch.data.synthetic import SyntheticSpec, generate
 from mfbatch.data.transforms import dense_ids
 from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.plan import make_optimizers, plan
 from mfbatch.stages.train import resolve_threads, usable_cores
-from mfbatch.trainer import EpochData, Interactions, make_optimizers, plan, train_epoch
+from mfbatch.trainer import EpochData, Interactions, train_epoch
 
 
 def spin() -> None:

@@ -37,16 +37,8 @@ from mfbatch.data.synthetic import SyntheticSpec, generate
 from mfbatch.data.transforms import dense_ids
 from mfbatch.model import MatrixFactorization, ModelShape
 from mfbatch.objectives import UserBatch
-from mfbatch.trainer import (
-    EpochData,
-    Interactions,
-    Plan,
-    _DenseGrads,
-    make_optimizers,
-    plan,
-    step_loss,
-    train_epoch,
-)
+from mfbatch.plan import DenseGrads, Plan, make_optimizers, plan
+from mfbatch.trainer import EpochData, Interactions, step_loss, train_epoch
 
 
 class RatingsDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -137,7 +129,7 @@ def breakdown(
     users = epoch_data.active_users
     run_plan = plan(config, shape.n_items, int(users.numel()))
     optimizers = make_optimizers(model, config, run_plan)
-    dense_grads = _DenseGrads(optimizers)
+    dense_grads = DenseGrads(optimizers)
     generator = torch.Generator().manual_seed(0)
     order = users[torch.randperm(users.numel(), generator=generator)]
     phases = dict.fromkeys(("batch", "forward", "backward", "optimizer"), 0.0)

@@ -1,0 +1,184 @@
+"""How an epoch steps: the plan (which loss, how many users a step) and the optimizers.
+
+Resolved once per run from the config, the catalogue and the memory budget, before the
+first step; `train_epoch` (mfbatch.trainer) then only follows it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mfbatch.config import TrainConfig
+from mfbatch.model import MatrixFactorization
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the epoch is batched, resolved once from the config, catalogue and budget."""
+
+    loss: str  # softmax | sampled | rating
+    batch_size: int  # users per step (softmax, sampled) or ratings per step (rating)
+    note: str | None = None  # why the plan differs from what was asked, for the log
+
+
+# Bytes one logit costs in a step: the fp32 logits, their softmax (kept for backward), the
+# gradient, and a bf16 copy on CUDA, with slack for the allocator.
+BYTES_PER_LOGIT = 16
+# Fewer full rows than this per step and the epoch turns into thousands of tiny matmuls;
+# sampling then is the faster way to the same loss.
+MIN_FULL_ROWS = 64
+# The full softmax costs n_items logits per user and step, the sampled one `negatives`:
+# past this ratio the exact loss costs an epoch many times over for a small gain
+# (100k users x 20k items: 76 s vs ~10 s an epoch, README, "The model").
+MAX_FULL_TO_SAMPLED = 8
+# A sampled step has a fixed cost whatever its users (the dense Adam over the item table,
+# its gradient buffer, the step's sorts), so a sampled epoch takes at most this many
+# steps: at 100k users x 20k items, 250 users a step instead of 128 ran an epoch ~1.4x
+# faster, and on a planted-structure set ranked within 0.0006 Recall@20 of it after 20
+# epochs, where 1,000 a step (100 steps) stalled ~11% lower (README, "Training and
+# accuracy").
+SAMPLED_STEPS = 400
+
+
+def plan(config: TrainConfig, n_items: int, n_users: int = 0) -> Plan:
+    """Users per step from `--batch-size` and `--memory-mb`; the full softmax falls back
+    to sampling when a catalogue's rows do not fit enough of them, or would cost many
+    times the samples. A sampled epoch takes at most `SAMPLED_STEPS` steps of `n_users`
+    (the users with ratings) where the budget allows."""
+    batch = int(config.batch_size or 0)
+    if config.objective == "rating":
+        return Plan("rating", batch)
+    budget = config.memory_mb * (1 << 20)
+    full_rows = budget // (n_items * BYTES_PER_LOGIT)
+    fits = full_rows >= min(batch, MIN_FULL_ROWS)
+    cheap = n_items <= MAX_FULL_TO_SAMPLED * config.negatives
+    if config.objective == "softmax" and fits and cheap:
+        return Plan("softmax", max(1, min(batch, full_rows)))
+    sampled_rows = max(1, budget // (config.negatives * BYTES_PER_LOGIT))
+    users = max(batch, -(-n_users // SAMPLED_STEPS))
+    note = None
+    if config.objective == "softmax":
+        why = (
+            f"a full row of {n_items:,} items leaves room for {full_rows} users in "
+            f"--memory-mb {config.memory_mb}"
+            if not fits
+            else f"{n_items:,} items are over {MAX_FULL_TO_SAMPLED}x --negatives "
+            f"{config.negatives}, so a full row costs that many times a sampled one"
+        )
+        note = (
+            f"{why}; training with the sampled softmax ({config.negatives} "
+            f"{config.sampler} samples, {min(users, sampled_rows)} users per step) instead"
+        )
+    return Plan("sampled", max(1, min(users, sampled_rows)), note)
+
+
+# User-table size (rows x dim) from which the softmax objectives update users lazily.
+SPARSE_USERS_FROM = 4_000_000
+
+
+def make_optimizers(
+    model: MatrixFactorization, config: TrainConfig, run_plan: Plan | None = None
+) -> list[torch.optim.Optimizer]:
+    lr = float(config.lr or 0.0)  # resolved per objective by TrainConfig
+    if run_plan is not None and run_plan.loss == "sampled" and config.optimizer != "sparse_adam":
+        # A sampled step reads a few thousand item rows; a dense lookup's gradient is a
+        # fresh zero-filled [items x dim] tensor every step (page faults and all). Sparse
+        # ones go into one persistent dense gradient instead (`DenseGrads`), so the item
+        # table still gets its dense Adam.
+        model.item_emb.sparse = model.item_bias.sparse = True
+    big_user_table = model.shape.n_users * model.shape.dim >= SPARSE_USERS_FROM
+    if config.optimizer == "adam" and config.objective != "rating" and big_user_table:
+        # A softmax step reads every item but only its batch's users: a dense Adam
+        # rewrites the whole user table every step, so an epoch costs O(users^2): at 100k
+        # users x 256 that was ~90% of it. Those rows get sparse gradients and a lazy Adam
+        # instead (the item side stays dense). Not for small tables: lazy Adam moves a
+        # user only on the one step an epoch that sees them, and measured worse there.
+        model.user_emb.sparse = model.user_bias.sparse = True
+        users = [model.user_emb.weight, model.user_bias.weight]
+        rest = [p for p in model.parameters() if all(p is not u for u in users)]
+        return [LazyAdam(users, lr=lr), torch.optim.Adam(rest, lr=lr, fused=True)]
+    if config.optimizer in ("adam", "adamw"):
+        cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        return [cls(model.parameters(), lr=lr, weight_decay=config.weight_decay, fused=True)]
+    sparse = [p for n, p in model.named_parameters() if n.endswith(("_emb.weight", "_bias.weight"))]
+    dense = [
+        p for n, p in model.named_parameters() if not n.endswith(("_emb.weight", "_bias.weight"))
+    ]
+    if config.optimizer == "adagrad":
+        return [torch.optim.Adagrad(model.parameters(), lr=lr)]
+    return [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr)]
+
+
+class LazyAdam(torch.optim.Optimizer):
+    """torch.optim.SparseAdam's update (Adam on the rows a sparse gradient touches, the
+    others and their moments left as they are), in a handful of row-wise ops: SparseAdam
+    builds a sparse tensor per moment update and took twice as long (33 vs 16 ms for
+    2,048 rows x 256 on one thread)."""
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.coalesce()
+                rows, values = grad.indices()[0], grad.values()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
+                exp_avg_sq.mul_(beta2).addcmul_(values, values, value=1 - beta2)
+                state["exp_avg"].index_copy_(0, rows, exp_avg)
+                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+                t = state["step"]
+                step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                update = exp_avg.div_(exp_avg_sq.sqrt_().add_(group["eps"]))
+                p.index_add_(0, rows, update, alpha=-step_size)
+
+
+class DenseGrads:
+    """Sparse gradients of parameters a dense optimizer holds, summed into one persistent
+    dense buffer per parameter: reused memory is zeroed at memset speed, where a fresh
+    [items x dim] tensor every step paid page faults as well (most of a sampled step)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.params = [
+            p
+            for opt in optimizers
+            if isinstance(opt, torch.optim.Adam | torch.optim.AdamW)
+            for group in opt.param_groups
+            for p in group["params"]
+        ]
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def fill(self) -> None:
+        for p in self.params:
+            grad = p.grad
+            if grad is None or not grad.is_sparse:
+                continue
+            buffer = self.buffers.get(id(p))
+            if buffer is None:
+                buffer = self.buffers[id(p)] = torch.zeros_like(p)
+            else:
+                buffer.zero_()
+            # Uncoalesced is fine: index_add_ sums repeated rows.
+            buffer.index_add_(0, grad._indices()[0], grad._values())
+            p.grad = buffer
