@@ -449,7 +449,7 @@ def score(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Serve: top-K items each user has not rated (any split) into table recommendations."""
+    """Serve: top-K items each user has not rated (any split), published as recommendations."""
     from mfbatch.config import load_config
     from mfbatch.stages.score import score as run_score
 

@@ -199,7 +199,7 @@ def test_score_writes_the_top_k_unrated_items_of_every_user(ws: Workspace) -> No
         f"scored {N_USERS} users with run {ws.refit} (refit on train+val) on cpu"
     )
     assert "popularity" not in result.stdout  # a refit trained every user
-    assert "(table recommendations replaced, publish 1)" in result.stdout
+    assert "(recommendations replaced, publish 1)" in result.stdout
     assert "Traceback" not in result.stderr
 
     rated = _rated(ws.db, ("train", "val"))

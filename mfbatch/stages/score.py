@@ -83,7 +83,7 @@ class ScoreSummary:
         return (
             f"scored {self.users:,} users with run {self.run_id} ({kind}) on {self.provider}"
             f"{cold}{folded}: {self.rows:,} recommendations, {rate:,.0f} users/s, "
-            f"{self.seconds:.2f} s -> {self.db} (table recommendations {how}, publish "
+            f"{self.seconds:.2f} s -> {self.db} (recommendations {how}, publish "
             f"{self.publish_id})" + (f" and {self.output}" if self.output else "") + unscorable
         )
 
