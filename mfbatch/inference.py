@@ -69,30 +69,30 @@ class SeenItems:
         np.cumsum(counts, out=indptr[1:])
         return SeenItems(indptr, items.astype(np.int64, copy=False))
 
-    def pairs(self, users: np.ndarray) -> np.ndarray:
-        """[S, 2] (row in `users`, item) for every seen item of the batch: ScatterND indices."""
-        starts, ends = self.indptr[users], self.indptr[users + 1]
-        lengths = ends - starts
+    def _gather(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(seen items per batch user, those items concatenated in batch order)."""
+        starts = self.indptr[users]
+        lengths = self.indptr[users + 1] - starts
         total = int(lengths.sum())
-        rows = np.repeat(np.arange(len(users), dtype=np.int64), lengths)
         # Position of each entry inside its user's slice, without a Python loop.
         offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-        out = np.empty((total, 2), dtype=np.int64)
-        out[:, 0] = rows
-        out[:, 1] = self.indices[np.arange(total, dtype=np.int64) + offsets]
+        return lengths, self.indices[np.arange(total, dtype=np.int64) + offsets]
+
+    def pairs(self, users: np.ndarray) -> np.ndarray:
+        """[S, 2] (row in `users`, item) for every seen item of the batch: ScatterND indices."""
+        lengths, items = self._gather(users)
+        out = np.empty((len(items), 2), dtype=np.int64)
+        out[:, 0] = np.repeat(np.arange(len(users), dtype=np.int64), lengths)
+        out[:, 1] = items
         return out
 
     def flat_positions(self, users: np.ndarray, n_cols: int) -> np.ndarray:
         """Positions in a C-order [len(users), n_cols] matrix of every seen item below
         n_cols: what the CPU path writes -inf to (one flat index a pair, not two, measured
         ~2.5 of 41 ms a 1,677-user batch less than `pairs` + 2-D fancy indexing)."""
-        starts = self.indptr[users]
-        lengths = self.indptr[users + 1] - starts
-        total = int(lengths.sum())
-        offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-        items = self.indices[np.arange(total, dtype=np.int64) + offsets]
+        lengths, items = self._gather(users)
         flat = np.repeat(np.arange(len(users), dtype=np.int64) * n_cols, lengths) + items
-        return flat if not total or int(items.max()) < n_cols else flat[items < n_cols]
+        return flat if not items.size or int(items.max()) < n_cols else flat[items < n_cols]
 
 
 @dataclass
