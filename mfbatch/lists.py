@@ -36,6 +36,8 @@ def _strings(values: list[str]) -> pa.Array:
     )
 
 
+# `source` is dictionary-encoded: these are its codes, in SOURCES' order.
+MODEL_CODE, POPULARITY_CODE, FOLD_IN_CODE = 0, 1, 2
 SOURCES = _strings([MODEL, POPULARITY, FOLD_IN])
 
 
@@ -181,9 +183,9 @@ def to_arrow(batch: ListBatch, user_ids: pa.Array, item_ids: pa.Array) -> pa.Tab
     valid = np.isfinite(batch.scores)
     users = np.broadcast_to(batch.users[:, None], batch.items.shape)[valid]
     ranks = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32)[None, :], batch.items.shape)
-    kind = np.where(batch.from_model, 0, 1)
+    kind = np.where(batch.from_model, MODEL_CODE, POPULARITY_CODE)
     if batch.folded is not None:
-        kind[batch.folded] = 2
+        kind[batch.folded] = FOLD_IN_CODE
     source = np.broadcast_to(kind.astype(np.int8)[:, None], batch.items.shape)
     return pa.table(
         {
@@ -207,8 +209,7 @@ def with_rating(table: pa.Table, objective: str, lo: float, hi: float) -> pa.Tab
     if objective == "rating":
         scores = numpy_view(table.column("score"), np.float64)
         # Trained and folded-in vectors alike (a rating model's fold-in solves its offset).
-        popularity = SOURCES.to_pylist().index(POPULARITY)
-        from_model = numpy_view(table.column("source"), np.int8) != popularity
+        from_model = numpy_view(table.column("source"), np.int8) != POPULARITY_CODE
         stars = np.where(from_model, np.clip(scores, 0.0, 1.0) * (hi - lo) + lo, np.nan)
         predicted = arrow_array(stars, valid=from_model)
     else:
