@@ -4,8 +4,6 @@
 that return their summaries; the CLI is a thin layer over the same functions.
 """
 
-__version__ = "0.1.0"
-
 from mfbatch.api import (
     append,
     diff,
@@ -18,6 +16,7 @@ from mfbatch.api import (
     score,
     train,
 )
+from mfbatch.version import __version__
 
 __all__ = [
     "__version__",

@@ -30,8 +30,6 @@ from mfbatch.errors import ConfigError
 if TYPE_CHECKING:
     import polars as pl
 
-    from mfbatch.history import Diff
-    from mfbatch.runs import RunListing
     from mfbatch.stages.append import AppendSummary
     from mfbatch.stages.evaluate import Evaluation
     from mfbatch.stages.preprocess import PreprocessSummary
@@ -39,6 +37,8 @@ if TYPE_CHECKING:
     from mfbatch.stages.report import ReportSummary
     from mfbatch.stages.score import ScoreSummary
     from mfbatch.stages.train import TrainSummary
+    from mfbatch.store.history import Diff
+    from mfbatch.store.runs import RunListing
 
 PathLike = str | os.PathLike[str]
 
@@ -134,7 +134,7 @@ def read_lists(
     publish: int | None = None,
 ) -> pl.DataFrame:
     """The served lists (or a kept publish) as a Polars frame: raw ids, rank, score, source."""
-    from mfbatch.history import read_lists as run
+    from mfbatch.store.history import read_lists as run
 
     return run(db_path=_config(config, db).db, publish=publish)
 
@@ -143,7 +143,7 @@ def list_runs(
     *, db: PathLike | None = None, config: Config | PathLike | None = None
 ) -> list[RunListing]:
     """Every training run, newest first."""
-    from mfbatch import runs
+    from mfbatch.store import runs
 
     return runs.list_runs(db_path=_config(config, db).db)
 
@@ -156,7 +156,7 @@ def diff(
     after: int | None = None,
 ) -> Diff:
     """What changed between two publishes of the served lists (default: the last two)."""
-    from mfbatch.history import diff as run
+    from mfbatch.store.history import diff as run
 
     return run(db_path=_config(config, db).db, before=before, after=after)
 

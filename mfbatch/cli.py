@@ -47,7 +47,7 @@ DbOpt = Annotated[
 
 def _version(value: bool) -> None:
     if value:
-        from mfbatch import __version__
+        from mfbatch.version import __version__
 
         typer.echo(f"mfbatch {__version__}")
         raise typer.Exit()
@@ -376,7 +376,7 @@ def export(
 ) -> None:
     """Re-export a trained run to its folder's model.onnx (train already does this)."""
     from mfbatch.config import load_config
-    from mfbatch.export import export_run
+    from mfbatch.stages.export import export_run
 
     def action() -> None:
         resolved = load_config(config, db=db)
@@ -604,7 +604,7 @@ def runs(
     from rich.table import Table
 
     from mfbatch.config import load_config
-    from mfbatch.runs import list_runs
+    from mfbatch.store.runs import list_runs
 
     path = _guard(lambda: load_config(config, db=db).db)
     listing = _guard(lambda: list_runs(db_path=path))
@@ -658,7 +658,7 @@ def serve(
     """Choose the run `mfbatch score` serves (instead of the newest refit)."""
     from mfbatch.config import load_config
     from mfbatch.errors import ConfigError
-    from mfbatch.runs import promote
+    from mfbatch.stages.serve import promote
 
     def action() -> str:
         if (run_id is None) == (not clear):
@@ -684,7 +684,7 @@ def diff(
 ) -> None:
     """What changed between two nights' served lists (users, items entered and left)."""
     from mfbatch.config import load_config
-    from mfbatch.history import diff as run_diff
+    from mfbatch.store.history import diff as run_diff
 
     result = _guard(
         lambda: run_diff(db_path=load_config(config, db=db).db, before=before, after=after)
@@ -711,7 +711,7 @@ def export_lists(
 ) -> None:
     """Write the served lists (raw ids, rank, score, source, run id) for a warehouse."""
     from mfbatch.config import load_config
-    from mfbatch.history import export_lists as run_export
+    from mfbatch.store.history import export_lists as run_export
 
     path, rows = _guard(
         lambda: run_export(db_path=load_config(config, db=db).db, out=output, publish=publish)

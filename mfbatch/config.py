@@ -211,20 +211,20 @@ class TrainConfig:
     patience: int | None = None
     min_delta: float = 1e-4
     # rating: ratings per step; softmax/sampled: users per step (capped by memory_mb;
-    # sampled raises it to 1/400 of the users, mfbatch.plan.plan).
+    # sampled raises it to 1/400 of the users, mfbatch.training.steps.plan).
     batch_size: int | None = None
     lr: float | None = None
     lr_schedule: Schedule = "cosine"
     optimizer: Optimizer = "adam"
     weight_decay: float = 0.0
-    # L2 on the factor rows each step touches (see mfbatch.objectives.l2_penalty).
+    # L2 on the factor rows each step touches (see mfbatch.training.objectives.l2_penalty).
     l2: float | None = None
     l2_mode: L2Mode = "frequency"
     temperature: float = 1.0
     # Softmax objectives: each user's loss weighted by |I_u|^-user_exponent (normalised).
     user_exponent: float = 0.3
     # Softmax objectives: a rating's weight halves every this share of its user's history
-    # back from their newest (mfbatch.objectives.recency_weights); 0 turns it off. None:
+    # back from their newest (mfbatch.training.objectives.recency_weights); 0 turns it off. None:
     # `recency_for(split_kind)`, resolved by the train stage from the database.
     recency_half_life: float | None = None
     # Softmax: the budget for one step's [users x items] logits; when too few full rows
@@ -241,7 +241,7 @@ class TrainConfig:
     amp: bool = True
     on: TrainOn = "train"
     export_dir: Path = Path("export")
-    # Data-parallel processes (mfbatch.distributed): gloo on CPU, one GPU each with NCCL.
+    # Data-parallel processes (mfbatch.training.distributed): gloo on CPU, one GPU each with NCCL.
     nproc: int = 1
 
     def __post_init__(self) -> None:
@@ -315,7 +315,8 @@ def recency_for(split_kind: str) -> float:
 
 
 def check_sharding(objective: str, batch_norm: bool, optimizer: str, nproc: int) -> None:
-    """What data-parallel training (mfbatch.distributed) does not cover, refused in one line."""
+    """What data-parallel training (mfbatch.training.distributed) does not cover, refused
+    in one line."""
     if nproc > 256:
         raise ConfigError(f"--nproc: {nproc} processes is more than 256; pass fewer")
     if objective == "rating":
@@ -376,7 +377,7 @@ class ScoreConfig:
     exclude_items: Path | None = None
     keep_history: int = 7  # publishes of the served table kept in recommendation_history
     output: Path | None = None  # also write the served lists here (.parquet, .csv, folder)
-    # default: in this process. ray: user shards over Ray actors (mfbatch.engines.ray_score).
+    # default: in this process. ray: user shards over Ray actors (mfbatch.serving.ray_engine).
     engine: Engine = "default"
     ray_address: str | None = None  # None: start a local Ray; "auto" or host:port: join one
     workers: int | None = None  # actors; None: 2

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import mfbatch.db
+import mfbatch.store.db
 from mfbatch.cli import app
 
 runner = CliRunner()
@@ -366,13 +366,13 @@ def test_every_write_step_is_covered(
     db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fault test below fails each of WRITES: they must be all the append writes."""
-    real, calls = mfbatch.db.run, []
+    real, calls = mfbatch.store.db.run, []
 
     def counting(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> Any:
         calls.append(name)
         return real(con, name, **params)
 
-    monkeypatch.setattr(mfbatch.db, "run", counting)
+    monkeypatch.setattr(mfbatch.store.db, "run", counting)
     assert _append(db, _day(db, tmp_path)).exit_code == 0
     reads = ("dataset_identity", "table_exists", "append_lineage", "append_counts")
     assert [c for c in calls if c not in reads] == list(WRITES)
@@ -393,14 +393,14 @@ def test_the_append_is_atomic_under_injected_faults(
 ) -> None:
     source = _day(db, tmp_path)
     before = _state(db, db_snapshot)
-    real = mfbatch.db.run
+    real = mfbatch.store.db.run
 
     def failing(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> Any:
         if name == step:
             raise error
         return real(con, name, **params)
 
-    monkeypatch.setattr(mfbatch.db, "run", failing)
+    monkeypatch.setattr(mfbatch.store.db, "run", failing)
     result = _append(db, source)
     monkeypatch.undo()
     assert result.exit_code == code, (result.stderr, result.exception)
@@ -483,18 +483,17 @@ def test_append_flags_are_checked(db: Path, tmp_path: Path, user_error: Callable
     assert not (tmp_path / "none.duckdb").exists()
 
 
-def test_a_database_from_before_lineage_is_served_and_asked_to_re_preprocess(
+def test_a_database_from_before_lineage_is_refused_with_the_fix(
     db: Path, tmp_path: Path, user_error: Callable[..., str]
 ) -> None:
     con = duckdb.connect(str(db))
     con.execute("DROP TABLE dataset_versions")
     con.execute("ALTER TABLE ratings DROP COLUMN version")
     con.close()
-    line = _score(db).strip().splitlines()[-1]
-    assert "folded in" not in line and "scored 60 users" in line, line
     before = _rows(db, "SELECT count(*) FROM ratings")
-    result = _append(db, _day(db, tmp_path))
-    user_error(result, 4, "older mfbatch", "preprocess` again")
+    args = ("--db", db, "--provider", "cpu", "--threads", "1")
+    user_error(_invoke("score", *args), 4, "older mfbatch", "preprocess` again")
+    user_error(_append(db, _day(db, tmp_path)), 4, "older mfbatch", "preprocess` again")
     assert _rows(db, "SELECT count(*) FROM ratings") == before
 
 

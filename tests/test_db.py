@@ -1,4 +1,4 @@
-"""mfbatch.db: the named-query loader, connections and the all-or-nothing transaction."""
+"""mfbatch.store.db: the named-query loader, connections and the all-or-nothing transaction."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from mfbatch import db
 from mfbatch.errors import DatabaseError
+from mfbatch.store import db
 
 GOOD = """
 -- A comment before the first block is ignored.

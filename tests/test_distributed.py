@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mfbatch.export import load_model
+from mfbatch.artifact.files import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small, but enough users per step that both ranks own some of every batch.

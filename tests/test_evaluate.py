@@ -14,7 +14,7 @@ The metrics, as sql/evaluate.sql computes them and as the hand arithmetic below 
 - HitRate@K = share of (evaluated) users with at least one hit;
 - coverage = distinct items in anyone's top K / catalogue size;
 - popularity baseline: for each user the K most-rated train items they did not rate in
-  train, ties broken by item_idx (built in Python by mfbatch.lists, like every list).
+  train, ties broken by item_idx (built in Python by mfbatch.serving.lists, like every list).
 
 `evaluate` never reads `recommendations`: it builds the validated run's lists itself and
 keeps them in `evaluation_lists`, so the figures are checked here against those rows.
@@ -42,15 +42,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mfbatch import db
+from mfbatch.artifact.files import ONNX_FILE, load_model
+from mfbatch.artifact.graph import build_graph
 from mfbatch.cli import app
 from mfbatch.config import load_config
-from mfbatch.export import ONNX_FILE, build_graph, load_model
-from mfbatch.history import publish
-from mfbatch.inference import SeenItems
-from mfbatch.lists import popularity_top_k
+from mfbatch.serving.lists import popularity_top_k
+from mfbatch.serving.session import SeenItems
 from mfbatch.stages.evaluate import Evaluation, _ranking
 from mfbatch.stages.evaluate import evaluate as run_evaluate
+from mfbatch.store import db
+from mfbatch.store.history import publish_lists
 
 UserError = Callable[..., str]
 CONFIG_ERROR, DATABASE_ERROR, MODEL_ERROR = 2, 4, 5
@@ -273,27 +274,26 @@ def build_db(
                 examples_per_second=0.0,
                 export_path=str(folder.relative_to(path.parent)),
             )
-        if recs is not None:
-            spooled = pl.DataFrame(
-                [
-                    (user, item, rank, 1.0 / rank, 3.0, "model")
-                    for user, listed in recs.items()
-                    for rank, item in enumerate(listed, start=1)
-                ],
-                schema={
-                    "user_id": pl.String,
-                    "item_id": pl.String,
-                    "rank": pl.Int32,
-                    "score": pl.Float64,
-                    "predicted_rating": pl.Float64,
-                    "source": pl.String,
-                },
-                orient="row",
-            )
-            con.register("spooled_recommendations", spooled.to_arrow())
-            publish(con, run_id=RUN_ID, created=start, partial=False, keep=1)
     finally:
         con.close()
+    if recs is not None:
+        spooled = pl.DataFrame(
+            [
+                (user, item, rank, 1.0 / rank, 3.0, "model")
+                for user, listed in recs.items()
+                for rank, item in enumerate(listed, start=1)
+            ],
+            schema={
+                "user_id": pl.String,
+                "item_id": pl.String,
+                "rank": pl.Int32,
+                "score": pl.Float64,
+                "predicted_rating": pl.Float64,
+                "source": pl.String,
+            },
+            orient="row",
+        )
+        publish_lists(path, spooled.to_arrow(), RUN_ID, start, partial=False, keep=1)
     return path
 
 
@@ -470,7 +470,7 @@ def stage(
 
 
 def python_popularity(data: Dataset, k: int) -> dict[str, list[str]]:
-    """The popularity lists mfbatch.lists builds, for every user, as raw ids."""
+    """The popularity lists mfbatch.serving.lists builds, for every user, as raw ids."""
     train = [(u, i) for u, i, _, split in data.ratings if split == "train"]
     seen = SeenItems.from_pairs(
         np.array([u for u, _ in train]), np.array([i for _, i in train]), len(data.users)

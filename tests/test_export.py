@@ -15,9 +15,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from mfbatch.artifact.files import export_model, read_metadata
+from mfbatch.artifact.graph import INPUTS, OPSET, OUTPUTS
 from mfbatch.errors import ModelError
-from mfbatch.export import INPUTS, OPSET, OUTPUTS, export_model, read_metadata
-from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.training.model import MatrixFactorization, ModelShape
 
 N_USERS, N_ITEMS, DIM = 11, 17, 6
 

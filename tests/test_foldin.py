@@ -12,10 +12,10 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
+from mfbatch.artifact.graph import build_graph
 from mfbatch.cli import app
-from mfbatch.export import build_graph
-from mfbatch.foldin import fold_in, item_tables, method_for
-from mfbatch.inference import Scorer, SeenItems
+from mfbatch.serving.foldin import fold_in, item_tables, method_for
+from mfbatch.serving.session import Scorer, SeenItems
 
 
 def _tables(rng: np.random.Generator, n_items: int, d: int) -> np.ndarray:

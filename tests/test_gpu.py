@@ -120,8 +120,8 @@ def test_the_serving_scorer_on_cuda_matches_the_oracle(tmp_path: Path) -> None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
     onnx = pytest.importorskip("onnx")
-    from mfbatch.export import build_graph
-    from mfbatch.inference import Scorer, SeenItems
+    from mfbatch.artifact.graph import build_graph
+    from mfbatch.serving.session import Scorer, SeenItems
 
     u, vt, indptr, indices, mask = (t.numpy() for t in _case("cpu"))
     path = tmp_path / "model.onnx"

@@ -1,6 +1,6 @@
 """The scoring core (Scorer, SeenItems) against plain numpy/Python oracles.
 
-Real ONNX graphs, built by mfbatch.export from random float tables (so ties are
+Real ONNX graphs, built by mfbatch.artifact.graph from random float tables (so ties are
 improbable) or exported from random MF modules, run by ONNX Runtime on the CPU.
 """
 
@@ -19,12 +19,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mfbatch.artifact.files import export_model
+from mfbatch.artifact.graph import build_graph
 from mfbatch.errors import ConfigError, ModelError
-from mfbatch.export import build_graph, export_model
-from mfbatch.inference import FAST_CPU_BATCH_MB, Scorer, SeenItems, _gpu_present
-from mfbatch.lists import ListBatch, ListPlan, build_lists, to_arrow, with_rating
-from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.stages.score import Spooler
+from mfbatch.serving.lists import ListBatch, ListPlan, build_lists, to_arrow, with_rating
+from mfbatch.serving.session import FAST_CPU_BATCH_MB, Scorer, SeenItems, _gpu_present
+from mfbatch.serving.spool import Spooler
+from mfbatch.training.model import MatrixFactorization, ModelShape
 
 PROPERTY = settings(
     max_examples=30,

@@ -537,7 +537,7 @@ def test_generic_csv_id_mapping_reproduces_the_raw_ids(
         encoding="utf-8",
     )
     data = DataConfig(dataset="csv", source=source, time_col=None, rating_min=1, rating_max=5)
-    loader = DataLoaderFactory.create(data, SplitConfig(kind="random"))
+    loader = DataLoaderFactory.get_loader(data, SplitConfig(kind="random"))
     prepared = loader.preprocess_data(loader.load_data())
 
     for table, position in (("users", 0), ("items", 1)):

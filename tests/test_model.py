@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mfbatch.config import TrainConfig
-from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.trainer import Csr, Interactions, Validation, rank_metrics, train_model, validate
+from mfbatch.training.loop import Csr, Interactions, Validation, rank_metrics, train_model, validate
+from mfbatch.training.model import MatrixFactorization, ModelShape
 
 
 def test_prediction_is_mu_plus_biases_plus_dot() -> None:

@@ -19,9 +19,9 @@ import pytest
 from typer.testing import CliRunner
 
 import mfbatch
-from mfbatch import __version__
 from mfbatch.cli import app
 from mfbatch.errors import ConfigError
+from mfbatch.version import __version__
 
 runner = CliRunner()
 SMALL = ["--embedding-dim", "8", "--epochs", "2"]

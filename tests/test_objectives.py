@@ -1,4 +1,4 @@
-"""The losses in mfbatch.objectives against their per-rating definitions."""
+"""The losses in mfbatch.training.objectives against their per-rating definitions."""
 
 from __future__ import annotations
 
@@ -8,18 +8,7 @@ import pytest
 import torch
 
 from mfbatch.config import TrainConfig
-from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.objectives import (
-    Samples,
-    UserBatch,
-    draw_samples,
-    full_softmax,
-    l2_penalty,
-    recency_weights,
-    sampled_softmax,
-)
-from mfbatch.plan import LazyAdam, make_optimizers, plan
-from mfbatch.trainer import (
+from mfbatch.training.loop import (
     Csr,
     EpochData,
     Interactions,
@@ -28,6 +17,17 @@ from mfbatch.trainer import (
     train_epoch,
     train_model,
 )
+from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.training.objectives import (
+    Samples,
+    UserBatch,
+    draw_samples,
+    full_softmax,
+    l2_penalty,
+    recency_weights,
+    sampled_softmax,
+)
+from mfbatch.training.steps import LazyAdam, make_optimizers, plan
 
 
 def _model_and_batch(

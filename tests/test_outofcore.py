@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import mfbatch.db
+import mfbatch.store.db
 from mfbatch.config import load_config
 from mfbatch.stages.preprocess import WORK_PREFIX, PreprocessSummary, preprocess
 
@@ -214,7 +214,7 @@ def test_a_failure_midway_keeps_the_previous_dataset(
     source = tmp_path / "ratings.parquet"
     pq.write_table(_ratings("int"), source)
     before = db_snapshot(good_db)
-    real = mfbatch.db.run
+    real = mfbatch.store.db.run
     inserted = []
 
     def failing(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> Any:
@@ -224,7 +224,7 @@ def test_a_failure_midway_keeps_the_previous_dataset(
                 raise failure
         return real(con, name, **params)
 
-    monkeypatch.setattr(mfbatch.db, "run", failing)
+    monkeypatch.setattr(mfbatch.store.db, "run", failing)
     with pytest.raises((mfbatch.errors.DatabaseError, KeyboardInterrupt)):
         _run(source, good_db, "time", 512, 300)
     monkeypatch.undo()

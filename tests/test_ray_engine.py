@@ -17,8 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mfbatch.cli import app
-from mfbatch.engines.ray_score import shards
-from mfbatch.stages.score import publish_lists
+from mfbatch.serving.ray_engine import shards
+from mfbatch.store.history import publish_lists
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()

@@ -20,12 +20,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import mfbatch.db
-import mfbatch.stages.score
-import mfbatch.workdirs
+import mfbatch.serving.engines
+import mfbatch.store.db
+import mfbatch.store.workdirs
+from mfbatch.artifact.files import load_model, read_metadata
 from mfbatch.cli import app
-from mfbatch.export import load_model, read_metadata
-from mfbatch.inference import _gpu_present
+from mfbatch.serving.session import _gpu_present
 
 runner = CliRunner()
 N_USERS, N_ITEMS = 60, 40
@@ -383,7 +383,7 @@ def test_export_rewrites_model_onnx(ws: Workspace) -> None:
 def _fail_on_second_batch(
     monkeypatch: pytest.MonkeyPatch, error: BaseException
 ) -> Callable[[], int]:
-    real = mfbatch.stages.score.to_arrow
+    real = mfbatch.serving.engines.to_arrow
     calls = 0
 
     def faulty(*args: Any, **kwargs: Any) -> Any:
@@ -393,7 +393,7 @@ def _fail_on_second_batch(
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mfbatch.stages.score, "to_arrow", faulty)
+    monkeypatch.setattr(mfbatch.serving.engines, "to_arrow", faulty)
     return lambda: calls
 
 
@@ -434,14 +434,14 @@ def test_a_failure_while_publishing_is_rolled_back(
     assert ws.score("--top-k", "5").code == 0
     before = ws.recommendations()
     tables = _tables(ws.db)
-    real = mfbatch.db.run
+    real = mfbatch.store.db.run
 
     def faulty(con: Any, name: str, **params: Any) -> Any:
         if name == "serve_newest_publish":  # after the lists were written
             raise duckdb.IOException("IO Error: could not write file: No space left on device")
         return real(con, name, **params)
 
-    monkeypatch.setattr(mfbatch.db, "run", faulty)
+    monkeypatch.setattr(mfbatch.store.db, "run", faulty)
     result = ws.score("--top-k", "3", "--run-id", ws.validated)
     monkeypatch.undo()
     assert result.code == 4, (result.stderr, result.exception)
@@ -460,14 +460,14 @@ def test_a_failure_while_staging_is_a_one_line_error(
     assert ws.score("--top-k", "5").code == 0
     before = ws.recommendations()
     tables = _tables(ws.db)
-    real = mfbatch.db.run
+    real = mfbatch.store.db.run
 
     def faulty(con: Any, name: str, **params: Any) -> Any:
         if name == "insert_publish":  # e.g. the disk fills while copying
             raise duckdb.IOException("IO Error: could not write file: No space left on device")
         return real(con, name, **params)
 
-    monkeypatch.setattr(mfbatch.db, "run", faulty)
+    monkeypatch.setattr(mfbatch.store.db, "run", faulty)
     result = ws.score("--top-k", "3")
     monkeypatch.undo()
     assert result.code == 4, (result.stderr, result.exception)
@@ -602,7 +602,7 @@ def test_no_room_for_the_spool(
     def read_only(*args: Any, **kwargs: Any) -> str:
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(mfbatch.workdirs.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(mfbatch.store.workdirs.tempfile, "mkdtemp", read_only)
     result = ws.score("--top-k", "3")
     monkeypatch.undo()
     assert result.code == 4, (result.stderr, result.exception)

@@ -26,13 +26,14 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from mfbatch import db
+from mfbatch.artifact.files import read_metadata
+from mfbatch.artifact.graph import build_graph
 from mfbatch.cli import app
 from mfbatch.errors import DatabaseError
-from mfbatch.export import build_graph, read_metadata
-from mfbatch.inference import SeenItems
-from mfbatch.lists import ListPlan, build_lists, popularity_top_k
-from mfbatch.stages.score import SPOOL_PREFIX
+from mfbatch.serving.lists import ListPlan, build_lists, popularity_top_k
+from mfbatch.serving.session import SeenItems
+from mfbatch.serving.spool import SPOOL_PREFIX
+from mfbatch.store import db
 
 runner = CliRunner()
 SMALL = ["--embedding-dim", "8", "--batch-size", "256", "--negatives", "32", "--epochs", "3"]
@@ -495,7 +496,7 @@ def test_cold_users_go_to_popularity_and_the_rest_to_the_graph(tmp_path: Path) -
     items_t = rng.normal(size=(3, n_items)).astype(np.float32)
     path = tmp_path / "g.onnx"
     onnx.save_model(build_graph(users_aug, items_t, {}), str(path))
-    from mfbatch.inference import Scorer
+    from mfbatch.serving.session import Scorer
 
     scorer = Scorer(path, provider="cpu", threads=1)
     seen = SeenItems.from_pairs(np.array([0, 0, 5]), np.array([1, 2, 3]), n_users)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from mfbatch.artifact.files import load_model
 from mfbatch.cli import app
-from mfbatch.export import load_model
 
 runner = CliRunner()
 SMALL = ["--embedding-dim", "8", "--batch-size", "256", "--negatives", "32"]

@@ -12,7 +12,7 @@ from typing import Literal
 import polars as pl
 
 from mfbatch.data.base import BaseDataLoader, RawData, sha256_file
-from mfbatch.data.factory import DataLoaderFactory
+from mfbatch.data.registry import register
 from mfbatch.errors import InputDataError, first_line
 
 _ROLE_FLAGS = {
@@ -223,7 +223,7 @@ def _as_timestamp(
     return parsed.alias("ts")
 
 
-@DataLoaderFactory.register("csv")
+@register("csv")
 class CsvLoader(_TableLoader):
     def _read(self, source: Path) -> pl.DataFrame:
         sep = self.data.separator
@@ -304,7 +304,7 @@ class CsvLoader(_TableLoader):
         return None
 
 
-@DataLoaderFactory.register("parquet")
+@register("parquet")
 class ParquetLoader(_TableLoader):
     folders = True
 

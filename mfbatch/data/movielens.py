@@ -16,7 +16,7 @@ import polars as pl
 from mfbatch.data.archive import Archive, decode_text
 from mfbatch.data.base import BaseDataLoader, RawData
 from mfbatch.data.download import fetch_release
-from mfbatch.data.factory import DataLoaderFactory
+from mfbatch.data.registry import register
 from mfbatch.data.text import check_numeric, read_delimited
 from mfbatch.errors import InputDataError, first_line
 
@@ -120,7 +120,7 @@ def _items_csv(archive: Archive) -> pl.DataFrame | None:
         raise InputDataError(f"{archive.origin('movies.csv')}: unreadable ({first})") from None
 
 
-@DataLoaderFactory.register("movielens")
+@register("movielens")
 class MovieLensLoader(BaseDataLoader):
     """Any GroupLens release; the layout is told by which ratings file the source holds."""
 

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from mfbatch.data.base import BaseDataLoader, RawData, sha256_bytes
-from mfbatch.data.factory import DataLoaderFactory
+from mfbatch.data.registry import register
 
 _STAR_SHARES = np.array([0.06, 0.11, 0.27, 0.34, 0.22])  # ML-1M's 1..5 star shares
 _WINDOW_START = 946_684_800  # 2000-01-01 UTC
@@ -167,7 +167,7 @@ def _chunk(
     ).with_columns(ts=pl.from_epoch("ts", time_unit="s"))
 
 
-@DataLoaderFactory.register("synthetic")
+@register("synthetic")
 class SyntheticLoader(BaseDataLoader):
     def load_data(self) -> RawData:
         spec = SyntheticSpec(

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from mfbatch.config import SplitConfig
-from mfbatch.data.base import PreparedData, PrepStats, RawData
+from mfbatch.data.frames import PreparedData, PrepStats, RawData
 from mfbatch.errors import InputDataError
 
 # The `split` column: one byte per row instead of a string per row (25M rows: 25 MB, not

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from mfbatch import db
 from mfbatch.config import Config
 from mfbatch.data import DataLoaderFactory
 from mfbatch.data.base import RawData
 from mfbatch.data.transforms import dense_ids, drop_duplicates, infer_scale, normalise
 from mfbatch.errors import ConfigError, DatabaseError, InputDataError
-from mfbatch.runs import Dataset
+from mfbatch.store import db
+from mfbatch.store.datasets import Dataset
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,6 @@ def append(*, config: Config) -> AppendSummary:
     con = db.connect(path)
     try:
         dataset = Dataset.load(con, path)
-        if not db.table_exists(con, "dataset_versions"):
-            raise DatabaseError(
-                f"{path} was preprocessed by an older mfbatch (no dataset_versions table); run "
-                "`mfbatch preprocess` again with the same options (models stay valid), then append"
-            )
         declared = (config.data.rating_min, config.data.rating_max)
         scale = (dataset.rating_min, dataset.rating_max)
         if declared[0] is not None and declared != scale:
@@ -120,7 +115,7 @@ def append(*, config: Config) -> AppendSummary:
                 f"--rating-min/--rating-max: the dataset in {path} is on the scale "
                 f"[{scale[0]}, {scale[1]}]; appended ratings must use it (drop the flags)"
             )
-        raw = DataLoaderFactory.create(config.data, config.split).load_data()
+        raw = DataLoaderFactory.get_loader(config.data, config.split).load_data()
         if raw.ratings.height == 0:
             raise InputDataError(f"{raw.source}: no ratings found; check the file and --source")
         lo, hi = infer_scale(raw.ratings, origin=raw.source, declared=scale)

@@ -25,13 +25,15 @@ import pyarrow as pa
 from onnx import numpy_helper
 from rich.console import Console
 
-from mfbatch import db
+from mfbatch.artifact.files import check_model
 from mfbatch.config import Config
 from mfbatch.errors import ConfigError
-from mfbatch.inference import Scorer, SeenItems
-from mfbatch.lists import MODEL, POPULARITY, ListPlan, build_lists, fitted_counts, to_arrow
 from mfbatch.progress import log_step
-from mfbatch.runs import Dataset, find_run
+from mfbatch.serving.lists import MODEL, POPULARITY, ListPlan, build_lists, fitted_counts, to_arrow
+from mfbatch.serving.session import Scorer, SeenItems
+from mfbatch.store import db
+from mfbatch.store.datasets import Dataset
+from mfbatch.store.runs import find_run
 
 RANKING = ("precision", "recall", "recall_uncapped", "ndcg", "map", "hit_rate", "coverage")
 COUNTS = ("users_evaluated", "users_without_relevant")
@@ -105,7 +107,7 @@ def evaluate(*, config: Config, console: Console | None = None) -> Evaluation:
     try:
         dataset = Dataset.load(con, config.db)
         run = find_run(con, config.db, dataset, settings.run_id, role="measure")
-        run.check_model(dataset)
+        check_model(run, dataset)
         if k > dataset.n_items:
             raise ConfigError(
                 f"--top-k: {k} is more than the catalogue's {dataset.n_items:,} items"

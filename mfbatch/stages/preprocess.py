@@ -24,13 +24,14 @@ import polars as pl
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mfbatch import __version__, db, workdirs
 from mfbatch.config import Config
 from mfbatch.data import DataLoaderFactory, lazyscan, outofcore
 from mfbatch.data.base import BaseDataLoader, PreparedData, PrepStats, RawData
 from mfbatch.data.generic import ParquetLoader, sha256_source
 from mfbatch.errors import ConfigError
 from mfbatch.progress import log_step
+from mfbatch.store import db, workdirs
+from mfbatch.version import __version__
 
 # Bumped when preprocessing changes what it writes for the same input, so dataset_sha256
 # (which runs and models cite) changes with it.
@@ -126,7 +127,7 @@ def preprocess(
     started = time.perf_counter()
     path = config.db
     existed = path.exists()
-    loader = DataLoaderFactory.create(config.data, config.split)
+    loader = DataLoaderFactory.get_loader(config.data, config.split)
     memory_mb = config.preprocess.memory_mb
     if memory_mb is not None and not isinstance(loader, ParquetLoader):
         raise ConfigError(

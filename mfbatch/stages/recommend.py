@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mfbatch import db
 from mfbatch.errors import ConfigError, DatabaseError, ModelError
-from mfbatch.runs import Dataset
+from mfbatch.store import db
+from mfbatch.store.datasets import Dataset
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from mfbatch import db
 from mfbatch.errors import DatabaseError
-from mfbatch.runs import Dataset, Run, find_run
+from mfbatch.store import db
+from mfbatch.store.datasets import Dataset
+from mfbatch.store.runs import Run, find_run
 
 
 @dataclass(frozen=True)

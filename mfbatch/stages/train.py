@@ -23,13 +23,16 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mfbatch import __version__, db, distributed
+from mfbatch.artifact.files import export_model, save_model
 from mfbatch.config import Config, TrainConfig, check_sharding, load_config, recency_for
 from mfbatch.errors import ConfigError, DatabaseError, ModelError
-from mfbatch.export import export_model, save_model
-from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.runs import Dataset, Run, find_run, stored_export_path
-from mfbatch.trainer import Csr, EpochRecord, Interactions, Outcome, Validation, train_model
+from mfbatch.store import db
+from mfbatch.store.datasets import Dataset
+from mfbatch.store.runs import Run, find_run, stored_export_path
+from mfbatch.training import distributed
+from mfbatch.training.loop import Csr, EpochRecord, Interactions, Outcome, Validation, train_model
+from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.version import __version__
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from mfbatch.export import ONNX_FILE
+from mfbatch.artifact.files import ONNX_FILE
 
 HOLDOUT = 0.1
 KEEP = 0.8
@@ -207,7 +207,7 @@ def main() -> None:
     import onnx
     from onnx import numpy_helper
 
-    from mfbatch.foldin import METHODS, fold_in
+    from mfbatch.serving.foldin import METHODS, fold_in
 
     folder = Path(export) if Path(export).is_absolute() else fold_db.parent / export
     proto = onnx.load_model(str(folder / ONNX_FILE))

@@ -6,7 +6,7 @@
 
 A synthetic model (random weights: speed does not depend on them) over --base-users x
 --items, recorded in a DuckDB file (bench_score.build_database). Then, in one run:
-  fold_in:  mfbatch.foldin.fold_in for --new-users users with ~--seen ratings each against
+  fold_in:  mfbatch.serving.foldin.fold_in for --new-users users with ~--seen ratings each against
             the model's item tables, per method (medians of --repeats);
   base:     `mfbatch score` as a subprocess before the append (all users trained);
   append:   `mfbatch preprocess --append` of the new users' ratings (a CSV);
@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_score import build_database, seen_items
 
-from mfbatch.export import augmented_tables
-from mfbatch.foldin import fold_in
-from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.artifact.graph import augmented_tables
+from mfbatch.serving.foldin import fold_in
+from mfbatch.training.model import MatrixFactorization, ModelShape
 
 
 def cli(*args: str | Path) -> tuple[float, str]:

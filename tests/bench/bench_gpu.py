@@ -219,7 +219,7 @@ def bench_ort_cuda(
             f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu",
         }
     try:
-        from mfbatch.export import build_graph
+        from mfbatch.artifact.graph import build_graph
     except ImportError as exc:
         return {"run": False, "why": f"the onnx package is missing ({exc})"}
     proto = build_graph(
@@ -301,8 +301,8 @@ def bench_training(
 ) -> dict[str, Any]:
     """The default objective on the device, bf16 autocast; a random 10% validated on."""
     from mfbatch.config import TrainConfig
-    from mfbatch.model import MatrixFactorization, ModelShape
-    from mfbatch.trainer import Csr, Interactions, Validation, train_model
+    from mfbatch.training.loop import Csr, Interactions, Validation, train_model
+    from mfbatch.training.model import MatrixFactorization, ModelShape
 
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
     config = TrainConfig(device="cuda", amp=True, epochs=epochs)

@@ -9,7 +9,7 @@ top-K lists go through ONE metric function (`metrics` below), which implements t
 trainer's definitions: Recall@K = hits / min(|relevant|, K); NDCG@K against min(|relevant|,
 K) ideal hits; users without validation items are left out; rated-in-train items are never
 offered, nor are items with no train rating; users with no train rating get the popularity
-list. It is checked once against `mfbatch.trainer.rank_metrics` on the trained model.
+list. It is checked once against `mfbatch.training.loop.rank_metrics` on the trained model.
 
 mfbatch is run two ways, each over --seeds (mean ± std):
   - `pipeline`: what `mfbatch train` does: early stopping on the validation split (so the
@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from mfbatch.config import TrainConfig, recency_for
-from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.objectives import recency_weights
-from mfbatch.trainer import Csr, Interactions, Validation, rank_metrics, train_model
+from mfbatch.training.loop import Csr, Interactions, Validation, rank_metrics, train_model
+from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.training.objectives import recency_weights
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_score import build_database, seen_items
 
-from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.training.model import MatrixFactorization, ModelShape
 
 _RUN = """
 import json, sys, threading, time
@@ -36,7 +36,7 @@ from pathlib import Path
 import psutil
 from mfbatch.config import load_config
 from mfbatch.stages.score import score
-from mfbatch import db
+from mfbatch.store import db
 
 db_path, engine, workers = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 peak = [0]

@@ -7,7 +7,7 @@ Every variant trains blind (its whole epoch budget, validation never read) from 
 defaults plus its JSON overrides of TrainConfig, once per seed; Recall/NDCG@20 are then
 `trainer.rank_metrics` on the validation split (bench_quality checks it against its own
 metric function), over every validation user or a seeded sample of `--eval-users`.
-Upper-case keys of a variant replace `mfbatch.trainer` constants for that variant:
+Upper-case keys of a variant replace `mfbatch.training.loop` constants for that variant:
 `"SAMPLED_STEPS"` (the most steps a sampled epoch takes; a huge value gives the plain
 --batch-size back), `"SPARSE_USERS_FROM"` (a huge value keeps the user table on the
 dense Adam).
@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quality import load, mean_std, tensors
 
-from mfbatch import trainer
 from mfbatch.config import TrainConfig
-from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.training import loop as trainer
+from mfbatch.training.model import MatrixFactorization, ModelShape
 
 DEFAULT_VARIANTS = (
     'full softmax={"user_exponent": 0};'

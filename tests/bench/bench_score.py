@@ -9,7 +9,7 @@ per user (popularity-skewed), measured in one run:
       it is the slowest by far and only a sanity baseline);
   (b) floor: an ONNX Runtime graph of Gather + MatMul + TopK with no masking at all, at
       each of several batch sizes; the floor is the fastest of them (all are reported);
-  core:      mfbatch's exported graph driven by mfbatch.inference.Scorer (masking included),
+  core:      mfbatch's exported graph driven by mfbatch.serving.session.Scorer (masking included),
              at the batch size the Scorer picks;
   e2e:       `mfbatch score` as a subprocess on a DuckDB file holding the same shapes,
              including start-up, reading the db and writing the recommendations.
@@ -40,14 +40,15 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from mfbatch import db
+from mfbatch.artifact.files import export_model, save_model
+from mfbatch.artifact.graph import augmented_tables
 from mfbatch.config import SplitConfig, machine_cores
 from mfbatch.data.base import RawData
 from mfbatch.data.transforms import prepare
-from mfbatch.export import augmented_tables, export_model, save_model
-from mfbatch.inference import Scorer, SeenItems
-from mfbatch.model import MatrixFactorization, ModelShape
+from mfbatch.serving.session import Scorer, SeenItems
 from mfbatch.stages.preprocess import write_dataset
+from mfbatch.store import db
+from mfbatch.training.model import MatrixFactorization, ModelShape
 
 K = 20
 

@@ -22,10 +22,10 @@ import torch
 from mfbatch.config import TrainConfig
 from mfbatch.data.synthetic import SyntheticSpec, generate
 from mfbatch.data.transforms import dense_ids
-from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.plan import make_optimizers, plan
 from mfbatch.stages.train import resolve_threads, usable_cores
-from mfbatch.trainer import EpochData, Interactions, train_epoch
+from mfbatch.training.loop import EpochData, Interactions, train_epoch
+from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.training.steps import make_optimizers, plan
 
 
 def spin() -> None:

@@ -35,10 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 from mfbatch.config import TrainConfig
 from mfbatch.data.synthetic import SyntheticSpec, generate
 from mfbatch.data.transforms import dense_ids
-from mfbatch.model import MatrixFactorization, ModelShape
-from mfbatch.objectives import UserBatch
-from mfbatch.plan import DenseGrads, Plan, make_optimizers, plan
-from mfbatch.trainer import EpochData, Interactions, step_loss, train_epoch
+from mfbatch.training.loop import EpochData, Interactions, step_loss, train_epoch
+from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.training.objectives import UserBatch
+from mfbatch.training.steps import DenseGrads, Plan, make_optimizers, plan
 
 
 class RatingsDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):

@@ -18,9 +18,9 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from mfbatch.artifact.graph import check_finite, load_graph, split_stages, vectors_graph
 from mfbatch.config import machine_cores
 from mfbatch.errors import ConfigError, ModelError, first_line
-from mfbatch.export import check_finite, load_graph, split_stages, vectors_graph
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

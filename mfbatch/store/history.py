@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import duckdb
 import pyarrow as pa
 
-from mfbatch import db
 from mfbatch.errors import ConfigError, DatabaseError
+from mfbatch.store import db
 
 if TYPE_CHECKING:  # imported where used: `score` never needs Polars
     import polars as pl
@@ -39,7 +39,7 @@ LIST_SCHEMA = pa.schema(
 )
 
 
-def publish(
+def _write_publish(
     con: duckdb.DuckDBPyConnection,
     *,
     run_id: str,
@@ -72,6 +72,25 @@ def publish(
     db.run(con, "serve_newest_publish")
     db.run(con, "prune_history", publish_id=publish_id, keep=keep)
     return publish_id
+
+
+def publish_lists(
+    path: Path, lists: object, run_id: str, created: datetime, *, partial: bool, keep: int
+) -> int:
+    """`lists` (an Arrow table, or a pyarrow dataset of Parquet parts that DuckDB scans)
+    into `recommendations` in one transaction; returns the publish id."""
+    con = db.connect(path)
+    try:
+        con.register("spooled_recommendations", lists)
+        # Row order carries no meaning here (rank is a column), so DuckDB may write in
+        # parallel.
+        db.run(con, "unordered_inserts")
+        # The copy from the spool is inside the transaction: a failure while writing it
+        # (disk full, a truncated part) is rolled back like the rest and reported in one line.
+        with db.transaction(con, f"recommendations into {path}"):
+            return _write_publish(con, run_id=run_id, created=created, partial=partial, keep=keep)
+    finally:
+        con.close()
 
 
 @dataclass(frozen=True)

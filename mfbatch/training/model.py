@@ -3,7 +3,7 @@
     r_hat(u, i) = mu + b_u + b_i + <f(p_u), f(q_i)>,   f = dropout . batchnorm (each optional)
 
 on the [0, 1] rating scale. The trainer (mfbatch.stages.train) owns losses, sampling and data;
-export (mfbatch.export) folds the eval-mode module into plain tables for ONNX.
+export (mfbatch.artifact.graph) folds the eval-mode module into plain tables for ONNX.
 """
 
 from __future__ import annotations

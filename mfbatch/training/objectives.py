@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from mfbatch.model import MatrixFactorization
+from mfbatch.training.model import MatrixFactorization
 
 
 @dataclass(frozen=True)

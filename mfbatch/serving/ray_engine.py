@@ -4,16 +4,17 @@ The lists are built by the same code as the default engine (`build_lists`, `to_a
 the same rating column) from the same `ListPlan`, so they are identical by construction;
 only where they are computed differs:
 
-- The driver loads the plan once (mfbatch.stages.score.load_inputs), folds in users the
-  run has not seen, and puts the plan, the raw ids and the model's bytes into the object
-  store once. Actors read them from there (numpy arrays zero-copy from shared memory on a
-  node), not one copy per task.
+- The score stage reads the plan once and folds in users the run has not seen; this
+  engine puts the plan, the raw ids and the model's bytes into the object store once.
+  Actors read them from there (numpy arrays zero-copy from shared memory on a node), not
+  one copy per task.
 - A Ray Data pipeline over shard numbers feeds a pool of actors; each holds one ONNX
   Runtime session of the run's model.onnx (the CUDA provider when the actor was given a
   GPU) and writes each shard's lists as one Parquet part under the run folder (written
   to a temporary name and renamed, so a part is complete or absent).
-- Publishing stays one staged DuckDB transaction (mfbatch.stages.score.publish_lists),
-  scanning the parts as one Arrow dataset. With --no-publish the parts are the output.
+- The engine returns the parts as one Arrow dataset; the stage publishes it in one DuckDB
+  transaction (mfbatch.store.history.publish_lists). With --no-publish the parts are the
+  output.
 
 Actors ask for a fraction of a CPU: with a whole CPU each, two actors on two cores left
 nothing for the pipeline's own tasks, and it stalled.
@@ -26,10 +27,8 @@ import itertools
 import logging
 import math
 import os
-import shutil
 import tempfile
-import time
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +38,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from rich.console import Console
 
-from mfbatch import db, workdirs
-from mfbatch.config import Config, ScoreConfig, machine_cores
-from mfbatch.errors import ConfigError, DatabaseError, InputDataError
-from mfbatch.foldin import fold_in, method_for
-from mfbatch.history import export_lists
-from mfbatch.inference import Scorer
-from mfbatch.lists import ListPlan, build_lists, to_arrow, with_rating
+from mfbatch.config import machine_cores
+from mfbatch.errors import ConfigError, InputDataError
 from mfbatch.progress import Steps
-from mfbatch.stages.score import (
-    SPOOL_PREFIX,
-    ScoreSummary,
-    load_inputs,
-    publish_lists,
-    refuse_empty_lists,
-    remove_stale_spools,
-)
+from mfbatch.serving.engines import EngineResult, ScoreJob
+from mfbatch.serving.lists import ListPlan, build_lists, to_arrow, with_rating
+from mfbatch.serving.session import Scorer
 
 DEFAULT_WORKERS = 2
 # Users per shard: big enough that an actor's per-task overhead (a Parquet file, a Ray
@@ -82,12 +71,19 @@ def shards(n_users: int, workers: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
 
 
-def _connect(ray: Any, settings: ScoreConfig) -> None:
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: start a local Ray; "auto" or host:port: join one
+    workers: int = DEFAULT_WORKERS
+    gpus_per_worker: float = 0.0
+
+
+def _connect(ray: Any, address: str | None) -> None:
     if ray.is_initialized():
         return  # a caller's Ray (tests, a notebook, a driver already on a cluster)
     quiet: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-    if settings.ray_address:
-        ray.init(address=settings.ray_address, **quiet)
+    if address:
+        ray.init(address=address, **quiet)
     else:
         ray.init(num_cpus=machine_cores(), **quiet)
 
@@ -172,123 +168,51 @@ def _plain_ids(table: pa.Table) -> pa.Table:
     return table
 
 
-def score_with_ray(*, config: Config, console: Console | None = None) -> ScoreSummary:
-    """Score in shards on Ray, write Parquet parts, publish them in one transaction."""
+def score_on_ray(
+    job: ScoreJob, parts: Path, settings: RayOptions, console: Console | None
+) -> EngineResult:
+    """Score the job's users in shards on Ray actors; each shard a Parquet part in `parts`."""
     ray = _ray()
-    started = time.perf_counter()
-    settings = config.score
-    if settings.publish:
-        db.check_writable(config.db)
-    remove_stale_spools(config.db.parent)
-    inputs = load_inputs(config)
-    run = inputs.run
-    plan = inputs.plan
-    fold_started = time.perf_counter()
-    if len(inputs.fold_users):
-        # Solved once on the driver (small: only users with ratings the run has not seen).
-        frozen = Scorer(run.model_path, provider="cpu", threads=1).items_aug_t
-        folded_rows = fold_in(
-            inputs.fold_indptr,
-            inputs.fold_items,
-            inputs.fold_ratings,
-            frozen,
-            method=method_for(run.objective),
-            usable=inputs.item_usable,
-        )
-        plan = dataclasses.replace(plan, folded_rows=folded_rows)
-    fold_seconds = time.perf_counter() - fold_started
-    workers = settings.workers or DEFAULT_WORKERS
-    gpus = float(settings.gpus_per_worker or 0.0)
-    created = datetime.now(timezone.utc).replace(tzinfo=None)
-
-    spool: Path | None = None
-    try:
-        if settings.parts_dir is not None:
-            parts = settings.parts_dir
-            if parts.exists() and any(parts.iterdir()):
-                raise ConfigError(f"--parts-dir: {parts} is not empty; pass a new or empty folder")
-            parts.mkdir(parents=True, exist_ok=True)
-        else:
-            spool = workdirs.make(config.db.parent, SPOOL_PREFIX)
-            parts = spool / "parts"
-            parts.mkdir()
-    except OSError as exc:
-        raise DatabaseError(
-            f"could not create the Parquet parts folder ({exc}); free space or make the "
-            "folder writable; the previous recommendations are unchanged"
-        ) from None
-    try:
-        _connect(ray, settings)
-        ranges = shards(len(plan.users), workers)
-        if not ranges:
-            raise InputDataError("no users to score")
-        cores = max(1.0, float(ray.cluster_resources().get("CPU", machine_cores())))
-        payload = ray.put(
-            {
-                "plan": plan,
-                "user_ids": inputs.user_ids,
-                "item_ids": inputs.item_ids,
-                "model": run.model_path.read_bytes(),
-            }
-        )
-        options = {
-            "provider": settings.provider,
-            "threads": settings.threads or max(1, int(cores // workers)),
-            "batch_size": settings.batch_size,
-            "memory_mb": settings.memory_mb,
-            "objective": run.objective,
-            "lo": inputs.dataset.rating_min,
-            "hi": inputs.dataset.rating_max,
-            "gpus": gpus,
-            "parts": str(parts.resolve()),
+    _connect(ray, settings.address)
+    ranges = shards(len(job.plan.users), settings.workers)
+    if not ranges:
+        raise InputDataError("no users to score")
+    cores = max(1.0, float(ray.cluster_resources().get("CPU", machine_cores())))
+    payload = ray.put(
+        {
+            "plan": job.plan,
+            "user_ids": job.user_ids,
+            "item_ids": job.item_ids,
+            "model": job.model_path.read_bytes(),
         }
-        if console:
-            console.print(
-                f"serving run {run.run_id} on Ray: {len(ranges)} shards over {workers} "
-                f"actor(s){f', {gpus:g} GPU each' if gpus else ''}",
-                highlight=False,
-                soft_wrap=True,
-            )
-        results = _run_pipeline(ray, ranges, payload, options, workers, cores, console)
-        refuse_empty_lists([int(e) for e in results["empty"] if e >= 0], inputs.user_ids)
-        publish_id = 0
-        if settings.publish:
-            dataset = pads.dataset(sorted(str(p) for p in parts.glob("part-*.parquet")))
-            publish_id = publish_lists(
-                config.db,
-                dataset,
-                run.run_id,
-                created,
-                partial=settings.users is not None,
-                keep=settings.keep_history,
-            )
-    except OSError as exc:
-        raise DatabaseError(
-            f"writing recommendations beside {config.db} failed ({exc}); free space and retry; "
-            "the previous recommendations are unchanged"
-        ) from None
-    finally:
-        if spool is not None:
-            shutil.rmtree(spool, ignore_errors=True)
-    written = None
-    if settings.output is not None and settings.publish:
-        written, _ = export_lists(db_path=config.db, out=settings.output)
+    )
+    options = {
+        "provider": job.provider,
+        "threads": job.threads or max(1, int(cores // settings.workers)),
+        "batch_size": job.batch_size,
+        "memory_mb": job.memory_mb,
+        "objective": job.objective,
+        "lo": job.rating_range[0],
+        "hi": job.rating_range[1],
+        "gpus": settings.gpus_per_worker,
+        "parts": str(parts.resolve()),
+    }
+    if console:
+        gpus = settings.gpus_per_worker
+        console.print(
+            f"serving run {job.run_id} on Ray: {len(ranges)} shards over {settings.workers} "
+            f"actor(s){f', {gpus:g} GPU each' if gpus else ''}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    results = _run_pipeline(ray, ranges, payload, options, settings.workers, cores, console)
     providers = sorted({str(p) for p in results["provider"]})
-    return ScoreSummary(
-        run_id=run.run_id,
-        data_seen=run.data_seen,
-        provider=f"{'/'.join(providers)} x {workers} Ray actors",
-        users=len(plan.users),
-        popularity_users=int(results["popularity_users"].sum()),
+    return EngineResult(
         rows=int(results["rows"].sum()),
-        partial=settings.users is not None,
-        seconds=time.perf_counter() - started,
-        db=config.db,
-        publish_id=publish_id,
-        output=written if written is not None else settings.parts_dir,
-        folded_users=len(inputs.fold_users),
-        fold_seconds=fold_seconds,
-        unscorable_items=inputs.unscorable_items,
+        popularity_users=int(results["popularity_users"].sum()),
+        provider=f"{'/'.join(providers)} x {settings.workers} Ray actors",
+        lists=pads.dataset(sorted(str(p) for p in parts.glob("part-*.parquet"))),
+        empty=[int(e) for e in results["empty"] if e >= 0],
     )
 
 

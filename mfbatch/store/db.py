@@ -45,7 +45,7 @@ def _sql_dir() -> Path:
     packaged = resources.files("mfbatch") / "sql"
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "sql"
+    return Path(__file__).resolve().parents[2] / "sql"
 
 
 def parse_queries(text: str, origin: str) -> dict[str, Query]:

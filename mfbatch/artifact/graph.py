@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,18 +30,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mfbatch import __version__
-from mfbatch.errors import ModelError, first_line
+from mfbatch.errors import ModelError
+from mfbatch.version import __version__
 
 if TYPE_CHECKING:  # scoring reads the graph without torch; only export needs the module
-    from mfbatch.model import MatrixFactorization
+    from mfbatch.training.model import MatrixFactorization
 
 OPSET = 17
-ONNX_FILE = "model.onnx"
-STATE_FILE = "model.pt"
-MANIFEST_FILE = "manifest.json"
 INPUTS = ("users", "seen", "item_mask", "k")
 OUTPUTS = ("top_scores", "top_items")
+# The two tables every variant of the graph shares.
+U_AUG = "U_aug"
+V_AUG_T = "V_aug_t"
 
 
 def augmented_tables(model: MatrixFactorization) -> tuple[np.ndarray, np.ndarray]:
@@ -111,83 +109,6 @@ def build_graph(
     return model
 
 
-def export_model(model: MatrixFactorization, manifest: dict[str, Any], folder: Path) -> Path:
-    """Write folder/model.onnx (atomically) with the run's identity in its metadata."""
-    users_aug, items_aug_t = augmented_tables(model)
-    metadata = {
-        "run_id": manifest["run_id"],
-        "dataset_sha256": manifest["dataset_sha256"],
-        "data_seen": manifest["data_seen"],
-        "n_users": model.shape.n_users,
-        "n_items": model.shape.n_items,
-        "embedding_dim": model.shape.dim,
-        "rating_min": manifest["rating_min"],
-        "rating_max": manifest["rating_max"],
-        "objective": manifest["objective"],
-        "opset": OPSET,
-        "mfbatch_version": __version__,
-    }
-    graph = build_graph(users_aug, items_aug_t, metadata)
-    target = folder / ONNX_FILE
-    partial = folder / (ONNX_FILE + ".part")
-    try:
-        onnx.save_model(graph, str(partial))
-        partial.replace(target)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise ModelError(
-            f"could not write {target} ({exc}); free space and run `mfbatch export`"
-        ) from None
-    return target
-
-
-def save_model(
-    model: MatrixFactorization, path: Path, *, manifest: dict[str, Any]
-) -> dict[str, Any]:
-    """Write weights + manifest to a temporary folder, then rename: never a half-saved run."""
-    import torch
-
-    staging = path.with_name(f".{path.name}.tmp")
-    try:
-        staging.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save(state, staging / STATE_FILE)
-        manifest = {**manifest, "files": {"state_dict": STATE_FILE}}
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(staging, path)
-        return manifest
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ModelError(
-            f"could not save the model to {path} ({exc}); free space or pass --export-dir"
-        ) from None
-
-
-def load_model(path: Path) -> tuple[MatrixFactorization, dict[str, Any]]:
-    """Rebuild a saved run from export/<run_id>/ (weights loaded with weights_only=True)."""
-    import torch
-
-    from mfbatch.model import MatrixFactorization, ModelShape
-
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise ModelError(
-            f"{path}: no {MANIFEST_FILE}; pass an export/<run_id> folder of mfbatch train"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        model = MatrixFactorization(ModelShape(**manifest["shape"]))
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except Exception as exc:  # torch.load/json raise assorted IO, pickle and zip errors
-        first = first_line(exc)
-        raise ModelError(
-            f"{path}: the saved model can't be loaded ({first}); train again"
-        ) from None
-    model.eval()
-    return model, manifest
-
-
 def load_graph(path: Path) -> onnx.ModelProto:
     """model.onnx parsed, once per file version: checking a run's metadata and opening
     its sessions read the same file, and parsing a big one is not free (~0.1 s at
@@ -201,34 +122,9 @@ def _load_graph(path: str, mtime_ns: int, size: int) -> onnx.ModelProto:
     return onnx.load_model(path, load_external_data=False)
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The metadata export_model stored, without loading the weights into a session."""
-    if not path.is_file():
-        raise ModelError(
-            f"{path} does not exist; run `mfbatch export --run-id <id>` (or `mfbatch train`)"
-        )
-    try:
-        proto = load_graph(path)
-    except Exception as exc:  # onnx raises assorted protobuf/IO errors
-        raise ModelError(
-            f"{path} is not a readable ONNX model ({exc}); re-run `mfbatch export`"
-        ) from None
-    return {p.key: json.loads(p.value) for p in proto.metadata_props}
-
-
-def export_run(*, db_path: Path, run_id: str = "latest") -> Path:
-    """Re-export a recorded run's saved weights to its folder's model.onnx."""
-    from mfbatch import db
-    from mfbatch.runs import Dataset, find_run
-
-    con = db.connect(db_path, read_only=True)
-    try:
-        dataset = Dataset.load(con, db_path)
-        run = find_run(con, db_path, dataset, run_id, role="any")
-    finally:
-        con.close()
-    model, manifest = load_model(run.export_path)
-    return export_model(model, manifest, run.export_path)
+def item_table(proto: onnx.ModelProto) -> np.ndarray:
+    """The graph's frozen item table V_aug_t [d+2, n_items]: what fold-in solves against."""
+    return next(numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == V_AUG_T)
 
 
 def check_finite(proto: onnx.ModelProto, path: Path) -> None:
@@ -246,7 +142,7 @@ def check_finite(proto: onnx.ModelProto, path: Path) -> None:
 def vectors_graph(proto: onnx.ModelProto, *, whole: bool) -> onnx.ModelProto:
     """model.onnx with user rows as the input instead of user indices: same V_aug_t.
 
-    A folded-in user (solved at serving time, `mfbatch.foldin`) is a row [p_u, 1, c] in
+    A folded-in user (solved at serving time, `mfbatch.serving.foldin`) is a row [p_u, 1, c] in
     U_aug's layout, so from the MatMul on it is scored exactly as a trained user. `whole`:
     the masking and TopK too (the CUDA path); else the scores half only (the CPU path masks
     in place and runs the TopK half `split_stages` makes).

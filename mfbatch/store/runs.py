@@ -23,45 +23,17 @@ from typing import Any, Literal
 
 import duckdb
 
-from mfbatch import db
 from mfbatch.errors import ConfigError, DatabaseError, ModelError
+from mfbatch.store import db
+from mfbatch.store.datasets import Dataset
 
 Role = Literal["measure", "serve", "any"]
+# What a run folder (export/<run_id>/) holds: mfbatch.artifact.files writes them.
+ONNX_FILE = "model.onnx"
+STATE_FILE = "model.pt"
+MANIFEST_FILE = "manifest.json"
 VALIDATED = "train"
 REFIT = "train+val"
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """The prepared dataset a database holds, as `dataset_meta` records it."""
-
-    path: Path
-    sha256: str
-    n_users: int
-    n_items: int
-    rating_min: float
-    rating_max: float
-    n_train: int
-    n_val: int
-    split_kind: str  # time | user-time | random: what the validation split holds out
-
-    @staticmethod
-    def load(con: duckdb.DuckDBPyConnection, path: Path) -> Dataset:
-        db.require_tables(con, path, "ratings", "users", "items", "dataset_meta")
-        row = db.record(con, "dataset_identity")
-        if row is None:
-            raise DatabaseError(f"{path}: dataset_meta is empty; run `mfbatch preprocess` again")
-        return Dataset(
-            path=path,
-            sha256=str(row["dataset_sha256"]),
-            n_users=int(row["n_users"]),
-            n_items=int(row["n_items"]),
-            rating_min=float(row["rating_min"]),
-            rating_max=float(row["rating_max"]),
-            n_train=int(row["n_train"]),
-            n_val=int(row["n_val"]),
-            split_kind=str(row["split_kind"]),
-        )
 
 
 @dataclass(frozen=True)
@@ -87,8 +59,6 @@ class Run:
 
     @property
     def model_path(self) -> Path:
-        from mfbatch.export import ONNX_FILE
-
         return self.export_path / ONNX_FILE
 
     def require_dataset(self, dataset: Dataset) -> None:
@@ -101,34 +71,6 @@ class Run:
                 f"{dataset.path} now holds {dataset.sha256[:12]} (re-preprocessed since); "
                 "train again on this database or pass the --db it was trained on"
             )
-
-    def check_model(self, dataset: Dataset) -> dict[str, Any]:
-        """The exported graph's metadata, after checking it is this run's, for this data."""
-        from mfbatch.export import read_metadata
-
-        self.require_dataset(dataset)
-        metadata = read_metadata(self.model_path)
-        if metadata.get("run_id") != self.run_id:
-            raise ModelError(
-                f"{self.model_path} belongs to run {metadata.get('run_id')!r}, not "
-                f"{self.run_id!r}; run `mfbatch export --run-id {self.run_id}` to rebuild it"
-            )
-        if metadata.get("dataset_sha256") != dataset.sha256:
-            raise ModelError(
-                f"{self.model_path} was exported for dataset "
-                f"{str(metadata.get('dataset_sha256'))[:12]}, but {dataset.path} holds "
-                f"{dataset.sha256[:12]}; train again on this database"
-            )
-        shape = (int(metadata.get("n_users", -1)), int(metadata.get("n_items", -1)))
-        # `preprocess --append` only adds ids after the ones a model knows, so a database
-        # that has grown since is served (new users folded in); one with fewer ids is not
-        # the data the model was trained on.
-        if not (0 < shape[0] <= dataset.n_users and 0 < shape[1] <= dataset.n_items):
-            raise ModelError(
-                f"{self.model_path} covers {shape[0]} users x {shape[1]} items but "
-                f"{dataset.path} has {dataset.n_users} x {dataset.n_items}; train again"
-            )
-        return metadata
 
 
 def stored_export_path(folder: Path, db_path: Path) -> str:
@@ -281,24 +223,3 @@ def list_runs(*, db_path: Path) -> list[RunListing]:
         )
         for r in rows
     ]
-
-
-def promote(*, db_path: Path, run_id: str | None) -> Run | None:
-    """Make `run_id` what `score` serves by default; None goes back to the newest refit."""
-    db.check_writable(db_path)
-    con = db.connect(db_path)
-    try:
-        dataset = Dataset.load(con, db_path)
-        run = None
-        if run_id is not None:
-            run = find_run(con, db_path, dataset, run_id, role="any")
-            run.require_dataset(dataset)
-            run.check_model(dataset)
-        with db.transaction(con, f"the serving choice into {db_path}"):
-            db.run(con, "create_serving")
-            db.run(con, "clear_serving")
-            if run is not None:
-                db.run(con, "insert_serving", run_id=run.run_id)
-    finally:
-        con.close()
-    return run

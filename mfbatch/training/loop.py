@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mfbatch import objectives
 from mfbatch.config import TrainConfig
-from mfbatch.distributed import Shard
-from mfbatch.model import MatrixFactorization
-from mfbatch.objectives import UserBatch
-from mfbatch.plan import DenseGrads, Plan, make_optimizers, plan
+from mfbatch.training import objectives
+from mfbatch.training.distributed import Shard
+from mfbatch.training.model import MatrixFactorization
+from mfbatch.training.objectives import UserBatch
+from mfbatch.training.steps import DenseGrads, Plan, make_optimizers, plan
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ def train_epoch(
     """One pass over the ratings in shuffled batches (of users for the softmax losses, of
     ratings for MSE); returns the mean batch loss.
 
-    With an active `shard` (mfbatch.distributed) every rank walks the same global batches
+    With an active `shard` (mfbatch.training.distributed) every rank walks the same global batches
     and trains on the users of each that it owns; see that module for why this is the
     single-process step split in parts.
     """

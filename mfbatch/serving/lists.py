@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from mfbatch.inference import Scorer, SeenItems
+from mfbatch.serving.session import Scorer, SeenItems
 
 MODEL = "model"
 POPULARITY = "popularity"

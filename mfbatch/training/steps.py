@@ -1,7 +1,7 @@
 """How an epoch steps: the plan (which loss, how many users a step) and the optimizers.
 
 Resolved once per run from the config, the catalogue and the memory budget, before the
-first step; `train_epoch` (mfbatch.trainer) then only follows it.
+first step; `train_epoch` (mfbatch.training.loop) then only follows it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from mfbatch.config import TrainConfig
-from mfbatch.model import MatrixFactorization
+from mfbatch.training.model import MatrixFactorization
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""A run's files: the saved weights and manifest, and the compiled ONNX scoring graph."""

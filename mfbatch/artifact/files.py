@@ -1,0 +1,146 @@
+"""A run's folder: weights and manifest (`save_model` / `load_model`), and its model.onnx
+(`export_model`, `read_metadata`, `check_model`).
+
+torch is imported inside the functions that need it, so scoring (which reads only the
+graph) never loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from mfbatch.artifact.graph import OPSET, augmented_tables, build_graph, load_graph
+from mfbatch.errors import ModelError, first_line
+from mfbatch.store.datasets import Dataset
+from mfbatch.store.runs import MANIFEST_FILE, ONNX_FILE, STATE_FILE, Run
+from mfbatch.version import __version__
+
+if TYPE_CHECKING:  # scoring reads the graph without torch; only export needs the module
+    from mfbatch.training.model import MatrixFactorization
+
+__all__ = ["MANIFEST_FILE", "ONNX_FILE", "STATE_FILE"]
+
+
+def export_model(model: MatrixFactorization, manifest: dict[str, Any], folder: Path) -> Path:
+    """Write folder/model.onnx (atomically) with the run's identity in its metadata."""
+    users_aug, items_aug_t = augmented_tables(model)
+    metadata = {
+        "run_id": manifest["run_id"],
+        "dataset_sha256": manifest["dataset_sha256"],
+        "data_seen": manifest["data_seen"],
+        "n_users": model.shape.n_users,
+        "n_items": model.shape.n_items,
+        "embedding_dim": model.shape.dim,
+        "rating_min": manifest["rating_min"],
+        "rating_max": manifest["rating_max"],
+        "objective": manifest["objective"],
+        "opset": OPSET,
+        "mfbatch_version": __version__,
+    }
+    graph = build_graph(users_aug, items_aug_t, metadata)
+    target = folder / ONNX_FILE
+    partial = folder / (ONNX_FILE + ".part")
+    try:
+        onnx.save_model(graph, str(partial))
+        partial.replace(target)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise ModelError(
+            f"could not write {target} ({exc}); free space and run `mfbatch export`"
+        ) from None
+    return target
+
+
+def save_model(
+    model: MatrixFactorization, path: Path, *, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """Write weights + manifest to a temporary folder, then rename: never a half-saved run."""
+    import torch
+
+    staging = path.with_name(f".{path.name}.tmp")
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save(state, staging / STATE_FILE)
+        manifest = {**manifest, "files": {"state_dict": STATE_FILE}}
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(staging, path)
+        return manifest
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelError(
+            f"could not save the model to {path} ({exc}); free space or pass --export-dir"
+        ) from None
+
+
+def load_model(path: Path) -> tuple[MatrixFactorization, dict[str, Any]]:
+    """Rebuild a saved run from export/<run_id>/ (weights loaded with weights_only=True)."""
+    import torch
+
+    from mfbatch.training.model import MatrixFactorization, ModelShape
+
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ModelError(
+            f"{path}: no {MANIFEST_FILE}; pass an export/<run_id> folder of mfbatch train"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        model = MatrixFactorization(ModelShape(**manifest["shape"]))
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:  # torch.load/json raise assorted IO, pickle and zip errors
+        first = first_line(exc)
+        raise ModelError(
+            f"{path}: the saved model can't be loaded ({first}); train again"
+        ) from None
+    model.eval()
+    return model, manifest
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The metadata export_model stored, without loading the weights into a session."""
+    if not path.is_file():
+        raise ModelError(
+            f"{path} does not exist; run `mfbatch export --run-id <id>` (or `mfbatch train`)"
+        )
+    try:
+        proto = load_graph(path)
+    except Exception as exc:  # onnx raises assorted protobuf/IO errors
+        raise ModelError(
+            f"{path} is not a readable ONNX model ({exc}); re-run `mfbatch export`"
+        ) from None
+    return {p.key: json.loads(p.value) for p in proto.metadata_props}
+
+
+def check_model(run: Run, dataset: Dataset) -> dict[str, Any]:
+    """The exported graph's metadata, after checking it is this run's, for this data."""
+    run.require_dataset(dataset)
+    metadata = read_metadata(run.model_path)
+    if metadata.get("run_id") != run.run_id:
+        raise ModelError(
+            f"{run.model_path} belongs to run {metadata.get('run_id')!r}, not "
+            f"{run.run_id!r}; run `mfbatch export --run-id {run.run_id}` to rebuild it"
+        )
+    if metadata.get("dataset_sha256") != dataset.sha256:
+        raise ModelError(
+            f"{run.model_path} was exported for dataset "
+            f"{str(metadata.get('dataset_sha256'))[:12]}, but {dataset.path} holds "
+            f"{dataset.sha256[:12]}; train again on this database"
+        )
+    shape = (int(metadata.get("n_users", -1)), int(metadata.get("n_items", -1)))
+    # `preprocess --append` only adds ids after the ones a model knows, so a database
+    # that has grown since is served (new users folded in); one with fewer ids is not
+    # the data the model was trained on.
+    if not (0 < shape[0] <= dataset.n_users and 0 < shape[1] <= dataset.n_items):
+        raise ModelError(
+            f"{run.model_path} covers {shape[0]} users x {shape[1]} items but "
+            f"{dataset.path} has {dataset.n_users} x {dataset.n_items}; train again"
+        )
+    return metadata

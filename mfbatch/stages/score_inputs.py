@@ -1,0 +1,181 @@
+"""What `mfbatch score` reads before it scores: the run, the plan, the raw ids, fold-in.
+
+The database is opened read-only once and closed again before any scoring; every check
+that can fail on the inputs (a stale model, an unknown id in a file, K above the catalogue)
+fails here, before work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mfbatch.artifact.files import check_model
+from mfbatch.config import Config, ScoreConfig
+from mfbatch.errors import ConfigError, InputDataError
+from mfbatch.serving.engines import FoldIn
+from mfbatch.serving.lists import ListPlan, fitted_counts
+from mfbatch.serving.session import SeenItems
+from mfbatch.store import db
+from mfbatch.store.datasets import Dataset
+from mfbatch.store.runs import Run, find_run
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    run: Run
+    dataset: Dataset
+    plan: ListPlan
+    user_ids: pa.Array
+    item_ids: pa.Array
+    fold: FoldIn
+    unscorable_items: int
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """The rows a score reads from the database, as numpy/Arrow columns."""
+
+    dataset: Dataset
+    run: Run
+    metadata: dict[str, Any]
+    seen: dict[str, np.ndarray]  # every (user, item) rated in any split
+    trained: dict[str, np.ndarray]  # what the run trained on: counts per user and item
+    fresh: dict[str, np.ndarray]  # ratings the run has not seen (appended since)
+    user_ids: pa.Array
+    item_ids: pa.Array
+
+
+def read_ids(path: Path, what: str) -> list[str]:
+    """A file of ids, one per line (blank lines and # comments skipped)."""
+    if not path.is_file():
+        raise InputDataError(f"--{what}: {path} does not exist; pass a file with one id per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise InputDataError(
+            f"--{what}: {path} line {line} is not UTF-8 text (byte {exc.object[exc.start]:#x}); "
+            "save the file as UTF-8 with one id per line"
+        ) from None
+    ids = [line.strip() for line in text.splitlines()]
+    ids = [i for i in ids if i and not i.startswith("#")]
+    if not ids:
+        raise InputDataError(f"--{what}: {path} holds no ids; put one id per line")
+    return ids
+
+
+def _lookup(known: pa.Array, path: Path, what: str) -> np.ndarray:
+    wanted = read_ids(path, what)
+    index = {value: i for i, value in enumerate(known.to_pylist())}
+    missing = [w for w in wanted if w not in index]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5])
+        raise InputDataError(
+            f"--{what}: {path} names {len(missing):,} id(s) not in the database "
+            f"(e.g. {shown}); use raw ids from the {'users' if what == 'users' else 'items'} table"
+        )
+    return np.unique(np.array([index[w] for w in wanted], dtype=np.int64))
+
+
+def _read(config: Config) -> _Stored:
+    settings = config.score
+    con = db.connect(config.db, read_only=True)
+    try:
+        dataset = Dataset.load(con, config.db)
+        run = find_run(con, config.db, dataset, settings.run_id, role="serve")
+        metadata = check_model(run, dataset)
+        if settings.top_k > dataset.n_items:
+            raise ConfigError(
+                f"--top-k: {settings.top_k} is more than the catalogue's {dataset.n_items:,} items"
+            )
+        all_splits = run.data_seen == "train+val"
+        version = db.record(con, "run_data_version", run_id=run.run_id)
+        assert version is not None  # an aggregate always returns a row
+        return _Stored(
+            dataset=dataset,
+            run=run,
+            metadata=metadata,
+            seen=db.arrays(con, "seen_all"),
+            trained=db.arrays(
+                con, "trained_counts_versioned", all_splits=all_splits, version=version["version"]
+            ),
+            fresh=db.arrays(
+                con, "fold_in_ratings", all_splits=all_splits, version=version["version"]
+            ),
+            user_ids=db.arrow(con, "user_ids").column("user_id").combine_chunks(),
+            item_ids=db.arrow(con, "item_ids").column("item_id").combine_chunks(),
+        )
+    finally:
+        con.close()
+
+
+def _item_mask(settings: ScoreConfig, item_ids: pa.Array, n_items: int) -> np.ndarray:
+    """0 for an item that may be recommended, -inf for one that may not (allow/deny files)."""
+    mask = np.zeros(n_items, dtype=np.float32)
+    if settings.include_items is not None:
+        mask[:] = -np.inf
+        mask[_lookup(item_ids, settings.include_items, "include-items")] = 0.0
+    if settings.exclude_items is not None:
+        mask[_lookup(item_ids, settings.exclude_items, "exclude-items")] = -np.inf
+    return mask
+
+
+def _fold_in(fresh: dict[str, np.ndarray], users: np.ndarray, n_users: int) -> FoldIn:
+    """The unseen ratings of the users being scored, grouped by user (CSR)."""
+    wanted = np.zeros(n_users, dtype=bool)
+    wanted[users] = True
+    keep = wanted[fresh["user_idx"]]
+    fold_users, counts = np.unique(fresh["user_idx"][keep].astype(np.int64), return_counts=True)
+    return FoldIn(
+        users=fold_users,
+        indptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        items=fresh["item_idx"][keep].astype(np.int64),
+        ratings=fresh["rating_norm"][keep].astype(np.float32),
+        item_usable=np.zeros(0, dtype=bool),
+    )
+
+
+def load_inputs(config: Config) -> ScoreInputs:
+    """Read and check everything a score needs; the database is closed again on return."""
+    settings = config.score
+    stored = _read(config)
+    dataset = stored.dataset
+    users = np.arange(dataset.n_users, dtype=np.int64)
+    if settings.users is not None:
+        users = _lookup(stored.user_ids, settings.users, "users")
+    item_mask = _item_mask(settings, stored.item_ids, dataset.n_items)
+    fitted_users, fitted_items = fitted_counts(stored.trained, dataset.n_users, dataset.n_items)
+    # The model knows nothing of items it never trained on (or appended after it was
+    # trained, beyond its tables): it can't rank them.
+    model_users, model_items = int(stored.metadata["n_users"]), int(stored.metadata["n_items"])
+    fitted_items[model_items:] = 0
+    fitted_users[model_users:] = 0
+    item_mask[fitted_items == 0] = -np.inf
+    fold = _fold_in(stored.fresh, users, dataset.n_users)
+    fold = FoldIn(fold.users, fold.indptr, fold.items, fold.ratings, fitted_items[:model_items] > 0)
+    folded = np.full(dataset.n_users, -1, dtype=np.int64)
+    folded[fold.users] = np.arange(len(fold.users))
+    seen = stored.seen
+    plan = ListPlan(
+        users=users,
+        seen=SeenItems.from_pairs(seen["user_idx"], seen["item_idx"], dataset.n_users),
+        item_mask=item_mask,
+        cold=(fitted_users == 0) & (folded < 0),
+        popularity=np.bincount(seen["item_idx"], minlength=dataset.n_items),
+        k=settings.top_k,
+        folded=folded,
+    )
+    return ScoreInputs(
+        run=stored.run,
+        dataset=dataset,
+        plan=plan,
+        user_ids=stored.user_ids,
+        item_ids=stored.item_ids,
+        fold=fold,
+        unscorable_items=int((fitted_items == 0).sum()),
+    )
