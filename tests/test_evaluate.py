@@ -193,7 +193,7 @@ def build_db(
     )
     con = duckdb.connect(str(path))
     try:
-        for table in ("users", "items", "ratings", "dataset_meta"):
+        for table in ("users", "items", "ratings", "dataset_meta", "dataset_versions"):
             db.run(con, f"create_{table}")
         con.register("staged_users", users.to_arrow())
         con.register("staged_items", items.to_arrow())
@@ -227,6 +227,17 @@ def build_db(
             config="{}",
             mfbatch_version="test",
             seconds=0.0,
+        )
+        db.run(
+            con,
+            "insert_base_version",
+            dataset_sha256=SHA,
+            source="hand-made",
+            rows_in=ratings.height,
+            rows_added=ratings.height,
+            new_users=n_users,
+            new_items=n_items,
+            created_at=start,
         )
         if run:
             folder = path.parent / "export" / RUN_ID
