@@ -48,22 +48,17 @@ def _config(
     db: PathLike | None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
+    """The stage's Config: a loaded one or a TOML path, with keyword overrides validated
+    like flags (a wrong type or value is a ConfigError naming the keyword)."""
     db_path = Path(db) if db is not None else None
-    if isinstance(config, Config):
-        import dataclasses
-
-        base = dataclasses.replace(config, db=db_path or config.db)
-        # Re-validate the overrides through the same loader as everything else.
-        merged = {
-            name: {**dataclasses.asdict(getattr(base, name)), **dict(values)}
-            for name, values in (overrides or {}).items()
-        }
-        checked = load_config(db=base.db, overrides=merged)
-        return dataclasses.replace(
-            base, **{name: getattr(checked, name) for name in overrides or {}}
-        )
-    path = Path(config) if config is not None else None
-    return load_config(path, db=db_path, overrides=overrides)
+    if not isinstance(config, Config):
+        path = Path(config) if config is not None else None
+        return load_config(path, db=db_path, overrides=overrides)
+    if db_path is not None:
+        config = config.model_copy(update={"db": db_path})
+    for section, values in (overrides or {}).items():
+        config = config.override(section, values, where=f"{section}=")
+    return config
 
 
 def preprocess(

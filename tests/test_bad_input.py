@@ -448,7 +448,7 @@ def test_bad_val_fraction(
 @pytest.mark.parametrize(
     ("args", "expect"),
     [
-        (("--split", "weekly"), "--split: unknown split 'weekly'"),
+        (("--split", "weekly"), "--split: 'weekly' is not one of time, user-time, random"),
         (("--dataset", "ml-2m"), "--dataset: unknown dataset 'ml-2m'"),
         (("--dataset", "csv", "--separator", ";;"), "--separator: must be a single character"),
         (("--rating-min", "1"), "--rating-min/--rating-max: give both or neither"),

@@ -238,23 +238,23 @@ def test_catalogues_too_wide_for_the_budget_fall_back_to_sampling() -> None:
     fits = plan(config, n_items=1_000)
     assert (fits.loss, fits.batch_size, fits.note) == ("softmax", 256, None)
     # 4 MiB holds 65 rows of 4,000 items: the full softmax, 65 users a step.
-    capped = plan(dataclasses.replace(config, memory_mb=4), n_items=4_000)
+    capped = plan(config.replace(memory_mb=4), n_items=4_000)
     assert (capped.loss, capped.batch_size) == ("softmax", 65)
     # 2 MiB holds 32: too few to be worth it. Sampled, with a note saying why.
-    few = plan(dataclasses.replace(config, memory_mb=2), n_items=4_000)
+    few = plan(config.replace(memory_mb=2), n_items=4_000)
     assert few.loss == "sampled" and few.note is not None and "--memory-mb 2" in few.note
     assert few.batch_size == 128  # 1,024 samples a row: 128 rows fit in 2 MiB
     # Room enough, but 20,000 items cost ~20x 1,024 samples a step: sampled too.
-    wide = plan(dataclasses.replace(config, memory_mb=4096), n_items=20_000)
+    wide = plan(config.replace(memory_mb=4096), n_items=20_000)
     assert wide.loss == "sampled" and wide.note is not None and "--negatives 1024" in wide.note
-    roomy = dataclasses.replace(config, memory_mb=4096, negatives=4096)
+    roomy = config.replace(memory_mb=4096, negatives=4096)
     assert plan(roomy, n_items=20_000).loss == "softmax"
     # A sampled epoch takes at most 400 steps where the budget allows: 200k users run
     # 500 a step; ML-100K's 943 keep --batch-size; 2 MiB still caps them at 128.
-    big = dataclasses.replace(config, memory_mb=4096)
+    big = config.replace(memory_mb=4096)
     assert plan(big, n_items=20_000, n_users=200_000).batch_size == 500
     assert plan(big, n_items=20_000, n_users=943).batch_size == 256
-    tight = dataclasses.replace(config, memory_mb=2)
+    tight = config.replace(memory_mb=2)
     assert plan(tight, n_items=4_000, n_users=200_000).batch_size == 128
     assert plan(TrainConfig(objective="rating"), 10**7).loss == "rating"
 

@@ -137,8 +137,10 @@ def evaluate(*, config: Config, console: Console | None = None) -> Evaluation:
     }
     started = time.perf_counter()
     log_step(console, "evaluate", f"listing {len(users):,} users with run {run.run_id}", started)
-    scorer = Scorer(run.model_path, provider=config.score.provider, threads=config.score.threads)
-    batch = scorer.auto_batch_size(dataset.n_items, config.score.memory_mb)
+    scorer = Scorer(
+        run.model_path, provider=config.evaluate.provider, threads=config.evaluate.threads
+    )
+    batch = scorer.auto_batch_size(dataset.n_items, config.evaluate.memory_mb)
     staged_lists = pa.concat_tables(
         to_arrow(lists, user_ids, item_ids).append_column(
             "recommender", pa.array([name] * int(np.isfinite(lists.scores).sum()), pa.string())

@@ -135,8 +135,7 @@ def _tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torc
 
 def _refit_config(run: Run, config: TrainConfig) -> TrainConfig:
     """The validated run's own settings, so the refit differs from it only in its data."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in run.config["train"].items() if k in fields}
+    values = {k: v for k, v in run.config["train"].items() if k in TrainConfig.model_fields}
     # Runs recorded before --recency-half-life existed trained without it.
     values.setdefault("recency_half_life", 0.0)
     values.update(on="all", device=config.device, export_dir=config.export_dir, nproc=config.nproc)
@@ -217,7 +216,7 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
     recency_note = ""
     if settings.recency_half_life is None:
         # Recorded resolved, so a refit copying this run weights its ratings the same way.
-        settings = dataclasses.replace(settings, recency_half_life=recency_for(dataset.split_kind))
+        settings = settings.replace(recency_half_life=recency_for(dataset.split_kind))
         if settings.recency_half_life and settings.objective != "rating":
             # A default that depends on the data deserves a word: say what it is and why.
             recency_note = (
@@ -464,7 +463,7 @@ def record_run(
         },
         schema_overrides={c: pl.Float64 for c in ("val_rmse", "val_mae", "val_recall", "val_ndcg")},
     )
-    resolved = dataclasses.replace(config, train=settings).to_dict()
+    resolved = config.model_copy(update={"train": settings}).to_dict()
     con = db.connect(config.db)
     try:
         con.register("staged_epochs", epochs.to_arrow())

@@ -279,7 +279,7 @@ def mfbatch_fit(
     """Train as `mfbatch train` does (early stopping on split.val) or blind for the
     config's epochs (`early_stop=False`: validation never looked at)."""
     if config.recency_half_life is None:  # as the train stage resolves it
-        config = dataclasses.replace(config, recency_half_life=recency_for(split.split_kind))
+        config = config.replace(recency_half_life=recency_for(split.split_kind))
     data, val = tensors(split)
     torch.manual_seed(config.seed)
     model = MatrixFactorization(
@@ -322,7 +322,7 @@ def run_mfbatch(
     split: Split, config: TrainConfig, seeds: list[int], k: int, *, early_stop: bool
 ) -> Iterator[tuple[float, float, float, int]]:
     for seed in seeds:
-        cfg = dataclasses.replace(config, seed=seed)
+        cfg = config.replace(seed=seed)
         model, seconds, outcome = mfbatch_fit(split, cfg, early_stop=early_stop)
         recall, ndcg = metrics(split, top_lists(split, mf_scores(model, split.n_items), k), k)
         yield recall, ndcg, seconds, len(outcome.history)
@@ -463,7 +463,7 @@ def main() -> None:
 
     config = TrainConfig(device="cpu", top_k=k)
     # The shared metric agrees with the trainer's own on the same model (once).
-    model, _, _ = mfbatch_fit(split, dataclasses.replace(config, epochs=3))
+    model, _, _ = mfbatch_fit(split, config.replace(epochs=3))
     ours = metrics(split, top_lists(split, mf_scores(model, split.n_items), k), k)
     _, val = tensors(split)
     theirs = rank_metrics(model, val, k)
@@ -476,13 +476,11 @@ def main() -> None:
     ]
     if recency_for(split.split_kind) and split.train_ts.any():
         # The previous default, in the same run: what the recency weighting adds.
-        no_recency = dataclasses.replace(config, recency_half_life=0.0)
+        no_recency = config.replace(recency_half_life=0.0)
         variants.append(("mfbatch --recency-half-life 0 (pipeline)", no_recency, True))
     for spec in filter(None, args.sampled.split(";")):
         sampler, negatives = spec.split(":")
-        sampled = dataclasses.replace(
-            config, objective="sampled", sampler=sampler, negatives=int(negatives)
-        )
+        sampled = config.replace(objective="sampled", sampler=sampler, negatives=int(negatives))
         variants.append((f"  sampled {sampler} {negatives} (fixed epochs)", sampled, False))
     for label, cfg, early in variants:
         res = list(run_mfbatch(split, cfg, seeds, k, early_stop=early))

@@ -86,7 +86,7 @@ def main() -> None:
         for seed in seeds:
             config = TrainConfig(device="cpu", seed=seed, **settings)
             if args.epochs:
-                config = dataclasses.replace(config, epochs=args.epochs)
+                config = config.replace(epochs=args.epochs)
             torch.manual_seed(seed)
             dim = int(config.embedding_dim or 0)
             model = MatrixFactorization(ModelShape(split.n_users, split.n_items, dim, 0.0, False))

@@ -1,0 +1,82 @@
+"""Tables the CLI prints on a terminal: evaluation figures, a user's lists, the runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+AT_K = ("precision", "recall", "recall_uncapped", "ndcg", "map", "hit_rate")
+
+
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if metric.startswith("users_") else f"{value:.4f}"
+
+
+def evaluation_table(result: Any) -> Table:
+    """mfbatch vs popularity, one row a metric, with the lift."""
+    table = Table(title=f"run {result.run_id}, K={result.k}")
+    for column in ("metric", "mfbatch", "popularity", "lift"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for row in result.rows():
+        value, base = row["value"], row["baseline_value"]
+        metric = row["metric"]
+        name = metric + (f"@{row['k']}" if row["k"] and metric in AT_K else "")
+        lift = f"{value / base:.2f}x" if value and base and metric in AT_K else ""
+        table.add_row(name, _fmt(value, metric), _fmt(base, metric), lift)
+    return table
+
+
+def recommendation_tables(report: Any) -> tuple[Table, Table]:
+    """A user's served list, and their own top-rated items."""
+    recs = Table(title=f"recommended for user {report.user_id} (run {report.run_id})")
+    for column in ("rank", "item", "title", "genres", "score", "source"):
+        recs.add_column(column)
+    for rec in report.recommendations:
+        recs.add_row(
+            str(rec.rank),
+            rec.item_id,
+            rec.title or "",
+            rec.genres or "",
+            f"{rec.score:.3f}",
+            rec.source,
+        )
+    rated = Table(title=f"their top-rated ({report.n_ratings:,} ratings)")
+    for column in ("item", "title", "rating", "split"):
+        rated.add_column(column)
+    for item in report.top_rated:
+        rated.add_row(item.item_id, item.title or "", f"{item.rating:g}", item.split)
+    return recs, rated
+
+
+def runs_table(listing: list[Any]) -> Table:
+    table = Table(title="training runs, newest first")
+    # The id is what a user copies into --run-id: never truncated.
+    table.add_column("run", no_wrap=True, min_width=22)
+    for column in ("objective", "data", "status", "epochs", "Recall", "NDCG", "RMSE"):
+        table.add_column(column, overflow="fold")
+    table.add_column("served", overflow="fold")
+    for run in listing:
+        served = ", ".join(
+            part
+            for part in (
+                "promoted" if run.promoted else "",
+                f"{run.served_users:,} users" if run.served_users else "",
+                "" if run.current_data else "other data",
+            )
+            if part
+        )
+        table.add_row(
+            run.run_id,
+            run.objective,
+            run.data_seen,
+            run.status,
+            f"{run.best_epoch}/{run.epochs_run}",
+            "-" if run.val_recall is None else f"{run.val_recall:.4f}",
+            "-" if run.val_ndcg is None else f"{run.val_ndcg:.4f}",
+            "-" if run.val_rmse is None else f"{run.val_rmse:.4f}",
+            served or "-",
+        )
+    return table
