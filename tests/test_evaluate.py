@@ -46,8 +46,8 @@ from mfbatch.artifact.files import ONNX_FILE, load_model
 from mfbatch.artifact.graph import build_graph
 from mfbatch.cli import app
 from mfbatch.config import load_config
+from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.lists import popularity_top_k
-from mfbatch.serving.session import SeenItems
 from mfbatch.stages.evaluate import Evaluation, _ranking
 from mfbatch.stages.evaluate import evaluate as run_evaluate
 from mfbatch.store import db

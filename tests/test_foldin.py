@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from mfbatch.artifact.graph import build_graph
 from mfbatch.cli import app
+from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.foldin import fold_in, item_tables, method_for
-from mfbatch.serving.session import Scorer, SeenItems
+from mfbatch.serving.session import Scorer
 
 
 def _tables(rng: np.random.Generator, n_items: int, d: int) -> np.ndarray:

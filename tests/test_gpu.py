@@ -121,7 +121,8 @@ def test_the_serving_scorer_on_cuda_matches_the_oracle(tmp_path: Path) -> None:
         pytest.skip("onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
     onnx = pytest.importorskip("onnx")
     from mfbatch.artifact.graph import build_graph
-    from mfbatch.serving.session import Scorer, SeenItems
+    from mfbatch.serving.csr import SeenItems
+    from mfbatch.serving.session import Scorer
 
     u, vt, indptr, indices, mask = (t.numpy() for t in _case("cpu"))
     path = tmp_path / "model.onnx"

@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from mfbatch.artifact.files import export_model
 from mfbatch.artifact.graph import build_graph
 from mfbatch.errors import ConfigError, ModelError
+from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.lists import ListBatch, ListPlan, build_lists, to_arrow, with_rating
-from mfbatch.serving.session import FAST_CPU_BATCH_MB, Scorer, SeenItems, _gpu_present
+from mfbatch.serving.session import FAST_CPU_BATCH_MB, Scorer, _gpu_present
 from mfbatch.serving.spool import Spooler
 from mfbatch.training.model import MatrixFactorization, ModelShape
 

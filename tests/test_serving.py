@@ -30,8 +30,8 @@ from mfbatch.artifact.files import read_metadata
 from mfbatch.artifact.graph import build_graph
 from mfbatch.cli import app
 from mfbatch.errors import DatabaseError
+from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.lists import ListPlan, build_lists, popularity_top_k
-from mfbatch.serving.session import SeenItems
 from mfbatch.serving.spool import SPOOL_PREFIX
 from mfbatch.store import db
 

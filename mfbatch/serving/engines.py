@@ -20,6 +20,7 @@ from rich.console import Console
 
 from mfbatch.errors import ConfigError, InputDataError
 from mfbatch.progress import Steps
+from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.foldin import fold_in, method_for
 from mfbatch.serving.lists import ListPlan, build_lists, to_arrow, with_rating
 from mfbatch.serving.session import Scorer
@@ -28,18 +29,12 @@ from mfbatch.serving.spool import SPOOL_FILE, Spooler, read_spool
 
 @dataclass(frozen=True)
 class FoldIn:
-    """Ratings the run has not seen, for the users to solve (ascending user_idx), as CSR."""
+    """Ratings the run has not seen, for the users to solve (ascending user_idx)."""
 
     users: np.ndarray
-    indptr: np.ndarray
-    items: np.ndarray
+    rated: SeenItems  # row r: the items users[r] rated; `ratings` in the same order
     ratings: np.ndarray
     item_usable: np.ndarray  # bool [model n_items]: items the run trained on
-
-    @staticmethod
-    def none(item_usable: np.ndarray) -> FoldIn:
-        empty = np.zeros(0, dtype=np.int64)
-        return FoldIn(empty, np.zeros(1, np.int64), empty, np.zeros(0, np.float32), item_usable)
 
 
 @dataclass(frozen=True)
@@ -77,8 +72,8 @@ def apply_fold_in(
     if not len(fold.users):
         return plan
     rows = fold_in(
-        fold.indptr,
-        fold.items,
+        fold.rated.indptr,
+        fold.rated.indices,
         fold.ratings,
         items_aug_t,
         method=method_for(objective),

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from mfbatch.serving.session import Scorer, SeenItems
+from mfbatch.serving.csr import SeenItems
+from mfbatch.serving.session import Scorer
 
 MODEL = "model"
 POPULARITY = "popularity"

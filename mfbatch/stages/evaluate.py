@@ -29,8 +29,9 @@ from mfbatch.artifact.files import check_model
 from mfbatch.config import Config
 from mfbatch.errors import ConfigError
 from mfbatch.progress import log_step
+from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.lists import MODEL, POPULARITY, ListPlan, build_lists, fitted_counts, to_arrow
-from mfbatch.serving.session import Scorer, SeenItems
+from mfbatch.serving.session import Scorer
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.store.runs import find_run

@@ -17,9 +17,9 @@ import pyarrow as pa
 from mfbatch.artifact.files import check_model
 from mfbatch.config import Config, ScoreConfig
 from mfbatch.errors import ConfigError, InputDataError
+from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.engines import FoldIn
 from mfbatch.serving.lists import ListPlan, fitted_counts
-from mfbatch.serving.session import SeenItems
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.store.runs import Run, find_run
@@ -130,11 +130,11 @@ def _fold_in(fresh: dict[str, np.ndarray], users: np.ndarray, n_users: int) -> F
     wanted = np.zeros(n_users, dtype=bool)
     wanted[users] = True
     keep = wanted[fresh["user_idx"]]
-    fold_users, counts = np.unique(fresh["user_idx"][keep].astype(np.int64), return_counts=True)
+    # The query returns them by user: row r of the CSR is the r-th user to fold in.
+    fold_users, rows = np.unique(fresh["user_idx"][keep].astype(np.int64), return_inverse=True)
     return FoldIn(
         users=fold_users,
-        indptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        items=fresh["item_idx"][keep].astype(np.int64),
+        rated=SeenItems.from_sorted(rows, fresh["item_idx"][keep], len(fold_users)),
         ratings=fresh["rating_norm"][keep].astype(np.float32),
         item_usable=np.zeros(0, dtype=bool),
     )
@@ -157,7 +157,7 @@ def load_inputs(config: Config) -> ScoreInputs:
     fitted_users[model_users:] = 0
     item_mask[fitted_items == 0] = -np.inf
     fold = _fold_in(stored.fresh, users, dataset.n_users)
-    fold = FoldIn(fold.users, fold.indptr, fold.items, fold.ratings, fitted_items[:model_items] > 0)
+    fold = FoldIn(fold.users, fold.rated, fold.ratings, fitted_items[:model_items] > 0)
     folded = np.full(dataset.n_users, -1, dtype=np.int64)
     folded[fold.users] = np.arange(len(fold.users))
     seen = stored.seen

@@ -45,7 +45,8 @@ from mfbatch.artifact.graph import augmented_tables
 from mfbatch.config import SplitConfig, machine_cores
 from mfbatch.data.base import RawData
 from mfbatch.data.transforms import prepare
-from mfbatch.serving.session import Scorer, SeenItems
+from mfbatch.serving.csr import SeenItems
+from mfbatch.serving.session import Scorer
 from mfbatch.stages.preprocess import write_dataset
 from mfbatch.store import db
 from mfbatch.training.model import MatrixFactorization, ModelShape

@@ -5,7 +5,7 @@
 One fixed workload (default softmax steps on synthetic data) timed with 1 thread and with
 all cores, first as the machine is, then with one core kept busy by a spinning child
 process (what a second job on a 2-core box does), and with the default that
-`mfbatch.stages.train.resolve_threads` picks under that load. Medians of --repeats; the load
+`mfbatch.training.device.resolve_threads` picks under that load. Medians of --repeats; the load
 average is printed, since other jobs on a shared machine move these figures.
 """
 
@@ -22,7 +22,7 @@ import torch
 from mfbatch.config import TrainConfig
 from mfbatch.data.synthetic import SyntheticSpec, generate
 from mfbatch.data.transforms import dense_ids
-from mfbatch.stages.train import resolve_threads, usable_cores
+from mfbatch.training.device import resolve_threads, usable_cores
 from mfbatch.training.loop import EpochData, Interactions, train_epoch
 from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.steps import make_optimizers, plan

@@ -1,0 +1,127 @@
+"""What `mfbatch train` reads: the ratings as tensors, and the validation it measures on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from mfbatch.config import Config, TrainConfig, load_config
+from mfbatch.errors import ConfigError, DatabaseError, ModelError
+from mfbatch.store import db
+from mfbatch.store.datasets import Dataset
+from mfbatch.store.runs import Run, find_run
+from mfbatch.training.loop import Csr, Interactions, Validation
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    dataset: Dataset
+    frame: (
+        pl.DataFrame
+    )  # every rating the run may use: user_idx, item_idx, rating_norm, ts_ms, is_val
+    settings: TrainConfig  # a refit's are its validated run's
+    parent: str | None  # a refit's validated run
+    epochs: int | None  # a refit's epoch count (its validated run's best)
+
+
+def read_inputs(config: Config) -> TrainInputs:
+    """The dataset and its ratings; for a refit, the validated run's settings and epochs."""
+    settings = config.train
+    con = db.connect(config.db, read_only=True)
+    try:
+        dataset = Dataset.load(con, config.db)
+        frame = db.frame(con, "training_ratings", all_splits=settings.on == "all")
+        if settings.on != "all":
+            return TrainInputs(dataset, frame, settings, None, None)
+        validated = find_run(con, config.db, dataset, role="measure")
+    finally:
+        con.close()
+    settings = _refit_config(validated, settings)
+    return TrainInputs(dataset, frame, settings, validated.run_id, max(validated.best_epoch, 1))
+
+
+def _tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # A copy: Arrow-backed arrays are read-only, and torch wants to own its memory.
+    tensor = torch.tensor(array, dtype=dtype)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _refit_config(run: Run, config: TrainConfig) -> TrainConfig:
+    """The validated run's own settings, so the refit differs from it only in its data."""
+    values = {k: v for k, v in run.config["train"].items() if k in TrainConfig.model_fields}
+    # Runs recorded before --recency-half-life existed trained without it.
+    values.setdefault("recency_half_life", 0.0)
+    values.update(on="all", device=config.device, export_dir=config.export_dir, nproc=config.nproc)
+    try:
+        return load_config(overrides={"train": values}).train
+    except ConfigError as exc:
+        # The stored settings, not the user's flags: say which run they came from.
+        raise ModelError(
+            f"the validated run {run.run_id} was trained with settings this version no "
+            f"longer takes ({exc}); train a new validated run, then refit"
+        ) from None
+
+
+def interactions(
+    inputs: TrainInputs, device: torch.device, db_path: object
+) -> tuple[Interactions, Validation | None]:
+    """The ratings to fit as tensors on `device`, and the validation split (train runs)."""
+    frame, settings = inputs.frame, inputs.settings
+    is_val = frame["is_val"].to_numpy()
+    fit = frame if settings.on == "all" else frame.filter(~pl.col("is_val"))
+    if fit.height == 0:
+        raise DatabaseError(f"{db_path}: the ratings table has no train rows; run preprocess")
+    if settings.on == "train" and not is_val.any():
+        raise DatabaseError(
+            f"{db_path}: the val split is empty, so nothing can be validated; "
+            "preprocess with --val-fraction > 0, or refit with --on all"
+        )
+    data = Interactions(
+        users=_tensor(fit["user_idx"].to_numpy(), device, torch.int64),
+        items=_tensor(fit["item_idx"].to_numpy(), device, torch.int64),
+        ratings=_tensor(fit["rating_norm"].to_numpy(), device, torch.float32),
+        # Without a time for every rating there is no order to weight by recency.
+        ts=None
+        if fit["ts_ms"].null_count()
+        else _tensor(fit["ts_ms"].to_numpy(), device, torch.int64),
+    )
+    val = None
+    if settings.on == "train":
+        val = _validation(frame, data, settings, device, inputs.dataset)
+    return data, val
+
+
+def _validation(
+    frame: pl.DataFrame,
+    data: Interactions,
+    settings: TrainConfig,
+    device: torch.device,
+    dataset: Dataset,
+) -> Validation:
+    held = frame.filter(pl.col("is_val"))
+    pairs = Interactions(
+        users=_tensor(held["user_idx"].to_numpy(), device, torch.int64),
+        items=_tensor(held["item_idx"].to_numpy(), device, torch.int64),
+        ratings=_tensor(held["rating_norm"].to_numpy(), device, torch.float32),
+    )
+    popular, untrained = Validation.serving_rules(data.items, dataset.n_items)
+    n_users = dataset.n_users
+    candidates = np.unique(held["user_idx"].to_numpy())
+    if candidates.size > settings.eval_users:
+        rng = np.random.default_rng(settings.seed)
+        candidates = np.sort(rng.choice(candidates, settings.eval_users, replace=False))
+    return Validation(
+        pairs=pairs,
+        train_items=Csr.build(data.users, data.items, n_users),
+        val_items=Csr.build(pairs.users, pairs.items, n_users),
+        rank_users=_tensor(candidates, device, torch.int64),
+        rating_min=dataset.rating_min,
+        rating_max=dataset.rating_max,
+        popular=popular,
+        untrained_items=untrained,
+    )

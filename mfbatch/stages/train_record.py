@@ -1,0 +1,183 @@
+"""What `mfbatch train` writes: the run's folder (weights, manifest, model.onnx) and its
+rows in `training_runs` / `training_epochs`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from mfbatch.artifact.files import export_model, save_model
+from mfbatch.config import Config, TrainConfig
+from mfbatch.store import db
+from mfbatch.store.datasets import Dataset
+from mfbatch.store.runs import stored_export_path
+from mfbatch.training.loop import EpochRecord, Interactions, Outcome
+from mfbatch.training.model import MatrixFactorization
+from mfbatch.version import __version__
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    run_id: str
+    device: str
+    status: str
+    epochs_run: int
+    best_epoch: int
+    data_seen: str
+    n_train: int
+    val: dict[str, float | None]
+    seconds: float
+    examples_per_second: float
+    export_path: Path
+    top_k: int
+
+    def line(self) -> str:
+        figures = ", ".join(
+            f"{name} {value:.4f}" for name, value in self.val.items() if value is not None
+        )
+        return (
+            f"trained {self.run_id} on {self.device}: {self.status}, best epoch "
+            f"{self.best_epoch}/{self.epochs_run}"
+            + (f", val {figures}" if figures else "")
+            + f"; {self.n_train:,} rows ({self.data_seen}), "
+            f"{self.examples_per_second:,.0f} examples/s, {self.seconds:.1f} s "
+            f"-> {self.export_path}"
+        )
+
+
+def save_run(
+    model: MatrixFactorization,
+    export_path: Path,
+    *,
+    run_id: str,
+    parent: str | None,
+    dataset: Dataset,
+    settings: TrainConfig,
+    outcome: Outcome,
+) -> None:
+    """Weights and manifest, then model.onnx, into export/<run_id>/ (each written whole)."""
+    manifest = save_model(
+        model,
+        export_path,
+        manifest={
+            "run_id": run_id,
+            "parent_run_id": parent,
+            "dataset_sha256": dataset.sha256,
+            "data_seen": "train+val" if settings.on == "all" else "train",
+            "shape": dataclasses.asdict(model.shape),
+            "rating_min": dataset.rating_min,
+            "rating_max": dataset.rating_max,
+            "objective": settings.objective,
+            "best_epoch": outcome.best_epoch,
+            "status": outcome.status,
+            "mfbatch_version": __version__,
+            "torch_version": torch.__version__,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+        },
+    )
+    export_model(model, manifest, export_path)
+
+
+def summarise(
+    run_id: str,
+    device: torch.device,
+    outcome: Outcome,
+    settings: TrainConfig,
+    data: Interactions,
+    seconds: float,
+    fit_seconds: float,
+    export_path: Path,
+) -> TrainSummary:
+    examples = len(data) * max(len(outcome.history), 1)
+    best = _best(outcome)
+    return TrainSummary(
+        run_id=run_id,
+        device=device.type,
+        status=outcome.status,
+        epochs_run=len(outcome.history),
+        best_epoch=outcome.best_epoch,
+        data_seen="train+val" if settings.on == "all" else "train",
+        n_train=len(data),
+        val={
+            "RMSE": best.metrics.rmse if best and best.metrics else None,
+            "MAE": best.metrics.mae if best and best.metrics else None,
+            f"Recall@{settings.top_k}": best.metrics.recall if best and best.metrics else None,
+            f"NDCG@{settings.top_k}": best.metrics.ndcg if best and best.metrics else None,
+        },
+        seconds=seconds,
+        examples_per_second=examples / fit_seconds,
+        export_path=export_path,
+        top_k=settings.top_k,
+    )
+
+
+def _best(outcome: Outcome) -> EpochRecord | None:
+    return next((r for r in outcome.history if r.epoch == outcome.best_epoch), None)
+
+
+def record_run(
+    config: Config,
+    settings: TrainConfig,
+    summary: TrainSummary,
+    outcome: Outcome,
+    dataset: Dataset,
+    parent: str | None,
+    started_at: datetime,
+) -> None:
+    best = _best(outcome)
+    metrics = best.metrics if best else None
+    epochs = pl.DataFrame(
+        {
+            "run_id": [summary.run_id] * len(outcome.history),
+            "epoch": [r.epoch for r in outcome.history],
+            "train_loss": [r.train_loss for r in outcome.history],
+            "val_rmse": [r.metrics.rmse if r.metrics else None for r in outcome.history],
+            "val_mae": [r.metrics.mae if r.metrics else None for r in outcome.history],
+            "val_recall": [r.metrics.recall if r.metrics else None for r in outcome.history],
+            "val_ndcg": [r.metrics.ndcg if r.metrics else None for r in outcome.history],
+            "seconds": [r.seconds for r in outcome.history],
+        },
+        schema_overrides={c: pl.Float64 for c in ("val_rmse", "val_mae", "val_recall", "val_ndcg")},
+    )
+    resolved = config.model_copy(update={"train": settings}).to_dict()
+    con = db.connect(config.db)
+    try:
+        con.register("staged_epochs", epochs.to_arrow())
+        with db.transaction(con, f"training run {summary.run_id} into {config.db}"):
+            db.run(con, "create_training_runs")
+            db.run(con, "create_training_epochs")
+            db.run(
+                con,
+                "insert_training_run",
+                run_id=summary.run_id,
+                parent_run_id=parent,
+                started_at=started_at,
+                finished_at=datetime.now(timezone.utc).replace(tzinfo=None),
+                status=outcome.status,
+                config=json.dumps(resolved),
+                dataset_sha256=dataset.sha256,
+                data_seen=summary.data_seen,
+                device=summary.device,
+                objective=settings.objective,
+                epochs_run=summary.epochs_run,
+                best_epoch=summary.best_epoch,
+                train_loss=best.train_loss if best else None,
+                val_rmse=metrics.rmse if metrics else None,
+                val_mae=metrics.mae if metrics else None,
+                val_recall=metrics.recall if metrics else None,
+                val_ndcg=metrics.ndcg if metrics else None,
+                top_k=settings.top_k,
+                n_train=summary.n_train,
+                seconds=summary.seconds,
+                examples_per_second=summary.examples_per_second,
+                export_path=stored_export_path(summary.export_path, config.db),
+            )
+            db.run(con, "insert_training_epochs")
+    finally:
+        con.close()
