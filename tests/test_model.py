@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from mfbatch.config import TrainConfig
-from mfbatch.training.loop import Csr, Interactions, Validation, rank_metrics, train_model, validate
+from mfbatch.training.loop import train_model
 from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.training.tensors import Csr, Interactions
+from mfbatch.training.validation import Validation, rank_metrics, validate
 
 
 def test_prediction_is_mu_plus_biases_plus_dot() -> None:

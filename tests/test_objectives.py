@@ -8,15 +8,7 @@ import pytest
 import torch
 
 from mfbatch.config import TrainConfig
-from mfbatch.training.loop import (
-    Csr,
-    EpochData,
-    Interactions,
-    Validation,
-    rank_metrics,
-    train_epoch,
-    train_model,
-)
+from mfbatch.training.loop import EpochData, train_epoch, train_model
 from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.objectives import (
     Samples,
@@ -28,6 +20,8 @@ from mfbatch.training.objectives import (
     sampled_softmax,
 )
 from mfbatch.training.steps import LazyAdam, make_optimizers, plan
+from mfbatch.training.tensors import Csr, Interactions
+from mfbatch.training.validation import Validation, rank_metrics
 
 
 def _model_and_batch(

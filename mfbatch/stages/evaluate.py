@@ -19,13 +19,13 @@ from typing import Any
 
 import duckdb
 import numpy as np
-import onnx
 import polars as pl
 import pyarrow as pa
 from onnx import numpy_helper
 from rich.console import Console
 
 from mfbatch.artifact.files import check_model
+from mfbatch.artifact.graph import U_AUG, item_table, load_graph
 from mfbatch.config import Config
 from mfbatch.errors import ConfigError
 from mfbatch.progress import log_step
@@ -34,7 +34,7 @@ from mfbatch.serving.lists import MODEL, POPULARITY, ListPlan, build_lists, fitt
 from mfbatch.serving.session import Scorer
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
-from mfbatch.store.runs import find_run
+from mfbatch.store.runs import Run, find_run
 
 RANKING = ("precision", "recall", "recall_uncapped", "ndcg", "map", "hit_rate", "coverage")
 COUNTS = ("users_evaluated", "users_without_relevant")
@@ -89,9 +89,8 @@ class Evaluation:
 
 def onnx_predictions(path: Path, users: np.ndarray, items: np.ndarray) -> np.ndarray:
     """r_hat for each (user, item) pair from the exported graph's own tables."""
-    proto = onnx.load_model(str(path))
-    tables = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    u_aug, v_aug_t = tables["U_aug"], tables["V_aug_t"]
+    tables = {t.name: t for t in load_graph(path).graph.initializer}
+    u_aug, v_aug_t = numpy_helper.to_array(tables[U_AUG]), item_table(load_graph(path))
     out = np.empty(len(users), dtype=np.float64)
     for start in range(0, len(users), 1 << 18):
         sl = slice(start, start + (1 << 18))
@@ -99,65 +98,74 @@ def onnx_predictions(path: Path, users: np.ndarray, items: np.ndarray) -> np.nda
     return out
 
 
-def evaluate(*, config: Config, console: Console | None = None) -> Evaluation:
-    """Build the validated run's lists and the baseline's, measure both, record them."""
+@dataclass(frozen=True)
+class _Stored:
+    dataset: Dataset
+    run: Run
+    seen: pl.DataFrame  # train pairs: what the measuring lists mask
+    trained: dict[str, np.ndarray]
+    user_ids: pa.Array
+    item_ids: pa.Array
+    pairs: pl.DataFrame  # the validation ratings
+
+
+def _read(config: Config) -> _Stored:
     settings = config.evaluate
-    k = settings.top_k
-    db.check_writable(config.db)
     con = db.connect(config.db, read_only=True)
     try:
         dataset = Dataset.load(con, config.db)
         run = find_run(con, config.db, dataset, settings.run_id, role="measure")
         check_model(run, dataset)
-        if k > dataset.n_items:
+        if settings.top_k > dataset.n_items:
             raise ConfigError(
-                f"--top-k: {k} is more than the catalogue's {dataset.n_items:,} items"
+                f"--top-k: {settings.top_k} is more than the catalogue's {dataset.n_items:,} items"
             )
-        seen_frame = db.frame(con, "seen_train")
-        trained = db.arrays(con, "trained_counts", all_splits=False)
-        user_ids = db.frame(con, "user_ids")["user_id"].to_arrow()
-        item_ids = db.frame(con, "item_ids")["item_id"].to_arrow()
-        pairs = db.frame(con, "val_pairs")
+        return _Stored(
+            dataset=dataset,
+            run=run,
+            seen=db.frame(con, "seen_train"),
+            trained=db.arrays(con, "trained_counts", all_splits=False),
+            user_ids=db.frame(con, "user_ids")["user_id"].to_arrow(),
+            item_ids=db.frame(con, "item_ids")["item_id"].to_arrow(),
+            pairs=db.frame(con, "val_pairs"),
+        )
     finally:
         con.close()
-    lo, hi = dataset.rating_min, dataset.rating_max
-    threshold = lo if settings.min_rating is None else float(settings.min_rating)
 
-    user_counts, item_counts = fitted_counts(trained, dataset.n_users, dataset.n_items)
+
+def _lists(config: Config, stored: _Stored) -> pa.Table:
+    """The run's and popularity's top-K for every user with a validation rating."""
+    settings, dataset = config.evaluate, stored.dataset
+    user_counts, item_counts = fitted_counts(stored.trained, dataset.n_users, dataset.n_items)
     item_mask = np.where(item_counts > 0, 0.0, -np.inf).astype(np.float32)
     seen = SeenItems.from_pairs(
-        seen_frame["user_idx"].to_numpy(), seen_frame["item_idx"].to_numpy(), dataset.n_users
+        stored.seen["user_idx"].to_numpy(), stored.seen["item_idx"].to_numpy(), dataset.n_users
     )
     # Only users with a validation rating can be judged; their lists are what is measured.
-    users = np.unique(pairs["user_idx"].to_numpy()).astype(np.int64)
+    users = np.unique(stored.pairs["user_idx"].to_numpy()).astype(np.int64)
+    cold_all = np.ones(dataset.n_users, dtype=bool)
     plans = {
-        MODEL: ListPlan(users, seen, item_mask, user_counts == 0, item_counts, k),
-        POPULARITY: ListPlan(
-            users, seen, item_mask, np.ones(dataset.n_users, dtype=bool), item_counts, k
-        ),
+        MODEL: ListPlan(users, seen, item_mask, user_counts == 0, item_counts, settings.top_k),
+        POPULARITY: ListPlan(users, seen, item_mask, cold_all, item_counts, settings.top_k),
     }
-    started = time.perf_counter()
-    log_step(console, "evaluate", f"listing {len(users):,} users with run {run.run_id}", started)
-    scorer = Scorer(
-        run.model_path, provider=config.evaluate.provider, threads=config.evaluate.threads
-    )
-    batch = scorer.auto_batch_size(dataset.n_items, config.evaluate.memory_mb)
-    staged_lists = pa.concat_tables(
-        to_arrow(lists, user_ids, item_ids).append_column(
+    scorer = Scorer(stored.run.model_path, provider=settings.provider, threads=settings.threads)
+    batch = scorer.auto_batch_size(dataset.n_items, settings.memory_mb)
+    return pa.concat_tables(
+        to_arrow(lists, stored.user_ids, stored.item_ids).append_column(
             "recommender", pa.array([name] * int(np.isfinite(lists.scores).sum()), pa.string())
         )
         for name, plan in plans.items()
         for lists in build_lists(scorer, plan, batch)
     )
 
-    log_step(console, "evaluate", f"measuring {staged_lists.num_rows:,} listed items", started)
-    predicted = onnx_predictions(
-        run.model_path, pairs["user_idx"].to_numpy(), pairs["item_idx"].to_numpy()
-    )
-    staged = pairs.with_columns(
-        run_id=pl.lit(run.run_id),
-        predicted_rating=pl.Series(np.clip(predicted, 0.0, 1.0) * (hi - lo) + lo),
-    )
+
+def _record(
+    config: Config, stored: _Stored, staged_lists: pa.Table, staged: pl.DataFrame
+) -> Evaluation:
+    """Write the lists and predictions, measure them in SQL, record the figures."""
+    settings, run, k = config.evaluate, stored.run, config.evaluate.top_k
+    lo = stored.dataset.rating_min
+    threshold = lo if settings.min_rating is None else float(settings.min_rating)
     model: dict[str, float | None] = {}
     baseline: dict[str, float | None] = {}
     con = db.connect(config.db)
@@ -178,24 +186,44 @@ def evaluate(*, config: Config, console: Console | None = None) -> Evaluation:
                 db.run(con, "stage_eval_recs", run_id=run.run_id, recommender=name, k=k)
                 figures.update(_ranking(con, k, threshold))
             result = Evaluation(run.run_id, k, settings.min_rating, model, baseline)
-            rows = pl.DataFrame(
-                result.rows(),
-                schema={
-                    "run_id": pl.String,
-                    "metric": pl.String,
-                    "k": pl.Int32,
-                    "value": pl.Float64,
-                    "baseline_value": pl.Float64,
-                    "min_rating": pl.Float64,
-                },
-            )
-            con.register("staged_evaluations", rows.to_arrow())
+            con.register("staged_evaluations", pl.DataFrame(result.rows(), schema=_ROWS).to_arrow())
             db.run(con, "create_evaluations")
             db.run(con, "delete_evaluations", run_id=run.run_id, k=k)
             db.run(con, "insert_evaluations")
     finally:
         con.close()
     return result
+
+
+_ROWS = {
+    "run_id": pl.String,
+    "metric": pl.String,
+    "k": pl.Int32,
+    "value": pl.Float64,
+    "baseline_value": pl.Float64,
+    "min_rating": pl.Float64,
+}
+
+
+def evaluate(*, config: Config, console: Console | None = None) -> Evaluation:
+    """Build the validated run's lists and the baseline's, measure both, record them."""
+    db.check_writable(config.db)
+    stored = _read(config)
+    run, pairs = stored.run, stored.pairs
+    started = time.perf_counter()
+    users = pairs["user_idx"].n_unique()
+    log_step(console, "evaluate", f"listing {users:,} users with run {run.run_id}", started)
+    staged_lists = _lists(config, stored)
+    log_step(console, "evaluate", f"measuring {staged_lists.num_rows:,} listed items", started)
+    predicted = onnx_predictions(
+        run.model_path, pairs["user_idx"].to_numpy(), pairs["item_idx"].to_numpy()
+    )
+    lo, hi = stored.dataset.rating_min, stored.dataset.rating_max
+    staged = pairs.with_columns(
+        run_id=pl.lit(run.run_id),
+        predicted_rating=pl.Series(np.clip(predicted, 0.0, 1.0) * (hi - lo) + lo),
+    )
+    return _record(config, stored, staged_lists, staged)
 
 
 def _ranking(con: duckdb.DuckDBPyConnection, k: int, min_rating: float) -> dict[str, float | None]:

@@ -23,8 +23,10 @@ from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training import distributed
 from mfbatch.training.device import describe, resolve_device, resolve_threads, usable_cores
-from mfbatch.training.loop import EpochRecord, Interactions, Outcome, Validation, train_model
+from mfbatch.training.loop import EpochRecord, Outcome, train_model
 from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.training.tensors import Interactions
+from mfbatch.training.validation import Validation
 
 __all__ = ["TrainSummary", "train"]
 

@@ -13,7 +13,8 @@ from mfbatch.errors import ConfigError, DatabaseError, ModelError
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.store.runs import Run, find_run
-from mfbatch.training.loop import Csr, Interactions, Validation
+from mfbatch.training.tensors import Csr, Interactions
+from mfbatch.training.validation import Validation
 
 
 @dataclass(frozen=True)

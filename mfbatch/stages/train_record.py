@@ -17,8 +17,9 @@ from mfbatch.config import Config, TrainConfig
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.store.runs import stored_export_path
-from mfbatch.training.loop import EpochRecord, Interactions, Outcome
+from mfbatch.training.loop import EpochRecord, Outcome
 from mfbatch.training.model import MatrixFactorization
+from mfbatch.training.tensors import Interactions
 from mfbatch.version import __version__
 
 

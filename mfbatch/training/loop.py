@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,87 +24,8 @@ from mfbatch.training.distributed import Shard
 from mfbatch.training.model import MatrixFactorization
 from mfbatch.training.objectives import UserBatch
 from mfbatch.training.steps import DenseGrads, Plan, make_optimizers, plan
-
-
-@dataclass(frozen=True)
-class Interactions:
-    """Rated (user, item, normalised rating) triples on the training device."""
-
-    users: torch.Tensor  # int64
-    items: torch.Tensor  # int64
-    ratings: torch.Tensor  # float32 in [0, 1]
-    # When each rating was made (any monotone unit), for `--recency-half-life`; None: unknown.
-    ts: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return int(self.users.numel())
-
-
-@dataclass(frozen=True)
-class Csr:
-    """Items per user: items of user u are indices[indptr[u]:indptr[u+1]]."""
-
-    indptr: torch.Tensor
-    indices: torch.Tensor
-
-    @staticmethod
-    def build(users: torch.Tensor, items: torch.Tensor, n_users: int) -> Csr:
-        order = Csr.order(users, items)
-        counts = torch.bincount(users, minlength=n_users)
-        indptr = torch.zeros(n_users + 1, dtype=torch.int64, device=users.device)
-        indptr[1:] = torch.cumsum(counts, 0)
-        return Csr(indptr, items[order])
-
-    def rows_of(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row position in `users`, item) for every item of every user in `users`."""
-        rows, at = self.positions_of(users)
-        return rows, self.indices[at]
-
-    def positions_of(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row position in `users`, position in `indices`) for every item of `users`."""
-        starts, ends = self.indptr[users], self.indptr[users + 1]
-        lengths = ends - starts
-        rows = torch.repeat_interleave(torch.arange(users.numel(), device=users.device), lengths)
-        offsets = torch.cumsum(lengths, 0) - lengths
-        within = torch.arange(rows.numel(), device=users.device) - offsets[rows]
-        return rows, starts[rows] + within
-
-    @staticmethod
-    def order(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """The permutation `build` applies to the ratings (by user, then item)."""
-        return torch.argsort(users * (int(items.max().item()) + 1 if items.numel() else 1) + items)
-
-
-@dataclass(frozen=True)
-class Validation:
-    """What `validate` scores against: held-out pairs and, for ranking, the masks."""
-
-    pairs: Interactions
-    train_items: Csr  # excluded from each user's ranking
-    val_items: Csr  # relevant items
-    rank_users: torch.Tensor  # users ranked for Recall/NDCG (a seeded sample when large)
-    rating_min: float
-    rating_max: float
-    # What serving does, so the trainer measures the lists `evaluate` will build: users
-    # with no train rating get the popularity list, items with none are never offered.
-    popular: torch.Tensor | None = None  # item indices by train count desc, then index
-    untrained_items: torch.Tensor | None = None  # bool [n_items]
-
-    @staticmethod
-    def serving_rules(train_items: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(popularity order, untrained-item mask) from the items of the train split."""
-        counts = torch.bincount(train_items, minlength=n_items)
-        # Stable sort of -count: ties keep index order, as the SQL baseline's ORDER BY does.
-        popular = torch.sort(-counts, stable=True).indices
-        return popular, counts == 0
-
-
-@dataclass(frozen=True)
-class Metrics:
-    rmse: float
-    mae: float
-    recall: float | None = None
-    ndcg: float | None = None
+from mfbatch.training.tensors import Csr, Interactions
+from mfbatch.training.validation import Metrics, Validation, score_of, validate
 
 
 @dataclass(frozen=True)
@@ -296,79 +218,29 @@ def train_epoch(
     return float(total.item()) / max(n_batches, 1)
 
 
-@torch.no_grad()
-def validate(model: MatrixFactorization, val: Validation, config: TrainConfig) -> Metrics:
-    """RMSE/MAE in stars on the held-out pairs; Recall/NDCG@K over each user's ranking."""
-    model.eval()
-    span = val.rating_max - val.rating_min
-    sq = ab = 0.0
-    chunk = 1 << 16
-    for start in range(0, len(val.pairs), chunk):
-        sl = slice(start, start + chunk)
-        pred = model(val.pairs.users[sl], val.pairs.items[sl]).float().clamp(0.0, 1.0)
-        err = (pred - val.pairs.ratings[sl]) * span
-        sq += float((err**2).sum())
-        ab += float(err.abs().sum())
-    n = max(len(val.pairs), 1)
-    rmse, mae = math.sqrt(sq / n), ab / n
-    if config.objective == "rating" and not config.rank_metrics:
-        return Metrics(rmse=rmse, mae=mae)
-    recall, ndcg = rank_metrics(model, val, config.top_k)
-    return Metrics(rmse=rmse, mae=mae, recall=recall, ndcg=ndcg)
-
-
-@torch.no_grad()
-def rank_metrics(model: MatrixFactorization, val: Validation, k: int) -> tuple[float, float]:
-    """Recall@K = hits / min(|relevant|, K) and NDCG@K against min(|relevant|, K) ideal hits.
-
-    The definitions LensKit uses with a cutoff and the EASE / Mult-VAE papers use; `evaluate`
-    computes the same figures in SQL from its own lists (a test holds them equal).
-    """
-    n_items = model.shape.n_items
-    device = val.rank_users.device
-    all_items = torch.arange(n_items, device=device)
-    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, device=device, dtype=torch.float64))
-    ideal = torch.cumsum(discounts, 0)
-    recall_sum = ndcg_sum = 0.0
-    counted = 0
-    chunk = max(1, (1 << 24) // n_items)
-    n_train = val.train_items.indptr[1:] - val.train_items.indptr[:-1]
-    for start in range(0, val.rank_users.numel(), chunk):
-        users = val.rank_users[start : start + chunk]
-        scores = model.item_logits(users, all_items).float()
-        if val.untrained_items is not None:
-            scores[:, val.untrained_items] = -math.inf
-        rows, cols = val.train_items.rows_of(users)
-        scores[rows, cols] = -math.inf
-        top = torch.topk(scores, min(k, n_items), dim=1)
-        items = top.indices
-        # Nothing left to offer (-inf) is not a recommendation.
-        offered = torch.isfinite(top.values)
-        cold = n_train[users] == 0
-        if val.popular is not None and bool(cold.any()):
-            fallback = val.popular[: items.shape[1]]
-            items[cold] = fallback
-            offered[cold] = True if val.untrained_items is None else ~val.untrained_items[fallback]
-        relevant = torch.zeros_like(scores, dtype=torch.bool)
-        rows, cols = val.val_items.rows_of(users)
-        relevant[rows, cols] = True
-        n_rel = relevant.sum(1)
-        keep = n_rel > 0
-        hits = (relevant.gather(1, items) & offered).double()
-        capped = n_rel.clamp(max=k)
-        recall_sum += float((hits.sum(1)[keep] / capped[keep]).sum())
-        dcg = (hits * discounts[: hits.shape[1]]).sum(1)
-        idcg = ideal[(capped - 1).clamp(min=0)]
-        ndcg_sum += float((dcg[keep] / idcg[keep]).sum())
-        counted += int(keep.sum())
-    return recall_sum / max(counted, 1), ndcg_sum / max(counted, 1)
-
-
-def _score(metrics: Metrics, objective: str) -> float:
-    """Higher is better: -RMSE for the rating objective, Recall@K for the ranking ones."""
-    if objective == "rating" or metrics.recall is None:
-        return -metrics.rmse
-    return metrics.recall
+def _setup(
+    model: MatrixFactorization, data: Interactions, config: TrainConfig, schedule_epochs: int
+) -> tuple[EpochData, Plan, list[torch.optim.Optimizer], list[Any], torch.Generator]:
+    """The epoch's data, the step plan, optimizers and schedules, seeded."""
+    device = data.users.device
+    torch.manual_seed(config.seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed)
+    epoch_data = EpochData.build(
+        data,
+        model.shape.n_users,
+        model.shape.n_items,
+        config.sampler,
+        float(config.recency_half_life or 0.0),
+    )
+    run_plan = plan(config, model.shape.n_items, int(epoch_data.active_users.numel()))
+    optimizers = make_optimizers(model, config, run_plan)
+    schedulers = [
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule_epochs)
+        for opt in optimizers
+        if config.lr_schedule == "cosine"
+    ]
+    return epoch_data, run_plan, optimizers, schedulers, generator
 
 
 def train_model(
@@ -391,26 +263,11 @@ def train_model(
     over: a refit copying a validated run stopped at its best epoch passes that run's epoch
     budget, so both see the same rates.
     """
-    device = data.users.device
-    torch.manual_seed(config.seed)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(config.seed)
-    epoch_data = EpochData.build(
-        data,
-        model.shape.n_users,
-        model.shape.n_items,
-        config.sampler,
-        float(config.recency_half_life or 0.0),
-    )
-    run_plan = plan(config, model.shape.n_items, int(epoch_data.active_users.numel()))
-    optimizers = make_optimizers(model, config, run_plan)
     max_epochs = int(epochs or config.epochs or 1)
+    epoch_data, run_plan, optimizers, schedulers, generator = _setup(
+        model, data, config, schedule_epochs or max_epochs
+    )
     patience = int(config.patience or 1)
-    schedulers = [
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule_epochs or max_epochs)
-        for opt in optimizers
-        if config.lr_schedule == "cosine"
-    ]
     outcome = Outcome(model=model, plan=run_plan)
     # Zeroed now as well as at the end: rows no rating reaches get no gradient (bar
     # softmax items, pushed down as negatives but never offered), so validation scores
@@ -444,7 +301,7 @@ def train_model(
         if on_epoch_end:
             on_epoch_end(record)
         if val is None or metrics is not None:
-            score = _score(metrics, config.objective) if metrics else float(epoch)
+            score = score_of(metrics, config.objective) if metrics else float(epoch)
             if score > best_score + config.min_delta:
                 best_score, outcome.best_epoch = score, epoch
                 best_state = copy.deepcopy(model.state_dict())

@@ -301,8 +301,10 @@ def bench_training(
 ) -> dict[str, Any]:
     """The default objective on the device, bf16 autocast; a random 10% validated on."""
     from mfbatch.config import TrainConfig
-    from mfbatch.training.loop import Csr, Interactions, Validation, train_model
+    from mfbatch.training.loop import train_model
     from mfbatch.training.model import MatrixFactorization, ModelShape
+    from mfbatch.training.tensors import Csr, Interactions
+    from mfbatch.training.validation import Validation
 
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
     config = TrainConfig(device="cuda", amp=True, epochs=epochs)

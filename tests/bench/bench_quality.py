@@ -42,9 +42,11 @@ import numpy as np
 import torch
 
 from mfbatch.config import TrainConfig, recency_for
-from mfbatch.training.loop import Csr, Interactions, Validation, rank_metrics, train_model
+from mfbatch.training.loop import train_model
 from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.objectives import recency_weights
+from mfbatch.training.tensors import Csr, Interactions
+from mfbatch.training.validation import Validation, rank_metrics
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ from mfbatch.config import TrainConfig
 from mfbatch.data.synthetic import SyntheticSpec, generate
 from mfbatch.data.transforms import dense_ids
 from mfbatch.training.device import resolve_threads, usable_cores
-from mfbatch.training.loop import EpochData, Interactions, train_epoch
+from mfbatch.training.loop import EpochData, train_epoch
 from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.steps import make_optimizers, plan
+from mfbatch.training.tensors import Interactions
 
 
 def spin() -> None:

@@ -35,10 +35,11 @@ from torch.utils.data import DataLoader, Dataset
 from mfbatch.config import TrainConfig
 from mfbatch.data.synthetic import SyntheticSpec, generate
 from mfbatch.data.transforms import dense_ids
-from mfbatch.training.loop import EpochData, Interactions, step_loss, train_epoch
+from mfbatch.training.loop import EpochData, step_loss, train_epoch
 from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.objectives import UserBatch
 from mfbatch.training.steps import DenseGrads, Plan, make_optimizers, plan
+from mfbatch.training.tensors import Interactions
 
 
 class RatingsDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
