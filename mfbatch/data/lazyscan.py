@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -58,62 +59,15 @@ def scan(loader: ParquetLoader, split: SplitConfig) -> Scanned:
     keep = ~pl.all_horizontal(pl.col(role).is_null() for role in roles)
     lazy = numbered.filter(keep)
     checked = [r for r in roles if not (r == "ts" and split.kind == "random")]
-    first_row = {f"null_{r}": pl.col(ROW).filter(pl.col(r).is_null()).first() for r in checked}
-    id_checks = {f"int_{r}": _integral(pl.col(r), schema[r]) for r in ("user_id", "item_id")}
-    finite = pl.col("rating").is_finite()
-    ts_checks: dict[str, pl.Expr] = {}
-    if "ts" in schema and schema["ts"].is_numeric():
-        ts_checks["ts_largest"] = pl.col("ts").abs().max()
-        if schema["ts"].is_float():
-            odd = ~pl.col("ts").is_finite() & pl.col("ts").is_not_null()
-            ts_checks["ts_odd_row"] = pl.col(ROW).filter(odd).first()
-            ts_checks["ts_odd"] = pl.col("ts").filter(odd).first()
-    figures = collect(
-        lazy.select(
-            rows=pl.len(),
-            lo=pl.col("rating").min(),
-            hi=pl.col("rating").max(),
-            bad_row=pl.col(ROW).filter(~finite).first(),
-            bad=pl.col("rating").filter(~finite).first(),
-            **first_row,
-            **{k: v for k, v in id_checks.items() if v is not None},
-            **ts_checks,
-        ),
-        source,
-    ).row(0, named=True)
-    if figures["rows"] == 0:
-        raise InputDataError(f"{source}: the file holds no rating rows")
-    for role in checked:
-        row = figures[f"null_{role}"]
-        if row is not None:
-            need = f"; --split {split.kind} needs a time on every rating" if role == "ts" else ""
-            raise InputDataError(
-                f"{source} row {row}, column {columns[role]}: value is missing{need}"
-            )
-    if figures["bad_row"] is not None:
-        raise InputDataError(
-            f"{source} row {figures['bad_row']}, column {columns['rating']}: "
-            f"{figures['bad']} is not a finite number"
-        )
+    figures = collect(lazy.select(**_aggregates(schema, checked)), source).row(0, named=True)
+    _check_figures(figures, source, columns, checked, split)
     typed = {
         role: _as_id(pl.col(role), schema[role], figures.get(f"int_{role}"))
         for role in ("user_id", "item_id")
     }
     ts = pl.lit(None, dtype=pl.Datetime("us"))
     if "ts" in schema:
-        ts = _as_timestamp(source, str(columns["ts"]), schema["ts"], figures)
-        outside = (ts < EARLIEST) | (ts >= LATEST)
-        found = collect(
-            lazy.select(
-                row=pl.col(ROW).filter(outside).first(), value=pl.col("ts").filter(outside).first()
-            ),
-            source,
-        ).row(0, named=True)
-        if found["row"] is not None:
-            raise InputDataError(
-                f"{source} row {found['row']}, column {columns['ts']}: "
-                f"{found['value']!r} {OUTSIDE_YEARS}"
-            )
+        ts = _checked_timestamp(lazy, source, str(columns["ts"]), schema["ts"], figures)
     return Scanned(
         numbered=numbered,
         keep=keep,
@@ -130,6 +84,74 @@ def scan(loader: ParquetLoader, split: SplitConfig) -> Scanned:
         rating_seen=(figures["lo"], figures["hi"]),
         has_ts="ts" in schema,
     )
+
+
+def _aggregates(schema: pl.Schema, checked: list[str]) -> dict[str, pl.Expr]:
+    """The one aggregate pass: row count, rating range, and the first row of each problem
+    (`checked` roles missing, a non-finite rating or time), plus which ids are integers."""
+    finite = pl.col("rating").is_finite()
+    first_row = {f"null_{r}": pl.col(ROW).filter(pl.col(r).is_null()).first() for r in checked}
+    id_checks = {f"int_{r}": _integral(pl.col(r), schema[r]) for r in ("user_id", "item_id")}
+    ts_checks: dict[str, pl.Expr] = {}
+    if "ts" in schema and schema["ts"].is_numeric():
+        ts_checks["ts_largest"] = pl.col("ts").abs().max()
+        if schema["ts"].is_float():
+            odd = ~pl.col("ts").is_finite() & pl.col("ts").is_not_null()
+            ts_checks["ts_odd_row"] = pl.col(ROW).filter(odd).first()
+            ts_checks["ts_odd"] = pl.col("ts").filter(odd).first()
+    return {
+        "rows": pl.len(),
+        "lo": pl.col("rating").min(),
+        "hi": pl.col("rating").max(),
+        "bad_row": pl.col(ROW).filter(~finite).first(),
+        "bad": pl.col("rating").filter(~finite).first(),
+        **first_row,
+        **{k: v for k, v in id_checks.items() if v is not None},
+        **ts_checks,
+    }
+
+
+def _check_figures(
+    figures: dict[str, Any],
+    source: Path,
+    columns: dict[str, str | None],
+    checked: list[str],
+    split: SplitConfig,
+) -> None:
+    """`load_data`'s message for an empty source, a missing value or a non-finite rating."""
+    if figures["rows"] == 0:
+        raise InputDataError(f"{source}: the file holds no rating rows")
+    for role in checked:
+        row = figures[f"null_{role}"]
+        if row is not None:
+            need = f"; --split {split.kind} needs a time on every rating" if role == "ts" else ""
+            raise InputDataError(
+                f"{source} row {row}, column {columns[role]}: value is missing{need}"
+            )
+    if figures["bad_row"] is not None:
+        raise InputDataError(
+            f"{source} row {figures['bad_row']}, column {columns['rating']}: "
+            f"{figures['bad']} is not a finite number"
+        )
+
+
+def _checked_timestamp(
+    lazy: pl.LazyFrame, source: Path, column: str, dtype: pl.DataType, figures: dict[str, Any]
+) -> pl.Expr:
+    """The `ts` column as Datetime("us"), once no time falls outside 1900-2100."""
+    ts = _as_timestamp(source, column, dtype, figures)
+    outside = (ts < EARLIEST) | (ts >= LATEST)
+    found = collect(
+        lazy.select(
+            row=pl.col(ROW).filter(outside).first(), value=pl.col("ts").filter(outside).first()
+        ),
+        source,
+    ).row(0, named=True)
+    if found["row"] is not None:
+        raise InputDataError(
+            f"{source} row {found['row']}, column {column}: {found['value']!r} {OUTSIDE_YEARS}"
+        )
+    return ts
 
 
 def collect(query: pl.LazyFrame, source: Path) -> pl.DataFrame:

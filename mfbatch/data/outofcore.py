@@ -116,26 +116,84 @@ def prepare(
     item_ids = collect(frame.select(pl.col("item_id").unique().sort()), scanned.source)["item_id"]
     user_ids = per_user["user_id"]
     n_users, n_items = len(user_ids), len(item_ids)
-    # Contiguous user ranges of about `bucket_rows` ratings each (one heavy user may exceed it).
-    before = np.cumsum(per_user["len"].to_numpy(), dtype=np.int64) - per_user["len"].to_numpy()
-    bucket = (before // bucket_rows).astype(np.int32)
-    bucket = np.unique(bucket, return_inverse=True)[1].astype(np.int32)
+    bucket = _user_buckets(per_user["len"].to_numpy(), bucket_rows)
     n_buckets = int(bucket[-1]) + 1
-    del per_user, before
+    del per_user
 
     log(f"bucketing {scanned.rows_in:,} ratings into {n_buckets} buckets of users")
     raw_parts = _write_buckets(scanned, user_ids, item_ids, bucket, n_buckets, work)
     del bucket
 
     log("deduplicating each bucket")
+    deduped = _deduplicate(raw_parts, n_users, n_items, work)
+    n = sum(deduped.sizes)
+
+    if split.kind != "random" and not scanned.has_ts:
+        raise InputDataError(
+            f"{origin}: --split {split.kind} needs a timestamp on every rating but "
+            f"{n:,} of {n:,} have none; pass --time-col or use --split random"
+        )
+    log(f"splitting {n:,} ratings ({split.kind})")
+    masks, val_users, val_items, cutoff = _split(
+        deduped.parts, deduped.sizes, split, n_users, n_items, origin
+    )
+    train_users = deduped.n_user_ratings - val_users
+    train_items = deduped.n_item_ratings - val_items
+    users, items = id_tables(
+        user_ids,
+        item_ids,
+        deduped.n_user_ratings,
+        train_users,
+        deduped.n_item_ratings,
+        train_items,
+        None,
+    )
+    n_val = int(val_users.sum())
+    # A validation rating is cold when its user (item) has no training rating at all.
+    cold_user = int(val_users[train_users == 0].sum())
+    cold_item = int(val_items[train_items == 0].sum())
+    stats = PrepStats(
+        rows_in=scanned.rows_in,
+        duplicates_dropped=deduped.dropped,
+        rating_min=lo,
+        rating_max=hi,
+        n_train=n - n_val,
+        n_val=n_val,
+        n_val_cold_user=cold_user,
+        n_val_cold_item=cold_item,
+        time_cutoff=cutoff,
+    )
+    return Buckets(users, items, stats, n, deduped.parts, masks, train_users, train_items)
+
+
+def _user_buckets(per_user: np.ndarray, bucket_rows: int) -> np.ndarray:
+    """Each user's bucket: contiguous user ranges of about `bucket_rows` ratings each (one
+    heavy user may exceed it), numbered 0.. with none empty."""
+    before = np.cumsum(per_user, dtype=np.int64) - per_user
+    bucket = (before // bucket_rows).astype(np.int32)
+    return np.unique(bucket, return_inverse=True)[1].astype(np.int32)
+
+
+@dataclass
+class _Deduplicated:
+    parts: list[Path]
+    sizes: list[int]
+    dropped: int
+    n_user_ratings: np.ndarray
+    n_item_ratings: np.ndarray
+
+
+def _deduplicate(raw_parts: list[Path], n_users: int, n_items: int, work: Path) -> _Deduplicated:
+    """Each bucket deduplicated as the in-memory path does it, its raw file replaced by
+    the kept rows; with the ratings counted per user and per item."""
     parts: list[Path] = []
     sizes: list[int] = []
     dropped = 0
     n_user_ratings = np.zeros(n_users, dtype=np.int64)
     n_item_ratings = np.zeros(n_items, dtype=np.int64)
     for index, raw in enumerate(raw_parts):
-        # Source order decides which duplicate is kept. The slices are appended in order
-        # today; sorting by position keeps that true if the pass ever runs them in parallel.
+        # Source order decides which duplicate is kept, so the rows are put back in it
+        # whatever order the bucketing pass appended its slices in.
         rows = _read(raw).sort(ROW).drop(ROW)
         raw.unlink()
         kept, gone = drop_duplicates(rows, n_items)
@@ -145,36 +203,7 @@ def prepare(
         n_item_ratings += np.bincount(kept["item_idx"].to_numpy(), minlength=n_items)
         parts.append(_write(kept, work / f"dedup-{index:05d}.arrow"))
         sizes.append(kept.height)
-    n = sum(sizes)
-
-    if split.kind != "random" and not scanned.has_ts:
-        raise InputDataError(
-            f"{origin}: --split {split.kind} needs a timestamp on every rating but "
-            f"{n:,} of {n:,} have none; pass --time-col or use --split random"
-        )
-    log(f"splitting {n:,} ratings ({split.kind})")
-    masks, val_users, val_items, cutoff = _split(parts, sizes, split, n_users, n_items, origin)
-    train_users = n_user_ratings - val_users
-    train_items = n_item_ratings - val_items
-    users, items = id_tables(
-        user_ids, item_ids, n_user_ratings, train_users, n_item_ratings, train_items, None
-    )
-    n_val = int(val_users.sum())
-    # A validation rating is cold when its user (item) has no training rating at all.
-    cold_user = int(val_users[train_users == 0].sum())
-    cold_item = int(val_items[train_items == 0].sum())
-    stats = PrepStats(
-        rows_in=scanned.rows_in,
-        duplicates_dropped=dropped,
-        rating_min=lo,
-        rating_max=hi,
-        n_train=n - n_val,
-        n_val=n_val,
-        n_val_cold_user=cold_user,
-        n_val_cold_item=cold_item,
-        time_cutoff=cutoff,
-    )
-    return Buckets(users, items, stats, n, parts, masks, train_users, train_items)
+    return _Deduplicated(parts, sizes, dropped, n_user_ratings, n_item_ratings)
 
 
 def _write_buckets(

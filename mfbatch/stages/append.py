@@ -22,7 +22,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import duckdb
 import numpy as np
 import polars as pl
 
@@ -95,6 +97,16 @@ def _version_sha(parent_sha: str, raw: RawData, config: Config) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class _Staged:
+    """The appended ratings on the dataset's indices, and the ids they add."""
+
+    ratings: pl.DataFrame  # user_idx, item_idx, rating, ts, rating_norm
+    duplicates_dropped: int
+    new_users: pl.DataFrame  # user_idx, user_id
+    new_items: pl.DataFrame  # item_idx, item_id, title, genres
+
+
 def append(*, config: Config) -> AppendSummary:
     """Add the source's ratings to config.db; raises MfbatchError, leaving the db as it was."""
     started = time.perf_counter()
@@ -108,94 +120,121 @@ def append(*, config: Config) -> AppendSummary:
     con = db.connect(path)
     try:
         dataset = Dataset.load(con, path)
-        declared = (config.data.rating_min, config.data.rating_max)
-        scale = (dataset.rating_min, dataset.rating_max)
-        if declared[0] is not None and declared != scale:
-            raise ConfigError(
-                f"--rating-min/--rating-max: the dataset in {path} is on the scale "
-                f"[{scale[0]}, {scale[1]}]; appended ratings must use it (drop the flags)"
-            )
-        raw = DataLoaderFactory.get_loader(config.data, config.split).load_data()
-        if raw.ratings.height == 0:
-            raise InputDataError(f"{raw.source}: no ratings found; check the file and --source")
+        scale = _stored_scale(config, dataset, path)
+        raw = _read_source(config)
         lo, hi = infer_scale(raw.ratings, origin=raw.source, declared=scale)
-        users = db.frame(con, "append_user_ids")
-        items = db.frame(con, "append_item_ids")
-        user_idx, new_users = _map_ids(raw.ratings["user_id"], users, "user", dataset.n_users)
-        item_idx, new_items = _map_ids(raw.ratings["item_id"], items, "item", dataset.n_items)
-        n_items = dataset.n_items + new_items.height
-        frame = pl.DataFrame(
-            {
-                "user_idx": user_idx,
-                "item_idx": item_idx,
-                "rating": raw.ratings["rating"],
-                "ts": raw.ratings["ts"],
-            }
-        )
-        frame, dropped = drop_duplicates(frame, n_items)
-        frame = frame.with_columns(rating_norm=normalise(pl.col("rating"), lo, hi))
-        meta = (
-            raw.items.select("item_id", "title", "genres").unique("item_id", keep="first")
-            if raw.items is not None
-            else pl.DataFrame(
-                schema={"item_id": pl.String, "title": pl.String, "genres": pl.String}
-            )
-        )
-        new_items = new_items.join(meta, on="item_id", how="left", maintain_order="left")
-        lineage = db.record(con, "append_lineage")
-        assert lineage is not None  # an aggregate always returns a row
-        parent = int(lineage["version"])
-        version = parent + 1
-        staged = {
-            "staged_append": frame,
-            "staged_new_users": new_users,
-            "staged_new_items": new_items,
-        }
-        for name, table in staged.items():
-            con.register(name, table.to_arrow())
-        try:
-            counts = db.record(con, "append_counts")
-            assert counts is not None
-            with db.transaction(con, f"the appended ratings into {path}"):
-                db.run(con, "append_insert_users")
-                db.run(con, "append_insert_items")
-                db.run(con, "append_replace_ratings", version=version)
-                db.run(con, "append_insert_ratings", version=version)
-                db.run(con, "append_recount_users")
-                db.run(con, "append_recount_items")
-                db.run(con, "append_update_meta")
-                db.run(
-                    con,
-                    "append_insert_version",
-                    version=version,
-                    parent=parent,
-                    sha256=_version_sha(str(lineage["sha256"]), raw, config),
-                    source=raw.source,
-                    rows_in=raw.ratings.height,
-                    rows_added=int(counts["added"]),
-                    new_users=new_users.height,
-                    new_items=new_items.height,
-                    replaced=int(counts["replaced"]),
-                    # UTC like training_runs.started_at, which score compares it with.
-                    created_at=datetime.now(timezone.utc).replace(tzinfo=None),
-                )
-        finally:
-            for name in staged:
-                con.unregister(name)
+        staged = _stage(con, raw, dataset, lo, hi)
+        version, counts = _store(con, path, staged, raw, config)
     finally:
         con.close()
+    new_users, new_items = staged.new_users.height, staged.new_items.height
     return AppendSummary(
         db=path,
         source=raw.source,
         version=version,
         rows_in=raw.ratings.height,
-        duplicates_dropped=dropped,
+        duplicates_dropped=staged.duplicates_dropped,
         rows_added=int(counts["added"]),
         replaced=int(counts["replaced"]),
         stale=int(counts["stale"]),
-        new_users=new_users.height,
-        new_items=new_items.height,
-        n_users=dataset.n_users + new_users.height,
-        n_items=n_items,
+        new_users=new_users,
+        new_items=new_items,
+        n_users=dataset.n_users + new_users,
+        n_items=dataset.n_items + new_items,
         seconds=time.perf_counter() - started,
     )
+
+
+def _stored_scale(config: Config, dataset: Dataset, path: Path) -> tuple[float, float]:
+    """The dataset's rating scale, which a declared --rating-min/--rating-max must match."""
+    declared = (config.data.rating_min, config.data.rating_max)
+    scale = (dataset.rating_min, dataset.rating_max)
+    if declared[0] is not None and declared != scale:
+        raise ConfigError(
+            f"--rating-min/--rating-max: the dataset in {path} is on the scale "
+            f"[{scale[0]}, {scale[1]}]; appended ratings must use it (drop the flags)"
+        )
+    return scale
+
+
+def _read_source(config: Config) -> RawData:
+    raw = DataLoaderFactory.get_loader(config.data, config.split).load_data()
+    if raw.ratings.height == 0:
+        raise InputDataError(f"{raw.source}: no ratings found; check the file and --source")
+    return raw
+
+
+def _stage(
+    con: duckdb.DuckDBPyConnection, raw: RawData, dataset: Dataset, lo: float, hi: float
+) -> _Staged:
+    """The source's ratings mapped onto the stored ids, deduplicated and normalised."""
+    users = db.frame(con, "append_user_ids")
+    items = db.frame(con, "append_item_ids")
+    user_idx, new_users = _map_ids(raw.ratings["user_id"], users, "user", dataset.n_users)
+    item_idx, new_items = _map_ids(raw.ratings["item_id"], items, "item", dataset.n_items)
+    n_items = dataset.n_items + new_items.height
+    frame = pl.DataFrame(
+        {
+            "user_idx": user_idx,
+            "item_idx": item_idx,
+            "rating": raw.ratings["rating"],
+            "ts": raw.ratings["ts"],
+        }
+    )
+    frame, dropped = drop_duplicates(frame, n_items)
+    frame = frame.with_columns(rating_norm=normalise(pl.col("rating"), lo, hi))
+    meta = (
+        raw.items.select("item_id", "title", "genres").unique("item_id", keep="first")
+        if raw.items is not None
+        else pl.DataFrame(schema={"item_id": pl.String, "title": pl.String, "genres": pl.String})
+    )
+    new_items = new_items.join(meta, on="item_id", how="left", maintain_order="left")
+    return _Staged(frame, dropped, new_users, new_items)
+
+
+def _store(
+    con: duckdb.DuckDBPyConnection, path: Path, staged: _Staged, raw: RawData, config: Config
+) -> tuple[int, dict[str, Any]]:
+    """Write the staged append as the lineage's next version, in one transaction:
+    (that version, the added / replaced / stale counts)."""
+    lineage = db.record(con, "append_lineage")
+    assert lineage is not None  # an aggregate always returns a row
+    parent = int(lineage["version"])
+    version = parent + 1
+    tables = {
+        "staged_append": staged.ratings,
+        "staged_new_users": staged.new_users,
+        "staged_new_items": staged.new_items,
+    }
+    for name, table in tables.items():
+        con.register(name, table.to_arrow())
+    try:
+        counts = db.record(con, "append_counts")
+        assert counts is not None
+        with db.transaction(con, f"the appended ratings into {path}"):
+            db.run(con, "append_insert_users")
+            db.run(con, "append_insert_items")
+            db.run(con, "append_replace_ratings", version=version)
+            db.run(con, "append_insert_ratings", version=version)
+            db.run(con, "append_recount_users")
+            db.run(con, "append_recount_items")
+            db.run(con, "append_update_meta")
+            db.run(
+                con,
+                "append_insert_version",
+                version=version,
+                parent=parent,
+                sha256=_version_sha(str(lineage["sha256"]), raw, config),
+                source=raw.source,
+                rows_in=raw.ratings.height,
+                rows_added=int(counts["added"]),
+                new_users=staged.new_users.height,
+                new_items=staged.new_items.height,
+                replaced=int(counts["replaced"]),
+                # UTC like training_runs.started_at, which score compares it with.
+                created_at=datetime.now(timezone.utc).replace(tzinfo=None),
+            )
+    finally:
+        for name in tables:
+            con.unregister(name)
+    return version, counts

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,69 +56,87 @@ def _figures(
 
     out: list[tuple[str, str]] = []
     if epochs:
-        fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
-        x = [e["epoch"] for e in epochs]
-        loss_ax.plot(x, [e["train_loss"] for e in epochs], marker="o", color="#1f77b4")
-        loss_ax.set(title="training loss", xlabel="epoch")
-        for key, label in (
-            ("val_recall", "Recall@K"),
-            ("val_ndcg", "NDCG@K"),
-            ("val_rmse", "RMSE"),
-        ):
-            values = [e[key] for e in epochs]
-            if any(v is not None for v in values):
-                val_ax.plot(
-                    x, [np.nan if v is None else v for v in values], marker=".", label=label
-                )
-        val_ax.set(title="validation", xlabel="epoch")
-        val_ax.legend()
-        out.append(("Training curves per epoch", _png(fig)))
-        plt.close(fig)
+        out.append(_drawn(plt, "Training curves per epoch", _training_curves, epochs))
     ranked = [m for m in metrics if m["k"] is not None and m["baseline_value"] is not None]
     ranked = [m for m in ranked if not m["metric"].startswith("users_")]
     if ranked:
-        fig, ax = plt.subplots(figsize=(10, 3.5))
-        names = [f"{m['metric']}@{m['k']}" for m in ranked]
-        pos = np.arange(len(names))
-        ax.bar(pos - 0.2, [m["value"] for m in ranked], 0.4, label="mfbatch")
-        ax.bar(pos + 0.2, [m["baseline_value"] for m in ranked], 0.4, label="popularity")
-        ax.set_xticks(pos, names, rotation=20)
-        ax.set(title="the validated run against popularity (same split, same lists' K)")
-        ax.legend()
-        out.append(("Metrics against the popularity baseline", _png(fig)))
-        plt.close(fig)
+        out.append(_drawn(plt, "Metrics against the popularity baseline", _against, ranked))
     if items:
-        popularity = np.array([i["n_train"] for i in items], dtype=float)
-        listed = np.array([i["listed"] for i in items], dtype=float)
-        fig, (tail_ax, share_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
-        tail_ax.scatter(popularity + 1, listed + 1, s=6, alpha=0.5)
-        tail_ax.set(
-            xscale="log",
-            yscale="log",
-            title="long tail: times listed vs train ratings (+1)",
-            xlabel="train ratings of the item",
-            ylabel="lists it is in",
-        )
-        order = np.argsort(-popularity, kind="stable")
-        share = np.cumsum(listed[order]) / max(listed.sum(), 1.0)
-        share_ax.plot(np.arange(1, len(order) + 1) / len(order), share)
-        share_ax.set(
-            title="share of list slots by popularity rank",
-            xlabel="items, most rated first (fraction of catalogue)",
-            ylabel="cumulative share of slots",
-        )
-        out.append(("Long tail and coverage", _png(fig)))
-        plt.close(fig)
+        out.append(_drawn(plt, "Long tail and coverage", _long_tail, items))
     if scores.size or served.size:
-        fig, ax = plt.subplots(figsize=(10, 3.5))
-        for label, listed_scores in (("measured lists", scores), ("served lists", served)):
-            if listed_scores.size:
-                ax.hist(listed_scores, bins=50, alpha=0.6, label=label)
-        ax.set(title="score distribution of listed items (model rows)", xlabel="score")
-        ax.legend()
-        out.append(("Score distribution", _png(fig)))
-        plt.close(fig)
+        out.append(_drawn(plt, "Score distribution", _score_histogram, scores, served))
     return out
+
+
+def _drawn(plt: Any, caption: str, draw: Callable[..., Any], *data: Any) -> tuple[str, str]:
+    """(caption, base64 PNG) of the figure `draw(plt, *data)` returns, closed once encoded."""
+    fig = draw(plt, *data)
+    png = _png(fig)
+    plt.close(fig)
+    return caption, png
+
+
+def _training_curves(plt: Any, epochs: list[dict[str, Any]]) -> Any:
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
+    x = [e["epoch"] for e in epochs]
+    loss_ax.plot(x, [e["train_loss"] for e in epochs], marker="o", color="#1f77b4")
+    loss_ax.set(title="training loss", xlabel="epoch")
+    for key, label in (
+        ("val_recall", "Recall@K"),
+        ("val_ndcg", "NDCG@K"),
+        ("val_rmse", "RMSE"),
+    ):
+        values = [e[key] for e in epochs]
+        if any(v is not None for v in values):
+            val_ax.plot(x, [np.nan if v is None else v for v in values], marker=".", label=label)
+    val_ax.set(title="validation", xlabel="epoch")
+    val_ax.legend()
+    return fig
+
+
+def _against(plt: Any, ranked: list[dict[str, Any]]) -> Any:
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    names = [f"{m['metric']}@{m['k']}" for m in ranked]
+    pos = np.arange(len(names))
+    ax.bar(pos - 0.2, [m["value"] for m in ranked], 0.4, label="mfbatch")
+    ax.bar(pos + 0.2, [m["baseline_value"] for m in ranked], 0.4, label="popularity")
+    ax.set_xticks(pos, names, rotation=20)
+    ax.set(title="the validated run against popularity (same split, same lists' K)")
+    ax.legend()
+    return fig
+
+
+def _long_tail(plt: Any, items: list[dict[str, Any]]) -> Any:
+    popularity = np.array([i["n_train"] for i in items], dtype=float)
+    listed = np.array([i["listed"] for i in items], dtype=float)
+    fig, (tail_ax, share_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
+    tail_ax.scatter(popularity + 1, listed + 1, s=6, alpha=0.5)
+    tail_ax.set(
+        xscale="log",
+        yscale="log",
+        title="long tail: times listed vs train ratings (+1)",
+        xlabel="train ratings of the item",
+        ylabel="lists it is in",
+    )
+    order = np.argsort(-popularity, kind="stable")
+    share = np.cumsum(listed[order]) / max(listed.sum(), 1.0)
+    share_ax.plot(np.arange(1, len(order) + 1) / len(order), share)
+    share_ax.set(
+        title="share of list slots by popularity rank",
+        xlabel="items, most rated first (fraction of catalogue)",
+        ylabel="cumulative share of slots",
+    )
+    return fig
+
+
+def _score_histogram(plt: Any, scores: np.ndarray, served: np.ndarray) -> Any:
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    for label, listed_scores in (("measured lists", scores), ("served lists", served)):
+        if listed_scores.size:
+            ax.hist(listed_scores, bins=50, alpha=0.6, label=label)
+    ax.set(title="score distribution of listed items (model rows)", xlabel="score")
+    ax.legend()
+    return fig
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
