@@ -1,4 +1,8 @@
-"""Shared fixtures: small files in each real GroupLens layout, a CLI runner, db snapshots.
+"""Shared fixtures and helpers: small files in each real GroupLens layout, the CLI runner
+(`cli`, `ok`, `cli_ok`, `Run`), one-line error checks, database reads (`rows`, `tables`) and
+snapshots. Test files import the plain helpers with `from conftest import ...` (this is the
+only conftest.py under tests/, so the name is unambiguous) and reach the data through the
+fixtures.
 
 Every dataset here is written by the fixtures themselves, byte for byte in the layout the
 real release uses (separators, encodings, line endings, folder inside the zip), so the
@@ -146,8 +150,7 @@ def write_tree(root: Path, members: Mapping[str, bytes]) -> Path:
 
 
 class Layouts:
-    """The files above, for tests (reached through the `layouts` fixture, not imported:
-    another conftest.py under tests/ would shadow a `from conftest import`)."""
+    """The files above, for tests (reached through the `layouts` fixture)."""
 
     ML_100K = ML_100K
     ML_1M = ML_1M
@@ -176,27 +179,52 @@ def ml1m_zip(tmp_path: Path) -> Path:
 
 @dataclass(frozen=True)
 class Run:
+    """One in-process CLI call: what every test reads of it."""
+
     exit_code: int
     stdout: str
     stderr: str
     exception: BaseException | None
+    output: str = ""  # stdout and stderr interleaved, as a terminal shows them
 
     @property
     def error_lines(self) -> list[str]:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
 
+def cli(*args: str | Path | float, allow_traceback: bool = False) -> Run:
+    """`mfbatch ARGS...` in-process through Typer's CliRunner. No command may print a
+    traceback, whether it succeeds or fails (allow_traceback: for Ray, whose workers log
+    their own on shutdown)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if not allow_traceback:
+        assert "Traceback" not in result.stdout + result.stderr, (result.stdout, result.stderr)
+    return Run(result.exit_code, result.stdout, result.stderr, result.exception, result.output)
+
+
+def ok(run: Run) -> Run:
+    """`run`, after checking that it exited 0."""
+    assert run.exit_code == 0, (run.stdout, run.stderr, run.exception)
+    return run
+
+
+def cli_ok(*args: str | Path | float, allow_traceback: bool = False) -> str:
+    """`mfbatch ARGS...`, which must succeed; its stdout."""
+    return ok(cli(*args, allow_traceback=allow_traceback)).stdout
+
+
 Preprocess = Callable[..., Run]
+UserError = Callable[..., str]
+Query = Callable[..., list[tuple[Any, ...]]]
+Snapshot = Callable[[Path], dict[str, list[tuple[Any, ...]]]]
 
 
 @pytest.fixture
 def preprocess_cli() -> Preprocess:
     """`mfbatch preprocess ARGS...` in-process through Typer's CliRunner."""
-    runner = CliRunner()
 
     def invoke(*args: str | Path | float) -> Run:
-        result = runner.invoke(app, ["preprocess", *(str(a) for a in args)])
-        return Run(result.exit_code, result.stdout, result.stderr, result.exception)
+        return cli("preprocess", *args)
 
     return invoke
 
@@ -223,8 +251,22 @@ def assert_user_error(run: Run, exit_code: int, *fragments: str) -> str:
     return message
 
 
+def assert_error_last(run: Run, exit_code: int, *fragments: str) -> str:
+    """Like assert_user_error, for commands that log progress (stdout, stderr) before they
+    fail: exactly one `error: ...` line, the last on stderr, naming every fragment."""
+    assert run.exit_code == exit_code, (run.exit_code, run.stdout, run.stderr, run.exception)
+    assert isinstance(run.exception, SystemExit), repr(run.exception)
+    assert "Traceback" not in run.stdout + run.stderr
+    lines = run.error_lines
+    assert lines and lines[-1].startswith("error: "), lines
+    assert sum(line.startswith("error: ") for line in lines) == 1
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+    return lines[-1]
+
+
 @pytest.fixture
-def user_error() -> Callable[..., str]:
+def user_error() -> UserError:
     return assert_user_error
 
 
@@ -233,12 +275,15 @@ def user_error() -> Callable[..., str]:
 TABLES = ("users", "items", "ratings", "dataset_meta")
 
 
-def read_table(path: Path, sql: str) -> list[tuple[Any, ...]]:
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
+def rows(path: Path, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    """The rows of one query, on a read-only connection closed before returning."""
+    with duckdb.connect(str(path), read_only=True) as con:
+        return con.execute(sql, params or None).fetchall()
+
+
+def tables(path: Path) -> set[str]:
+    """The names of the tables (and views) in the database."""
+    return {name for (name,) in rows(path, "SELECT table_name FROM information_schema.tables")}
 
 
 def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
@@ -253,35 +298,31 @@ def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
 
 
 @pytest.fixture
-def query() -> Callable[[Path, str], list[tuple[Any, ...]]]:
-    return read_table
+def query() -> Query:
+    return rows
 
 
 @pytest.fixture
-def db_snapshot() -> Callable[[Path], dict[str, list[tuple[Any, ...]]]]:
+def db_snapshot() -> Snapshot:
     return snapshot
 
 
 @pytest.fixture(scope="session")
 def _prepared_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("prepared") / "good.duckdb"
-    result = CliRunner().invoke(
-        app,
-        [
-            "preprocess",
-            "--dataset",
-            "synthetic",
-            "--users",
-            "40",
-            "--items",
-            "25",
-            "--ratings-per-user",
-            "6",
-            "--db",
-            str(path),
-        ],
+    cli_ok(
+        "preprocess",
+        "--dataset",
+        "synthetic",
+        "--users",
+        "40",
+        "--items",
+        "25",
+        "--ratings-per-user",
+        "6",
+        "--db",
+        str(path),
     )
-    assert result.exit_code == 0, result.output
     return path
 
 

@@ -17,10 +17,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-
-Preprocess = Callable[..., Any]
-UserError = Callable[..., str]
-Snapshot = Callable[[Path], dict[str, Any]]
+from conftest import Preprocess, Snapshot, UserError
 
 INPUT_ERROR, CONFIG_ERROR, DATABASE_ERROR = 3, 2, 4
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -40,10 +40,9 @@ import onnx
 import polars as pl
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import UserError, cli, ok, rows, tables
 
 from mfbatch import db
-from mfbatch.cli import app
 from mfbatch.config import load_config
 from mfbatch.export import ONNX_FILE, build_graph, load_model
 from mfbatch.history import publish
@@ -52,43 +51,11 @@ from mfbatch.lists import popularity_top_k
 from mfbatch.stages.evaluate import Evaluation, _ranking
 from mfbatch.stages.evaluate import evaluate as run_evaluate
 
-UserError = Callable[..., str]
 CONFIG_ERROR, DATABASE_ERROR, MODEL_ERROR = 2, 4, 5
 RUN_ID = "run-1"
 SHA = "sha-of-the-hand-made-dataset"
 
 # --- running the CLI -----------------------------------------------------------------------
-
-runner = CliRunner()
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What conftest's `user_error` checker reads (the same fields as its Run)."""
-
-    exit_code: int
-    stdout: str
-    stderr: str
-    exception: BaseException | None
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.strip()]
-
-
-def cli(*args: str | Path) -> Outcome:
-    result = runner.invoke(app, [str(a) for a in args])
-    return Outcome(result.exit_code, result.stdout, result.stderr, result.exception)
-
-
-def ok(outcome: Outcome) -> Outcome:
-    assert outcome.exit_code == 0, (outcome.stdout, outcome.stderr, outcome.exception)
-    return outcome
-
-
-def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
-    with duckdb.connect(str(path), read_only=True) as con:
-        return con.execute(sql).fetchall()
 
 
 def evaluate(
@@ -102,10 +69,6 @@ def evaluate(
         },
     )
     return run_evaluate(config=config)
-
-
-def tables(path: Path) -> set[str]:
-    return {name for (name,) in rows(path, "SELECT table_name FROM information_schema.tables")}
 
 
 # --- building a database by hand -----------------------------------------------------------

@@ -16,14 +16,12 @@ from typing import Any
 
 import polars as pl
 import pytest
+from conftest import Preprocess, Query, ok
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mfbatch.config import DataConfig, SplitConfig
 from mfbatch.data import DataLoaderFactory
-
-Query = Callable[[Path, str], list[tuple[Any, ...]]]
-Preprocess = Callable[..., Any]
 
 
 def utc(seconds: int) -> datetime:
@@ -32,11 +30,6 @@ def utc(seconds: int) -> datetime:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def ok(run: Any) -> None:
-    assert run.exit_code == 0, (run.stdout, run.stderr)
-    assert "Traceback" not in run.stdout + run.stderr
 
 
 def users(query: Query, db: Path) -> list[tuple[Any, ...]]:

@@ -9,45 +9,17 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import duckdb
 import polars as pl
 import pytest
-from typer.testing import CliRunner
+from conftest import cli, ok, rows
 
 import mfbatch
 from mfbatch import __version__
-from mfbatch.cli import app
 from mfbatch.errors import ConfigError
 
-runner = CliRunner()
 SMALL = ["--embedding-dim", "8", "--epochs", "2"]
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def cli(*args: str | Path) -> Result:
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.stdout + result.stderr
-    return Result(result.exit_code, result.stdout, result.stderr)
-
-
-def ok(result: Result) -> Result:
-    assert result.code == 0, (result.stdout, result.stderr)
-    return result
-
-
-def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
-    with duckdb.connect(str(path), read_only=True) as con:
-        return con.execute(sql).fetchall()
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +138,7 @@ def test_parquet_csv_and_folder_outputs_equal_the_table(db: Path, tmp_path: Path
     assert sorted(dataset["item_id"].to_list()) == sorted(served["item_id"].to_list())
     assert not list(out.glob(".*partial"))
     bad = cli("export-lists", "--db", db, "--output", out / "lists.xlsx")
-    assert bad.code == 2 and "--output" in bad.stderr
+    assert bad.exit_code == 2 and "--output" in bad.stderr
 
 
 # --- runs, promotion, history ----------------------------------------------------------------
@@ -191,7 +163,7 @@ def test_runs_listing_and_promotion(db: Path) -> None:
     ok(cli("serve", "--db", db, "--clear"))
     assert f"with run {roles['train+val']}" in ok(cli("score", "--db", db, "--top-k", "5")).stdout
     bad = cli("serve", "--db", db, "--run-id", "no-such-run")
-    assert bad.code == 2 and "no-such-run" in bad.stderr
+    assert bad.exit_code == 2 and "no-such-run" in bad.stderr
 
 
 def test_history_keeps_what_the_retention_says_and_diffs_two_nights(db: Path) -> None:
@@ -227,7 +199,7 @@ def test_history_keeps_what_the_retention_says_and_diffs_two_nights(db: Path) ->
     line = ok(cli("diff", "--db", db)).stdout.rstrip().splitlines()[-1]
     assert line.startswith("publish 3 -> 4: ")
     bad = cli("diff", "--db", db, "--before", "1")
-    assert bad.code == 2 and "no publish 1 kept" in bad.stderr
+    assert bad.exit_code == 2 and "no publish 1 kept" in bad.stderr
 
 
 # --- logs cron can keep -------------------------------------------------------------------------
@@ -296,7 +268,7 @@ def test_report_is_self_contained_with_every_figure(db: Path, tmp_path: Path) ->
     for caption in ("Training curves", "popularity", "Long tail", "Score distribution"):
         assert caption in page
     bad = cli("report", "--db", db, "--run-id", runs_by_role(db)["train+val"], "--out", out)
-    assert bad.code == 5 and "refit" in bad.stderr
+    assert bad.exit_code == 5 and "refit" in bad.stderr
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

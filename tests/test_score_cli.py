@@ -18,36 +18,23 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import Run, assert_user_error, cli
+from conftest import rows as _rows
+from conftest import tables as _tables
 
 import mfbatch.db
 import mfbatch.stages.score
 import mfbatch.workdirs
-from mfbatch.cli import app
 from mfbatch.export import load_model, read_metadata
 from mfbatch.inference import _gpu_present
 
-runner = CliRunner()
 N_USERS, N_ITEMS = 60, 40
 SMALL = ["--embedding-dim", "8", "--batch-size", "256", "--negatives", "32"]
 FAST = ["--provider", "cpu", "--threads", "1"]
 
 
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-    exception: BaseException | None
-
-
-def _invoke(*args: str | Path) -> Result:
-    result = runner.invoke(app, [str(a) for a in args])
-    return Result(result.exit_code, result.stdout, result.stderr, result.exception)
-
-
 def _preprocess(db: Path, *extra: str) -> None:
-    result = _invoke(
+    result = cli(
         "preprocess",
         "--dataset",
         "synthetic",
@@ -61,19 +48,7 @@ def _preprocess(db: Path, *extra: str) -> None:
         db,
         *extra,
     )
-    assert result.code == 0, result.stderr
-
-
-def _rows(db: Path, sql: str, **params: Any) -> list[tuple[Any, ...]]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, params or None).fetchall()
-    finally:
-        con.close()
-
-
-def _tables(db: Path) -> set[str]:
-    return {row[0] for row in _rows(db, "SHOW TABLES")}
+    assert result.exit_code == 0, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +57,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     db = root / "mf.duckdb"
     _preprocess(db)
     for extra in (["--objective", "rating", "--epochs", "2"], ["--on", "all"]):
-        result = _invoke(
+        result = cli(
             "train", "--db", db, "--export-dir", root / "export", *SMALL, "--seed", "3", *extra
         )
-        assert result.code == 0, result.stderr
+        assert result.exit_code == 0, result.stderr
     return root
 
 
@@ -103,8 +78,8 @@ class Workspace:
         assert not Path(path).is_absolute(), path
         return self.root / path
 
-    def score(self, *args: str | Path) -> Result:
-        return _invoke("score", "--db", self.db, *FAST, *args)
+    def score(self, *args: str | Path) -> Run:
+        return cli("score", "--db", self.db, *FAST, *args)
 
     def recommendations(self) -> list[tuple[Any, ...]]:
         return _rows(
@@ -194,7 +169,7 @@ def _check_lists(
 def test_score_writes_the_top_k_unrated_items_of_every_user(ws: Workspace) -> None:
     k = 30  # more than some users have left, fewer than others
     result = ws.score("--top-k", str(k), "--batch-size", "7")
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith(
         f"scored {N_USERS} users with run {ws.refit} (refit on train+val) on cpu"
     )
@@ -240,9 +215,9 @@ def test_score_writes_the_top_k_unrated_items_of_every_user(ws: Workspace) -> No
 
 
 def test_rescoring_replaces_the_table(ws: Workspace) -> None:
-    assert ws.score("--top-k", "5").code == 0
+    assert ws.score("--top-k", "5").exit_code == 0
     result = ws.score("--top-k", "3", "--run-id", ws.validated)
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     rows = ws.recommendations()
     assert {r[0] for r in rows} == {ws.validated}
     assert max(r[3] for r in rows) == 3
@@ -250,13 +225,13 @@ def test_rescoring_replaces_the_table(ws: Workspace) -> None:
 
 
 def test_users_file_updates_only_those_users(ws: Workspace) -> None:
-    assert ws.score("--top-k", "5").code == 0
+    assert ws.score("--top-k", "5").exit_code == 0
     before = _by_user(ws.recommendations())
     chosen = sorted(_ids(ws.db, "users").values())[5:8]
     result = ws.score(
         "--top-k", "4", "--run-id", ws.validated, "--users", ws.write_ids("users.txt", chosen)
     )
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith("scored 3 users")
     assert "updated for these users" in result.stdout
     after = _by_user(ws.recommendations())
@@ -274,7 +249,7 @@ def test_users_file_updates_only_those_users(ws: Workspace) -> None:
 def test_a_table_an_older_version_served_from_becomes_the_view(ws: Workspace) -> None:
     """Databases scored before `recommendations` was a view hold it as a table (no source
     column, no history): a `--users` update keeps everyone else's rows from that table."""
-    assert ws.score("--top-k", "5").code == 0
+    assert ws.score("--top-k", "5").exit_code == 0
     before = _by_user(ws.recommendations())
     con = duckdb.connect(str(ws.db))
     con.execute(
@@ -287,7 +262,7 @@ def test_a_table_an_older_version_served_from_becomes_the_view(ws: Workspace) ->
     con.close()
     chosen = sorted(_ids(ws.db, "users").values())[:2]
     result = ws.score("--top-k", "3", "--users", ws.write_ids("users.txt", chosen))
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     kinds = _rows(
         ws.db,
         "SELECT table_type FROM information_schema.tables WHERE table_name = 'recommendations'",
@@ -310,19 +285,19 @@ def test_include_and_exclude_items(ws: Workspace) -> None:
 
     excluded = item_ids[::3]
     result = ws.score("--top-k", "35", "--exclude-items", ws.write_ids("deny.txt", excluded))
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     _check_lists(ws, run_id=ws.refit, k=35, excluded=rated, allowed=set(item_ids) - set(excluded))
 
     included = item_ids[:9]
     result = ws.score("--top-k", "5", "--include-items", ws.write_ids("allow.txt", included))
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     grouped = _check_lists(ws, run_id=ws.refit, k=5, excluded=rated, allowed=set(included))
     assert any(len(rows) < 5 for rows in grouped.values())  # the allow list ran short
 
     allow = ws.write_ids("allow.txt", included)
     deny = ws.write_ids("deny.txt", included[:2])
     result = ws.score("--top-k", "5", "--include-items", allow, "--exclude-items", deny)
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     _check_lists(ws, run_id=ws.refit, k=5, excluded=rated, allowed=set(included[2:]))
 
 
@@ -331,11 +306,11 @@ def test_every_served_run_excludes_every_rated_item(ws: Workspace) -> None:
     run never trained get the popularity list, items it never trained are not offered."""
     k = N_ITEMS
     rated = _rated(ws.db, ("train", "val"))
-    assert ws.score("--top-k", str(k)).code == 0
+    assert ws.score("--top-k", str(k)).exit_code == 0
     _check_lists(ws, run_id=ws.refit, k=k, excluded=rated)
 
     result = ws.score("--top-k", str(k), "--run-id", ws.validated)
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     assert "(validated on train)" in result.stdout
     train_users = {u for (u,) in _rows(ws.db, "SELECT user_id FROM users WHERE n_train > 0")}
     untrained_items = {i for (i,) in _rows(ws.db, "SELECT item_id FROM items WHERE n_train = 0")}
@@ -357,8 +332,8 @@ def test_export_rewrites_model_onnx(ws: Workspace) -> None:
     path = ws.export_path(ws.validated) / "model.onnx"
     original = path.read_bytes()
     path.write_bytes(b"overwritten by something else")
-    result = _invoke("export", "--db", ws.db, "--run-id", ws.validated)
-    assert result.code == 0, result.stderr
+    result = cli("export", "--db", ws.db, "--run-id", ws.validated)
+    assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == f"exported {path}"
     onnx.checker.check_model(str(path), full_check=True)
     assert read_metadata(path)["run_id"] == ws.validated
@@ -366,14 +341,14 @@ def test_export_rewrites_model_onnx(ws: Workspace) -> None:
     assert not list(path.parent.glob("*.part"))
 
     path.unlink()  # a lost file comes back too, and scores again
-    assert _invoke("export", "--db", ws.db, "--run-id", ws.validated).code == 0
+    assert cli("export", "--db", ws.db, "--run-id", ws.validated).exit_code == 0
     assert path.is_file()
-    assert ws.score("--top-k", "3", "--run-id", ws.validated).code == 0
+    assert ws.score("--top-k", "3", "--run-id", ws.validated).exit_code == 0
 
     latest = ws.export_path(ws.refit) / "model.onnx"
     latest.unlink()
-    result = _invoke("export", "--db", ws.db)
-    assert result.code == 0 and result.stdout.strip() == f"exported {latest}"
+    result = cli("export", "--db", ws.db)
+    assert result.exit_code == 0 and result.stdout.strip() == f"exported {latest}"
     assert read_metadata(latest)["run_id"] == ws.refit
 
 
@@ -407,14 +382,14 @@ def _fail_on_second_batch(
 def test_a_run_failing_half_way_changes_nothing(
     ws: Workspace, monkeypatch: pytest.MonkeyPatch, error: BaseException, code: int, line: str
 ) -> None:
-    assert ws.score("--top-k", "5").code == 0
+    assert ws.score("--top-k", "5").exit_code == 0
     before = ws.recommendations()
     tables = _tables(ws.db)
 
     calls = _fail_on_second_batch(monkeypatch, error)
     result = ws.score("--top-k", "3", "--run-id", ws.validated, "--batch-size", "10")
     assert calls() == 2  # it did fail half-way, after a batch had been spooled
-    assert result.code == code, (result.stdout, result.stderr, result.exception)
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
     assert "Traceback" not in result.stdout + result.stderr
     lines = [s for s in result.stderr.splitlines() if s.strip()]
     assert lines[0].startswith(f"serving run {ws.validated} (validated on train"), lines
@@ -431,7 +406,7 @@ def test_a_run_failing_half_way_changes_nothing(
 def test_a_failure_while_publishing_is_rolled_back(
     ws: Workspace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert ws.score("--top-k", "5").code == 0
+    assert ws.score("--top-k", "5").exit_code == 0
     before = ws.recommendations()
     tables = _tables(ws.db)
     real = mfbatch.db.run
@@ -444,20 +419,20 @@ def test_a_failure_while_publishing_is_rolled_back(
     monkeypatch.setattr(mfbatch.db, "run", faulty)
     result = ws.score("--top-k", "3", "--run-id", ws.validated)
     monkeypatch.undo()
-    assert result.code == 4, (result.stderr, result.exception)
+    assert result.exit_code == 4, (result.stderr, result.exception)
     last = [s for s in result.stderr.splitlines() if s.strip()][-1]
     assert last.startswith("error: writing recommendations into") and "rolled back" in last
     assert ws.recommendations() == before
     assert not list(ws.root.glob(".mfbatch-score-*"))
     assert _tables(ws.db) == tables  # no recommendations_staging left behind
-    assert ws.score("--top-k", "2").code == 0
+    assert ws.score("--top-k", "2").exit_code == 0
     assert max(r[3] for r in ws.recommendations()) == 2
 
 
 def test_a_failure_while_staging_is_a_one_line_error(
     ws: Workspace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert ws.score("--top-k", "5").code == 0
+    assert ws.score("--top-k", "5").exit_code == 0
     before = ws.recommendations()
     tables = _tables(ws.db)
     real = mfbatch.db.run
@@ -470,7 +445,7 @@ def test_a_failure_while_staging_is_a_one_line_error(
     monkeypatch.setattr(mfbatch.db, "run", faulty)
     result = ws.score("--top-k", "3")
     monkeypatch.undo()
-    assert result.code == 4, (result.stderr, result.exception)
+    assert result.exit_code == 4, (result.stderr, result.exception)
     assert "Traceback" not in result.stdout + result.stderr
     last = [s for s in result.stderr.splitlines() if s.strip()][-1]
     assert last.startswith("error: writing recommendations into") and "rolled back" in last
@@ -484,7 +459,7 @@ def test_a_stale_staging_table_is_dropped_by_the_next_run(ws: Workspace) -> None
     con.execute("CREATE TABLE recommendations_staging AS SELECT 1 AS junk")
     con.close()
     result = ws.score("--top-k", "4")
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     assert "recommendations_staging" not in _tables(ws.db)
     _check_lists(ws, run_id=ws.refit, k=4, excluded=_rated(ws.db, ("train", "val")))
 
@@ -492,23 +467,10 @@ def test_a_stale_staging_table_is_dropped_by_the_next_run(ws: Workspace) -> None
 # --- Bad input: one line, non-zero exit, nothing changed ------------------------------------
 
 
-def _one_line_error(result: Result, code: int, *needles: str) -> str:
-    assert result.code == code, (result.code, result.stdout, result.stderr, result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.stdout + result.stderr
-    assert result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 @pytest.fixture
 def scored(ws: Workspace) -> tuple[Workspace, list[tuple[Any, ...]]]:
     """A workspace whose recommendations table is already filled, and its rows."""
-    assert ws.score("--top-k", "5").code == 0
+    assert ws.score("--top-k", "5").exit_code == 0
     return ws, ws.recommendations()
 
 
@@ -522,15 +484,17 @@ def test_model_of_another_dataset(
 ) -> None:
     ws, before = scored
     _preprocess(ws.db, *change)
-    message = _one_line_error(ws.score("--top-k", "5"), 5, "was trained on dataset", "train again")
+    message = assert_user_error(
+        ws.score("--top-k", "5"), 5, "was trained on dataset", "train again"
+    )
     assert str(ws.db) in message
     assert ws.recommendations() == before
 
 
 def test_top_k_larger_than_the_catalogue(scored: tuple[Workspace, list[tuple[Any, ...]]]) -> None:
     ws, before = scored
-    _one_line_error(ws.score("--top-k", str(N_ITEMS + 1)), 2, "--top-k", f"{N_ITEMS}")
-    _one_line_error(ws.score("--top-k", "0"), 2, "--top-k")
+    assert_user_error(ws.score("--top-k", str(N_ITEMS + 1)), 2, "--top-k", f"{N_ITEMS}")
+    assert_user_error(ws.score("--top-k", "0"), 2, "--top-k")
     assert ws.recommendations() == before
 
 
@@ -538,14 +502,14 @@ def test_unknown_ids_in_files(scored: tuple[Workspace, list[tuple[Any, ...]]]) -
     ws, before = scored
     known = sorted(_ids(ws.db, "users").values())[:2]
     users = ws.write_ids("users.txt", [*known, "no-such-user", "ghost"])
-    _one_line_error(ws.score("--users", users), 3, "--users", "2 id(s)", "'no-such-user'")
+    assert_user_error(ws.score("--users", users), 3, "--users", "2 id(s)", "'no-such-user'")
     items = ws.write_ids("items.txt", ["no-such-item"])
-    _one_line_error(ws.score("--include-items", items), 3, "--include-items", "'no-such-item'")
-    _one_line_error(ws.score("--exclude-items", items), 3, "--exclude-items", "'no-such-item'")
-    _one_line_error(ws.score("--users", ws.root / "absent.txt"), 3, "--users", "does not exist")
+    assert_user_error(ws.score("--include-items", items), 3, "--include-items", "'no-such-item'")
+    assert_user_error(ws.score("--exclude-items", items), 3, "--exclude-items", "'no-such-item'")
+    assert_user_error(ws.score("--users", ws.root / "absent.txt"), 3, "--users", "does not exist")
     empty = ws.root / "empty.txt"
     empty.write_text("# nothing\n\n")
-    _one_line_error(ws.score("--users", empty), 3, "--users", "no ids")
+    assert_user_error(ws.score("--users", empty), 3, "--users", "no ids")
     assert ws.recommendations() == before
 
 
@@ -553,17 +517,17 @@ def test_missing_or_corrupt_model_file(scored: tuple[Workspace, list[tuple[Any, 
     ws, before = scored
     path = ws.export_path(ws.refit) / "model.onnx"
     path.unlink()
-    _one_line_error(ws.score(), 5, str(path), "does not exist", "mfbatch export")
+    assert_user_error(ws.score(), 5, str(path), "does not exist", "mfbatch export")
     path.write_bytes(b"\x08\x07 truncated")
-    _one_line_error(ws.score(), 5, str(path))
+    assert_user_error(ws.score(), 5, str(path))
     assert ws.recommendations() == before
 
 
 def test_unknown_run_id(scored: tuple[Workspace, list[tuple[Any, ...]]]) -> None:
     ws, before = scored
-    _one_line_error(ws.score("--run-id", "19990101-000000-000000"), 2, "--run-id", "19990101")
-    _one_line_error(
-        _invoke("export", "--db", ws.db, "--run-id", "19990101-000000-000000"), 2, "--run-id"
+    assert_user_error(ws.score("--run-id", "19990101-000000-000000"), 2, "--run-id", "19990101")
+    assert_user_error(
+        cli("export", "--db", ws.db, "--run-id", "19990101-000000-000000"), 2, "--run-id"
     )
     assert ws.recommendations() == before
 
@@ -572,14 +536,14 @@ def test_no_training_runs(tmp_path: Path) -> None:
     db = tmp_path / "fresh.duckdb"
     _preprocess(db)
     before = _tables(db)
-    _one_line_error(_invoke("score", "--db", db, *FAST), 4, "no training runs", "mfbatch train")
-    _one_line_error(_invoke("export", "--db", db), 4, "no training runs", "mfbatch train")
+    assert_user_error(cli("score", "--db", db, *FAST), 4, "no training runs", "mfbatch train")
+    assert_user_error(cli("export", "--db", db), 4, "no training runs", "mfbatch train")
     assert _tables(db) == before
     assert not list(tmp_path.glob(".mfbatch-score-*"))
 
 
 def test_missing_database(tmp_path: Path) -> None:
-    _one_line_error(_invoke("score", "--db", tmp_path / "nope.duckdb"), 4, "does not exist")
+    assert_user_error(cli("score", "--db", tmp_path / "nope.duckdb"), 4, "does not exist")
     assert not (tmp_path / "nope.duckdb").exists()
 
 
@@ -588,9 +552,9 @@ def test_cuda_provider_on_a_cpu_only_machine(
     scored: tuple[Workspace, list[tuple[Any, ...]]],
 ) -> None:
     ws, before = scored
-    result = _invoke("score", "--db", ws.db, "--provider", "cuda")
-    _one_line_error(result, 2, "--provider cuda", "--provider cpu")
-    _one_line_error(_invoke("score", "--db", ws.db, "--provider", "tpu"), 2, "--provider")
+    result = cli("score", "--db", ws.db, "--provider", "cuda")
+    assert_user_error(result, 2, "--provider cuda", "--provider cpu")
+    assert_user_error(cli("score", "--db", ws.db, "--provider", "tpu"), 2, "--provider")
     assert ws.recommendations() == before
 
 
@@ -605,7 +569,7 @@ def test_no_room_for_the_spool(
     monkeypatch.setattr(mfbatch.workdirs.tempfile, "mkdtemp", read_only)
     result = ws.score("--top-k", "3")
     monkeypatch.undo()
-    assert result.code == 4, (result.stderr, result.exception)
+    assert result.exit_code == 4, (result.stderr, result.exception)
     last = [s for s in result.stderr.splitlines() if s.strip()][-1]
     assert last.startswith("error: ") and "Read-only file system" in last, result.stderr
     assert ws.recommendations() == before
@@ -618,7 +582,7 @@ def test_runs_table_without_a_usable_run(
     con = duckdb.connect(str(ws.db))
     con.execute("UPDATE training_runs SET status = 'diverged'")
     con.close()
-    _one_line_error(ws.score(), 4, "no usable training run", "mfbatch train")
+    assert_user_error(ws.score(), 4, "no usable training run", "mfbatch train")
     assert ws.recommendations() == before
 
 
@@ -631,6 +595,6 @@ def test_export_without_readable_weights(ws: Workspace, damage: str) -> None:
         weights.write_bytes(b"PK\x03\x04 not a torch archive")
     onnx_file = weights.parent / "model.onnx"
     original = onnx_file.read_bytes()
-    result = _invoke("export", "--db", ws.db, "--run-id", ws.validated)
-    _one_line_error(result, 5, str(weights.parent))
+    result = cli("export", "--db", ws.db, "--run-id", ws.validated)
+    assert_user_error(result, 5, str(weights.parent))
     assert onnx_file.read_bytes() == original

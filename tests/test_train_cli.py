@@ -9,18 +9,16 @@ from pathlib import Path
 import duckdb
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import cli
 
-from mfbatch.cli import app
 from mfbatch.export import load_model
 
-runner = CliRunner()
 SMALL = ["--embedding-dim", "8", "--batch-size", "256", "--negatives", "32"]
 
 
 def _invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.output
+    run = cli(*args)
+    return run.exit_code, run.output
 
 
 @pytest.fixture
