@@ -15,12 +15,14 @@ from __future__ import annotations
 import re
 import shutil
 import zipfile
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -332,3 +334,145 @@ def good_db(_prepared_db: Path, tmp_path: Path) -> Path:
     path = tmp_path / "mfbatch.duckdb"
     shutil.copyfile(_prepared_db, path)
     return path
+
+
+# --- test_score_cli*.py: one small dataset trained twice (a validated run, then a refit on
+# all data) once per session; each test works on its own copy of that folder (`ws`). ---
+
+N_USERS, N_ITEMS = 60, 40
+
+
+SMALL = ["--embedding-dim", "8", "--batch-size", "256", "--negatives", "32"]
+
+
+FAST = ["--provider", "cpu", "--threads", "1"]
+
+
+def _preprocess(db: Path, *extra: str) -> None:
+    result = cli(
+        "preprocess",
+        "--dataset",
+        "synthetic",
+        "--users",
+        str(N_USERS),
+        "--items",
+        str(N_ITEMS),
+        "--ratings-per-user",
+        "12",
+        "--db",
+        db,
+        *extra,
+    )
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.fixture(scope="session")
+def score_trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    db = root / "mf.duckdb"
+    _preprocess(db)
+    for extra in (["--objective", "rating", "--epochs", "2"], ["--on", "all"]):
+        result = cli(
+            "train", "--db", db, "--export-dir", root / "export", *SMALL, "--seed", "3", *extra
+        )
+        assert result.exit_code == 0, result.stderr
+    return root
+
+
+@dataclass(frozen=True)
+class Workspace:
+    db: Path
+    validated: str  # run trained on the train split
+    refit: str  # the refit on train+val: the latest run
+    root: Path
+
+    def export_path(self, run_id: str) -> Path:
+        sql = "SELECT export_path FROM training_runs WHERE run_id = $r"
+        ((path,),) = rows(self.db, sql, r=run_id)
+        # Recorded relative to the database's folder (so any working directory works).
+        assert not Path(path).is_absolute(), path
+        return self.root / path
+
+    def score(self, *args: str | Path) -> Run:
+        return cli("score", "--db", self.db, *FAST, *args)
+
+    def recommendations(self) -> list[tuple[Any, ...]]:
+        return rows(
+            self.db,
+            "SELECT run_id, user_id, item_id, rank, score, predicted_rating, created_at, source "
+            "FROM recommendations ORDER BY user_id, rank",
+        )
+
+    def write_ids(self, name: str, ids: list[str]) -> Path:
+        path = self.root / name
+        path.write_text("# ids, one per line\n\n" + "\n".join(ids) + "\n", encoding="utf-8")
+        return path
+
+
+@pytest.fixture
+def ws(score_trained: Path, tmp_path: Path) -> Workspace:
+    root = tmp_path / "w"
+    shutil.copytree(score_trained, root)
+    db = root / "mf.duckdb"
+    con = duckdb.connect(str(db))
+    try:
+        (validated,), (refit,) = con.execute(
+            "SELECT run_id FROM training_runs ORDER BY data_seen = 'train+val'"
+        ).fetchall()
+    finally:
+        con.close()
+    return Workspace(db, validated, refit, root)
+
+
+def _ids(db: Path, table: str) -> dict[int, str]:
+    column = "user" if table == "users" else "item"
+    return dict(rows(db, f"SELECT {column}_idx, {column}_id FROM {table}"))
+
+
+def _rated(db: Path, splits: tuple[str, ...]) -> dict[str, set[str]]:
+    """Raw item ids each raw user id rated in the given splits."""
+    rated: dict[str, set[str]] = defaultdict(set)
+    for user, item in rows(
+        db,
+        "SELECT u.user_id, i.item_id FROM ratings r JOIN users u USING (user_idx) "
+        "JOIN items i USING (item_idx) WHERE list_contains($splits, r.split)",
+        splits=list(splits),
+    ):
+        rated[user].add(item)
+    return rated
+
+
+def _by_user(rows: list[tuple[Any, ...]]) -> dict[str, list[tuple[Any, ...]]]:
+    grouped: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    for row in rows:
+        grouped[row[1]].append(row)
+    return grouped
+
+
+def _check_lists(
+    ws: Workspace,
+    *,
+    run_id: str,
+    k: int,
+    excluded: dict[str, set[str]],
+    allowed: set[str] | None = None,
+    users: set[str] | None = None,
+) -> dict[str, list[tuple[Any, ...]]]:
+    """Every expected user has min(k, candidates) rows: ranked 1.., best first, valid ids."""
+    user_ids = set(_ids(ws.db, "users").values())
+    item_ids = set(_ids(ws.db, "items").values())
+    allowed = item_ids if allowed is None else allowed
+    grouped = _by_user(ws.recommendations())
+    assert set(grouped) == (user_ids if users is None else users)
+    for user, rows in grouped.items():
+        assert user in user_ids
+        candidates = allowed - excluded.get(user, set())
+        items = [r[2] for r in rows]
+        assert len(rows) == min(k, len(candidates)), user
+        assert set(items) <= candidates, (user, set(items) - candidates)
+        assert len(set(items)) == len(items)
+        assert [r[3] for r in rows] == list(range(1, len(rows) + 1))
+        scores = [r[4] for r in rows]
+        assert all(np.isfinite(scores)) and scores == sorted(scores, reverse=True)
+        assert {r[0] for r in rows} == {run_id}
+    return grouped
