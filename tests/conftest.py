@@ -12,12 +12,14 @@ test_loaders.py are worked out by hand from these rows.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -476,3 +478,45 @@ def _check_lists(
         assert all(np.isfinite(scores)) and scores == sorted(scores, reverse=True)
         assert {r[0] for r in rows} == {run_id}
     return grouped
+
+
+# --- test_loaders_*.py: reading back the four dataset tables, and their units ---
+
+
+def utc(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def users(query: Query, db: Path) -> list[tuple[Any, ...]]:
+    return query(db, "SELECT user_idx, user_id, n_ratings, n_train FROM users ORDER BY user_idx")
+
+
+def items(query: Query, db: Path) -> list[tuple[Any, ...]]:
+    return query(
+        db, "SELECT item_idx, item_id, title, genres, n_ratings, n_train FROM items ORDER BY 1"
+    )
+
+
+def ratings(query: Query, db: Path) -> list[tuple[Any, ...]]:
+    return query(
+        db,
+        "SELECT user_idx, item_idx, rating, rating_norm, ts, split, cold_user, cold_item "
+        "FROM ratings ORDER BY user_idx, item_idx",
+    )
+
+
+def meta(query: Query, db: Path) -> dict[str, Any]:
+    con_rows = query(db, "SELECT * FROM dataset_meta")
+    names = [r[0] for r in query(db, "SELECT column_name FROM (DESCRIBE dataset_meta)")]
+    assert len(con_rows) == 1
+    return dict(zip(names, con_rows[0], strict=True))
+
+
+def assert_norm(rows: list[tuple[Any, ...]], lo: float, hi: float) -> None:
+    for row in rows:
+        assert row[3] == pytest.approx((row[2] - lo) / (hi - lo), abs=1e-12)
+        assert 0.0 <= row[3] <= 1.0
