@@ -17,7 +17,7 @@ import re
 import shutil
 import zipfile
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -520,3 +520,39 @@ def assert_norm(rows: list[tuple[Any, ...]], lo: float, hi: float) -> None:
     for row in rows:
         assert row[3] == pytest.approx((row[2] - lo) / (hi - lo), abs=1e-12)
         assert 0.0 <= row[3] <= 1.0
+
+
+# --- test_bad_input_*.py: bad input against a copy of a prepared database ---
+
+INPUT_ERROR, CONFIG_ERROR, DATABASE_ERROR = 3, 2, 4
+
+
+@pytest.fixture
+def against(
+    good_db: Path, preprocess_cli: Preprocess, db_snapshot: Snapshot
+) -> Iterator[Callable[..., Any]]:
+    """Run preprocess on `good_db` with the given args; after the test, check it is unchanged."""
+    before = db_snapshot(good_db)
+    assert before["ratings"], "the prepared database should hold a dataset"
+
+    def run(*args: str | Path | float) -> Any:
+        return preprocess_cli(*args, "--db", good_db)
+
+    yield run
+    assert db_snapshot(good_db) == before
+    assert not good_db.with_name(good_db.name + ".wal").exists()
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+# --- test_inference_*.py ---
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder for the graphs the tests write (module scoped, so hypothesis may use it)."""
+    yield tmp_path_factory.mktemp("graphs")
