@@ -556,3 +556,33 @@ def write(path: Path, data: str | bytes) -> Path:
 def graphs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A folder for the graphs the tests write (module scoped, so hypothesis may use it)."""
     yield tmp_path_factory.mktemp("graphs")
+
+
+# --- known answers for Recall@K --------------------------------------------------------
+
+
+def recall_from_lists(path: Path, run_id: str, recommender: str, k: int) -> float:
+    """Recall@K worked out in Python from the lists `evaluate` stored (evaluation_lists)
+    and the val ratings, by the definition sql/evaluate.sql implements: hits in the top K /
+    min(|relevant|, K), averaged over the users with a relevant item (every val rating is
+    relevant; a user without a list counts with 0)."""
+    relevant: dict[str, set[str]] = {}
+    for user, item in rows(
+        path,
+        "SELECT u.user_id, i.item_id FROM ratings r JOIN users u USING (user_idx) "
+        "JOIN items i USING (item_idx) WHERE r.split = 'val'",
+    ):
+        relevant.setdefault(user, set()).add(item)
+    listed: dict[str, set[str]] = {}
+    for user, item in rows(
+        path,
+        "SELECT user_id, item_id FROM evaluation_lists "
+        "WHERE run_id = $run AND recommender = $rec AND k = $k AND rank <= $k",
+        run=run_id,
+        rec=recommender,
+        k=k,
+    ):
+        listed.setdefault(user, set()).add(item)
+    assert relevant, "no val ratings to measure against"
+    per_user = [len(listed.get(u, set()) & rel) / min(len(rel), k) for u, rel in relevant.items()]
+    return sum(per_user) / len(per_user)

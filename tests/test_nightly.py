@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import cli, ok, rows
+from conftest import cli, ok, recall_from_lists, rows
 
 import mfbatch
 from mfbatch import __version__
@@ -62,7 +62,12 @@ def test_the_api_runs_every_stage(tmp_path: Path) -> None:
     trained = mfbatch.train(db=path, embedding_dim=8, epochs=2, export_dir=tmp_path / "export")
     assert trained.data_seen == "train"
     figures = mfbatch.evaluate(db=path, top_k=5)
-    assert figures.run_id == trained.run_id and 0.0 <= (figures.model["recall"] or 0) <= 1.0
+    assert figures.run_id == trained.run_id
+    # Recall@5 against the same figure worked out from the stored lists; strictly between
+    # 0 and 1 here, so a metric stuck at 0 or at 1 cannot pass.
+    expected = recall_from_lists(path, trained.run_id, "model", 5)
+    assert 0.05 < expected < 0.95, expected
+    assert figures.model["recall"] == pytest.approx(expected, rel=1e-9)
     refit = mfbatch.train(db=path, on="all", export_dir=tmp_path / "export")
     served = mfbatch.score(db=path, top_k=5)
     assert served.run_id == refit.run_id and served.rows > 0
