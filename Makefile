@@ -54,19 +54,19 @@ test: $(INSTALL_STAMP) ## Run the test suite
 	$(BIN)/python -m pytest
 
 lint: $(INSTALL_STAMP) ## ruff + mypy
-	$(BIN)/ruff check mfbatch tests
-	$(BIN)/ruff format --check mfbatch tests
+	$(BIN)/ruff check mfbatch tests benchmarks
+	$(BIN)/ruff format --check mfbatch tests benchmarks
 	$(BIN)/mypy
 
 bench: $(INSTALL_STAMP) ## Benchmarks (not part of the test run); results in bench-results/
 	@mkdir -p bench-results
-	$(BIN)/python tests/bench/bench_preprocess.py --out bench-results/preprocess.json
-	$(BIN)/python tests/bench/bench_train.py --out bench-results/train.json
-	$(BIN)/python tests/bench/bench_score.py --out bench-results/score.json
+	$(BIN)/python benchmarks/bench_preprocess.py --out bench-results/preprocess.json
+	$(BIN)/python benchmarks/bench_train.py --out bench-results/train.json
+	$(BIN)/python benchmarks/bench_score.py --out bench-results/score.json
 
 gpu-check: ## GPU tests (marker gpu) + GPU benchmarks, < 5 min; figures in bench-results/gpu.json
 	@mkdir -p bench-results
-	timeout 300 $(GPU_PYTHON) tests/bench/bench_gpu.py --tests --out bench-results/gpu.json \
+	timeout 300 $(GPU_PYTHON) benchmarks/bench_gpu.py --tests --out bench-results/gpu.json \
 		$(if $(ML100K),--ml100k $(ML100K),)
 
 preprocess: $(INSTALL_STAMP) ## Stage 1: ratings -> DuckDB (DATASET=, SOURCE=)

@@ -10,56 +10,20 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pytest
+from conftest import Run, Snapshot, cli, cli_ok
+from conftest import rows as _rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 import mfbatch.store.db
-from mfbatch.cli import app
 
-runner = CliRunner()
-
-
-@dataclass(frozen=True)
-class Run:
-    exit_code: int
-    stdout: str
-    stderr: str
-    exception: BaseException | None
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.strip()]
-
-
-Snapshot = Callable[[Path], dict[str, list[tuple[Any, ...]]]]
 SMALL = ["--embedding-dim", "8", "--batch-size", "256", "--negatives", "32", "--epochs", "3"]
 HEADER = "user_id,item_id,rating,timestamp\n"
-
-
-def _invoke(*args: str | Path) -> Run:
-    result = runner.invoke(app, [str(a) for a in args])
-    return Run(result.exit_code, result.stdout, result.stderr, result.exception)
-
-
-def _ok(*args: str | Path) -> str:
-    result = _invoke(*args)
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result.stdout
-
-
-def _rows(db: Path, sql: str, **params: Any) -> list[tuple[Any, ...]]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, params or None).fetchall()
-    finally:
-        con.close()
 
 
 def _csv(path: Path, rows: list[tuple[Any, ...]]) -> Path:
@@ -68,11 +32,11 @@ def _csv(path: Path, rows: list[tuple[Any, ...]]) -> Path:
 
 
 def _append(db: Path, source: Path) -> Run:
-    return _invoke("preprocess", "--append", "--dataset", "csv", "--source", source, "--db", db)
+    return cli("preprocess", "--append", "--dataset", "csv", "--source", source, "--db", db)
 
 
 def _preprocess(db: Path) -> None:
-    _ok(
+    cli_ok(
         "preprocess",
         "--dataset",
         "synthetic",
@@ -97,7 +61,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     db = root / "mf.duckdb"
     _preprocess(db)
     for extra in ([], ["--on", "all"]):
-        _ok("train", "--db", db, "--export-dir", root / "export", *SMALL, "--seed", "1", *extra)
+        cli_ok("train", "--db", db, "--export-dir", root / "export", *SMALL, "--seed", "1", *extra)
     return root
 
 
@@ -123,7 +87,7 @@ def _pairs(db: Path) -> list[tuple[tuple[str, str], float]]:
 
 
 def _score(db: Path, *args: str) -> str:
-    return _ok("score", "--db", db, "--provider", "cpu", "--threads", "1", *args)
+    return cli_ok("score", "--db", db, "--provider", "cpu", "--threads", "1", *args)
 
 
 def test_append_counts_and_keeps_the_split(db: Path, tmp_path: Path) -> None:
@@ -204,7 +168,7 @@ def test_any_sequence_of_appends_keeps_every_mapping(
         base = _csv(
             Path(folder) / "base.csv", [(1, 1, 3, 1_000), (2, 2, 4, 1_001), (3, 1, 5, 1_002)]
         )
-        _ok(
+        cli_ok(
             "preprocess",
             "--dataset",
             "csv",
@@ -279,7 +243,7 @@ def test_score_folds_in_appended_users_and_never_lists_a_rated_item(
     ]
     assert _rows(db, "SELECT count(*) FROM recommendations WHERE user_id = 'newcomer'") == [(20,)]
     # recommend --user works for the appended user, without retraining.
-    shown = _ok("recommend", "--db", db, "--user", "newcomer")
+    shown = cli_ok("recommend", "--db", db, "--user", "newcomer")
     assert "fold-in" in shown and "recommended for user newcomer" in shown
 
 
@@ -290,12 +254,12 @@ def test_a_refit_after_the_append_serves_appended_users_from_its_own_vectors(
     rows = [("newcomer", item, 5, 2_000_000_000 + n) for n, item in enumerate(items[:6])]
     assert _append(db, _csv(tmp_path / "day1.csv", rows)).exit_code == 0
     n_train = _rows(db, "SELECT count(*) FROM ratings WHERE split = 'train'")[0][0]
-    _ok("train", "--db", db, "--export-dir", db.parent / "export", *SMALL)
+    cli_ok("train", "--db", db, "--export-dir", db.parent / "export", *SMALL)
     # A validated run fits the train split only: appended rows are not in it.
     assert _rows(db, "SELECT n_train FROM training_runs ORDER BY finished_at DESC LIMIT 1") == [
         (n_train,)
     ]
-    _ok("train", "--db", db, "--export-dir", db.parent / "export", *SMALL, "--on", "all")
+    cli_ok("train", "--db", db, "--export-dir", db.parent / "export", *SMALL, "--on", "all")
     line = _score(db).strip().splitlines()[-1]
     assert "folded in" not in line, line
     assert _rows(db, "SELECT DISTINCT source FROM recommendations WHERE user_id = 'newcomer'") == [
@@ -314,7 +278,7 @@ def test_a_re_preprocess_that_remaps_ids_is_still_refused(
     rows = _rows(db, "SELECT user_idx, item_idx, rating, epoch(ts)::BIGINT FROM ratings")
     source = _csv(tmp_path / "all.csv", rows)
     # Same ratings, user and item columns swapped: every id means something else now.
-    _ok(
+    cli_ok(
         "preprocess",
         "--dataset",
         "csv",
@@ -329,7 +293,7 @@ def test_a_re_preprocess_that_remaps_ids_is_still_refused(
         "--split",
         "user-time",
     )
-    result = _invoke("score", "--db", db, "--provider", "cpu")
+    result = cli("score", "--db", db, "--provider", "cpu")
     user_error(result, 5, "re-preprocessed since")
 
 
@@ -436,7 +400,7 @@ def test_bad_appended_files_get_preprocess_errors_and_change_nothing(
     message = user_error(appended, 3, fragment)
     assert _state(db, db_snapshot) == before
     # The same file through a plain preprocess (same loaders) says the same thing.
-    fresh = _invoke(
+    fresh = cli(
         "preprocess",
         "--dataset",
         "csv",
@@ -453,10 +417,10 @@ def test_bad_appended_files_get_preprocess_errors_and_change_nothing(
 
 
 def test_append_flags_are_checked(db: Path, tmp_path: Path, user_error: Callable[..., str]) -> None:
-    result = _invoke("preprocess", "--append", "--db", db)
+    result = cli("preprocess", "--append", "--db", db)
     user_error(result, 2, "--append", "--source")
     source = _day(db, tmp_path)
-    result = _invoke(
+    result = cli(
         "preprocess",
         "--append",
         "--dataset",
@@ -469,7 +433,7 @@ def test_append_flags_are_checked(db: Path, tmp_path: Path, user_error: Callable
         "random",
     )
     user_error(result, 2, "--append", "--split")
-    result = _invoke(
+    result = cli(
         "preprocess",
         "--append",
         "--dataset",
@@ -492,7 +456,7 @@ def test_a_database_from_before_lineage_is_refused_with_the_fix(
     con.close()
     before = _rows(db, "SELECT count(*) FROM ratings")
     args = ("--db", db, "--provider", "cpu", "--threads", "1")
-    user_error(_invoke("score", *args), 4, "older mfbatch", "preprocess` again")
+    user_error(cli("score", *args), 4, "older mfbatch", "preprocess` again")
     user_error(_append(db, _day(db, tmp_path)), 4, "older mfbatch", "preprocess` again")
     assert _rows(db, "SELECT count(*) FROM ratings") == before
 

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Preprocess
 
 from mfbatch.data import download as dl
 from mfbatch.errors import InputDataError
-
-Preprocess = Callable[..., Any]
 
 
 class Server:

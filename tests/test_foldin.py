@@ -9,11 +9,10 @@ import duckdb
 import numpy as np
 import onnx
 import pytest
+from conftest import cli_ok
 from onnx import numpy_helper
-from typer.testing import CliRunner
 
 from mfbatch.artifact.graph import build_graph
-from mfbatch.cli import app
 from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.foldin import fold_in, item_tables, method_for
 from mfbatch.serving.session import Scorer
@@ -118,7 +117,6 @@ def test_users_the_model_trained_on_fold_back_in_to_lists_like_their_own(
 ) -> None:
     """A trained user's vector, solved again from their ratings against the frozen items,
     ranks like the trained one (top-20 overlap on a synthetic low-rank set)."""
-    runner = CliRunner()
     db = tmp_path / "mf.duckdb"
     for args in (
         ["preprocess", "--dataset", "synthetic", "--users", "300", "--items", "200",
@@ -127,8 +125,7 @@ def test_users_the_model_trained_on_fold_back_in_to_lists_like_their_own(
          "--export-dir", str(tmp_path / "export")],
         ["train", "--on", "all", "--export-dir", str(tmp_path / "export")],
     ):  # fmt: skip
-        result = runner.invoke(app, [*args, "--db", str(db)])
-        assert result.exit_code == 0, result.output
+        cli_ok(*args, "--db", db)
     con = duckdb.connect(str(db), read_only=True)
     (export, trained_for), *_ = con.execute(
         "SELECT export_path, objective FROM training_runs WHERE data_seen = 'train+val'"

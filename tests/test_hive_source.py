@@ -14,11 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
-
-from mfbatch.cli import app
-
-runner = CliRunner()
+from conftest import cli, cli_ok
 
 
 def _ratings() -> pa.Table:
@@ -36,10 +32,7 @@ def _ratings() -> pa.Table:
 
 
 def _preprocess(source: Path, db: Path) -> None:
-    result = runner.invoke(
-        app, ["preprocess", "--dataset", "parquet", "--source", str(source), "--db", str(db)]
-    )
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    cli_ok("preprocess", "--dataset", "parquet", "--source", source, "--db", db)
 
 
 def _tables(db: Path) -> dict[str, list[tuple[Any, ...]]]:
@@ -71,17 +64,14 @@ def test_a_folder_of_parts_is_the_same_data_as_one_file(tmp_path: Path, key: str
 
 def test_a_folder_without_parquet_parts_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    result = runner.invoke(
-        app,
-        [
-            "preprocess",
-            "--dataset",
-            "parquet",
-            "--source",
-            str(tmp_path / "empty"),
-            "--db",
-            str(tmp_path / "x.duckdb"),
-        ],
+    result = cli(
+        "preprocess",
+        "--dataset",
+        "parquet",
+        "--source",
+        tmp_path / "empty",
+        "--db",
+        tmp_path / "x.duckdb",
     )
     assert result.exit_code != 0
     assert "no .parquet files under it" in result.stderr

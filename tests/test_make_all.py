@@ -15,6 +15,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from conftest import recall_from_lists
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # not resolved: a venv's python is a symlink out of it
@@ -73,7 +74,12 @@ def test_make_all_synthetic(tmp_path: Path) -> None:
     assert users == 80 and per_user == 20  # TOPK defaults to 20
     assert (export / runs["train+val"] / "model.onnx").is_file()
     metrics = {metric: (k, value) for rid, metric, k, value in evaluated if rid == runs["train"]}
-    assert metrics["recall"][0] == 20 and 0.0 <= metrics["recall"][1] <= 1.0
+    # Recall@20 against the same figure worked out from the stored lists; strictly between
+    # 0 and 1 here, so a metric stuck at 0 or at 1 cannot pass.
+    expected = recall_from_lists(path, runs["train"], "model", 20)
+    assert 0.05 < expected < 0.95, expected
+    assert metrics["recall"][0] == 20
+    assert metrics["recall"][1] == pytest.approx(expected, rel=1e-9)
     assert {"precision", "ndcg", "map", "hit_rate", "coverage"} <= set(metrics)
 
     # The evaluation table and its summary, then the serving summary, close the output.

@@ -9,45 +9,17 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import duckdb
 import polars as pl
 import pytest
-from typer.testing import CliRunner
+from conftest import cli, ok, recall_from_lists, rows
 
 import mfbatch
-from mfbatch.cli import app
 from mfbatch.errors import ConfigError
 from mfbatch.version import __version__
 
-runner = CliRunner()
 SMALL = ["--embedding-dim", "8", "--epochs", "2"]
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def cli(*args: str | Path) -> Result:
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.stdout + result.stderr
-    return Result(result.exit_code, result.stdout, result.stderr)
-
-
-def ok(result: Result) -> Result:
-    assert result.code == 0, (result.stdout, result.stderr)
-    return result
-
-
-def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
-    with duckdb.connect(str(path), read_only=True) as con:
-        return con.execute(sql).fetchall()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +62,12 @@ def test_the_api_runs_every_stage(tmp_path: Path) -> None:
     trained = mfbatch.train(db=path, embedding_dim=8, epochs=2, export_dir=tmp_path / "export")
     assert trained.data_seen == "train"
     figures = mfbatch.evaluate(db=path, top_k=5)
-    assert figures.run_id == trained.run_id and 0.0 <= (figures.model["recall"] or 0) <= 1.0
+    assert figures.run_id == trained.run_id
+    # Recall@5 against the same figure worked out from the stored lists; strictly between
+    # 0 and 1 here, so a metric stuck at 0 or at 1 cannot pass.
+    expected = recall_from_lists(path, trained.run_id, "model", 5)
+    assert 0.05 < expected < 0.95, expected
+    assert figures.model["recall"] == pytest.approx(expected, rel=1e-9)
     refit = mfbatch.train(db=path, on="all", export_dir=tmp_path / "export")
     served = mfbatch.score(db=path, top_k=5)
     assert served.run_id == refit.run_id and served.rows > 0
@@ -166,7 +143,7 @@ def test_parquet_csv_and_folder_outputs_equal_the_table(db: Path, tmp_path: Path
     assert sorted(dataset["item_id"].to_list()) == sorted(served["item_id"].to_list())
     assert not list(out.glob(".*partial"))
     bad = cli("export-lists", "--db", db, "--output", out / "lists.xlsx")
-    assert bad.code == 2 and "--output" in bad.stderr
+    assert bad.exit_code == 2 and "--output" in bad.stderr
 
 
 # --- runs, promotion, history ----------------------------------------------------------------
@@ -191,7 +168,7 @@ def test_runs_listing_and_promotion(db: Path) -> None:
     ok(cli("serve", "--db", db, "--clear"))
     assert f"with run {roles['train+val']}" in ok(cli("score", "--db", db, "--top-k", "5")).stdout
     bad = cli("serve", "--db", db, "--run-id", "no-such-run")
-    assert bad.code == 2 and "no-such-run" in bad.stderr
+    assert bad.exit_code == 2 and "no-such-run" in bad.stderr
 
 
 def test_history_keeps_what_the_retention_says_and_diffs_two_nights(db: Path) -> None:
@@ -227,7 +204,7 @@ def test_history_keeps_what_the_retention_says_and_diffs_two_nights(db: Path) ->
     line = ok(cli("diff", "--db", db)).stdout.rstrip().splitlines()[-1]
     assert line.startswith("publish 3 -> 4: ")
     bad = cli("diff", "--db", db, "--before", "1")
-    assert bad.code == 2 and "no publish 1 kept" in bad.stderr
+    assert bad.exit_code == 2 and "no publish 1 kept" in bad.stderr
 
 
 # --- logs cron can keep -------------------------------------------------------------------------
@@ -296,7 +273,7 @@ def test_report_is_self_contained_with_every_figure(db: Path, tmp_path: Path) ->
     for caption in ("Training curves", "popularity", "Long tail", "Score distribution"):
         assert caption in page
     bad = cli("report", "--db", db, "--run-id", runs_by_role(db)["train+val"], "--out", out)
-    assert bad.code == 5 and "refit" in bad.stderr
+    assert bad.exit_code == 5 and "refit" in bad.stderr
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

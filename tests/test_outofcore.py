@@ -21,12 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import Snapshot
 
 import mfbatch.store.db
 from mfbatch.config import load_config
 from mfbatch.stages.preprocess import WORK_PREFIX, PreprocessSummary, preprocess
-
-Snapshot = Any
 
 
 def _ratings(ids: str, seed: int = 1) -> pa.Table:

@@ -6,13 +6,10 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-Preprocess = Callable[..., Any]
-Snapshot = Callable[[Path], dict[str, Any]]
-Query = Callable[[Path, str], list[tuple[Any, ...]]]
+from conftest import Preprocess, Query, Snapshot
 
 SUMMARY = re.compile(
     r"preprocessed (?P<rows>[\d,]+) rows from (?P<layout>\S+) "

@@ -6,29 +6,25 @@ it). The cluster is started once per module with two CPUs, as on CI's machine.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import conftest
 import duckdb
 import pyarrow.dataset as pads
 import pytest
-from typer.testing import CliRunner
 
-from mfbatch.cli import app
 from mfbatch.serving.ray_engine import shards
 from mfbatch.store.history import publish_lists
 
 ray = pytest.importorskip("ray")
-runner = CliRunner()
+# Ray's actors log tracebacks of their own when the cluster winds down.
+cli = functools.partial(conftest.cli, allow_traceback=True)
+cli_ok = functools.partial(conftest.cli_ok, allow_traceback=True)
 LIST_COLUMNS = "user_id, item_id, rank, score, predicted_rating, source"
-
-
-def _cli(*args: str | Path) -> str:
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result.stdout
 
 
 def _lists(db: Path) -> list[tuple[Any, ...]]:
@@ -51,7 +47,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
     no train rating (popularity lists) and an exclude list."""
     folder = tmp_path_factory.mktemp("ray")
     db = folder / "mf.duckdb"
-    _cli(
+    cli_ok(
         "preprocess",
         "--dataset",
         "synthetic",
@@ -65,7 +61,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
         db,
         "--quiet",
     )
-    _cli(
+    cli_ok(
         "train",
         "--db",
         db,
@@ -85,7 +81,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _score(db: Path, *extra: str | Path) -> list[tuple[Any, ...]]:
     deny = db.parent / "deny.txt"
-    _cli("score", "--db", db, "--exclude-items", deny, "--batch-size", "16", *extra)
+    cli_ok("score", "--db", db, "--exclude-items", deny, "--batch-size", "16", *extra)
     return _lists(db)
 
 
@@ -156,7 +152,7 @@ def test_publish_from_parts_is_all_or_nothing(
 
 
 def test_ray_only_flags_need_the_ray_engine(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["score", "--db", str(tmp_path / "x.duckdb"), "--workers", "2"])
+    result = cli("score", "--db", tmp_path / "x.duckdb", "--workers", "2")
     assert result.exit_code == 2
     assert "--workers: only with --engine ray" in result.stderr
 
@@ -176,9 +172,9 @@ def test_ray_users_update_merges_like_the_default_engine(
     # --users: only those users' rows are replaced, on either engine, from the same start.
     wanted = tmp_path / "users.txt"
     wanted.write_text("3\n17\n250\n")
-    _cli("score", "--db", served, "--top-k", "5")
+    cli_ok("score", "--db", served, "--top-k", "5")
     default = _score(served, "--users", wanted)
-    _cli("score", "--db", served, "--top-k", "5")
+    cli_ok("score", "--db", served, "--top-k", "5")
     on_ray = _score(served, "--users", wanted, "--engine", "ray")
     assert on_ray == default
     ks = {}

@@ -1,192 +1,30 @@
-"""`mfbatch score` and `mfbatch export` end to end through the CLI, on real DuckDB files.
+"""`mfbatch score` and `mfbatch export` end to end through the CLI, on real DuckDB files:
+what a successful run writes.
 
-One small dataset is preprocessed and trained twice per module (a validated run, then a
-refit on all data); each test works on its own copy of that folder.
+One small dataset is preprocessed and trained twice per session (a validated run, then a
+refit on all data: the `ws` fixture in conftest.py); each test works on its own copy.
 """
 
 from __future__ import annotations
 
-import shutil
-from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
 import duckdb
-import numpy as np
 import onnx
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import (
+    N_ITEMS,
+    N_USERS,
+    Workspace,
+    _by_user,
+    _check_lists,
+    _ids,
+    _rated,
+    cli,
+)
+from conftest import rows as _rows
+from conftest import tables as _tables
 
-import mfbatch.serving.engines
-import mfbatch.store.db
-import mfbatch.store.workdirs
 from mfbatch.artifact.files import load_model, read_metadata
-from mfbatch.cli import app
-from mfbatch.serving.session import _gpu_present
-
-runner = CliRunner()
-N_USERS, N_ITEMS = 60, 40
-SMALL = ["--embedding-dim", "8", "--batch-size", "256", "--negatives", "32"]
-FAST = ["--provider", "cpu", "--threads", "1"]
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-    exception: BaseException | None
-
-
-def _invoke(*args: str | Path) -> Result:
-    result = runner.invoke(app, [str(a) for a in args])
-    return Result(result.exit_code, result.stdout, result.stderr, result.exception)
-
-
-def _preprocess(db: Path, *extra: str) -> None:
-    result = _invoke(
-        "preprocess",
-        "--dataset",
-        "synthetic",
-        "--users",
-        str(N_USERS),
-        "--items",
-        str(N_ITEMS),
-        "--ratings-per-user",
-        "12",
-        "--db",
-        db,
-        *extra,
-    )
-    assert result.code == 0, result.stderr
-
-
-def _rows(db: Path, sql: str, **params: Any) -> list[tuple[Any, ...]]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, params or None).fetchall()
-    finally:
-        con.close()
-
-
-def _tables(db: Path) -> set[str]:
-    return {row[0] for row in _rows(db, "SHOW TABLES")}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("trained")
-    db = root / "mf.duckdb"
-    _preprocess(db)
-    for extra in (["--objective", "rating", "--epochs", "2"], ["--on", "all"]):
-        result = _invoke(
-            "train", "--db", db, "--export-dir", root / "export", *SMALL, "--seed", "3", *extra
-        )
-        assert result.code == 0, result.stderr
-    return root
-
-
-@dataclass(frozen=True)
-class Workspace:
-    db: Path
-    validated: str  # run trained on the train split
-    refit: str  # the refit on train+val: the latest run
-    root: Path
-
-    def export_path(self, run_id: str) -> Path:
-        sql = "SELECT export_path FROM training_runs WHERE run_id = $r"
-        ((path,),) = _rows(self.db, sql, r=run_id)
-        # Recorded relative to the database's folder (so any working directory works).
-        assert not Path(path).is_absolute(), path
-        return self.root / path
-
-    def score(self, *args: str | Path) -> Result:
-        return _invoke("score", "--db", self.db, *FAST, *args)
-
-    def recommendations(self) -> list[tuple[Any, ...]]:
-        return _rows(
-            self.db,
-            "SELECT run_id, user_id, item_id, rank, score, predicted_rating, created_at, source "
-            "FROM recommendations ORDER BY user_id, rank",
-        )
-
-    def write_ids(self, name: str, ids: list[str]) -> Path:
-        path = self.root / name
-        path.write_text("# ids, one per line\n\n" + "\n".join(ids) + "\n", encoding="utf-8")
-        return path
-
-
-@pytest.fixture
-def ws(trained: Path, tmp_path: Path) -> Workspace:
-    root = tmp_path / "w"
-    shutil.copytree(trained, root)
-    db = root / "mf.duckdb"
-    con = duckdb.connect(str(db))
-    try:
-        (validated,), (refit,) = con.execute(
-            "SELECT run_id FROM training_runs ORDER BY data_seen = 'train+val'"
-        ).fetchall()
-    finally:
-        con.close()
-    return Workspace(db, validated, refit, root)
-
-
-def _ids(db: Path, table: str) -> dict[int, str]:
-    column = "user" if table == "users" else "item"
-    return dict(_rows(db, f"SELECT {column}_idx, {column}_id FROM {table}"))
-
-
-def _rated(db: Path, splits: tuple[str, ...]) -> dict[str, set[str]]:
-    """Raw item ids each raw user id rated in the given splits."""
-    rated: dict[str, set[str]] = defaultdict(set)
-    for user, item in _rows(
-        db,
-        "SELECT u.user_id, i.item_id FROM ratings r JOIN users u USING (user_idx) "
-        "JOIN items i USING (item_idx) WHERE list_contains($splits, r.split)",
-        splits=list(splits),
-    ):
-        rated[user].add(item)
-    return rated
-
-
-def _by_user(rows: list[tuple[Any, ...]]) -> dict[str, list[tuple[Any, ...]]]:
-    grouped: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
-    for row in rows:
-        grouped[row[1]].append(row)
-    return grouped
-
-
-def _check_lists(
-    ws: Workspace,
-    *,
-    run_id: str,
-    k: int,
-    excluded: dict[str, set[str]],
-    allowed: set[str] | None = None,
-    users: set[str] | None = None,
-) -> dict[str, list[tuple[Any, ...]]]:
-    """Every expected user has min(k, candidates) rows: ranked 1.., best first, valid ids."""
-    user_ids = set(_ids(ws.db, "users").values())
-    item_ids = set(_ids(ws.db, "items").values())
-    allowed = item_ids if allowed is None else allowed
-    grouped = _by_user(ws.recommendations())
-    assert set(grouped) == (user_ids if users is None else users)
-    for user, rows in grouped.items():
-        assert user in user_ids
-        candidates = allowed - excluded.get(user, set())
-        items = [r[2] for r in rows]
-        assert len(rows) == min(k, len(candidates)), user
-        assert set(items) <= candidates, (user, set(items) - candidates)
-        assert len(set(items)) == len(items)
-        assert [r[3] for r in rows] == list(range(1, len(rows) + 1))
-        scores = [r[4] for r in rows]
-        assert all(np.isfinite(scores)) and scores == sorted(scores, reverse=True)
-        assert {r[0] for r in rows} == {run_id}
-    return grouped
-
 
 # --- What a successful run writes --------------------------------------------------------------
 
@@ -194,7 +32,7 @@ def _check_lists(
 def test_score_writes_the_top_k_unrated_items_of_every_user(ws: Workspace) -> None:
     k = 30  # more than some users have left, fewer than others
     result = ws.score("--top-k", str(k), "--batch-size", "7")
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith(
         f"scored {N_USERS} users with run {ws.refit} (refit on train+val) on cpu"
     )
@@ -240,9 +78,9 @@ def test_score_writes_the_top_k_unrated_items_of_every_user(ws: Workspace) -> No
 
 
 def test_rescoring_replaces_the_table(ws: Workspace) -> None:
-    assert ws.score("--top-k", "5").code == 0
+    assert ws.score("--top-k", "5").exit_code == 0
     result = ws.score("--top-k", "3", "--run-id", ws.validated)
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     rows = ws.recommendations()
     assert {r[0] for r in rows} == {ws.validated}
     assert max(r[3] for r in rows) == 3
@@ -250,13 +88,13 @@ def test_rescoring_replaces_the_table(ws: Workspace) -> None:
 
 
 def test_users_file_updates_only_those_users(ws: Workspace) -> None:
-    assert ws.score("--top-k", "5").code == 0
+    assert ws.score("--top-k", "5").exit_code == 0
     before = _by_user(ws.recommendations())
     chosen = sorted(_ids(ws.db, "users").values())[5:8]
     result = ws.score(
         "--top-k", "4", "--run-id", ws.validated, "--users", ws.write_ids("users.txt", chosen)
     )
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith("scored 3 users")
     assert "updated for these users" in result.stdout
     after = _by_user(ws.recommendations())
@@ -274,7 +112,7 @@ def test_users_file_updates_only_those_users(ws: Workspace) -> None:
 def test_a_table_an_older_version_served_from_becomes_the_view(ws: Workspace) -> None:
     """Databases scored before `recommendations` was a view hold it as a table (no source
     column, no history): a `--users` update keeps everyone else's rows from that table."""
-    assert ws.score("--top-k", "5").code == 0
+    assert ws.score("--top-k", "5").exit_code == 0
     before = _by_user(ws.recommendations())
     con = duckdb.connect(str(ws.db))
     con.execute(
@@ -287,7 +125,7 @@ def test_a_table_an_older_version_served_from_becomes_the_view(ws: Workspace) ->
     con.close()
     chosen = sorted(_ids(ws.db, "users").values())[:2]
     result = ws.score("--top-k", "3", "--users", ws.write_ids("users.txt", chosen))
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     kinds = _rows(
         ws.db,
         "SELECT table_type FROM information_schema.tables WHERE table_name = 'recommendations'",
@@ -310,19 +148,19 @@ def test_include_and_exclude_items(ws: Workspace) -> None:
 
     excluded = item_ids[::3]
     result = ws.score("--top-k", "35", "--exclude-items", ws.write_ids("deny.txt", excluded))
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     _check_lists(ws, run_id=ws.refit, k=35, excluded=rated, allowed=set(item_ids) - set(excluded))
 
     included = item_ids[:9]
     result = ws.score("--top-k", "5", "--include-items", ws.write_ids("allow.txt", included))
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     grouped = _check_lists(ws, run_id=ws.refit, k=5, excluded=rated, allowed=set(included))
     assert any(len(rows) < 5 for rows in grouped.values())  # the allow list ran short
 
     allow = ws.write_ids("allow.txt", included)
     deny = ws.write_ids("deny.txt", included[:2])
     result = ws.score("--top-k", "5", "--include-items", allow, "--exclude-items", deny)
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     _check_lists(ws, run_id=ws.refit, k=5, excluded=rated, allowed=set(included[2:]))
 
 
@@ -331,11 +169,11 @@ def test_every_served_run_excludes_every_rated_item(ws: Workspace) -> None:
     run never trained get the popularity list, items it never trained are not offered."""
     k = N_ITEMS
     rated = _rated(ws.db, ("train", "val"))
-    assert ws.score("--top-k", str(k)).code == 0
+    assert ws.score("--top-k", str(k)).exit_code == 0
     _check_lists(ws, run_id=ws.refit, k=k, excluded=rated)
 
     result = ws.score("--top-k", str(k), "--run-id", ws.validated)
-    assert result.code == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     assert "(validated on train)" in result.stdout
     train_users = {u for (u,) in _rows(ws.db, "SELECT user_id FROM users WHERE n_train > 0")}
     untrained_items = {i for (i,) in _rows(ws.db, "SELECT item_id FROM items WHERE n_train = 0")}
@@ -357,8 +195,8 @@ def test_export_rewrites_model_onnx(ws: Workspace) -> None:
     path = ws.export_path(ws.validated) / "model.onnx"
     original = path.read_bytes()
     path.write_bytes(b"overwritten by something else")
-    result = _invoke("export", "--db", ws.db, "--run-id", ws.validated)
-    assert result.code == 0, result.stderr
+    result = cli("export", "--db", ws.db, "--run-id", ws.validated)
+    assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == f"exported {path}"
     onnx.checker.check_model(str(path), full_check=True)
     assert read_metadata(path)["run_id"] == ws.validated
@@ -366,271 +204,12 @@ def test_export_rewrites_model_onnx(ws: Workspace) -> None:
     assert not list(path.parent.glob("*.part"))
 
     path.unlink()  # a lost file comes back too, and scores again
-    assert _invoke("export", "--db", ws.db, "--run-id", ws.validated).code == 0
+    assert cli("export", "--db", ws.db, "--run-id", ws.validated).exit_code == 0
     assert path.is_file()
-    assert ws.score("--top-k", "3", "--run-id", ws.validated).code == 0
+    assert ws.score("--top-k", "3", "--run-id", ws.validated).exit_code == 0
 
     latest = ws.export_path(ws.refit) / "model.onnx"
     latest.unlink()
-    result = _invoke("export", "--db", ws.db)
-    assert result.code == 0 and result.stdout.strip() == f"exported {latest}"
+    result = cli("export", "--db", ws.db)
+    assert result.exit_code == 0 and result.stdout.strip() == f"exported {latest}"
     assert read_metadata(latest)["run_id"] == ws.refit
-
-
-# --- Staging and swap: a failed run leaves the previous table as it was --------------------
-
-
-def _fail_on_second_batch(
-    monkeypatch: pytest.MonkeyPatch, error: BaseException
-) -> Callable[[], int]:
-    real = mfbatch.serving.engines.to_arrow
-    calls = 0
-
-    def faulty(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise error
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mfbatch.serving.engines, "to_arrow", faulty)
-    return lambda: calls
-
-
-@pytest.mark.parametrize(
-    ("error", "code", "line"),
-    [
-        (OSError(28, "No space left on device"), 4, "error: writing recommendations beside"),
-        (KeyboardInterrupt(), 130, "interrupted: nothing was changed"),
-    ],
-)
-def test_a_run_failing_half_way_changes_nothing(
-    ws: Workspace, monkeypatch: pytest.MonkeyPatch, error: BaseException, code: int, line: str
-) -> None:
-    assert ws.score("--top-k", "5").code == 0
-    before = ws.recommendations()
-    tables = _tables(ws.db)
-
-    calls = _fail_on_second_batch(monkeypatch, error)
-    result = ws.score("--top-k", "3", "--run-id", ws.validated, "--batch-size", "10")
-    assert calls() == 2  # it did fail half-way, after a batch had been spooled
-    assert result.code == code, (result.stdout, result.stderr, result.exception)
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = [s for s in result.stderr.splitlines() if s.strip()]
-    assert lines[0].startswith(f"serving run {ws.validated} (validated on train"), lines
-    # Progress lines of the batch that got through, then the one error line.
-    assert all(s.startswith("score: ") for s in lines[1:-1]), lines
-    assert lines[-1].startswith(line), lines
-    assert result.stdout == ""
-
-    assert ws.recommendations() == before
-    assert _tables(ws.db) == tables
-    assert not list(ws.root.glob(".mfbatch-score-*"))
-
-
-def test_a_failure_while_publishing_is_rolled_back(
-    ws: Workspace, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert ws.score("--top-k", "5").code == 0
-    before = ws.recommendations()
-    tables = _tables(ws.db)
-    real = mfbatch.store.db.run
-
-    def faulty(con: Any, name: str, **params: Any) -> Any:
-        if name == "serve_newest_publish":  # after the lists were written
-            raise duckdb.IOException("IO Error: could not write file: No space left on device")
-        return real(con, name, **params)
-
-    monkeypatch.setattr(mfbatch.store.db, "run", faulty)
-    result = ws.score("--top-k", "3", "--run-id", ws.validated)
-    monkeypatch.undo()
-    assert result.code == 4, (result.stderr, result.exception)
-    last = [s for s in result.stderr.splitlines() if s.strip()][-1]
-    assert last.startswith("error: writing recommendations into") and "rolled back" in last
-    assert ws.recommendations() == before
-    assert not list(ws.root.glob(".mfbatch-score-*"))
-    assert _tables(ws.db) == tables  # no recommendations_staging left behind
-    assert ws.score("--top-k", "2").code == 0
-    assert max(r[3] for r in ws.recommendations()) == 2
-
-
-def test_a_failure_while_staging_is_a_one_line_error(
-    ws: Workspace, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert ws.score("--top-k", "5").code == 0
-    before = ws.recommendations()
-    tables = _tables(ws.db)
-    real = mfbatch.store.db.run
-
-    def faulty(con: Any, name: str, **params: Any) -> Any:
-        if name == "insert_publish":  # e.g. the disk fills while copying
-            raise duckdb.IOException("IO Error: could not write file: No space left on device")
-        return real(con, name, **params)
-
-    monkeypatch.setattr(mfbatch.store.db, "run", faulty)
-    result = ws.score("--top-k", "3")
-    monkeypatch.undo()
-    assert result.code == 4, (result.stderr, result.exception)
-    assert "Traceback" not in result.stdout + result.stderr
-    last = [s for s in result.stderr.splitlines() if s.strip()][-1]
-    assert last.startswith("error: writing recommendations into") and "rolled back" in last
-    assert ws.recommendations() == before
-    assert _tables(ws.db) == tables
-    assert not list(ws.root.glob(".mfbatch-score-*"))
-
-
-def test_a_stale_staging_table_is_dropped_by_the_next_run(ws: Workspace) -> None:
-    con = duckdb.connect(str(ws.db))
-    con.execute("CREATE TABLE recommendations_staging AS SELECT 1 AS junk")
-    con.close()
-    result = ws.score("--top-k", "4")
-    assert result.code == 0, result.stderr
-    assert "recommendations_staging" not in _tables(ws.db)
-    _check_lists(ws, run_id=ws.refit, k=4, excluded=_rated(ws.db, ("train", "val")))
-
-
-# --- Bad input: one line, non-zero exit, nothing changed ------------------------------------
-
-
-def _one_line_error(result: Result, code: int, *needles: str) -> str:
-    assert result.code == code, (result.code, result.stdout, result.stderr, result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.stdout + result.stderr
-    assert result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-@pytest.fixture
-def scored(ws: Workspace) -> tuple[Workspace, list[tuple[Any, ...]]]:
-    """A workspace whose recommendations table is already filled, and its rows."""
-    assert ws.score("--top-k", "5").code == 0
-    return ws, ws.recommendations()
-
-
-@pytest.mark.parametrize(
-    "change",
-    [["--split", "random", "--seed", "7"], ["--data-seed", "99"]],
-    ids=["other-split", "other-data"],
-)
-def test_model_of_another_dataset(
-    scored: tuple[Workspace, list[tuple[Any, ...]]], change: list[str]
-) -> None:
-    ws, before = scored
-    _preprocess(ws.db, *change)
-    message = _one_line_error(ws.score("--top-k", "5"), 5, "was trained on dataset", "train again")
-    assert str(ws.db) in message
-    assert ws.recommendations() == before
-
-
-def test_top_k_larger_than_the_catalogue(scored: tuple[Workspace, list[tuple[Any, ...]]]) -> None:
-    ws, before = scored
-    _one_line_error(ws.score("--top-k", str(N_ITEMS + 1)), 2, "--top-k", f"{N_ITEMS}")
-    _one_line_error(ws.score("--top-k", "0"), 2, "--top-k")
-    assert ws.recommendations() == before
-
-
-def test_unknown_ids_in_files(scored: tuple[Workspace, list[tuple[Any, ...]]]) -> None:
-    ws, before = scored
-    known = sorted(_ids(ws.db, "users").values())[:2]
-    users = ws.write_ids("users.txt", [*known, "no-such-user", "ghost"])
-    _one_line_error(ws.score("--users", users), 3, "--users", "2 id(s)", "'no-such-user'")
-    items = ws.write_ids("items.txt", ["no-such-item"])
-    _one_line_error(ws.score("--include-items", items), 3, "--include-items", "'no-such-item'")
-    _one_line_error(ws.score("--exclude-items", items), 3, "--exclude-items", "'no-such-item'")
-    _one_line_error(ws.score("--users", ws.root / "absent.txt"), 3, "--users", "does not exist")
-    empty = ws.root / "empty.txt"
-    empty.write_text("# nothing\n\n")
-    _one_line_error(ws.score("--users", empty), 3, "--users", "no ids")
-    assert ws.recommendations() == before
-
-
-def test_missing_or_corrupt_model_file(scored: tuple[Workspace, list[tuple[Any, ...]]]) -> None:
-    ws, before = scored
-    path = ws.export_path(ws.refit) / "model.onnx"
-    path.unlink()
-    _one_line_error(ws.score(), 5, str(path), "does not exist", "mfbatch export")
-    path.write_bytes(b"\x08\x07 truncated")
-    _one_line_error(ws.score(), 5, str(path))
-    assert ws.recommendations() == before
-
-
-def test_unknown_run_id(scored: tuple[Workspace, list[tuple[Any, ...]]]) -> None:
-    ws, before = scored
-    _one_line_error(ws.score("--run-id", "19990101-000000-000000"), 2, "--run-id", "19990101")
-    _one_line_error(
-        _invoke("export", "--db", ws.db, "--run-id", "19990101-000000-000000"), 2, "--run-id"
-    )
-    assert ws.recommendations() == before
-
-
-def test_no_training_runs(tmp_path: Path) -> None:
-    db = tmp_path / "fresh.duckdb"
-    _preprocess(db)
-    before = _tables(db)
-    _one_line_error(_invoke("score", "--db", db, *FAST), 4, "no training runs", "mfbatch train")
-    _one_line_error(_invoke("export", "--db", db), 4, "no training runs", "mfbatch train")
-    assert _tables(db) == before
-    assert not list(tmp_path.glob(".mfbatch-score-*"))
-
-
-def test_missing_database(tmp_path: Path) -> None:
-    _one_line_error(_invoke("score", "--db", tmp_path / "nope.duckdb"), 4, "does not exist")
-    assert not (tmp_path / "nope.duckdb").exists()
-
-
-@pytest.mark.skipif(_gpu_present(), reason="checks the message on a machine without a GPU")
-def test_cuda_provider_on_a_cpu_only_machine(
-    scored: tuple[Workspace, list[tuple[Any, ...]]],
-) -> None:
-    ws, before = scored
-    result = _invoke("score", "--db", ws.db, "--provider", "cuda")
-    _one_line_error(result, 2, "--provider cuda", "--provider cpu")
-    _one_line_error(_invoke("score", "--db", ws.db, "--provider", "tpu"), 2, "--provider")
-    assert ws.recommendations() == before
-
-
-def test_no_room_for_the_spool(
-    scored: tuple[Workspace, list[tuple[Any, ...]]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    ws, before = scored
-
-    def read_only(*args: Any, **kwargs: Any) -> str:
-        raise OSError(30, "Read-only file system")
-
-    monkeypatch.setattr(mfbatch.store.workdirs.tempfile, "mkdtemp", read_only)
-    result = ws.score("--top-k", "3")
-    monkeypatch.undo()
-    assert result.code == 4, (result.stderr, result.exception)
-    last = [s for s in result.stderr.splitlines() if s.strip()][-1]
-    assert last.startswith("error: ") and "Read-only file system" in last, result.stderr
-    assert ws.recommendations() == before
-
-
-def test_runs_table_without_a_usable_run(
-    scored: tuple[Workspace, list[tuple[Any, ...]]],
-) -> None:
-    ws, before = scored
-    con = duckdb.connect(str(ws.db))
-    con.execute("UPDATE training_runs SET status = 'diverged'")
-    con.close()
-    _one_line_error(ws.score(), 4, "no usable training run", "mfbatch train")
-    assert ws.recommendations() == before
-
-
-@pytest.mark.parametrize("damage", ["missing", "corrupt"])
-def test_export_without_readable_weights(ws: Workspace, damage: str) -> None:
-    weights = ws.export_path(ws.validated) / "model.pt"
-    if damage == "missing":
-        weights.unlink()
-    else:
-        weights.write_bytes(b"PK\x03\x04 not a torch archive")
-    onnx_file = weights.parent / "model.onnx"
-    original = onnx_file.read_bytes()
-    result = _invoke("export", "--db", ws.db, "--run-id", ws.validated)
-    _one_line_error(result, 5, str(weights.parent))
-    assert onnx_file.read_bytes() == original

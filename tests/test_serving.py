@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,58 +20,21 @@ import numpy as np
 import onnx
 import polars as pl
 import pytest
+from conftest import assert_error_last, cli, ok, rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
-from typer.testing import CliRunner
 
 from mfbatch.artifact.files import read_metadata
 from mfbatch.artifact.graph import build_graph
-from mfbatch.cli import app
 from mfbatch.errors import DatabaseError
 from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.lists import ListPlan, build_lists, popularity_top_k
 from mfbatch.serving.spool import SPOOL_PREFIX
 from mfbatch.store import db
 
-runner = CliRunner()
 SMALL = ["--embedding-dim", "8", "--batch-size", "256", "--negatives", "32", "--epochs", "3"]
 CONFIG_ERROR, INPUT_ERROR, DATABASE_ERROR, MODEL_ERROR = 2, 3, 4, 5
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-    exception: BaseException | None
-
-
-def cli(*args: str | Path) -> Result:
-    result = runner.invoke(app, [str(a) for a in args])
-    return Result(result.exit_code, result.stdout, result.stderr, result.exception)
-
-
-def ok(result: Result) -> Result:
-    assert result.code == 0, (result.stdout, result.stderr, result.exception)
-    return result
-
-
-def one_line_error(result: Result, code: int, *needles: str) -> str:
-    assert result.code == code, (result.code, result.stdout, result.stderr, result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), lines
-    assert sum(line.startswith("error: ") for line in lines) == 1
-    for needle in needles:
-        assert needle in lines[-1], (needle, lines[-1])
-    return lines[-1]
-
-
-def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
-    with duckdb.connect(str(path), read_only=True) as con:
-        return con.execute(sql).fetchall()
 
 
 def table_rows(path: Path, table: str) -> list[tuple[Any, ...]]:
@@ -193,7 +155,9 @@ def test_swapped_columns_make_the_old_model_refused(tmp_path: Path) -> None:
     ok(cli("score", "--db", path))
     before = table_rows(path, "recommendations")
     ok(cli("preprocess", *columns, "--user-col", "b", "--item-col", "a", "--db", path))
-    one_line_error(cli("score", "--db", path), MODEL_ERROR, "was trained on dataset", "train again")
+    assert_error_last(
+        cli("score", "--db", path), MODEL_ERROR, "was trained on dataset", "train again"
+    )
     assert table_rows(path, "recommendations") == before
 
 
@@ -207,7 +171,7 @@ def test_empty_lists_are_refused(trained: Path, tmp_path: Path) -> None:
     )
     allow = tmp_path / "allow.txt"
     allow.write_text(f"{item}\n")
-    message = one_line_error(
+    message = assert_error_last(
         cli("score", "--db", trained, "--include-items", allow), CONFIG_ERROR, "empty list"
     )
     assert "nothing was published" in message
@@ -224,7 +188,7 @@ def test_model_tables_with_nan_are_refused(trained: Path) -> None:
     tables["U_aug"][3, 0] = np.nan
     metadata = read_metadata(path)
     onnx.save_model(build_graph(tables["U_aug"], tables["V_aug_t"], metadata), str(path))
-    one_line_error(cli("score", "--db", trained), MODEL_ERROR, "NaN/inf", "train again")
+    assert_error_last(cli("score", "--db", trained), MODEL_ERROR, "NaN/inf", "train again")
     assert table_rows(trained, "recommendations") == before
 
 
@@ -233,15 +197,17 @@ def test_users_file_that_is_not_utf8(trained: Path, tmp_path: Path) -> None:
     before = table_rows(trained, "recommendations")
     users = tmp_path / "users.txt"
     users.write_bytes(b"1\n2\n\xff\xfe3\n")
-    one_line_error(
+    assert_error_last(
         cli("score", "--db", trained, "--users", users), INPUT_ERROR, "--users", "line 3", "UTF-8"
     )
     assert table_rows(trained, "recommendations") == before
 
 
 def test_absurd_thread_counts_are_refused(trained: Path) -> None:
-    one_line_error(cli("score", "--db", trained, "--threads", "100000"), CONFIG_ERROR, "--threads")
-    one_line_error(
+    assert_error_last(
+        cli("score", "--db", trained, "--threads", "100000"), CONFIG_ERROR, "--threads"
+    )
+    assert_error_last(
         cli("evaluate", "--db", trained, "--threads", "100000"), CONFIG_ERROR, "--threads"
     )
 
@@ -304,7 +270,7 @@ def test_locked_database_is_refused_before_the_work(
     trained: Path, held: subprocess.Popen[str], command: str
 ) -> None:
     extra = ["--export-dir", trained.parent / "export", *SMALL] if command == "train" else []
-    message = one_line_error(
+    message = assert_error_last(
         cli(command, "--db", trained, *extra), DATABASE_ERROR, "locked by another process"
     )
     assert f"PID {held.pid}" in message
@@ -331,7 +297,9 @@ def immutable(trained: Path) -> Iterator[Path]:
 def test_read_only_database_is_refused_before_the_work(immutable: Path, command: str) -> None:
     before = table_rows(immutable, "recommendations")
     extra = ["--export-dir", immutable.parent / "export", *SMALL] if command == "train" else []
-    one_line_error(cli(command, "--db", immutable, *extra), DATABASE_ERROR, "could not be opened")
+    assert_error_last(
+        cli(command, "--db", immutable, *extra), DATABASE_ERROR, "could not be opened"
+    )
     assert len(list((immutable.parent / "export").iterdir())) == 2
     assert table_rows(immutable, "recommendations") == before
 
@@ -375,7 +343,7 @@ def test_wrong_types_in_the_config_are_refused_before_any_work(
     config = tmp_path / "bad.toml"
     config.write_text(toml)
     before = {t: table_rows(trained, t) for t in ("training_runs", "recommendations")}
-    one_line_error(
+    assert_error_last(
         cli(command, "--db", trained, "--config", config), CONFIG_ERROR, str(config), needle
     )
     assert {t: table_rows(trained, t) for t in before} == before
@@ -410,7 +378,7 @@ def test_timestamps_are_read_or_refused(
         years = {row[0].year for row in rows(path, "SELECT ts FROM ratings")}
         assert years == {2023}
     else:
-        one_line_error(cli(*args), INPUT_ERROR, str(source), "column timestamp", outcome)
+        assert_error_last(cli(*args), INPUT_ERROR, str(source), "column timestamp", outcome)
         assert not path.exists()
 
 
@@ -424,7 +392,7 @@ def test_strings_in_a_parquet_time_column(tmp_path: Path) -> None:
             "ts": ["a", "b", "c"],
         }
     ).write_parquet(source)
-    one_line_error(
+    assert_error_last(
         cli(
             "preprocess", "--dataset", "parquet", "--source", source, "--time-col", "ts",
             "--db", tmp_path / "p.duckdb",
@@ -449,7 +417,7 @@ def test_rating_scales_that_are_not_finite(tmp_path: Path, flags: list[str], nee
     source.write_text("user_id,item_id,rating,timestamp\n1,1,1e308,1\n2,1,-1e308,2\n1,2,4,3\n")
     args = ["preprocess", "--dataset", "csv", "--source", source, "--db", tmp_path / "s.duckdb"]
     code = CONFIG_ERROR if flags else INPUT_ERROR
-    one_line_error(cli(*args, *flags), code, needle)
+    assert_error_last(cli(*args, *flags), code, needle)
     assert not (tmp_path / "s.duckdb").exists()
 
 

@@ -1,6 +1,6 @@
 """Fold-in speed: new users served by `mfbatch score` without retraining.
 
-    python tests/bench/bench_foldin_speed.py [--base-users 10000] [--new-users 10000]
+    python benchmarks/bench_foldin_speed.py [--base-users 10000] [--new-users 10000]
                                              [--items 20000] [--dim 64] [--seen 100]
                                              [--repeats 3]
 

@@ -1,6 +1,6 @@
 """Fold-in quality, strong generalization: users the model never saw, served without retraining.
 
-    python tests/bench/bench_foldin.py ../shared/data/ml-100k.zip [--work DIR] [--k 20]
+    python benchmarks/bench_foldin.py ../shared/data/ml-100k.zip [--work DIR] [--k 20]
 
 ML-100K, 10% of users held out entirely (seeded). The rest are preprocessed
 (`--split user-time --val-fraction 0.2`) and trained with the default settings, then

@@ -1,6 +1,6 @@
 """The sampled softmax against the full one, and the sampled plan's batch size, on one split.
 
-    python tests/bench/bench_sampled.py DB [--seeds 0,1,2] [--threads 1] [--epochs N]
+    python benchmarks/bench_sampled.py DB [--seeds 0,1,2] [--threads 1] [--epochs N]
                                         [--eval-users N] [--variants 'LABEL=JSON;...']
 
 Every variant trains blind (its whole epoch budget, validation never read) from the same
@@ -15,7 +15,7 @@ dense Adam).
 The default variants make README's "Full vs sampled softmax" table (ML-100K user-time
 0.2, user exponent 0). The synthetic guard of the big-catalogue plan:
 
-    python tests/bench/bench_sampled.py syn.duckdb --seeds 0 --epochs 20 --eval-users 10000 \
+    python benchmarks/bench_sampled.py syn.duckdb --seeds 0 --epochs 20 --eval-users 10000 \
         --variants 'plan={};1000 users a step={"SAMPLED_STEPS": 100};128 users a step=
         {"SAMPLED_STEPS": 1000000000}'
 

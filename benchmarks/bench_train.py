@@ -1,8 +1,8 @@
 """Training throughput: mfbatch's device-resident loop vs the design's per-sample DataLoader,
 and the wall time of one epoch at 100k users x 20k items.
 
-    python tests/bench/bench_train.py [--ratings 1000000] [--device cpu|cuda] [--out FILE]
-    python tests/bench/bench_train.py --epoch [--users 100000] [--items 20000]
+    python benchmarks/bench_train.py [--ratings 1000000] [--device cpu|cuda] [--out FILE]
+    python benchmarks/bench_train.py --epoch [--users 100000] [--items 20000]
                                       [--ratings-per-user 89] [--full-steps 20]
 
 Default mode: both loops train the same MatrixFactorization with the same batch size,

@@ -20,7 +20,7 @@ and imports included) and the peak RSS of that process (VmHWM, which the process
 from /proc/self/status at exit; ru_maxrss would carry this script's own RSS over exec).
 Figures are medians over --repeats. Targets are reported as PASS / MISS, never asserted.
 
-    python tests/bench/bench_preprocess.py --out bench-results/preprocess.json [--quick]
+    python benchmarks/bench_preprocess.py --out bench-results/preprocess.json [--quick]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ML1M_ROWS = 1_000_209
 ML1M_USERS = 6_040
 ML1M_ITEMS = 3_706  # movies with at least one rating in the real release

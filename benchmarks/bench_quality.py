@@ -1,6 +1,6 @@
 """Ranking quality of the default pipeline beside popularity, EASE and implicit's ALS.
 
-    python tests/bench/bench_quality.py DB [--k 20] [--seeds 0,1,2] [--lambdas ...]
+    python benchmarks/bench_quality.py DB [--k 20] [--seeds 0,1,2] [--lambdas ...]
                                         [--recency-peers 0.1,0.2,0.5] [--out FILE]
 
 DB is a database made by `mfbatch preprocess` (e.g. ML-100K with `--split user-time

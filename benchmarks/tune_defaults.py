@@ -1,6 +1,6 @@
 """How the training defaults were chosen: a grid on an INNER split carved from train.
 
-    python tests/bench/tune_defaults.py DB [--inner user-time|random] [--fraction 0.2]
+    python benchmarks/tune_defaults.py DB [--inner user-time|random] [--fraction 0.2]
                                         [--grid JSON] [--seeds 0] [--objective softmax]
 
 The outer validation split of DB is never read: each user's newest `--fraction` of their

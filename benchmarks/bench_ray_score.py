@@ -1,6 +1,6 @@
 """`score --engine ray` (Ray local mode) vs the default engine, cold and warm, peak memory.
 
-    python tests/bench/bench_ray_score.py [--users 200000] [--items 20000] [--dim 64]
+    python benchmarks/bench_ray_score.py [--users 200000] [--items 20000] [--dim 64]
                                           [--seen 100] [--workers 2] [--out FILE]
 
 One synthetic database and model (bench_score.build_database). Each engine runs in its

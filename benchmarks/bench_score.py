@@ -1,6 +1,6 @@
 """Scoring speed: the `mfbatch score` core vs numpy and vs a bare ONNX Runtime floor.
 
-    python tests/bench/bench_score.py [--users 100000] [--items 20000] [--dim 64]
+    python benchmarks/bench_score.py [--users 100000] [--items 20000] [--dim 64]
                                       [--seen 100] [--repeats 3] [--out FILE]
 
 One synthetic model (random weights; speed does not depend on them), ~`--seen` rated items

@@ -1,6 +1,6 @@
 """Torch CPU threads vs a busy core: why `train --threads` defaults to the idle cores.
 
-    python tests/bench/bench_threads.py [--users 8000] [--items 1700] [--steps 50] [--repeats 3]
+    python benchmarks/bench_threads.py [--users 8000] [--items 1700] [--steps 50] [--repeats 3]
 
 One fixed workload (default softmax steps on synthetic data) timed with 1 thread and with
 all cores, first as the machine is, then with one core kept busy by a spinning child

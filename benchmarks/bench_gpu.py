@@ -1,6 +1,6 @@
 """GPU figures: scoring on CUDA (ORT's CUDA provider vs the torch GPU floor) and training.
 
-    python tests/bench/bench_gpu.py [--users 1000000] [--items 100000] [--dim 64]
+    python benchmarks/bench_gpu.py [--users 1000000] [--items 100000] [--dim 64]
                                     [--seen 93] [--ml100k PATH/u.data] [--out FILE]
 
 Needs only torch (with CUDA) and numpy: the GPU machine may have no package registry and
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 K = 20
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def import_mfbatch() -> None:

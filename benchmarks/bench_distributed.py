@@ -4,7 +4,7 @@ Each configuration runs `--repeats` times through the CLI in a subprocess, alter
 so both see the same machine load; reports the median wall time, the fit time the run
 records, peak RSS (largest single process) and the validation Recall/NDCG@20.
 
-    python tests/bench/bench_distributed.py --db ml100k.duckdb --nproc 1 2 --repeats 3
+    python benchmarks/bench_distributed.py --db ml100k.duckdb --nproc 1 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(db: Path, nproc: int, extra: list[str]) -> dict[str, object]:

@@ -1,13 +1,9 @@
-"""The scoring core (Scorer, SeenItems) against plain numpy/Python oracles.
-
-Real ONNX graphs, built by mfbatch.artifact.graph from random float tables (so ties are
-improbable) or exported from random MF modules, run by ONNX Runtime on the CPU.
+"""ONNX Runtime top-K against a numpy oracle: SeenItems, the graphs' top-K with allow lists
+and seen items, batches, and every path to the spool (graph, batch size, writer thread).
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,62 +11,19 @@ import numpy as np
 import onnx
 import pyarrow as pa
 import pytest
-import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from inference_oracle import PROPERTY, _mask, _scorer, _seen, _tables
 
-from mfbatch.artifact.files import export_model
 from mfbatch.artifact.graph import build_graph
-from mfbatch.errors import ConfigError, ModelError
-from mfbatch.serving.csr import SeenItems
-from mfbatch.serving.lists import ListBatch, ListPlan, build_lists, to_arrow, with_rating
-from mfbatch.serving.session import FAST_CPU_BATCH_MB, Scorer, _gpu_present
+from mfbatch.serving.lists import ListBatch, ListPlan, build_lists, to_arrow
+from mfbatch.serving.session import FAST_CPU_BATCH_MB, Scorer
 from mfbatch.serving.spool import Spooler
-from mfbatch.training.model import MatrixFactorization, ModelShape
 
-PROPERTY = settings(
-    max_examples=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 TIE = 1e-5  # scores closer than this may come back in either order
 
 
-@pytest.fixture(scope="module")
-def graphs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A folder for the graphs the tests write (module scoped, so hypothesis may use it)."""
-    yield tmp_path_factory.mktemp("graphs")
-
-
-def _tables(
-    rng: np.random.Generator, n_users: int, n_items: int, width: int
-) -> tuple[np.ndarray, np.ndarray]:
-    users = rng.normal(size=(n_users, width)).astype(np.float32)
-    items_t = rng.normal(size=(width, n_items)).astype(np.float32)
-    return users, items_t
-
-
 GRAPHS = ("split", "whole")  # every path that can run on this machine, one oracle
-
-
-def _scorer(
-    folder: Path, users_aug: np.ndarray, items_aug_t: np.ndarray, graph: str = "split"
-) -> Scorer:
-    path = folder / "tables.onnx"
-    meta = {"n_users": users_aug.shape[0], "n_items": items_aug_t.shape[1]}
-    onnx.save_model(build_graph(users_aug, items_aug_t, meta), str(path))
-    return Scorer(path, provider="cpu", threads=1, graph=graph)
-
-
-def _seen(per_user: list[list[int]]) -> SeenItems:
-    """CSR from per-user item lists, the way score.py builds it from DuckDB (int32 columns)."""
-    users = np.array([u for u, items in enumerate(per_user) for _ in items], dtype=np.int32)
-    items = np.array([i for row in per_user for i in row], dtype=np.int32)
-    return SeenItems.from_sorted(users, items, len(per_user))
-
-
-def _mask(allowed: list[bool]) -> np.ndarray:
-    return np.where(np.array(allowed, dtype=bool), 0.0, -np.inf).astype(np.float32)
 
 
 def _oracle(
@@ -344,176 +297,3 @@ def test_a_failure_on_the_writer_thread_reaches_the_caller(graphs: Path, tmp_pat
     spooler.stop()
     assert info.value is error and calls == 2
     assert not spooler._thread.is_alive()
-
-
-# --- Properties of the published rows, at the Scorer level -----------------------------------
-
-
-@st.composite
-def _problems(draw: st.DrawFn) -> dict[str, Any]:
-    n_users = draw(st.integers(1, 6))
-    n_items = draw(st.integers(1, 12))
-    return {
-        "n_users": n_users,
-        "n_items": n_items,
-        "dim": draw(st.integers(1, 4)),
-        "batch_norm": draw(st.booleans()),
-        "seed": draw(st.integers(0, 2**31 - 1)),
-        "per_user": [
-            sorted(draw(st.sets(st.integers(0, n_items - 1), max_size=n_items)))
-            for _ in range(n_users)
-        ],
-        "allowed": draw(st.lists(st.booleans(), min_size=n_items, max_size=n_items)),
-        "k": draw(st.integers(1, n_items)),
-        "batch": draw(
-            st.permutations(range(n_users)).flatmap(
-                lambda p: st.integers(1, len(p)).map(lambda n: list(p[:n]))
-            )
-        ),
-        "objective": draw(st.sampled_from(["rating", "ranking"])),
-    }
-
-
-def _random_model(problem: dict[str, Any]) -> MatrixFactorization:
-    torch.manual_seed(problem["seed"])
-    model = MatrixFactorization(
-        ModelShape(
-            n_users=problem["n_users"],
-            n_items=problem["n_items"],
-            dim=problem["dim"],
-            dropout=0.1,
-            batch_norm=problem["batch_norm"],
-        ),
-        init_std=1.0,
-    )
-    with torch.no_grad():
-        for table in (model.user_bias.weight, model.item_bias.weight, model.global_bias):
-            table.normal_(0.5, 0.3)
-    if problem["batch_norm"] and problem["n_users"] > 1 and problem["n_items"] > 1:
-        model.train()
-        model(
-            torch.arange(problem["n_users"]), torch.arange(problem["n_users"]) % problem["n_items"]
-        )
-    model.eval()
-    return model
-
-
-@PROPERTY
-@given(problem=_problems())
-def test_published_rows_are_unseen_allowed_ranked_and_complete(
-    graphs: Path, problem: dict[str, Any]
-) -> None:
-    model = _random_model(problem)
-    manifest = {
-        "run_id": "run-x",
-        "dataset_sha256": "0" * 64,
-        "data_seen": "train",
-        "rating_min": 1.0,
-        "rating_max": 5.0,
-        "objective": problem["objective"],
-    }
-    folder = graphs / "property"
-    folder.mkdir(exist_ok=True)
-    scorer = Scorer(export_model(model, manifest, folder), provider="cpu", threads=1)
-    per_user, allowed, k = problem["per_user"], problem["allowed"], problem["k"]
-    seen = _seen(per_user)
-    mask = _mask(allowed)
-    users = np.array(problem["batch"], dtype=np.int64)
-    items, scores = scorer.top_k(users, seen, mask, k)
-    lists = ListBatch(users, items, scores, np.ones(len(users), dtype=bool))
-    # run_id and created_at are constants the publishing query adds (tested in the CLI tests).
-    table = with_rating(
-        to_arrow(
-            lists,
-            pa.array([f"user-{u}" for u in range(problem["n_users"])], pa.string()),
-            pa.array([f"item-{i}" for i in range(problem["n_items"])], pa.string()),
-        ),
-        problem["objective"],
-        1.0,
-        5.0,
-    ).to_pylist()
-    with torch.no_grad():
-        truth = {
-            (u, i): float(model(torch.tensor([u]), torch.tensor([i])))
-            for u in problem["batch"]
-            for i in range(problem["n_items"])
-        }
-    for user in range(problem["n_users"]):
-        rows = [r for r in table if r["user_id"] == f"user-{user}"]
-        if user not in problem["batch"]:
-            assert rows == []
-            continue
-        candidates = {i for i in range(problem["n_items"]) if allowed[i]} - set(per_user[user])
-        recommended = [int(r["item_id"].removeprefix("item-")) for r in rows]
-        assert len(rows) == min(k, len(candidates))
-        assert set(recommended) <= candidates  # never seen, never denied
-        assert len(set(recommended)) == len(recommended)
-        assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
-        row_scores = [r["score"] for r in rows]
-        assert all(np.isfinite(row_scores))
-        assert all(a >= b for a, b in itertools.pairwise(row_scores))
-        # The score is the model's prediction, and no better candidate was passed over.
-        for item, value in zip(recommended, row_scores, strict=True):
-            assert value == pytest.approx(truth[(user, item)], abs=1e-5)
-        left_out = candidates - set(recommended)
-        if rows and left_out:
-            assert max(truth[(user, i)] for i in left_out) <= row_scores[-1] + 1e-5
-        for r in rows:
-            if problem["objective"] == "rating":
-                expected = min(max(r["score"], 0.0), 1.0) * 4.0 + 1.0
-                assert r["predicted_rating"] == pytest.approx(expected)
-                assert 1.0 <= r["predicted_rating"] <= 5.0
-            else:
-                assert r["predicted_rating"] is None
-
-
-# --- Session set-up ---------------------------------------------------------------------------
-
-
-def test_scorer_reports_the_cpu_provider_and_threads(graphs: Path) -> None:
-    users_aug, items_aug_t = _tables(np.random.default_rng(0), 2, 3, 2)
-    scorer = _scorer(graphs, users_aug, items_aug_t)
-    assert scorer.provider == "cpu (1 thread)"
-    assert scorer.warnings == []
-
-
-def test_unknown_provider_missing_and_corrupt_files(graphs: Path, tmp_path: Path) -> None:
-    users_aug, items_aug_t = _tables(np.random.default_rng(0), 2, 3, 2)
-    good = _scorer(graphs, users_aug, items_aug_t).path
-    with pytest.raises(ConfigError, match="--provider"):
-        Scorer(good, provider="tpu")
-    with pytest.raises(ModelError, match="does not exist"):
-        Scorer(tmp_path / "model.onnx", provider="cpu")
-    corrupt = tmp_path / "corrupt.onnx"
-    corrupt.write_bytes(good.read_bytes()[:100])
-    with pytest.raises(ModelError, match="could not be loaded by ONNX Runtime") as info:
-        Scorer(corrupt, provider="cpu")
-    assert "\n" not in str(info.value).strip()
-
-
-@pytest.mark.skipif(_gpu_present(), reason="checks the message on a machine without a GPU")
-def test_cuda_requested_on_a_cpu_only_machine(graphs: Path) -> None:
-    users_aug, items_aug_t = _tables(np.random.default_rng(0), 2, 3, 2)
-    good = _scorer(graphs, users_aug, items_aug_t).path
-    with pytest.raises(ConfigError, match="--provider cuda") as info:
-        Scorer(good, provider="cuda")
-    assert "--provider cpu" in str(info.value)
-    auto = Scorer(good, provider="auto", threads=2)
-    assert auto.provider == "cpu (2 threads)"
-
-
-@pytest.mark.parametrize(
-    ("n_items", "memory_mb", "expected"),
-    # The CPU path keeps one float32 score row per user in flight; past FAST_CPU_BATCH_MB
-    # of them a bigger batch is slower, so a larger budget does not make the batch larger.
-    [
-        (100_000, 512, (FAST_CPU_BATCH_MB << 20) // (100_000 * 4)),
-        (100_000, 64, (64 << 20) // (100_000 * 4)),
-        (10, 512, 16384),
-        (10**9, 16, 1),
-    ],
-)
-def test_auto_batch_size(graphs: Path, n_items: int, memory_mb: int, expected: int) -> None:
-    users_aug, items_aug_t = _tables(np.random.default_rng(0), 2, 3, 2)
-    scorer = Scorer(_scorer(graphs, users_aug, items_aug_t).path, provider="cpu")
-    assert scorer.auto_batch_size(n_items, memory_mb) == expected
