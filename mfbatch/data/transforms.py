@@ -52,10 +52,6 @@ def normalise(rating: pl.Expr, lo: float, hi: float) -> pl.Expr:
     return (rating - lo) / (hi - lo)
 
 
-def denormalise(rating_norm: pl.Expr, lo: float, hi: float) -> pl.Expr:
-    return rating_norm * (hi - lo) + lo
-
-
 def dense_ids(ids: pl.Series) -> tuple[pl.Series, pl.Series]:
     """(index per row, raw id per index): dense 0..n-1 in sorted order of the raw ids."""
     if ids.null_count() == 0 and len(ids):

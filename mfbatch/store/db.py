@@ -1,4 +1,4 @@
-"""DuckDB access: connections, the named queries in `sql/`, and atomic table swaps.
+"""DuckDB access: connections, transactions and the named queries in `sql/`.
 
 Queries live in `sql/*.sql` as named blocks (`-- name: <query_name>`), with DuckDB's
 `$name` bind parameters. They are parsed once, when first used: a duplicate name, an
