@@ -27,7 +27,7 @@ from rich.console import Console
 
 from mfbatch.artifact.graph import item_table, load_graph
 from mfbatch.config import Config, ScoreConfig
-from mfbatch.errors import ConfigError, DatabaseError
+from mfbatch.errors import DatabaseError
 from mfbatch.serving.engines import (
     EngineResult,
     ScoreJob,
@@ -37,8 +37,8 @@ from mfbatch.serving.engines import (
 )
 from mfbatch.serving.spool import SPOOL_PREFIX
 from mfbatch.stages.score_inputs import ScoreInputs, load_inputs
-from mfbatch.store import db, workdirs
-from mfbatch.store.history import export_lists, publish_lists
+from mfbatch.store import db, outputs, workdirs
+from mfbatch.store.history import export_lists, list_target, publish_lists
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,6 @@ def _scratch(config: Config) -> Iterator[Path]:
     try:
         if settings.parts_dir is not None:
             parts = settings.parts_dir
-            if parts.exists() and any(parts.iterdir()):
-                raise ConfigError(f"--parts-dir: {parts} is not empty; pass a new or empty folder")
             parts.mkdir(parents=True, exist_ok=True)
         else:
             spool = workdirs.make(config.db.parent, SPOOL_PREFIX)
@@ -157,6 +155,21 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     """Score with the chosen engine, then publish `recommendations` in one transaction."""
     started = time.perf_counter()
     settings = config.score
+    # Output paths are refused before any work: a bad one must not cost a night's scoring,
+    # nor be found only after the publish.
+    target = (
+        list_target(settings.output, db_path=config.db, export_dir=config.train.export_dir)
+        if settings.output is not None
+        else None
+    )
+    if settings.parts_dir is not None:
+        outputs.check(
+            settings.parts_dir,
+            flag="--parts-dir",
+            kind="parts",
+            db_path=config.db,
+            export_dir=config.train.export_dir,
+        )
     if settings.publish:
         # Publishing needs the write lock: refuse a locked or read-only database first.
         db.check_writable(config.db)
@@ -184,8 +197,8 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
                 "retry; the previous recommendations are unchanged"
             ) from None
     written = settings.parts_dir  # the Ray engine's parts, when kept
-    if settings.output is not None and settings.publish:
-        written, _ = export_lists(db_path=config.db, out=settings.output)
+    if target is not None and settings.publish:
+        written, _ = export_lists(db_path=config.db, out=target)
     return ScoreSummary(
         run_id=inputs.run.run_id,
         data_seen=inputs.run.data_seen,
