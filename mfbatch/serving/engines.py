@@ -106,7 +106,7 @@ def score_in_process(job: ScoreJob, spool_dir: Path, console: Console | None) ->
     scorer = Scorer(job.model_path, provider=job.provider, threads=job.threads)
     if console:
         for warning in scorer.warnings:
-            console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+            console.print(f"warning: {warning}", highlight=False)
         console.print(
             f"serving run {job.run_id} ({job.run_kind}) with ONNX Runtime on {scorer.provider}",
             highlight=False,
