@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 
 from mfbatch.config import machine_cores
-from mfbatch.errors import ConfigError, InputDataError
+from mfbatch.errors import ConfigError, InputDataError, first_line
 from mfbatch.progress import Steps
 from mfbatch.serving.engines import EngineResult, ScoreJob
 from mfbatch.serving.lists import ListPlan, build_lists, to_arrow, with_rating
@@ -78,14 +79,53 @@ class RayOptions:
     gpus_per_worker: float = 0.0
 
 
+# How long a cluster's address may take to answer: ray.init alone retries for minutes.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _reachable(address: str) -> None:
+    """HOST:PORT (or ray://HOST:PORT) must accept a connection within seconds."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--ray-address: {address} does not answer ({exc}); start the cluster (`ray "
+            "start --head`) or fix the address; nothing was published"
+        ) from None
+
+
 def _connect(ray: Any, address: str | None) -> None:
     if ray.is_initialized():
         return  # a caller's Ray (tests, a notebook, a driver already on a cluster)
     quiet: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(num_cpus=machine_cores(), **quiet)
+    if address and address != "auto":
+        _reachable(address)
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(num_cpus=machine_cores(), **quiet)
+    except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
+        raise ConfigError(
+            f"--ray-address: could not join Ray at {address or 'a local Ray'} "
+            f"({first_line(exc)}); start the cluster or fix the address"
+        ) from None
+
+
+def _check_resources(ray: Any, settings: RayOptions) -> float:
+    """The cluster's CPUs; refuses actors asking for GPUs it lacks (they would wait forever)."""
+    resources = ray.cluster_resources()
+    gpus = float(resources.get("GPU", 0.0))
+    wanted = settings.gpus_per_worker * settings.workers
+    if settings.gpus_per_worker > 0 and wanted > gpus + 1e-9:
+        raise ConfigError(
+            f"--gpus-per-worker: {settings.workers} actor(s) x {settings.gpus_per_worker:g} "
+            f"GPU need {wanted:g}, the Ray cluster has {gpus:g}; pass --gpus-per-worker 0 "
+            "or fewer --workers"
+        )
+    return max(1.0, float(resources.get("CPU", machine_cores())))
 
 
 class ShardScorer:
@@ -177,7 +217,7 @@ def score_on_ray(
     ranges = shards(len(job.plan.users), settings.workers)
     if not ranges:
         raise InputDataError("no users to score")
-    cores = max(1.0, float(ray.cluster_resources().get("CPU", machine_cores())))
+    cores = _check_resources(ray, settings)
     payload = ray.put(
         {
             "plan": job.plan,
