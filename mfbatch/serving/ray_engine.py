@@ -160,27 +160,32 @@ class ShardScorer:
             "rows": [],
             "popularity_users": [],
             "empty": [],
+            "empty_users": [],
             "provider": [],
         }
         for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
-            rows, popularity, empty = self._score(int(shard), int(start), int(stop))
+            rows, popularity, empty, empty_users = self._score(int(shard), int(start), int(stop))
             out["shard"].append(int(shard))
             out["users"].append(int(stop - start))
             out["rows"].append(rows)
             out["popularity_users"].append(popularity)
             out["empty"].append(empty)
+            out["empty_users"].append(empty_users)
             out["provider"].append(self.scorer.provider)
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def _score(self, shard: int, start: int, stop: int) -> tuple[int, int, int]:
-        """Returns (rows, popularity users, first user with an empty list or -1)."""
+    def _score(self, shard: int, start: int, stop: int) -> tuple[int, int, int, int]:
+        """Returns (rows, popularity users, first user with an empty list or -1, how many
+        users have an empty list)."""
         plan = dataclasses.replace(self.plan, users=self.plan.users[start:stop])
         tables = []
         popularity = 0
         empty = -1
+        empty_users = 0
         for lists in build_lists(self.scorer, plan, self.batch):
             popularity += int((~lists.from_model).sum())
             nothing = lists.empty_users()
+            empty_users += int(nothing.size)
             if nothing.size and empty < 0:
                 empty = int(nothing[0])
             table = to_arrow(lists, self.user_ids, self.item_ids)
@@ -195,7 +200,7 @@ class ShardScorer:
         partial = folder / f".{final.name}.{os.getpid()}.tmp"
         pq.write_table(table, partial)
         os.replace(partial, final)
-        return table.num_rows, popularity, empty
+        return table.num_rows, popularity, empty, empty_users
 
 
 def _plain_ids(table: pa.Table) -> pa.Table:
@@ -252,7 +257,8 @@ def score_on_ray(
         popularity_users=int(results["popularity_users"].sum()),
         provider=f"{'/'.join(providers)} x {settings.workers} Ray actors",
         lists=pads.dataset(sorted(str(p) for p in parts.glob("part-*.parquet"))),
-        empty=[int(e) for e in results["empty"] if e >= 0],
+        empty=[int(e) for e in results["empty"] if e >= 0][:5],
+        empty_users=int(results["empty_users"].sum()),
     )
 
 

@@ -32,7 +32,7 @@ from mfbatch.serving.engines import (
     EngineResult,
     ScoreJob,
     apply_fold_in,
-    refuse_empty_lists,
+    empty_lists_note,
     score_in_process,
 )
 from mfbatch.serving.spool import SPOOL_PREFIX
@@ -57,6 +57,7 @@ class ScoreSummary:
     folded_users: int = 0
     fold_seconds: float = 0.0
     unscorable_items: int = 0
+    empty_note: str = ""  # users left with an empty list (they rated every item)
 
     def line(self) -> str:
         rate = self.users / self.seconds if self.seconds else 0.0
@@ -82,7 +83,10 @@ class ScoreSummary:
             f"scored {self.users:,} users with run {self.run_id} ({kind}) on {self.provider}"
             f"{cold}{folded}: {self.rows:,} recommendations, {rate:,.0f} users/s, "
             f"{self.seconds:.2f} s -> {self.db} (recommendations {how}, publish "
-            f"{self.publish_id})" + (f" and {self.output}" if self.output else "") + unscorable
+            f"{self.publish_id})"
+            + (f" and {self.output}" if self.output else "")
+            + unscorable
+            + (f"; {self.empty_note}" if self.empty_note else "")
         )
 
 
@@ -181,7 +185,8 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     with _scratch(config) as folder:
         try:
             result = _run_engine(settings, job, folder, console)
-            refuse_empty_lists(result.empty, inputs.user_ids)
+            narrowed = settings.include_items is not None or settings.exclude_items is not None
+            empty_note = empty_lists_note(result, inputs.user_ids, len(job.plan.users), narrowed)
             if settings.publish:
                 publish_id = publish_lists(
                     config.db,
@@ -214,4 +219,5 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         folded_users=len(inputs.fold.users),
         fold_seconds=fold_seconds,
         unscorable_items=inputs.unscorable_items,
+        empty_note=empty_note,
     )
