@@ -4,9 +4,15 @@ nothing changed; and what is served instead where refusing everyone was wrong.""
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Workspace, cli, ok, rows
+import pytest
+from conftest import Workspace, assert_user_error, cli, ok, rows
+
+import mfbatch
+from mfbatch.errors import ConfigError
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -36,3 +42,44 @@ def test_a_user_who_rated_the_whole_catalogue_does_not_block_the_publish(
     assert "glutton" not in served
     everyone = {u for (u,) in rows(ws.db, "SELECT user_id FROM users")}
     assert served == everyone - {"glutton"}
+
+
+# --- the Python API: wrong argument types are one ConfigError naming the keyword -----------
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (lambda db: mfbatch.score(db=5), "db=: expected a path"),
+        (lambda db: mfbatch.score(db=b"x.duckdb"), "db=: expected a path"),
+        (lambda db: mfbatch.score(db=db, config={"score": {}}), "config=: a Config or"),
+        (lambda db: mfbatch.report(db=db, out=None), "out=: expected a path"),
+        (lambda db: mfbatch.report(db=db, out=""), "out=: an empty path"),
+        (lambda db: mfbatch.read_lists(db=db, publish="1"), "publish=: expected a whole"),
+        (lambda db: mfbatch.diff(db=db, before=True), "before=: expected a whole"),
+        (lambda db: mfbatch.recommend(db=db, user_id=7), "user_id=: a raw user id"),
+        (lambda db: mfbatch.preprocess(db=db, split=3), "split=: a kind"),
+        (lambda db: mfbatch.score(db=db, config="/dev/zero"), "is not a regular file"),
+        (lambda db: mfbatch.score(db=db, config=db.parent), "is a folder"),
+    ],
+)
+def test_api_argument_types_are_one_config_error(
+    good_db: Path, call: Callable[[Path], object], fragment: str
+) -> None:
+    before = _hashes(good_db.parent)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        call(good_db)
+    assert _hashes(good_db.parent) == before
+
+
+def test_api_split_may_name_the_kind(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    synthetic = {"dataset": "synthetic", "users": 20, "items": 10, "ratings_per_user": 5}
+    mfbatch.preprocess(db=path, split="random", **synthetic)
+    assert rows(path, "SELECT count(*) FROM ratings WHERE split = 'val'")[0][0] > 0
+
+
+def test_config_naming_dev_zero_or_a_folder_is_one_line(good_db: Path) -> None:
+    for path, what in (("/dev/zero", "is not a regular file"), (good_db.parent, "is a folder")):
+        run = cli("score", "--db", good_db, "--config", path)
+        assert_user_error(run, 2, "--config", what)
