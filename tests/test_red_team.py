@@ -4,6 +4,7 @@ nothing changed; and what is served instead where refusing everyone was wrong.""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -83,3 +84,20 @@ def test_config_naming_dev_zero_or_a_folder_is_one_line(good_db: Path) -> None:
     for path, what in (("/dev/zero", "is not a regular file"), (good_db.parent, "is a folder")):
         run = cli("score", "--db", good_db, "--config", path)
         assert_user_error(run, 2, "--config", what)
+
+
+def test_a_scratch_named_folder_without_an_owner_is_never_deleted(ws: Workspace) -> None:
+    """Only folders the tool made may go: a user's `.mfbatch-score-*` folder holding files
+    stays, however old; an empty unowned one (a run killed before writing its owner) goes."""
+    from mfbatch.serving.spool import SPOOL_PREFIX
+
+    mine = ws.root / f"{SPOOL_PREFIX}notes"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("a user's file\n")
+    os.utime(mine, (1_000_000_000, 1_000_000_000))
+    empty = ws.root / f"{SPOOL_PREFIX}killed"
+    empty.mkdir()
+    os.utime(empty, (1_000_000_000, 1_000_000_000))
+    ok(ws.score())
+    assert (mine / "keep.txt").read_text() == "a user's file\n"
+    assert not empty.exists()
