@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, assert_user_error, cli, ok, rows
+from conftest import Workspace, assert_error_last, assert_user_error, cli, ok, rows
 
 import mfbatch
 from mfbatch.errors import ConfigError
@@ -101,3 +101,23 @@ def test_a_scratch_named_folder_without_an_owner_is_never_deleted(ws: Workspace)
     ok(ws.score())
     assert (mine / "keep.txt").read_text() == "a user's file\n"
     assert not empty.exists()
+
+
+def test_recommend_for_a_user_added_since_the_last_score_says_so(ws: Workspace) -> None:
+    ok(ws.score())
+    item = rows(ws.db, "SELECT item_id FROM items LIMIT 1")[0][0]
+    _append(ws, "new.csv", [f"newcomer,{item},4,2000000000"])
+    before = _hashes(ws.root)
+    run = cli("recommend", "--db", ws.db, "--user", "newcomer")
+    assert_user_error(run, 4, "'newcomer' has no served list", "mfbatch score")
+    assert _hashes(ws.root) == before
+
+
+def test_a_promoted_run_of_old_data_advises_serve_clear(ws: Workspace) -> None:
+    ok(cli("serve", "--db", ws.db, "--run-id", ws.validated))
+    synthetic = ["--users", "30", "--items", "20", "--ratings-per-user", "6", "--seed", "9"]
+    ok(cli("preprocess", "--dataset", "synthetic", *synthetic, "--db", ws.db))
+    before = _hashes(ws.root)
+    message = assert_error_last(ws.score(), 5, ws.validated, "serve --clear")
+    assert "train again" not in message
+    assert _hashes(ws.root) == before
