@@ -121,3 +121,15 @@ def test_a_promoted_run_of_old_data_advises_serve_clear(ws: Workspace) -> None:
     message = assert_error_last(ws.score(), 5, ws.validated, "serve --clear")
     assert "train again" not in message
     assert _hashes(ws.root) == before
+
+
+def test_export_lists_refuses_lists_of_re_preprocessed_data(ws: Workspace) -> None:
+    ok(ws.score())
+    synthetic = ["--users", "30", "--items", "20", "--ratings-per-user", "6", "--seed", "9"]
+    ok(cli("preprocess", "--dataset", "synthetic", *synthetic, "--db", ws.db))
+    before = _hashes(ws.root)
+    out = ws.root / "lists.csv"
+    run = cli("export-lists", "--db", ws.db, "--output", out)
+    assert_user_error(run, 5, "trained on other data", "mfbatch score")
+    assert _hashes(ws.root) == before and not out.exists()
+    ok(cli("export-lists", "--db", ws.db, "--output", out, "--publish", "1"))  # history as was

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import duckdb
 import pyarrow as pa
 
-from mfbatch.errors import ConfigError, DatabaseError
+from mfbatch.errors import ConfigError, DatabaseError, ModelError
 from mfbatch.store import db, outputs
+from mfbatch.store.datasets import Dataset
 
 if TYPE_CHECKING:  # imported where used: `score` never needs Polars
     import polars as pl
@@ -189,6 +190,24 @@ def list_target(
     return outputs.check(out, flag=flag, kind=kind, db_path=db_path, export_dir=export_dir)
 
 
+def _require_current(db_path: Path, run_ids: list[str]) -> None:
+    """The served lists must come from runs of the data the database holds now, as
+    `recommend` requires: after a re-preprocess the same raw ids may name other users."""
+    con = db.connect(db_path, read_only=True)
+    try:
+        dataset = Dataset.load(con, db_path)
+        for run_id in run_ids:
+            origin = db.record(con, "run_dataset", run_id=run_id)
+            if origin is None or origin["dataset_sha256"] != dataset.sha256:
+                raise ModelError(
+                    f"the lists in {db_path} were made by run {run_id}, trained on other data "
+                    "than the database holds now; run `mfbatch score` again (or pass "
+                    "--publish N to export a kept publish as it was)"
+                )
+    finally:
+        con.close()
+
+
 def export_lists(
     *,
     db_path: Path,
@@ -206,6 +225,8 @@ def export_lists(
         else list_target(out, db_path=db_path, export_dir=export_dir)
     )
     frame = read_lists(db_path=db_path, publish=publish)
+    if publish is None:
+        _require_current(db_path, frame["run_id"].unique().to_list())
     with outputs.staged(target) as staging:
         if target.kind == "lists-parquet":
             frame.write_parquet(staging)
