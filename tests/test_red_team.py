@@ -10,7 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, assert_error_last, assert_user_error, cli, ok, rows
+from conftest import (
+    Workspace,
+    assert_error_last,
+    assert_user_error,
+    cli,
+    ok,
+    rows,
+    snapshot,
+)
 
 import mfbatch
 from mfbatch.errors import ConfigError
@@ -133,3 +141,17 @@ def test_export_lists_refuses_lists_of_re_preprocessed_data(ws: Workspace) -> No
     assert_user_error(run, 5, "trained on other data", "mfbatch score")
     assert _hashes(ws.root) == before and not out.exists()
     ok(cli("export-lists", "--db", ws.db, "--output", out, "--publish", "1"))  # history as was
+
+
+def test_appending_the_same_file_twice_changes_nothing(ws: Workspace) -> None:
+    item = rows(ws.db, "SELECT item_id FROM items LIMIT 1")[0][0]
+    user = rows(ws.db, "SELECT user_id FROM users LIMIT 1")[0][0]
+    lines = [f"{user},{item},5,2000000000", f"newcomer,{item},3,2000000001"]
+    _append(ws, "day.csv", lines)
+    versions = rows(ws.db, "SELECT count(*) FROM dataset_versions")
+    before = snapshot(ws.db)
+    source = ws.root / "day.csv"
+    run = cli("preprocess", "--append", "--dataset", "csv", "--source", source, "--db", ws.db)
+    assert_error_last(run, 3, "already in", "nothing was changed")
+    assert snapshot(ws.db) == before
+    assert rows(ws.db, "SELECT count(*) FROM dataset_versions") == versions

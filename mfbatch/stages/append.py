@@ -211,6 +211,11 @@ def _store(
     try:
         counts = db.record(con, "append_counts")
         assert counts is not None
+        if not counts["added"] and not counts["replaced"] and staged.new_items.height == 0:
+            raise InputDataError(
+                f"{raw.source}: all {int(counts['unchanged']):,} ratings are already in {path} "
+                "as they are (appended before?) or older than stored ones; nothing was changed"
+            )
         with db.transaction(con, f"the appended ratings into {path}"):
             db.run(con, "append_insert_users")
             db.run(con, "append_insert_items")
