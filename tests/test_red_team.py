@@ -155,3 +155,26 @@ def test_appending_the_same_file_twice_changes_nothing(ws: Workspace) -> None:
     assert_error_last(run, 3, "already in", "nothing was changed")
     assert snapshot(ws.db) == before
     assert rows(ws.db, "SELECT count(*) FROM dataset_versions") == versions
+
+
+def test_append_without_times_into_a_time_split_database_is_refused(ws: Workspace) -> None:
+    ((kind,),) = rows(ws.db, "SELECT split_kind FROM dataset_meta")
+    assert kind != "random"
+    source = ws.root / "untimed.csv"
+    source.write_text("user_id,item_id,rating\nnewcomer,1,4\n")
+    before = _hashes(ws.root)
+    args = ["--dataset", "csv", "--source", source, "--time-col", "", "--db", ws.db]
+    run = cli("preprocess", "--append", *args)
+    assert_user_error(run, 2, "--time-col ''", "split by time")
+    assert _hashes(ws.root) == before
+
+
+def test_append_out_of_scale_advises_what_append_accepts(ws: Workspace) -> None:
+    ((hi,),) = rows(ws.db, "SELECT rating_max FROM dataset_meta")
+    source = ws.root / "loud.csv"
+    source.write_text(f"user_id,item_id,rating,timestamp\nnewcomer,1,{hi * 10},2000000000\n")
+    before = snapshot(ws.db)
+    run = cli("preprocess", "--append", "--dataset", "csv", "--source", source, "--db", ws.db)
+    message = assert_error_last(run, 3, "outside", "which an append keeps", "re-preprocess")
+    assert "pass --rating-min/--rating-max that cover them" not in message
+    assert snapshot(ws.db) == before
