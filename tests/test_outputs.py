@@ -150,6 +150,17 @@ def test_a_new_path_is_created_and_an_earlier_output_replaced(db: Path) -> None:
     ok(cli("score", "--db", db, "--provider", "cpu", "--threads", "1", "--output", name))
 
 
+def test_an_empty_folder_is_filled_and_a_lists_folder_with_a_stray_file_refused(
+    db: Path,
+) -> None:
+    empty = db.parent / "empty"
+    empty.mkdir()
+    ok(cli("export-lists", "--db", db, "--output", empty))
+    assert list(empty.glob("run_id=*/*.parquet"))
+    (empty / "README.txt").write_text("a user's note\n")
+    refused(db.parent, ["export-lists", "--db", db, "--output", empty], "did not write")
+
+
 def test_a_kind_never_replaces_another_kind(db: Path) -> None:
     report = db.parent / "r.html"
     ok(cli("report", "--db", db, "--out", report))

@@ -7,7 +7,7 @@ the --export-dir root, or a folder holding run folders), the working directory o
 parent of it, or an existing file or folder that is not a previous output of the same
 kind. A previous output is recognised (docs/operations.md, "Output paths") by:
 
-- a lists folder: nothing but `run_id=*/` folders of Parquet parts whose columns are the
+- a lists folder: empty, or nothing but `run_id=*/` folders of Parquet parts whose columns are the
   list columns less run_id (no marker file: Polars refuses a folder with other files);
 - a --parts-dir: a new or empty folder (the parts of a night are never overwritten);
 - a .parquet / .csv list file: exactly the list columns (`LIST_COLUMNS`), in order;
@@ -92,10 +92,11 @@ def _lists_folder(path: Path) -> bool:
 def _is_previous(path: Path, kind: Kind) -> bool:
     """Whether the existing `path` is an earlier output of this kind (module docstring)."""
     try:
+        # An empty folder holds nothing to lose (a user may make it first).
         if kind == "parts":
             return path.is_dir() and not any(path.iterdir())
         if kind == "lists-folder":
-            return path.is_dir() and _lists_folder(path)
+            return path.is_dir() and (not any(path.iterdir()) or _lists_folder(path))
         if not path.is_file():
             return False
         if kind == "lists-parquet":
