@@ -43,6 +43,24 @@ if TYPE_CHECKING:
 PathLike = str | os.PathLike[str]
 
 
+def _path(name: str, value: object) -> Path:
+    """A path argument: str or os.PathLike (of str); anything else a ConfigError naming it."""
+    if isinstance(value, str) or (
+        isinstance(value, os.PathLike) and isinstance(os.fspath(value), str)
+    ):
+        if not str(value).strip():
+            raise ConfigError(f"{name}=: an empty path; pass a file name")
+        return Path(value)
+    raise ConfigError(f"{name}=: expected a path (str or pathlib.Path), got {value!r}")
+
+
+def _whole(name: str, value: object) -> int | None:
+    """An optional whole-number argument (a publish id): "1" or True is refused, not guessed."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{name}=: expected a whole number or None, got {value!r}")
+
+
 def _config(
     config: Config | PathLike | None,
     db: PathLike | None,
@@ -50,9 +68,14 @@ def _config(
 ) -> Config:
     """The stage's Config: a loaded one or a TOML path, with keyword overrides validated
     like flags (a wrong type or value is a ConfigError naming the keyword)."""
-    db_path = Path(db) if db is not None else None
+    db_path = _path("db", db) if db is not None else None
     if not isinstance(config, Config):
-        path = Path(config) if config is not None else None
+        if config is not None and not isinstance(config, (str, os.PathLike)):
+            raise ConfigError(
+                f"config=: a Config or the path of a TOML file, got {type(config).__name__}; "
+                "pass section values as keywords (top_k=20) instead"
+            )
+        path = _path("config", config) if config is not None else None
         return load_config(path, db=db_path, overrides=overrides)
     if db_path is not None:
         config = config.model_copy(update={"db": db_path})
@@ -65,12 +88,19 @@ def preprocess(
     *,
     db: PathLike | None = None,
     config: Config | PathLike | None = None,
-    split: Mapping[str, Any] | None = None,
+    split: Mapping[str, Any] | str | None = None,
     **data: Any,
 ) -> PreprocessSummary:
     """Read ratings into the database: `data` are DataConfig fields, `split` SplitConfig's."""
     from mfbatch.stages.preprocess import preprocess as run
 
+    if isinstance(split, str):
+        split = {"kind": split}  # preprocess(split="random") reads as the split's kind
+    if split is not None and not isinstance(split, Mapping):
+        raise ConfigError(
+            f"split=: a kind ('random') or a mapping like {{'kind': 'user-time', "
+            f"'val_fraction': 0.2}}, got {split!r}"
+        )
     return run(config=_config(config, db, {"data": data, "split": split or {}}))
 
 
@@ -119,6 +149,8 @@ def recommend(
     """One user's served list beside their own top-rated items."""
     from mfbatch.stages.recommend import recommend as run
 
+    if not isinstance(user_id, str):
+        raise ConfigError(f"user_id=: a raw user id as a string, got {user_id!r}")
     return run(db_path=_config(config, db).db, user_id=user_id)
 
 
@@ -131,7 +163,7 @@ def read_lists(
     """The served lists (or a kept publish) as a Polars frame: raw ids, rank, score, source."""
     from mfbatch.store.history import read_lists as run
 
-    return run(db_path=_config(config, db).db, publish=publish)
+    return run(db_path=_config(config, db).db, publish=_whole("publish", publish))
 
 
 def list_runs(
@@ -153,7 +185,11 @@ def diff(
     """What changed between two publishes of the served lists (default: the last two)."""
     from mfbatch.store.history import diff as run
 
-    return run(db_path=_config(config, db).db, before=before, after=after)
+    return run(
+        db_path=_config(config, db).db,
+        before=_whole("before", before),
+        after=_whole("after", after),
+    )
 
 
 def report(
@@ -166,4 +202,10 @@ def report(
     """Write the offline HTML report of a validated run."""
     from mfbatch.stages.report import report as run
 
-    return run(db_path=_config(config, db).db, out=Path(out), run_id=run_id)
+    if not isinstance(run_id, str):
+        raise ConfigError(f"run_id=: a run id or 'latest', got {run_id!r}")
+    out_path = _path("out", out)
+    resolved = _config(config, db)
+    return run(
+        db_path=resolved.db, out=out_path, run_id=run_id, export_dir=resolved.train.export_dir
+    )

@@ -306,9 +306,16 @@ def export_lists(
     from mfbatch.config import load_config
     from mfbatch.store.history import export_lists as run_export
 
-    path, rows = guard(
-        lambda: run_export(db_path=load_config(config, db=db).db, out=output, publish=publish)
-    )
+    def action() -> tuple[Path, int]:
+        resolved = load_config(config, db=db)
+        return run_export(
+            db_path=resolved.db,
+            out=output,
+            publish=publish,
+            export_dir=resolved.train.export_dir,
+        )
+
+    path, rows = guard(action)
     summary = {"output": str(path), "rows": rows}
     typer.echo(json.dumps(summary) if as_json else f"wrote {rows:,} rows to {path}")
 
@@ -327,9 +334,13 @@ def report(
     from mfbatch.config import load_config
     from mfbatch.stages.report import report as run_report
 
-    summary = guard(
-        lambda: run_report(db_path=load_config(config, db=db).db, out=out, run_id=run_id)
-    )
+    def action() -> Any:
+        resolved = load_config(config, db=db)
+        return run_report(
+            db_path=resolved.db, out=out, run_id=run_id, export_dir=resolved.train.export_dir
+        )
+
+    summary = guard(action)
     emit(summary, as_json)
 
 

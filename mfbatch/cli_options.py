@@ -28,6 +28,9 @@ from mfbatch.errors import MfbatchError
 
 T = TypeVar("T")
 console = Console(stderr=True)
+# What the library prints (progress, notes, warnings) names files, ids and runs: plain text,
+# never Rich markup, so `[/]` or `[bold red]x` in a file name prints as written.
+plain_console = Console(stderr=True, markup=False)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -157,7 +160,7 @@ def emit(summary: Any, as_json: bool) -> None:
 
 def progress_console(quiet: bool, as_json: bool) -> Console | None:
     # No console: the library prints no progress and no notes.
-    return None if quiet or as_json else console
+    return None if quiet or as_json else plain_console
 
 
 def guard(action: Callable[[], T]) -> T:

@@ -5,6 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
+
+
+def _t(value: object) -> Text:
+    """Data as a cell or a title: text, never Rich markup (an id may be `[bold]x` or `[/]`)."""
+    return Text(str(value))
+
 
 AT_K = ("precision", "recall", "recall_uncapped", "ndcg", "map", "hit_rate")
 
@@ -17,7 +24,7 @@ def _fmt(value: float | None, metric: str) -> str:
 
 def evaluation_table(result: Any) -> Table:
     """mfbatch vs popularity, one row a metric, with the lift."""
-    table = Table(title=f"run {result.run_id}, K={result.k}")
+    table = Table(title=_t(f"run {result.run_id}, K={result.k}"))
     for column in ("metric", "mfbatch", "popularity", "lift"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for row in result.rows():
@@ -25,29 +32,29 @@ def evaluation_table(result: Any) -> Table:
         metric = row["metric"]
         name = metric + (f"@{row['k']}" if row["k"] and metric in AT_K else "")
         lift = f"{value / base:.2f}x" if value and base and metric in AT_K else ""
-        table.add_row(name, _fmt(value, metric), _fmt(base, metric), lift)
+        table.add_row(_t(name), _fmt(value, metric), _fmt(base, metric), lift)
     return table
 
 
 def recommendation_tables(report: Any) -> tuple[Table, Table]:
     """A user's served list, and their own top-rated items."""
-    recs = Table(title=f"recommended for user {report.user_id} (run {report.run_id})")
+    recs = Table(title=_t(f"recommended for user {report.user_id} (run {report.run_id})"))
     for column in ("rank", "item", "title", "genres", "score", "source"):
         recs.add_column(column)
     for rec in report.recommendations:
         recs.add_row(
             str(rec.rank),
-            rec.item_id,
-            rec.title or "",
-            rec.genres or "",
+            _t(rec.item_id),
+            _t(rec.title or ""),
+            _t(rec.genres or ""),
             f"{rec.score:.3f}",
-            rec.source,
+            _t(rec.source),
         )
     rated = Table(title=f"their top-rated ({report.n_ratings:,} ratings)")
     for column in ("item", "title", "rating", "split"):
         rated.add_column(column)
     for item in report.top_rated:
-        rated.add_row(item.item_id, item.title or "", f"{item.rating:g}", item.split)
+        rated.add_row(_t(item.item_id), _t(item.title or ""), f"{item.rating:g}", _t(item.split))
     return recs, rated
 
 
@@ -69,10 +76,10 @@ def runs_table(listing: list[Any]) -> Table:
             if part
         )
         table.add_row(
-            run.run_id,
-            run.objective,
-            run.data_seen,
-            run.status,
+            _t(run.run_id),
+            _t(run.objective),
+            _t(run.data_seen),
+            _t(run.status),
             f"{run.best_epoch}/{run.epochs_run}",
             "-" if run.val_recall is None else f"{run.val_recall:.4f}",
             "-" if run.val_ndcg is None else f"{run.val_ndcg:.4f}",

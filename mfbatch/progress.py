@@ -24,11 +24,11 @@ class Steps:
         self._bar: Progress | None = None
         if console is not None and console.is_terminal:
             self._bar = Progress(
-                TextColumn(f"[bold]{label}[/bold]"),
+                TextColumn(label, markup=False, style="bold"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
-                TextColumn(unit),
+                TextColumn(unit, markup=False),
                 console=console,
                 transient=True,
             )

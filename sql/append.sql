@@ -18,8 +18,13 @@ SELECT
     count(*) FILTER (WHERE r.user_idx IS NULL) AS added,
     count(*) FILTER (
         WHERE r.user_idx IS NOT NULL AND (s.ts IS NULL OR r.ts IS NULL OR s.ts >= r.ts)
+          AND (s.rating IS DISTINCT FROM r.rating OR s.ts IS DISTINCT FROM r.ts)
     ) AS replaced,
-    count(*) FILTER (WHERE r.user_idx IS NOT NULL AND s.ts < r.ts) AS stale
+    count(*) FILTER (WHERE r.user_idx IS NOT NULL AND s.ts < r.ts) AS stale,
+    count(*) FILTER (
+        WHERE r.user_idx IS NOT NULL AND s.rating IS NOT DISTINCT FROM r.rating
+          AND s.ts IS NOT DISTINCT FROM r.ts
+    ) AS unchanged
 FROM staged_append s
 LEFT JOIN ratings r USING (user_idx, item_idx);
 
@@ -37,7 +42,9 @@ UPDATE ratings AS r
 SET rating = s.rating, rating_norm = s.rating_norm, ts = s.ts, version = $version
 FROM staged_append AS s
 WHERE r.user_idx = s.user_idx AND r.item_idx = s.item_idx
-  AND (s.ts IS NULL OR r.ts IS NULL OR s.ts >= r.ts);
+  AND (s.ts IS NULL OR r.ts IS NULL OR s.ts >= r.ts)
+  -- The same rating appended again (the same file twice) is no news: its user stays trained.
+  AND (s.rating IS DISTINCT FROM r.rating OR s.ts IS DISTINCT FROM r.ts);
 
 -- name: append_insert_ratings
 INSERT INTO ratings

@@ -72,8 +72,15 @@ class Config(BaseModel):
 
 def _read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise ConfigError(f"--config: {path} {what}; pass an existing TOML file")
+        # /dev/zero or a pipe is never read: it would not end.
+        what = (
+            "is a folder"
+            if path.is_dir()
+            else "is not a regular file"
+            if path.exists()
+            else "does not exist"
+        )
+        raise ConfigError(f"--config: {path} {what}; pass a TOML file")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

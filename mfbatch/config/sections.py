@@ -38,6 +38,14 @@ def cli(flag: str | None = None, *, show: bool = True) -> dict[str, Any]:
     return {"flag": flag, "cli": show}
 
 
+def _ray_address_ok(address: str) -> bool:
+    """'auto', HOST:PORT or ray://HOST:PORT (the forms `ray.init(address=...)` takes)."""
+    if address == "auto":
+        return True
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
 def dataset_type(dataset: str) -> DataType:
     """The loader key (`data.type`) for a `--dataset` name."""
     if dataset in MOVIELENS_RELEASES:
@@ -217,6 +225,22 @@ class ScoreConfig(Options):
         json_schema_extra=cli("--publish/--no-publish"),
     )
 
+    def _check_ray_bounds(self) -> None:
+        """A local Ray runs every actor on this machine: no more actors than cores (each is
+        a process with its own ONNX session; 126 on 2 cores hung). A cluster's size is
+        checked when Ray is reached (mfbatch.serving.ray_engine)."""
+        if self.ray_address is None and self.workers is not None:
+            most = max(2, machine_cores())
+            if self.workers > most:
+                raise ConfigError(
+                    f"--workers: {self.workers} actors on this machine's {machine_cores()} "
+                    f"cores; pass at most {most}, or --ray-address of a cluster"
+                )
+        if self.ray_address is not None and not _ray_address_ok(self.ray_address):
+            raise ConfigError(
+                f"--ray-address: {self.ray_address!r} is not 'auto', HOST:PORT or ray://HOST:PORT"
+            )
+
     @model_validator(mode="after")
     def _check(self) -> ScoreConfig:
         if self.engine != "ray":
@@ -234,6 +258,7 @@ class ScoreConfig(Options):
             raise ConfigError(
                 f"--workers: must be a whole number in [1, 4096], got {self.workers!r}"
             )
+        self._check_ray_bounds()
         if self.gpus_per_worker is not None and not (
             math.isfinite(self.gpus_per_worker) and 0.0 <= self.gpus_per_worker <= 16.0
         ):

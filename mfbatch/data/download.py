@@ -82,7 +82,7 @@ def download(url: str, target: Path, *, md5: str, timeout: float = 30.0) -> None
             # stderr, like every other message: stdout carries only the command's result.
             console = Console(stderr=True)
             with Progress(
-                TextColumn(f"downloading {name}"),
+                TextColumn(f"downloading {name}", markup=False),
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),

@@ -62,6 +62,7 @@ class EngineResult:
     provider: str
     lists: Any  # what DuckDB scans at the publish: an Arrow table or a pyarrow dataset
     empty: list[int] = field(default_factory=list)  # users left with nothing (first few)
+    empty_users: int = 0  # how many users were left with nothing
     warnings: list[str] = field(default_factory=list)
 
 
@@ -82,15 +83,32 @@ def apply_fold_in(
     return dataclasses.replace(plan, folded_rows=rows)
 
 
-def refuse_empty_lists(empty: list[int], user_ids: pa.Array) -> None:
-    """Never publish a user with nothing: every engine's result is checked with this."""
-    if empty:
-        shown = ", ".join(repr(user_ids[u].as_py()) for u in empty[:5])
+def empty_lists_note(result: EngineResult, user_ids: pa.Array, n_users: int, narrowed: bool) -> str:
+    """What the summary says of users left with nothing, or a refusal.
+
+    With --include-items/--exclude-items, a user left with nothing is the list's doing and
+    the publish is refused (widen the list). Without them, the user rated the whole
+    catalogue (an appended heavy rater): they get an empty list, noted in the summary,
+    and everyone else is served; only when nobody would get a list is it refused.
+    """
+    if not result.empty_users:
+        return ""
+    shown = ", ".join(repr(user_ids[u].as_py()) for u in result.empty[:3])
+    if narrowed:
         raise ConfigError(
-            f"some users would get an empty list (e.g. user {shown}): they rated every "
-            "item left after --include-items/--exclude-items; widen the allow list; "
-            "nothing was published"
+            f"{result.empty_users:,} user(s) would get an empty list (e.g. user {shown}): "
+            "they rated every item left after --include-items/--exclude-items; widen the "
+            "allow list; nothing was published"
         )
+    if result.empty_users >= n_users:
+        raise ConfigError(
+            f"every user would get an empty list (e.g. user {shown}): they rated every item "
+            "in the catalogue; nothing was published"
+        )
+    return (
+        f"{result.empty_users:,} user(s) rated every item and have an empty list "
+        f"(e.g. user {shown})"
+    )
 
 
 def arrow_lists(job: ScoreJob) -> Any:
@@ -106,7 +124,7 @@ def score_in_process(job: ScoreJob, spool_dir: Path, console: Console | None) ->
     scorer = Scorer(job.model_path, provider=job.provider, threads=job.threads)
     if console:
         for warning in scorer.warnings:
-            console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+            console.print(f"warning: {warning}", highlight=False)
         console.print(
             f"serving run {job.run_id} ({job.run_kind}) with ONNX Runtime on {scorer.provider}",
             highlight=False,
@@ -116,19 +134,22 @@ def score_in_process(job: ScoreJob, spool_dir: Path, console: Console | None) ->
     spool = spool_dir / SPOOL_FILE
     popularity_users = 0
     empty: list[int] = []
+    empty_users = 0
     spooler = Spooler(spool, arrow_lists(job))
     try:
         with Steps(console, "score", len(job.plan.users), "users") as progress:
             for lists in build_lists(scorer, job.plan, batch):
-                empty.extend(lists.empty_users()[: 5 - len(empty)].tolist())
+                nothing = lists.empty_users()
+                empty.extend(nothing[: 5 - len(empty)].tolist())
+                empty_users += int(nothing.size)
                 popularity_users += int((~lists.from_model).sum())
                 spooler.put(lists)
-                if lists.empty_users().size and len(empty) >= 5:
-                    break
                 progress.advance(len(lists.users))
         rows = spooler.close()
     finally:
         spooler.stop()
     if rows is None:
         raise InputDataError("no users to score")
-    return EngineResult(rows, popularity_users, scorer.provider, read_spool(spool), empty)
+    return EngineResult(
+        rows, popularity_users, scorer.provider, read_spool(spool), empty, empty_users
+    )

@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 
 from mfbatch.config import machine_cores
-from mfbatch.errors import ConfigError, InputDataError
+from mfbatch.errors import ConfigError, InputDataError, first_line
 from mfbatch.progress import Steps
 from mfbatch.serving.engines import EngineResult, ScoreJob
 from mfbatch.serving.lists import ListPlan, build_lists, to_arrow, with_rating
@@ -78,14 +79,53 @@ class RayOptions:
     gpus_per_worker: float = 0.0
 
 
+# How long a cluster's address may take to answer: ray.init alone retries for minutes.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _reachable(address: str) -> None:
+    """HOST:PORT (or ray://HOST:PORT) must accept a connection within seconds."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--ray-address: {address} does not answer ({exc}); start the cluster (`ray "
+            "start --head`) or fix the address; nothing was published"
+        ) from None
+
+
 def _connect(ray: Any, address: str | None) -> None:
     if ray.is_initialized():
         return  # a caller's Ray (tests, a notebook, a driver already on a cluster)
     quiet: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(num_cpus=machine_cores(), **quiet)
+    if address and address != "auto":
+        _reachable(address)
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(num_cpus=machine_cores(), **quiet)
+    except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
+        raise ConfigError(
+            f"--ray-address: could not join Ray at {address or 'a local Ray'} "
+            f"({first_line(exc)}); start the cluster or fix the address"
+        ) from None
+
+
+def _check_resources(ray: Any, settings: RayOptions) -> float:
+    """The cluster's CPUs; refuses actors asking for GPUs it lacks (they would wait forever)."""
+    resources = ray.cluster_resources()
+    gpus = float(resources.get("GPU", 0.0))
+    wanted = settings.gpus_per_worker * settings.workers
+    if settings.gpus_per_worker > 0 and wanted > gpus + 1e-9:
+        raise ConfigError(
+            f"--gpus-per-worker: {settings.workers} actor(s) x {settings.gpus_per_worker:g} "
+            f"GPU need {wanted:g}, the Ray cluster has {gpus:g}; pass --gpus-per-worker 0 "
+            "or fewer --workers"
+        )
+    return max(1.0, float(resources.get("CPU", machine_cores())))
 
 
 class ShardScorer:
@@ -120,27 +160,32 @@ class ShardScorer:
             "rows": [],
             "popularity_users": [],
             "empty": [],
+            "empty_users": [],
             "provider": [],
         }
         for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
-            rows, popularity, empty = self._score(int(shard), int(start), int(stop))
+            rows, popularity, empty, empty_users = self._score(int(shard), int(start), int(stop))
             out["shard"].append(int(shard))
             out["users"].append(int(stop - start))
             out["rows"].append(rows)
             out["popularity_users"].append(popularity)
             out["empty"].append(empty)
+            out["empty_users"].append(empty_users)
             out["provider"].append(self.scorer.provider)
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def _score(self, shard: int, start: int, stop: int) -> tuple[int, int, int]:
-        """Returns (rows, popularity users, first user with an empty list or -1)."""
+    def _score(self, shard: int, start: int, stop: int) -> tuple[int, int, int, int]:
+        """Returns (rows, popularity users, first user with an empty list or -1, how many
+        users have an empty list)."""
         plan = dataclasses.replace(self.plan, users=self.plan.users[start:stop])
         tables = []
         popularity = 0
         empty = -1
+        empty_users = 0
         for lists in build_lists(self.scorer, plan, self.batch):
             popularity += int((~lists.from_model).sum())
             nothing = lists.empty_users()
+            empty_users += int(nothing.size)
             if nothing.size and empty < 0:
                 empty = int(nothing[0])
             table = to_arrow(lists, self.user_ids, self.item_ids)
@@ -155,7 +200,7 @@ class ShardScorer:
         partial = folder / f".{final.name}.{os.getpid()}.tmp"
         pq.write_table(table, partial)
         os.replace(partial, final)
-        return table.num_rows, popularity, empty
+        return table.num_rows, popularity, empty, empty_users
 
 
 def _plain_ids(table: pa.Table) -> pa.Table:
@@ -177,7 +222,7 @@ def score_on_ray(
     ranges = shards(len(job.plan.users), settings.workers)
     if not ranges:
         raise InputDataError("no users to score")
-    cores = max(1.0, float(ray.cluster_resources().get("CPU", machine_cores())))
+    cores = _check_resources(ray, settings)
     payload = ray.put(
         {
             "plan": job.plan,
@@ -212,7 +257,8 @@ def score_on_ray(
         popularity_users=int(results["popularity_users"].sum()),
         provider=f"{'/'.join(providers)} x {settings.workers} Ray actors",
         lists=pads.dataset(sorted(str(p) for p in parts.glob("part-*.parquet"))),
-        empty=[int(e) for e in results["empty"] if e >= 0],
+        empty=[int(e) for e in results["empty"] if e >= 0][:5],
+        empty_users=int(results["empty_users"].sum()),
     )
 
 

@@ -121,8 +121,9 @@ def append(*, config: Config) -> AppendSummary:
     try:
         dataset = Dataset.load(con, path)
         scale = _stored_scale(config, dataset, path)
+        _require_times(config, dataset, path)
         raw = _read_source(config)
-        lo, hi = infer_scale(raw.ratings, origin=raw.source, declared=scale)
+        lo, hi = _append_scale(raw, scale, path)
         staged = _stage(con, raw, dataset, lo, hi)
         version, counts = _store(con, path, staged, raw, config)
     finally:
@@ -143,6 +144,30 @@ def append(*, config: Config) -> AppendSummary:
         n_items=dataset.n_items + new_items,
         seconds=time.perf_counter() - started,
     )
+
+
+def _require_times(config: Config, dataset: Dataset, path: Path) -> None:
+    """A database split by time needs times on what is appended: one rating without a time
+    would turn recency off for every user at the refit."""
+    if dataset.split_kind != "random" and not config.data.time_col:
+        raise ConfigError(
+            f"--time-col '': {path} was split by time ({dataset.split_kind}); appended "
+            "ratings need their time column (--time-col NAME); nothing was changed"
+        )
+
+
+def _append_scale(raw: RawData, scale: tuple[float, float], path: Path) -> tuple[float, float]:
+    """The stored scale, checked against the appended ratings: append can't move the scale
+    (every stored rating is normalised on it), so the advice is to fix the file."""
+    try:
+        return infer_scale(raw.ratings, origin=raw.source, declared=scale)
+    except InputDataError:
+        seen = raw.ratings.select(lo=pl.col("rating").min(), hi=pl.col("rating").max()).row(0)
+        raise InputDataError(
+            f"{raw.source}: ratings span [{seen[0]}, {seen[1]}] outside the scale "
+            f"[{scale[0]}, {scale[1]}] of {path}, which an append keeps; fix or drop those "
+            "rows, or re-preprocess everything with --rating-min/--rating-max that cover them"
+        ) from None
 
 
 def _stored_scale(config: Config, dataset: Dataset, path: Path) -> tuple[float, float]:
@@ -211,6 +236,11 @@ def _store(
     try:
         counts = db.record(con, "append_counts")
         assert counts is not None
+        if not counts["added"] and not counts["replaced"] and staged.new_items.height == 0:
+            raise InputDataError(
+                f"{raw.source}: all {int(counts['unchanged']):,} ratings are already in {path} "
+                "as they are (appended before?) or older than stored ones; nothing was changed"
+            )
         with db.transaction(con, f"the appended ratings into {path}"):
             db.run(con, "append_insert_users")
             db.run(con, "append_insert_items")

@@ -106,7 +106,9 @@ def _fingerprint(source_sha256: str, layout: str, stats: PrepStats, config: Conf
 
 def _progress(console: Console | None) -> Progress:
     return Progress(
-        TextColumn("[bold]preprocess[/bold] {task.description}"),
+        TextColumn("[bold]preprocess[/bold]"),
+        # The description names files: text, never markup.
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         TimeElapsedColumn(),
         console=console,

@@ -61,6 +61,11 @@ def recommend(*, db_path: Path, user_id: str, limit: int = 20) -> UserReport:
         if user is None:
             raise ConfigError(f"--user: no user {user_id!r} in {db_path} (raw ids, as in users)")
         recs = db.records(con, "user_recommendations", user_id=user_id)
+        if not recs:
+            raise DatabaseError(
+                f"--user: user {user_id!r} has no served list in {db_path}: added since the "
+                "last `mfbatch score` (run it to serve them), or they rated every item"
+            )
         runs = {r["run_id"] for r in recs}
         for run_id in runs:
             origin = db.record(con, "run_dataset", run_id=run_id)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from mfbatch.errors import DatabaseError
-from mfbatch.store import db
+from mfbatch.store import db, outputs
 from mfbatch.store.datasets import Dataset
 from mfbatch.store.runs import Run, find_run
+from mfbatch.version import __version__
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,7 @@ def _page(
     ]  # fmt: skip
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
+<meta name="generator" content="mfbatch {__version__}">
 <title>mfbatch report: run {html.escape(run.run_id)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; color: #222; max-width: 1100px; }}
@@ -190,8 +191,12 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 """
 
 
-def report(*, db_path: Path, out: Path, run_id: str = "latest") -> ReportSummary:
+def report(
+    *, db_path: Path, out: Path, run_id: str = "latest", export_dir: Path | None = None
+) -> ReportSummary:
     """Write the report of a validated run (default: the newest) to `out`."""
+    # Refused before any work: `out` may only replace an earlier report (store.outputs).
+    target = outputs.check(out, flag="--out", kind="report", db_path=db_path, export_dir=export_dir)
     con = db.connect(db_path, read_only=True)
     try:
         dataset = Dataset.load(con, db_path)
@@ -222,12 +227,6 @@ def report(*, db_path: Path, out: Path, run_id: str = "latest") -> ReportSummary
         con.close()
     figures = _figures(epochs, metrics, items, scores, served_scores)
     page = _page(run, dataset, metrics, figures, served)
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    with outputs.staged(target) as partial:
         partial.write_text(page, encoding="utf-8")
-        os.replace(partial, out)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise DatabaseError(f"writing {out} failed ({exc}); pick another --out") from None
     return ReportSummary(run_id=run.run_id, out=out, figures=len(figures), k=k)

@@ -27,18 +27,18 @@ from rich.console import Console
 
 from mfbatch.artifact.graph import item_table, load_graph
 from mfbatch.config import Config, ScoreConfig
-from mfbatch.errors import ConfigError, DatabaseError
+from mfbatch.errors import DatabaseError
 from mfbatch.serving.engines import (
     EngineResult,
     ScoreJob,
     apply_fold_in,
-    refuse_empty_lists,
+    empty_lists_note,
     score_in_process,
 )
 from mfbatch.serving.spool import SPOOL_PREFIX
 from mfbatch.stages.score_inputs import ScoreInputs, load_inputs
-from mfbatch.store import db, workdirs
-from mfbatch.store.history import export_lists, publish_lists
+from mfbatch.store import db, outputs, workdirs
+from mfbatch.store.history import export_lists, list_target, publish_lists
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class ScoreSummary:
     folded_users: int = 0
     fold_seconds: float = 0.0
     unscorable_items: int = 0
+    empty_note: str = ""  # users left with an empty list (they rated every item)
 
     def line(self) -> str:
         rate = self.users / self.seconds if self.seconds else 0.0
@@ -82,7 +83,10 @@ class ScoreSummary:
             f"scored {self.users:,} users with run {self.run_id} ({kind}) on {self.provider}"
             f"{cold}{folded}: {self.rows:,} recommendations, {rate:,.0f} users/s, "
             f"{self.seconds:.2f} s -> {self.db} (recommendations {how}, publish "
-            f"{self.publish_id})" + (f" and {self.output}" if self.output else "") + unscorable
+            f"{self.publish_id})"
+            + (f" and {self.output}" if self.output else "")
+            + unscorable
+            + (f"; {self.empty_note}" if self.empty_note else "")
         )
 
 
@@ -119,8 +123,6 @@ def _scratch(config: Config) -> Iterator[Path]:
     try:
         if settings.parts_dir is not None:
             parts = settings.parts_dir
-            if parts.exists() and any(parts.iterdir()):
-                raise ConfigError(f"--parts-dir: {parts} is not empty; pass a new or empty folder")
             parts.mkdir(parents=True, exist_ok=True)
         else:
             spool = workdirs.make(config.db.parent, SPOOL_PREFIX)
@@ -157,6 +159,21 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     """Score with the chosen engine, then publish `recommendations` in one transaction."""
     started = time.perf_counter()
     settings = config.score
+    # Output paths are refused before any work: a bad one must not cost a night's scoring,
+    # nor be found only after the publish.
+    target = (
+        list_target(settings.output, db_path=config.db, export_dir=config.train.export_dir)
+        if settings.output is not None
+        else None
+    )
+    if settings.parts_dir is not None:
+        outputs.check(
+            settings.parts_dir,
+            flag="--parts-dir",
+            kind="parts",
+            db_path=config.db,
+            export_dir=config.train.export_dir,
+        )
     if settings.publish:
         # Publishing needs the write lock: refuse a locked or read-only database first.
         db.check_writable(config.db)
@@ -168,7 +185,8 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     with _scratch(config) as folder:
         try:
             result = _run_engine(settings, job, folder, console)
-            refuse_empty_lists(result.empty, inputs.user_ids)
+            narrowed = settings.include_items is not None or settings.exclude_items is not None
+            empty_note = empty_lists_note(result, inputs.user_ids, len(job.plan.users), narrowed)
             if settings.publish:
                 publish_id = publish_lists(
                     config.db,
@@ -184,8 +202,8 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
                 "retry; the previous recommendations are unchanged"
             ) from None
     written = settings.parts_dir  # the Ray engine's parts, when kept
-    if settings.output is not None and settings.publish:
-        written, _ = export_lists(db_path=config.db, out=settings.output)
+    if target is not None and settings.publish:
+        written, _ = export_lists(db_path=config.db, out=target)
     return ScoreSummary(
         run_id=inputs.run.run_id,
         data_seen=inputs.run.data_seen,
@@ -201,4 +219,5 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         folded_users=len(inputs.fold.users),
         fold_seconds=fold_seconds,
         unscorable_items=inputs.unscorable_items,
+        empty_note=empty_note,
     )

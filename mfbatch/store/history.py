@@ -8,8 +8,6 @@ Every publish (a full `score` or a `--users` update) is kept whole in
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,8 +16,9 @@ from typing import TYPE_CHECKING
 import duckdb
 import pyarrow as pa
 
-from mfbatch.errors import ConfigError, DatabaseError
-from mfbatch.store import db
+from mfbatch.errors import ConfigError, DatabaseError, ModelError
+from mfbatch.store import db, outputs
+from mfbatch.store.datasets import Dataset
 
 if TYPE_CHECKING:  # imported where used: `score` never needs Polars
     import polars as pl
@@ -175,25 +174,63 @@ def read_lists(*, db_path: Path, publish: int | None = None) -> pl.DataFrame:
     return pl.from_arrow(frame.to_arrow().cast(LIST_SCHEMA))  # type: ignore[return-value]
 
 
-def export_lists(*, db_path: Path, out: Path, publish: int | None = None) -> tuple[Path, int]:
+def list_target(
+    out: Path, *, db_path: Path, flag: str = "--output", export_dir: Path | None = None
+) -> outputs.Target:
+    """`out` checked as a list export (refused before any work: `mfbatch.store.outputs`)."""
+    suffix = out.suffix.lower()
+    if suffix not in (".parquet", ".csv", ""):
+        raise ConfigError(
+            f"{flag}: {out} must end in .parquet or .csv, or name a folder for a Parquet "
+            "dataset partitioned by run_id"
+        )
+    kind: outputs.Kind = {".parquet": "lists-parquet", ".csv": "lists-csv"}.get(  # type: ignore[assignment]
+        suffix, "lists-folder"
+    )
+    return outputs.check(out, flag=flag, kind=kind, db_path=db_path, export_dir=export_dir)
+
+
+def _require_current(db_path: Path, run_ids: list[str]) -> None:
+    """The served lists must come from runs of the data the database holds now, as
+    `recommend` requires: after a re-preprocess the same raw ids may name other users."""
+    con = db.connect(db_path, read_only=True)
+    try:
+        dataset = Dataset.load(con, db_path)
+        for run_id in run_ids:
+            origin = db.record(con, "run_dataset", run_id=run_id)
+            if origin is None or origin["dataset_sha256"] != dataset.sha256:
+                raise ModelError(
+                    f"the lists in {db_path} were made by run {run_id}, trained on other data "
+                    "than the database holds now; run `mfbatch score` again (or pass "
+                    "--publish N to export a kept publish as it was)"
+                )
+    finally:
+        con.close()
+
+
+def export_lists(
+    *,
+    db_path: Path,
+    out: Path | outputs.Target,
+    publish: int | None = None,
+    export_dir: Path | None = None,
+) -> tuple[Path, int]:
     """Write the lists to `out`: .parquet or .csv file, else a folder of Parquet by run_id.
 
     Written beside the target and renamed into place: a reader never sees half a file.
     """
-    suffix = out.suffix.lower()
-    if suffix not in (".parquet", ".csv", ""):
-        raise ConfigError(
-            f"--output: {out} must end in .parquet or .csv, or name a folder for a Parquet "
-            "dataset partitioned by run_id"
-        )
+    target = (
+        out
+        if isinstance(out, outputs.Target)
+        else list_target(out, db_path=db_path, export_dir=export_dir)
+    )
     frame = read_lists(db_path=db_path, publish=publish)
-    staging = out.with_name(f".{out.name}.partial")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        if suffix == ".parquet":
+    if publish is None:
+        _require_current(db_path, frame["run_id"].unique().to_list())
+    with outputs.staged(target) as staging:
+        if target.kind == "lists-parquet":
             frame.write_parquet(staging)
-        elif suffix == ".csv":
+        elif target.kind == "lists-csv":
             frame.write_csv(staging)
         else:
             # Imported here: pyarrow.dataset pulls in pandas (~0.2 s), which every
@@ -206,15 +243,6 @@ def export_lists(*, db_path: Path, out: Path, publish: int | None = None) -> tup
                 format="parquet",
                 partitioning=["run_id"],
                 partitioning_flavor="hive",
+                existing_data_behavior="overwrite_or_ignore",
             )
-        if out.is_dir() and suffix == "":
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if staging.is_file():
-            staging.unlink()
-        raise DatabaseError(
-            f"writing {out} failed ({exc}); free space or pick another path"
-        ) from None
-    return out, frame.height
+    return target.path, frame.height

@@ -142,7 +142,14 @@ def find_run(
         if chosen is not None:
             # Someone chose what is served (`mfbatch serve`): that, or a clear refusal.
             run = find_run(con, path, dataset, str(chosen["run_id"]), role="any")
-            run.require_dataset(dataset)
+            if run.dataset_sha256 != dataset.sha256:
+                # Training again would not help: the promotion still names the old run.
+                raise ModelError(
+                    f"run {run.run_id}, promoted with `mfbatch serve`, was trained on other "
+                    f"data than {path} holds now (re-preprocessed since); run `mfbatch serve "
+                    f"--clear --db {path}` to serve the newest refit, or promote a run "
+                    "trained on this data"
+                )
             return run
     every = [_run(r, path) for r in db.records(con, "newest_runs")]
     runs = every if role == "any" else [r for r in every if r.dataset_sha256 == dataset.sha256]

@@ -2,6 +2,9 @@
 
 Each holds an `owner.pid`; a folder whose owner is gone was left by a process killed
 outright (SIGKILL, OOM killer, power loss), and the next run of the same stage removes it.
+A folder without that file is not provably the tool's (a user's folder may share the
+prefix): it is removed only when empty and over a minute old (a run killed between
+creating it and writing its owner), never when it holds anything.
 They live beside the database, not in /tmp, so they are on the disk that has room for it.
 """
 
@@ -14,8 +17,8 @@ import time
 from pathlib import Path
 
 OWNER_FILE = "owner.pid"
-# A folder with no owner file yet may be one another process has just created: only one
-# older than this is taken for a leftover.
+# A folder with no owner file yet may be one another process has just created: only an
+# empty one older than this is taken for a leftover.
 UNOWNED_GRACE_S = 60.0
 
 
@@ -30,13 +33,17 @@ def remove_stale(folder: Path, prefix: str) -> int:
     """Remove `prefix*` folders whose owner process is gone; returns how many."""
     removed = 0
     for work in folder.glob(prefix + "*"):
-        try:
-            pid: int | None = int((work / OWNER_FILE).read_text().strip())
-        except (OSError, ValueError):
-            pid = None
-        if pid is not None and pid != os.getpid() and _alive(pid):
+        if not work.is_dir() or work.is_symlink():
             continue
-        if pid is None and _age(work) < UNOWNED_GRACE_S:
+        try:
+            pid = int((work / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            # Not provably ours (module docstring): an empty, old one holds nothing to lose.
+            if _age(work) >= UNOWNED_GRACE_S and not any(work.iterdir()):
+                work.rmdir()
+                removed += 1
+            continue
+        if pid != os.getpid() and _alive(pid):
             continue
         shutil.rmtree(work, ignore_errors=True)
         removed += 1
