@@ -8,9 +8,9 @@ popular items they have not rated (`source = 'popularity'`), never an untrained 
 The database is read at the start (`score_inputs`) and written at the end. In between an
 engine (`mfbatch.serving.engines`: in this process, or over Ray actors) scores batches of
 users into a scratch folder beside the database; the publish writes those lists into
-`recommendation_history` as the next publish (for `--users`, with everyone else's
-previous rows) inside one transaction, and the view `recommendations` shows the newest
-publish. A crash, Ctrl-C or full disk at any point leaves the previous lists served.
+the history as the next publish (for `--users`, with everyone else's previous rows)
+inside one transaction, and the view `recommendations` shows the newest publish. A crash,
+Ctrl-C or full disk at any point leaves the previous lists served.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from mfbatch.serving.engines import (
 from mfbatch.serving.spool import SPOOL_PREFIX
 from mfbatch.stages.score_inputs import ScoreInputs, load_inputs
 from mfbatch.store import db, workdirs
-from mfbatch.store.history import export_lists, publish_lists
+from mfbatch.store.history import Scale, check_publishable, export_lists, publish_lists
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     if settings.publish:
         # Publishing needs the write lock: refuse a locked or read-only database first.
         db.check_writable(config.db)
+        check_publishable(config.db)
     workdirs.remove_stale(config.db.parent, SPOOL_PREFIX)
     inputs = load_inputs(config)
     job, fold_seconds = _job(config, inputs)
@@ -175,6 +176,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
                     result.lists,
                     inputs.run.run_id,
                     created,
+                    scale=Scale(job.objective, *job.rating_range),
                     partial=settings.users is not None,
                     keep=settings.keep_history,
                 )
