@@ -12,7 +12,15 @@ per user (popularity-skewed), measured in one run:
   core:      mfbatch's exported graph driven by mfbatch.serving.session.Scorer (masking included),
              at the batch size the Scorer picks;
   e2e:       `mfbatch score` as a subprocess on a DuckDB file holding the same shapes,
-             including start-up, reading the db and writing the recommendations.
+             including start-up, reading the db and writing the recommendations;
+  the job's whole floor, each part bare, in the same round robin:
+    read:    DuckDB read of the rated (user_idx, item_idx) pairs, fresh connection;
+    write:   the lists as (publish_id, user_idx, item_idx, rank, score) ints + float32
+             into a fresh DuckDB file, one transaction;
+    imports: `import numpy, onnxruntime, duckdb, pyarrow` in a fresh interpreter;
+    whole floor = best floor + read + write + imports; e2e is measured against it.
+  Also: `import mfbatch.stages.score` in a fresh interpreter (target: within 0.15 s of
+  the bare imports), and the database's growth per publish (MB).
 Medians of --repeats (taken round robin), wall seconds and CPU seconds (all threads; the
 e2e child's from getrusage). Ratios are against the floor measured in this run. On a
 shared machine the CPU-second ratios are the steadier ones; the load average is printed
@@ -105,6 +113,59 @@ def timed(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def bare_read(db_path: Path) -> None:
+    import duckdb
+
+    con = duckdb.connect(str(db_path), read_only=True)
+    try:
+        con.execute("SELECT user_idx, item_idx FROM ratings").fetchnumpy()
+    finally:
+        con.close()
+
+
+def bare_write(folder: Path, n_users: int) -> Callable[[], None]:
+    """The lean publish with nothing else: K rows a user, ints and float32, one transaction."""
+    import duckdb
+    import pyarrow as pa
+
+    rows = n_users * K
+    table = pa.table(
+        {
+            "publish_id": np.ones(rows, np.int32),
+            "user_idx": np.repeat(np.arange(n_users, dtype=np.int32), K),
+            "item_idx": np.random.default_rng(1).integers(0, 20_000, rows).astype(np.int32),
+            "rank": np.tile(np.arange(1, K + 1, dtype=np.int32), n_users),
+            "score": np.random.default_rng(2).random(rows).astype(np.float32),
+        }
+    )
+
+    def run() -> None:
+        path = folder / "bare-write.duckdb"
+        path.unlink(missing_ok=True)
+        con = duckdb.connect(str(path))
+        try:
+            con.register("lists", table)
+            con.execute("SET preserve_insertion_order = false")
+            con.begin()
+            con.execute(
+                "CREATE TABLE l (publish_id INTEGER, user_idx INTEGER, item_idx INTEGER, "
+                "rank INTEGER, score FLOAT)"
+            )
+            con.execute("INSERT INTO l SELECT * FROM lists")
+            con.commit()
+        finally:
+            con.close()
+
+    return run
+
+
+def fresh_import(modules: str) -> Callable[[], None]:
+    def run() -> None:
+        subprocess.run([sys.executable, "-c", f"import {modules}"], check=True)
+
+    return run
 
 
 def build_database(
@@ -264,9 +325,14 @@ def main() -> None:
         # a change in what else the machine runs shifts all of them, not one.
         runs: dict[str, tuple[Callable[[], None], Callable[[], float]]] = {
             **{f"floor@{size}": (floor_run(size), time.process_time) for size in sizes},
+            "read": (lambda: bare_read(db_path), time.process_time),
+            "write": (bare_write(folder, args.users), time.process_time),
+            "imports": (fresh_import("numpy, onnxruntime, duckdb, pyarrow"), children_cpu),
+            "import_score": (fresh_import("mfbatch.stages.score"), children_cpu),
             "core": (core, time.process_time),
             "e2e": (e2e_run, children_cpu),
         }
+        size_before = db_path.stat().st_size
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, (fn, cpu_clock) in runs.items():
@@ -296,18 +362,37 @@ def main() -> None:
         print(f"  numpy        {results['numpy']:7.2f} s  {results['numpy_cpu']:6.2f} cpu-s")
         results["e2e"], results["e2e_cpu"] = median["e2e"]
         results["e2e_peak_rss_mb"] = max(rss)
+        results["publish_mb"] = (db_path.stat().st_size - size_before) / args.repeats / 1e6
+        for part in ("read", "write", "imports", "import_score"):
+            results[part], results[f"{part}_cpu"] = median[part]
+        results["whole_floor"] = sum(results[p] for p in ("floor", "read", "write", "imports"))
+        results["whole_floor_cpu"] = sum(
+            results[p] for p in ("floor_cpu", "read_cpu", "write_cpu", "imports_cpu")
+        )
     load_after = os.getloadavg()
     print(
         f"  e2e          {results['e2e']:7.2f} s  {results['e2e_cpu']:6.2f} cpu-s  "
         f"(mfbatch score subprocess, peak RSS {max(rss):.0f} MB)"
     )
     print(f"floor = best of the sizes: {best} users/batch (by CPU seconds: {best_cpu})")
+    for part in ("read", "write", "imports", "import_score"):
+        print(f"  {part:<12} {results[part]:7.2f} s  {results[part + '_cpu']:6.2f} cpu-s")
+    print(
+        f"  whole floor  {results['whole_floor']:7.2f} s  {results['whole_floor_cpu']:6.2f} "
+        f"cpu-s (floor + read + write + imports); publish {results['publish_mb']:.1f} MB"
+    )
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     core_vs_floor = results["core"] / results["floor"]
     numpy_vs_core = results["numpy"] / results["core"]
     e2e_vs_floor = results["e2e"] / results["floor"]
     e2e_vs_floor_cpu = results["e2e_cpu"] / results["floor_cpu"]
+    e2e_vs_whole = results["e2e"] / results["whole_floor"]
+    e2e_vs_whole_cpu = results["e2e_cpu"] / results["whole_floor_cpu"]
+    import_gap = results["import_score"] - results["imports"]
     checks = (
+        ("e2e / whole floor", e2e_vs_whole, "x", "<= 1.3", e2e_vs_whole <= 1.3),
+        ("  same, cpu-s", e2e_vs_whole_cpu, "x", "<= 1.3", e2e_vs_whole_cpu <= 1.3),
+        ("import gap s", import_gap, "", "<= 0.15", import_gap <= 0.15),
         ("core / floor", core_vs_floor, "x", "<= 1.5", core_vs_floor <= 1.5),
         ("numpy / core", numpy_vs_core, "x", ">= 3", numpy_vs_core >= 3),
         ("e2e / floor", e2e_vs_floor, "x", "<= 1.3", e2e_vs_floor <= 1.3),
@@ -329,6 +414,8 @@ def main() -> None:
                     "numpy_vs_core": numpy_vs_core,
                     "e2e_vs_floor": e2e_vs_floor,
                     "e2e_vs_floor_cpu": e2e_vs_floor_cpu,
+                    "e2e_vs_whole_floor": e2e_vs_whole,
+                    "e2e_vs_whole_floor_cpu": e2e_vs_whole_cpu,
                     "load_average": [load_before[0], load_after[0]],
                     "users": args.users,
                     "items": args.items,

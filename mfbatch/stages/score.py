@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mfbatch.artifact.graph import item_table, load_graph
+from mfbatch.artifact.parts import load_item_table
 from mfbatch.config import Config, ScoreConfig
 from mfbatch.errors import ConfigError, DatabaseError
 from mfbatch.serving.engines import (
@@ -90,9 +90,7 @@ def _job(config: Config, inputs: ScoreInputs) -> tuple[ScoreJob, float]:
     """The engine's job, with fold-in solved; and the seconds fold-in took."""
     settings, run = config.score, inputs.run
     started = time.perf_counter()
-    plan = apply_fold_in(
-        inputs.plan, inputs.fold, item_table(load_graph(run.model_path)), run.objective
-    )
+    plan = apply_fold_in(inputs.plan, inputs.fold, load_item_table(run.model_path), run.objective)
     job = ScoreJob(
         plan=plan,
         model_path=run.model_path,
