@@ -168,6 +168,95 @@ def fresh_import(modules: str) -> Callable[[], None]:
     return run
 
 
+_OLD_LAYOUT = """
+CREATE TABLE IF NOT EXISTS recommendation_history (
+    publish_id INTEGER NOT NULL, published_at TIMESTAMP NOT NULL, run_id VARCHAR NOT NULL,
+    user_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, rank INTEGER NOT NULL,
+    score DOUBLE NOT NULL, predicted_rating DOUBLE, source VARCHAR NOT NULL,
+    created_at TIMESTAMP NOT NULL)
+"""
+
+
+def publish_only(n_users: int, n_items: int, repeats: int) -> None:
+    """The publish alone, lean (this version) against the previous one-table layout:
+    the same n_users x K lists, medians of `repeats`, and each layout's growth per publish."""
+    import duckdb
+    import pyarrow as pa
+
+    from mfbatch.serving.lists import ListBatch, to_arrow, to_lean_arrow, with_rating
+    from mfbatch.store.history import Scale, publish_lists
+
+    rng = np.random.default_rng(0)
+    users = np.arange(n_users, dtype=np.int64)
+    items = rng.integers(0, n_items, (n_users, K))
+    scores = -np.sort(-rng.random((n_users, K)).astype(np.float32), axis=1)
+    batch = ListBatch(users, items, scores, np.ones(n_users, dtype=bool))
+    user_ids = pa.array([str(u + 1) for u in range(n_users)], pa.string())
+    item_ids = pa.array([str(i + 1) for i in range(n_items)], pa.string())
+    lean = to_lean_arrow(batch)
+    old = with_rating(to_arrow(batch, user_ids, item_ids), "ranking", 1.0, 5.0)
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+        paths = {"lean": Path(tmp) / "lean.duckdb", "rows": Path(tmp) / "rows.duckdb"}
+        for path in paths.values():
+            con = duckdb.connect(str(path))
+            con.register("u", pa.table({"user_idx": np.arange(n_users), "user_id": user_ids}))
+            con.register("i", pa.table({"item_idx": np.arange(n_items), "item_id": item_ids}))
+            con.execute(
+                "CREATE TABLE users AS SELECT user_idx::INTEGER AS user_idx, user_id FROM u"
+            )
+            con.execute(
+                "CREATE TABLE items AS SELECT item_idx::INTEGER AS item_idx, item_id FROM i"
+            )
+            con.execute("CREATE TABLE dataset_meta AS SELECT 'bench' AS dataset_sha256")
+            con.close()
+
+        def run_lean() -> None:
+            publish_lists(
+                paths["lean"],
+                lean,
+                "bench-run",
+                datetime.now(),
+                scale=Scale("ranking", 1.0, 5.0),
+                partial=False,
+                keep=repeats + 1,
+            )
+
+        publish_id = 0
+
+        def run_rows() -> None:  # the previous version's insert, as it was
+            nonlocal publish_id
+            publish_id += 1
+            con = duckdb.connect(str(paths["rows"]))
+            try:
+                con.register("spooled", old)
+                con.execute("SET preserve_insertion_order = false")
+                con.begin()
+                con.execute(_OLD_LAYOUT)
+                con.execute(
+                    "INSERT INTO recommendation_history SELECT $p, now()::TIMESTAMP, 'bench-run', "
+                    "user_id::VARCHAR, item_id::VARCHAR, rank::INTEGER, score::DOUBLE, "
+                    "predicted_rating::DOUBLE, source::VARCHAR, now()::TIMESTAMP FROM spooled",
+                    {"p": publish_id},
+                )
+                con.commit()
+            finally:
+                con.close()
+
+        sizes = {name: path.stat().st_size for name, path in paths.items()}
+        got = {"lean": [], "rows": []}
+        for _ in range(repeats):
+            for name, fn in (("lean", run_lean), ("rows", run_rows)):
+                started, cpu = time.perf_counter(), time.process_time()
+                fn()
+                got[name].append((time.perf_counter() - started, time.process_time() - cpu))
+        print(f"publish of {n_users * K:,} rows, load average {os.getloadavg()[0]:.2f}")
+        for name in ("lean", "rows"):
+            wall = statistics.median(w for w, _ in got[name])
+            cpu_s = statistics.median(c for _, c in got[name])
+            grown = (paths[name].stat().st_size - sizes[name]) / repeats / 1e6
+            print(f"  {name:<5} {wall:6.2f} s {cpu_s:6.2f} cpu-s  {grown:6.1f} MB per publish")
+
+
 def build_database(
     path: Path, export_dir: Path, model: MatrixFactorization, seen: SeenItems
 ) -> None:
@@ -253,7 +342,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-mb", type=int, default=512)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--publish-only", action="store_true", help="time the publish alone, lean vs rows"
+    )
     args = parser.parse_args()
+    if args.publish_only:
+        publish_only(args.users, args.items, args.repeats)
+        return
     threads = machine_cores()
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
