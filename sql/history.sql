@@ -159,9 +159,11 @@ WHERE publish_id = $previous
 INSERT INTO publishes
 SELECT $publish_id, now()::TIMESTAMP, $run_id, $created_at,
        (SELECT any_value(dataset_sha256) FROM dataset_meta), $mapping, $partial, true,
-       count(DISTINCT user_idx), count(*),
-       count(DISTINCT user_idx) FILTER (WHERE source = 1),
-       count(DISTINCT user_idx) FILTER (WHERE source = 2),
+       -- Every listed user has exactly one rank-1 row: counting those is the distinct
+       -- users without a hash of 2M keys (0.13 CPU-s a night).
+       count(*) FILTER (WHERE rank = 1), count(*),
+       count(*) FILTER (WHERE rank = 1 AND source = 1),
+       count(*) FILTER (WHERE rank = 1 AND source = 2),
        $objective, $rating_min, $rating_max
 FROM publish_lists
 WHERE publish_id = $publish_id;

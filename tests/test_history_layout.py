@@ -64,6 +64,10 @@ def test_the_views_hold_the_rows_the_one_table_history_held(ws: Workspace, which
     ((created, published),) = rows(ws.db, "SELECT created_at, published_at FROM publishes")
     assert {r[7] for r in served} == {created}
     assert all(r[5] is not None for r in served if r[6] != "popularity")
+    counts = rows(ws.db, "SELECT users, rows, popularity_users, fold_in_users FROM publishes")
+    listed = {r[1] for r in served}
+    from_popularity = {r[1] for r in served if r[6] == "popularity"}
+    assert counts == [(len(listed), len(served), len(from_popularity), 0)]
     history = rows(
         ws.db,
         f"SELECT publish_id, published_at, {COLUMNS} FROM recommendation_history "
