@@ -12,7 +12,15 @@ per user (popularity-skewed), measured in one run:
   core:      mfbatch's exported graph driven by mfbatch.serving.session.Scorer (masking included),
              at the batch size the Scorer picks;
   e2e:       `mfbatch score` as a subprocess on a DuckDB file holding the same shapes,
-             including start-up, reading the db and writing the recommendations.
+             including start-up, reading the db and writing the recommendations;
+  the job's whole floor, each part bare, in the same round robin:
+    read:    DuckDB read of the rated (user_idx, item_idx) pairs, fresh connection;
+    write:   the lists as (publish_id, user_idx, item_idx, rank, score) ints + float32
+             into a fresh DuckDB file, one transaction;
+    imports: `import numpy, onnxruntime, duckdb, pyarrow` in a fresh interpreter;
+    whole floor = best floor + read + write + imports; e2e is measured against it.
+  Also: `import mfbatch.stages.score` in a fresh interpreter (target: within 0.15 s of
+  the bare imports), and the database's growth per publish (MB).
 Medians of --repeats (taken round robin), wall seconds and CPU seconds (all threads; the
 e2e child's from getrusage). Ratios are against the floor measured in this run. On a
 shared machine the CPU-second ratios are the steadier ones; the load average is printed
@@ -107,6 +115,148 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def bare_read(db_path: Path) -> None:
+    import duckdb
+
+    con = duckdb.connect(str(db_path), read_only=True)
+    try:
+        con.execute("SELECT user_idx, item_idx FROM ratings").fetchnumpy()
+    finally:
+        con.close()
+
+
+def bare_write(folder: Path, n_users: int) -> Callable[[], None]:
+    """The lean publish with nothing else: K rows a user, ints and float32, one transaction."""
+    import duckdb
+    import pyarrow as pa
+
+    rows = n_users * K
+    table = pa.table(
+        {
+            "publish_id": np.ones(rows, np.int32),
+            "user_idx": np.repeat(np.arange(n_users, dtype=np.int32), K),
+            "item_idx": np.random.default_rng(1).integers(0, 20_000, rows).astype(np.int32),
+            "rank": np.tile(np.arange(1, K + 1, dtype=np.int32), n_users),
+            "score": np.random.default_rng(2).random(rows).astype(np.float32),
+        }
+    )
+
+    def run() -> None:
+        path = folder / "bare-write.duckdb"
+        path.unlink(missing_ok=True)
+        con = duckdb.connect(str(path))
+        try:
+            con.register("lists", table)
+            con.execute("SET preserve_insertion_order = false")
+            con.begin()
+            con.execute(
+                "CREATE TABLE l (publish_id INTEGER, user_idx INTEGER, item_idx INTEGER, "
+                "rank INTEGER, score FLOAT)"
+            )
+            con.execute("INSERT INTO l SELECT * FROM lists")
+            con.commit()
+        finally:
+            con.close()
+
+    return run
+
+
+def fresh_import(modules: str) -> Callable[[], None]:
+    def run() -> None:
+        subprocess.run([sys.executable, "-c", f"import {modules}"], check=True)
+
+    return run
+
+
+_OLD_LAYOUT = """
+CREATE TABLE IF NOT EXISTS recommendation_history (
+    publish_id INTEGER NOT NULL, published_at TIMESTAMP NOT NULL, run_id VARCHAR NOT NULL,
+    user_id VARCHAR NOT NULL, item_id VARCHAR NOT NULL, rank INTEGER NOT NULL,
+    score DOUBLE NOT NULL, predicted_rating DOUBLE, source VARCHAR NOT NULL,
+    created_at TIMESTAMP NOT NULL)
+"""
+
+
+def publish_only(n_users: int, n_items: int, repeats: int) -> None:
+    """The publish alone, lean (this version) against the previous one-table layout:
+    the same n_users x K lists, medians of `repeats`, and each layout's growth per publish."""
+    import duckdb
+    import pyarrow as pa
+
+    from mfbatch.serving.lists import ListBatch, to_arrow, to_lean_arrow, with_rating
+    from mfbatch.store.history import Scale, publish_lists
+
+    rng = np.random.default_rng(0)
+    users = np.arange(n_users, dtype=np.int64)
+    items = rng.integers(0, n_items, (n_users, K))
+    scores = -np.sort(-rng.random((n_users, K)).astype(np.float32), axis=1)
+    batch = ListBatch(users, items, scores, np.ones(n_users, dtype=bool))
+    user_ids = pa.array([str(u + 1) for u in range(n_users)], pa.string())
+    item_ids = pa.array([str(i + 1) for i in range(n_items)], pa.string())
+    lean = to_lean_arrow(batch)
+    old = with_rating(to_arrow(batch, user_ids, item_ids), "ranking", 1.0, 5.0)
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+        paths = {"lean": Path(tmp) / "lean.duckdb", "rows": Path(tmp) / "rows.duckdb"}
+        for path in paths.values():
+            con = duckdb.connect(str(path))
+            con.register("u", pa.table({"user_idx": np.arange(n_users), "user_id": user_ids}))
+            con.register("i", pa.table({"item_idx": np.arange(n_items), "item_id": item_ids}))
+            con.execute(
+                "CREATE TABLE users AS SELECT user_idx::INTEGER AS user_idx, user_id FROM u"
+            )
+            con.execute(
+                "CREATE TABLE items AS SELECT item_idx::INTEGER AS item_idx, item_id FROM i"
+            )
+            con.execute("CREATE TABLE dataset_meta AS SELECT 'bench' AS dataset_sha256")
+            con.close()
+
+        def run_lean() -> None:
+            publish_lists(
+                paths["lean"],
+                lean,
+                "bench-run",
+                datetime.now(),
+                scale=Scale("ranking", 1.0, 5.0),
+                partial=False,
+                keep=repeats + 1,
+            )
+
+        publish_id = 0
+
+        def run_rows() -> None:  # the previous version's insert, as it was
+            nonlocal publish_id
+            publish_id += 1
+            con = duckdb.connect(str(paths["rows"]))
+            try:
+                con.register("spooled", old)
+                con.execute("SET preserve_insertion_order = false")
+                con.begin()
+                con.execute(_OLD_LAYOUT)
+                con.execute(
+                    "INSERT INTO recommendation_history SELECT $p, now()::TIMESTAMP, 'bench-run', "
+                    "user_id::VARCHAR, item_id::VARCHAR, rank::INTEGER, score::DOUBLE, "
+                    "predicted_rating::DOUBLE, source::VARCHAR, now()::TIMESTAMP FROM spooled",
+                    {"p": publish_id},
+                )
+                con.commit()
+            finally:
+                con.close()
+
+        sizes = {name: path.stat().st_size for name, path in paths.items()}
+        got = {"lean": [], "rows": []}
+        for _ in range(repeats):
+            for name, fn in (("lean", run_lean), ("rows", run_rows)):
+                started, cpu = time.perf_counter(), time.process_time()
+                fn()
+                got[name].append((time.perf_counter() - started, time.process_time() - cpu))
+        print(f"publish of {n_users * K:,} rows, load average {os.getloadavg()[0]:.2f}")
+        for name in ("lean", "rows"):
+            wall = statistics.median(w for w, _ in got[name])
+            cpu_s = statistics.median(c for _, c in got[name])
+            grown = (paths[name].stat().st_size - sizes[name]) / repeats / 1e6
+            print(f"  {name:<5} {wall:6.2f} s {cpu_s:6.2f} cpu-s  {grown:6.1f} MB per publish")
+
+
 def build_database(
     path: Path, export_dir: Path, model: MatrixFactorization, seen: SeenItems
 ) -> None:
@@ -192,7 +342,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-mb", type=int, default=512)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--publish-only", action="store_true", help="time the publish alone, lean vs rows"
+    )
     args = parser.parse_args()
+    if args.publish_only:
+        publish_only(args.users, args.items, args.repeats)
+        return
     threads = machine_cores()
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
@@ -264,9 +420,14 @@ def main() -> None:
         # a change in what else the machine runs shifts all of them, not one.
         runs: dict[str, tuple[Callable[[], None], Callable[[], float]]] = {
             **{f"floor@{size}": (floor_run(size), time.process_time) for size in sizes},
+            "read": (lambda: bare_read(db_path), time.process_time),
+            "write": (bare_write(folder, args.users), time.process_time),
+            "imports": (fresh_import("numpy, onnxruntime, duckdb, pyarrow"), children_cpu),
+            "import_score": (fresh_import("mfbatch.stages.score"), children_cpu),
             "core": (core, time.process_time),
             "e2e": (e2e_run, children_cpu),
         }
+        size_before = db_path.stat().st_size
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, (fn, cpu_clock) in runs.items():
@@ -296,18 +457,37 @@ def main() -> None:
         print(f"  numpy        {results['numpy']:7.2f} s  {results['numpy_cpu']:6.2f} cpu-s")
         results["e2e"], results["e2e_cpu"] = median["e2e"]
         results["e2e_peak_rss_mb"] = max(rss)
+        results["publish_mb"] = (db_path.stat().st_size - size_before) / args.repeats / 1e6
+        for part in ("read", "write", "imports", "import_score"):
+            results[part], results[f"{part}_cpu"] = median[part]
+        results["whole_floor"] = sum(results[p] for p in ("floor", "read", "write", "imports"))
+        results["whole_floor_cpu"] = sum(
+            results[p] for p in ("floor_cpu", "read_cpu", "write_cpu", "imports_cpu")
+        )
     load_after = os.getloadavg()
     print(
         f"  e2e          {results['e2e']:7.2f} s  {results['e2e_cpu']:6.2f} cpu-s  "
         f"(mfbatch score subprocess, peak RSS {max(rss):.0f} MB)"
     )
     print(f"floor = best of the sizes: {best} users/batch (by CPU seconds: {best_cpu})")
+    for part in ("read", "write", "imports", "import_score"):
+        print(f"  {part:<12} {results[part]:7.2f} s  {results[part + '_cpu']:6.2f} cpu-s")
+    print(
+        f"  whole floor  {results['whole_floor']:7.2f} s  {results['whole_floor_cpu']:6.2f} "
+        f"cpu-s (floor + read + write + imports); publish {results['publish_mb']:.1f} MB"
+    )
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     core_vs_floor = results["core"] / results["floor"]
     numpy_vs_core = results["numpy"] / results["core"]
     e2e_vs_floor = results["e2e"] / results["floor"]
     e2e_vs_floor_cpu = results["e2e_cpu"] / results["floor_cpu"]
+    e2e_vs_whole = results["e2e"] / results["whole_floor"]
+    e2e_vs_whole_cpu = results["e2e_cpu"] / results["whole_floor_cpu"]
+    import_gap = results["import_score"] - results["imports"]
     checks = (
+        ("e2e / whole floor", e2e_vs_whole, "x", "<= 1.3", e2e_vs_whole <= 1.3),
+        ("  same, cpu-s", e2e_vs_whole_cpu, "x", "<= 1.3", e2e_vs_whole_cpu <= 1.3),
+        ("import gap s", import_gap, "", "<= 0.15", import_gap <= 0.15),
         ("core / floor", core_vs_floor, "x", "<= 1.5", core_vs_floor <= 1.5),
         ("numpy / core", numpy_vs_core, "x", ">= 3", numpy_vs_core >= 3),
         ("e2e / floor", e2e_vs_floor, "x", "<= 1.3", e2e_vs_floor <= 1.3),
@@ -329,6 +509,8 @@ def main() -> None:
                     "numpy_vs_core": numpy_vs_core,
                     "e2e_vs_floor": e2e_vs_floor,
                     "e2e_vs_floor_cpu": e2e_vs_floor_cpu,
+                    "e2e_vs_whole_floor": e2e_vs_whole,
+                    "e2e_vs_whole_floor_cpu": e2e_vs_whole_cpu,
                     "load_average": [load_before[0], load_after[0]],
                     "users": args.users,
                     "items": args.items,

@@ -1,4 +1,4 @@
--- Scoring: what `mfbatch score` reads, and the staged swap that publishes its output.
+-- Scoring: what `mfbatch score` reads (the publish itself is in history.sql).
 
 -- name: seen_all
 -- Served lists exclude every rated item, whatever split it is in and whatever run serves.
@@ -29,18 +29,6 @@ SELECT item_idx, item_id FROM items ORDER BY item_idx;
 -- name: unordered_inserts
 -- Rows of recommendations carry their order in `rank`, so DuckDB may insert in parallel.
 SET preserve_insertion_order = false;
-
--- name: drop_recommendations_staging
--- Left by a version that staged the lists in a table before swapping it in: stale.
-DROP TABLE IF EXISTS recommendations_staging;
-
--- name: add_recommendations_source
--- A table written before `source` existed held model lists only.
-ALTER TABLE recommendations ADD COLUMN IF NOT EXISTS source VARCHAR DEFAULT 'model';
-
--- name: drop_recommendations
--- Only ever the table an older version served from; it is a view from then on.
-DROP TABLE IF EXISTS recommendations;
 
 -- name: count_recommendations
 SELECT count(*), count(DISTINCT user_id) FROM recommendations;

@@ -43,7 +43,7 @@ from mfbatch.config import load_config
 from mfbatch.stages.evaluate import Evaluation
 from mfbatch.stages.evaluate import evaluate as run_evaluate
 from mfbatch.store import db
-from mfbatch.store.history import publish_lists
+from mfbatch.store.history import Scale, publish_lists
 
 RUN_ID = "run-1"
 
@@ -256,7 +256,15 @@ def build_db(
             },
             orient="row",
         )
-        publish_lists(path, spooled.to_arrow(), RUN_ID, start, partial=False, keep=1)
+        publish_lists(
+            path,
+            spooled.to_arrow(),
+            RUN_ID,
+            start,
+            scale=Scale("ranking", 1.0, 5.0),
+            partial=False,
+            keep=1,
+        )
     return path
 
 

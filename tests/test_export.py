@@ -17,6 +17,7 @@ import torch
 
 from mfbatch.artifact.files import export_model, read_metadata
 from mfbatch.artifact.graph import INPUTS, OPSET, OUTPUTS
+from mfbatch.artifact.parts import serving_parts
 from mfbatch.errors import ModelError
 from mfbatch.training.model import MatrixFactorization, ModelShape
 
@@ -185,7 +186,24 @@ def test_re_export_replaces_the_file(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = second(users, items).reshape(N_USERS, N_ITEMS).double().numpy()
     np.testing.assert_allclose(_all_scores(path, N_USERS, N_ITEMS), expected, atol=1e-5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    # model.onnx and the parts serving reads, cut from it; no `.part` file left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "items_aug_t.npy",
+        "model.onnx",
+        "scores.onnx",
+        "serving.json",
+        "topk.onnx",
+        "vectors.onnx",
+    ]
+    parts = serving_parts(path)
+    assert parts is not None and parts.metadata["run_id"] == "run-two"
+    np.testing.assert_array_equal(parts.item_table(), load_item_table_from_graph(path))
+
+
+def load_item_table_from_graph(path: Path) -> np.ndarray:
+    from mfbatch.artifact.graph import item_table, load_graph
+
+    return item_table(load_graph(path))
 
 
 def test_unwritable_target_is_a_model_error(bn_model: MatrixFactorization, tmp_path: Path) -> None:

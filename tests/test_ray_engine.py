@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from mfbatch.serving.ray_engine import shards
-from mfbatch.store.history import publish_lists
+from mfbatch.store.history import Scale, publish_lists
 
 ray = pytest.importorskip("ray")
 # Ray's actors log tracebacks of their own when the cluster winds down.
@@ -141,7 +141,15 @@ def test_publish_from_parts_is_all_or_nothing(
     broken.write_bytes(good[0].read_bytes()[:-200])
     dataset = pads.dataset([str(p) for p in [*good, broken]], format="parquet")
     with pytest.raises(Exception) as failure:
-        publish_lists(served, dataset, "run-x", datetime(2026, 1, 1), partial=False, keep=7)
+        publish_lists(
+            served,
+            dataset,
+            "run-x",
+            datetime(2026, 1, 1),
+            scale=Scale("rating", 1.0, 5.0),
+            partial=False,
+            keep=7,
+        )
     assert "Traceback" not in str(failure.value)
     assert _lists(served) == before
     with duckdb.connect(str(served), read_only=True) as con:

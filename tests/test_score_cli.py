@@ -7,7 +7,6 @@ refit on all data: the `ws` fixture in conftest.py); each test works on its own 
 
 from __future__ import annotations
 
-import duckdb
 import onnx
 import pytest
 import torch
@@ -107,39 +106,6 @@ def test_users_file_updates_only_those_users(ws: Workspace) -> None:
             assert rows == before[user]
     rated = _rated(ws.db, ("train", "val"))
     assert not any(r[2] in rated[r[1]] for r in ws.recommendations())
-
-
-def test_a_table_an_older_version_served_from_becomes_the_view(ws: Workspace) -> None:
-    """Databases scored before `recommendations` was a view hold it as a table (no source
-    column, no history): a `--users` update keeps everyone else's rows from that table."""
-    assert ws.score("--top-k", "5").exit_code == 0
-    before = _by_user(ws.recommendations())
-    con = duckdb.connect(str(ws.db))
-    con.execute(
-        "CREATE TABLE old AS SELECT run_id, user_id, item_id, rank, score, predicted_rating, "
-        "created_at FROM recommendations"
-    )
-    con.execute("DROP VIEW recommendations")
-    con.execute("DROP TABLE recommendation_history")
-    con.execute("ALTER TABLE old RENAME TO recommendations")
-    con.close()
-    chosen = sorted(_ids(ws.db, "users").values())[:2]
-    result = ws.score("--top-k", "3", "--users", ws.write_ids("users.txt", chosen))
-    assert result.exit_code == 0, result.stderr
-    kinds = _rows(
-        ws.db,
-        "SELECT table_type FROM information_schema.tables WHERE table_name = 'recommendations'",
-    )
-    assert kinds == [("VIEW",)]
-    after = _by_user(ws.recommendations())
-    assert set(after) == set(before)
-    for user, rows in after.items():
-        if user in chosen:
-            assert len(rows) == 3
-        else:  # the old table had no source column: its lists were the model's
-            assert rows == before[user]
-    history = _rows(ws.db, "SELECT DISTINCT publish_id FROM recommendation_history")
-    assert history == [(1,)]
 
 
 def test_include_and_exclude_items(ws: Workspace) -> None:

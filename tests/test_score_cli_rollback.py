@@ -9,7 +9,7 @@ from typing import Any
 
 import duckdb
 import pytest
-from conftest import Workspace, _check_lists, _rated
+from conftest import Workspace
 from conftest import tables as _tables
 
 import mfbatch.serving.engines
@@ -22,7 +22,7 @@ import mfbatch.store.workdirs
 def _fail_on_second_batch(
     monkeypatch: pytest.MonkeyPatch, error: BaseException
 ) -> Callable[[], int]:
-    real = mfbatch.serving.engines.to_arrow
+    real = mfbatch.serving.engines.to_lean_arrow
     calls = 0
 
     def faulty(*args: Any, **kwargs: Any) -> Any:
@@ -32,7 +32,7 @@ def _fail_on_second_batch(
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mfbatch.serving.engines, "to_arrow", faulty)
+    monkeypatch.setattr(mfbatch.serving.engines, "to_lean_arrow", faulty)
     return lambda: calls
 
 
@@ -116,13 +116,3 @@ def test_a_failure_while_staging_is_a_one_line_error(
     assert ws.recommendations() == before
     assert _tables(ws.db) == tables
     assert not list(ws.root.glob(".mfbatch-score-*"))
-
-
-def test_a_stale_staging_table_is_dropped_by_the_next_run(ws: Workspace) -> None:
-    con = duckdb.connect(str(ws.db))
-    con.execute("CREATE TABLE recommendations_staging AS SELECT 1 AS junk")
-    con.close()
-    result = ws.score("--top-k", "4")
-    assert result.exit_code == 0, result.stderr
-    assert "recommendations_staging" not in _tables(ws.db)
-    _check_lists(ws, run_id=ws.refit, k=4, excluded=_rated(ws.db, ("train", "val")))

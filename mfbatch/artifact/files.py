@@ -13,9 +13,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import onnx
-
-from mfbatch.artifact.graph import OPSET, augmented_tables, build_graph, load_graph
+from mfbatch.artifact.parts import mark_complete, remove_parts, serving_parts, write_parts
 from mfbatch.errors import ModelError, first_line
 from mfbatch.store.datasets import Dataset
 from mfbatch.store.runs import MANIFEST_FILE, ONNX_FILE, STATE_FILE, Run
@@ -28,7 +26,12 @@ __all__ = ["MANIFEST_FILE", "ONNX_FILE", "STATE_FILE"]
 
 
 def export_model(model: MatrixFactorization, manifest: dict[str, Any], folder: Path) -> Path:
-    """Write folder/model.onnx (atomically) with the run's identity in its metadata."""
+    """Write folder/model.onnx (atomically) with the run's identity in its metadata, and
+    the parts serving reads (`mfbatch.artifact.parts`), cut from the same graph."""
+    import onnx
+
+    from mfbatch.artifact.graph import OPSET, augmented_tables, build_graph
+
     users_aug, items_aug_t = augmented_tables(model)
     metadata = {
         "run_id": manifest["run_id"],
@@ -47,10 +50,18 @@ def export_model(model: MatrixFactorization, manifest: dict[str, Any], folder: P
     target = folder / ONNX_FILE
     partial = folder / (ONNX_FILE + ".part")
     try:
+        # Parts first, model.onnx, then serving.json marking the set complete: a crash
+        # anywhere leaves either the new set or a model.onnx served as an older export.
+        (folder / "serving.json").unlink(missing_ok=True)
+        parts, non_finite = write_parts(graph, folder)
         onnx.save_model(graph, str(partial))
+        for part in parts:
+            part.replace(part.with_name(part.name.removesuffix(".part")))
         partial.replace(target)
+        mark_complete(graph, non_finite, target)
     except OSError as exc:
         partial.unlink(missing_ok=True)
+        remove_parts(folder)
         raise ModelError(
             f"could not write {target} ({exc}); free space and run `mfbatch export`"
         ) from None
@@ -110,6 +121,11 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise ModelError(
             f"{path} does not exist; run `mfbatch export --run-id <id>` (or `mfbatch train`)"
         )
+    parts = serving_parts(path)
+    if parts is not None:
+        return parts.metadata
+    from mfbatch.artifact.graph import load_graph  # an older export: parse model.onnx
+
     try:
         proto = load_graph(path)
     except Exception as exc:  # onnx raises assorted protobuf/IO errors

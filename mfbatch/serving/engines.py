@@ -22,7 +22,7 @@ from mfbatch.errors import ConfigError, InputDataError
 from mfbatch.progress import Steps
 from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.foldin import fold_in, method_for
-from mfbatch.serving.lists import ListPlan, build_lists, to_arrow, with_rating
+from mfbatch.serving.lists import ListPlan, build_lists, to_lean_arrow
 from mfbatch.serving.session import Scorer
 from mfbatch.serving.spool import SPOOL_FILE, Spooler, read_spool
 
@@ -111,14 +111,6 @@ def empty_lists_note(result: EngineResult, user_ids: pa.Array, n_users: int, nar
     )
 
 
-def arrow_lists(job: ScoreJob) -> Any:
-    """Batch lists -> the Arrow table every engine publishes (raw ids, rating column)."""
-    lo, hi = job.rating_range
-    return lambda lists: with_rating(
-        to_arrow(lists, job.user_ids, job.item_ids), job.objective, lo, hi
-    )
-
-
 def score_in_process(job: ScoreJob, spool_dir: Path, console: Console | None) -> EngineResult:
     """Score in this process, spooling each batch's lists to `spool_dir` as it goes."""
     scorer = Scorer(job.model_path, provider=job.provider, threads=job.threads)
@@ -135,7 +127,8 @@ def score_in_process(job: ScoreJob, spool_dir: Path, console: Console | None) ->
     popularity_users = 0
     empty: list[int] = []
     empty_users = 0
-    spooler = Spooler(spool, arrow_lists(job))
+    # The spool is in the history's own integers: the publish copies it without a join.
+    spooler = Spooler(spool, to_lean_arrow)
     try:
         with Steps(console, "score", len(job.plan.users), "users") as progress:
             for lists in build_lists(scorer, job.plan, batch):

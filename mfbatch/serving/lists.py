@@ -204,6 +204,28 @@ def to_arrow(batch: ListBatch, user_ids: pa.Array, item_ids: pa.Array) -> pa.Tab
     )
 
 
+def to_lean_arrow(batch: ListBatch) -> pa.Table:
+    """A batch's lists as the history stores them: integers and the graph's float32 score
+    (user_idx, item_idx, rank, score, source code); slots with nothing to offer dropped."""
+    k = batch.items.shape[1]
+    valid = np.isfinite(batch.scores)
+    users = np.broadcast_to(batch.users[:, None], batch.items.shape)[valid]
+    ranks = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32)[None, :], batch.items.shape)
+    kind = np.where(batch.from_model, MODEL_CODE, POPULARITY_CODE).astype(np.int8)
+    if batch.folded is not None:
+        kind[batch.folded] = FOLD_IN_CODE
+    source = np.broadcast_to(kind[:, None], batch.items.shape)
+    return pa.table(
+        {
+            "user_idx": arrow_array(users.astype(np.int32)),
+            "item_idx": arrow_array(batch.items[valid].astype(np.int32)),
+            "rank": arrow_array(ranks[valid]),
+            "score": arrow_array(batch.scores[valid].astype(np.float32)),
+            "source": arrow_array(source[valid]),
+        }
+    )
+
+
 def with_rating(table: pa.Table, objective: str, lo: float, hi: float) -> pa.Table:
     """`to_arrow`'s table plus predicted_rating: stars where the score is one (a rating
     model's score on model and fold-in rows), null for ranking scores and popularity rows."""

@@ -12,13 +12,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
-from mfbatch.artifact.graph import check_finite, load_graph, split_stages, vectors_graph
+from mfbatch.artifact.parts import ServingParts, serving_parts
 from mfbatch.config import machine_cores
 from mfbatch.errors import ConfigError, ModelError, first_line
 from mfbatch.serving.csr import SeenItems
@@ -27,6 +26,16 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 # Score rows per CPU batch that the speed-first batch size aims at (auto_batch_size).
 FAST_CPU_BATCH_MB = 128
+
+
+def _refuse_non_finite(parts: ServingParts, path: Path) -> None:
+    """A model whose tables hold NaN or inf would publish nonsense lists: refuse it."""
+    for name, bad in parts.non_finite.items():
+        if bad:
+            raise ModelError(
+                f"{path}: table {name} holds {bad:,} NaN/inf value(s); the run is "
+                "broken, train again (lower --lr or raise --l2)"
+            )
 
 
 def _gpu_present() -> bool:
@@ -67,20 +76,22 @@ class Scorer:
             raise ConfigError(f"--provider: {self.provider!r} is not one of auto, cuda, cpu")
         if self.graph not in ("auto", "split", "whole"):
             raise ConfigError(f"graph: {self.graph!r} is not one of auto, split, whole")
-        try:
-            proto = load_graph(self.path)
-        except Exception as exc:  # onnx raises assorted protobuf/IO errors
-            raise ModelError(
-                f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
-            ) from None
-        check_finite(proto, self.path)
+        # What export prepared beside model.onnx (no onnx import); an older export's
+        # model.onnx is parsed and cut in memory instead.
+        self._parts = serving_parts(self.path)
+        self._proto: Any = None
+        if self._parts is not None:
+            _refuse_non_finite(self._parts, self.path)
+            items = self._parts.item_table()
+        else:
+            from mfbatch.artifact.graph import check_finite, item_table
+
+            check_finite(self._graph(), self.path)
+            items = item_table(self._graph())
         # The model's frozen item tables: what fold-in solves user vectors against, and
         # the catalogue it can score (a database grown since has more items than that).
-        self.items_aug_t = next(
-            numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == "V_aug_t"
-        )
+        self.items_aug_t = items
         self.n_items = int(self.items_aug_t.shape[1])
-        self._proto = proto
         self._options = options = ort.SessionOptions()
         self._vectors: ort.InferenceSession | None = None
         available = ort.get_available_providers()
@@ -108,12 +119,10 @@ class Scorer:
         self._workers = options.intra_op_num_threads
         self._pool: ThreadPoolExecutor | None = None
         if want_cuda:
-            self.session = self._cuda_session(options, proto)
+            self.session = self._cuda_session(options)
         if self.session is None and self.graph == "whole":
             try:
-                self.session = ort.InferenceSession(
-                    proto.SerializeToString(), options, providers=[CPU]
-                )
+                self.session = ort.InferenceSession(str(self.path), options, providers=[CPU])
             except Exception as exc:  # ORT raises its own exception types for bad files
                 raise ModelError(
                     f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
@@ -125,11 +134,7 @@ class Scorer:
             # threads that was 1.25x one thread, against ~2x for the slices.
             self._options = options = self._single_thread(options)
             try:
-                scores, topk = split_stages(proto)
-                self._split = (
-                    ort.InferenceSession(scores.SerializeToString(), options, providers=[CPU]),
-                    ort.InferenceSession(topk.SerializeToString(), options, providers=[CPU]),
-                )
+                self._split = self._split_sessions(options)
             except Exception as exc:  # onnx/ORT raise their own types for bad files
                 raise ModelError(
                     f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
@@ -148,14 +153,38 @@ class Scorer:
         single.log_severity_level = options.log_severity_level
         return single
 
-    def _cuda_session(
-        self, options: ort.SessionOptions, proto: onnx.ModelProto
-    ) -> ort.InferenceSession | None:
+    def _graph(self) -> Any:
+        """model.onnx parsed (an older export, or a variant export did not prepare)."""
+        if self._proto is None:
+            from mfbatch.artifact.graph import load_graph
+
+            try:
+                self._proto = load_graph(self.path)
+            except Exception as exc:  # onnx raises assorted protobuf/IO errors
+                raise ModelError(
+                    f"{self.path} could not be loaded by ONNX Runtime ({first_line(exc)})"
+                ) from None
+        return self._proto
+
+    def _split_sessions(
+        self, options: ort.SessionOptions
+    ) -> tuple[ort.InferenceSession, ort.InferenceSession]:
+        """The CPU path's two halves: export's files, or cut from model.onnx here."""
+        if self._parts is not None:
+            halves: list[Any] = [str(self._parts.scores), str(self._parts.topk)]
+        else:
+            from mfbatch.artifact.graph import split_stages
+
+            halves = [g.SerializeToString() for g in split_stages(self._graph())]
+        return (
+            ort.InferenceSession(halves[0], options, providers=[CPU]),
+            ort.InferenceSession(halves[1], options, providers=[CPU]),
+        )
+
+    def _cuda_session(self, options: ort.SessionOptions) -> ort.InferenceSession | None:
         """The whole graph on CUDA, or None (with a warning) when `auto` must fall back."""
         try:
-            session = ort.InferenceSession(
-                proto.SerializeToString(), options, providers=[CUDA, CPU]
-            )
+            session = ort.InferenceSession(str(self.path), options, providers=[CUDA, CPU])
         except Exception as exc:  # ORT raises its own exception types for bad files
             if self.provider == "cuda":
                 raise ModelError(
@@ -268,11 +297,16 @@ class Scorer:
     def _vectors_session(self) -> ort.InferenceSession:
         """The graph over user rows (fold-in), built from model.onnx's own tables once."""
         if self._vectors is None:
-            graph = vectors_graph(self._proto, whole=self._split is None)
             providers = self.session.get_providers() if self.session is not None else [CPU]
-            self._vectors = ort.InferenceSession(
-                graph.SerializeToString(), self._options, providers=providers
-            )
+            source: Any
+            if self._split is not None and self._parts is not None:
+                source = str(self._parts.vectors)
+            else:  # the whole variant (CUDA, tests' oracle path) or an older export
+                from mfbatch.artifact.graph import vectors_graph
+
+                graph = vectors_graph(self._graph(), whole=self._split is None)
+                source = graph.SerializeToString()
+            self._vectors = ort.InferenceSession(source, self._options, providers=providers)
         return self._vectors
 
     def top_k_rows(

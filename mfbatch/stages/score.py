@@ -8,9 +8,9 @@ popular items they have not rated (`source = 'popularity'`), never an untrained 
 The database is read at the start (`score_inputs`) and written at the end. In between an
 engine (`mfbatch.serving.engines`: in this process, or over Ray actors) scores batches of
 users into a scratch folder beside the database; the publish writes those lists into
-`recommendation_history` as the next publish (for `--users`, with everyone else's
-previous rows) inside one transaction, and the view `recommendations` shows the newest
-publish. A crash, Ctrl-C or full disk at any point leaves the previous lists served.
+the history as the next publish (for `--users`, with everyone else's previous rows)
+inside one transaction, and the view `recommendations` shows the newest publish. A crash,
+Ctrl-C or full disk at any point leaves the previous lists served.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mfbatch.artifact.graph import item_table, load_graph
+from mfbatch.artifact.parts import load_item_table
 from mfbatch.config import Config, ScoreConfig
 from mfbatch.errors import DatabaseError
 from mfbatch.serving.engines import (
@@ -38,7 +38,13 @@ from mfbatch.serving.engines import (
 from mfbatch.serving.spool import SPOOL_PREFIX
 from mfbatch.stages.score_inputs import ScoreInputs, load_inputs
 from mfbatch.store import db, outputs, workdirs
-from mfbatch.store.history import export_lists, list_target, publish_lists
+from mfbatch.store.history import (
+    Scale,
+    check_publishable,
+    export_lists,
+    list_target,
+    publish_lists,
+)
 
 
 @dataclass(frozen=True)
@@ -94,9 +100,7 @@ def _job(config: Config, inputs: ScoreInputs) -> tuple[ScoreJob, float]:
     """The engine's job, with fold-in solved; and the seconds fold-in took."""
     settings, run = config.score, inputs.run
     started = time.perf_counter()
-    plan = apply_fold_in(
-        inputs.plan, inputs.fold, item_table(load_graph(run.model_path)), run.objective
-    )
+    plan = apply_fold_in(inputs.plan, inputs.fold, load_item_table(run.model_path), run.objective)
     job = ScoreJob(
         plan=plan,
         model_path=run.model_path,
@@ -177,6 +181,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     if settings.publish:
         # Publishing needs the write lock: refuse a locked or read-only database first.
         db.check_writable(config.db)
+        check_publishable(config.db)
     workdirs.remove_stale(config.db.parent, SPOOL_PREFIX)
     inputs = load_inputs(config)
     job, fold_seconds = _job(config, inputs)
@@ -193,6 +198,7 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
                     result.lists,
                     inputs.run.run_id,
                     created,
+                    scale=Scale(job.objective, *job.rating_range),
                     partial=settings.users is not None,
                     keep=settings.keep_history,
                 )

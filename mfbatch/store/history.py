@@ -1,9 +1,11 @@
 """Served lists over time, and in the formats a warehouse reads.
 
-Every publish (a full `score` or a `--users` update) is kept whole in
-`recommendation_history`, numbered, for the last `--keep-history` publishes; the view
-`recommendations` is the newest one. `diff` says what changed between two nights;
-`export_lists` writes the lists as Parquet (a file, or a folder partitioned by run) or CSV.
+Every publish (a full `score` or a `--users` update) is kept whole, numbered, for the
+last `--keep-history` publishes: one `publishes` row and its lists in integers
+(`publish_lists`). The views `recommendation_history` (raw ids, every kept publish) and
+`recommendations` (the newest) are what readers read (schema: docs/schema.md). `diff`
+says what changed between two nights; `export_lists` writes the lists as Parquet (a file,
+or a folder partitioned by run) or CSV.
 """
 
 from __future__ import annotations
@@ -38,46 +40,129 @@ LIST_SCHEMA = pa.schema(
 )
 
 
+@dataclass(frozen=True)
+class Scale:
+    """What predicted_rating is derived from: a rating model's objective and the dataset's
+    star range (the view computes it from the stored score, as the scorer once stored it)."""
+
+    objective: str
+    rating_min: float
+    rating_max: float
+
+
+def _refuse_0_1_0(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    layout = (db.record(con, "history_layout") or {}).get("layout")
+    if layout == "table":
+        raise DatabaseError(
+            f"{path} holds `recommendations` as a table from mfbatch 0.1.0, which this version "
+            f"can't carry over; drop it (duckdb {path} 'DROP TABLE recommendations') and run "
+            "`mfbatch score` again"
+        )
+
+
+def check_publishable(path: Path) -> None:
+    """Refuse, before any scoring, a database whose served lists can't be published to."""
+    if not path.exists():
+        return
+    con = db.connect(path, read_only=True)
+    try:
+        _refuse_0_1_0(con, path)
+    finally:
+        con.close()
+
+
+def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Bring the served lists to the lean layout, once, inside the publishing transaction.
+
+    The one-table history (raw ids on every row) is rewritten into `publishes` and
+    `publish_lists` and dropped; the views take its name. A 0.1.0 `recommendations` table
+    (no history) is refused: nothing recorded which run or scale made it.
+    """
+    _refuse_0_1_0(con, path)
+    layout = (db.record(con, "history_layout") or {}).get("layout")
+    db.run(con, "create_publishes")
+    db.run(con, "create_publish_lists")
+    db.run(con, "create_list_users")
+    db.run(con, "create_list_items")
+    if layout == "rows":
+        db.run(con, "drop_served_view")
+        db.run(con, "migrate_rename_rows")
+        db.run(con, "migrate_publishes")
+        db.run(con, "migrate_list_users")
+        db.run(con, "migrate_list_items")
+        db.run(con, "migrate_publish_lists")
+        db.run(con, "migrate_drop_rows")
+
+
 def _write_publish(
     con: duckdb.DuckDBPyConnection,
+    path: Path,
     *,
+    lean: bool,
     run_id: str,
     created: datetime,
+    scale: Scale,
     partial: bool,
     keep: int,
 ) -> int:
     """The registered `spooled_recommendations` as the next publish; returns its id.
 
-    Runs inside the publishing transaction. The lists are written once, into the history,
-    and `recommendations` is a view of the newest publish: the served table and its
-    history can't disagree, and a night's lists aren't copied a second time (2M rows took
-    ~0.7 CPU-s a copy). `partial` (`--users`): everyone else keeps the previous list.
+    Runs inside the publishing transaction. The lists are written once, in integers, and
+    `recommendations` is a view of the newest publish: the served table and its history
+    can't disagree, and a night's lists aren't copied a second time. `partial`
+    (`--users`): everyone else keeps the previous list.
     """
-    db.run(con, "create_recommendation_history")
-    # A staging table an older version left behind is stale.
-    db.run(con, "drop_recommendations_staging")
+    _migrate(con, path)
+    mapping = int((db.record(con, "current_mapping") or {"mapping": 1})["mapping"])
+    db.run(con, "extend_list_users", mapping=mapping)
+    db.run(con, "extend_list_items", mapping=mapping)
     row = db.record(con, "next_publish_id")
     publish_id = int(row["publish_id"]) if row else 1
-    served = db.record(con, "table_type", table="recommendations")
-    legacy = served is not None and served["table_type"] == "BASE TABLE"
-    if partial and served is not None:
-        if legacy:
-            db.run(con, "add_recommendations_source")
-        # Before this publish's rows exist: until then `recommendations` is the previous one.
-        db.run(con, "carry_over_users", publish_id=publish_id)
-    db.run(con, "insert_publish", publish_id=publish_id, run_id=run_id, created_at=created)
-    if legacy:
-        db.run(con, "drop_recommendations")
+    publish_id = max(publish_id, 1)
+    db.run(con, "insert_publish" if lean else "insert_publish_raw", publish_id=publish_id)
+    if partial and publish_id > 1:
+        db.run(
+            con, "carry_over_users", publish_id=publish_id, previous=publish_id - 1, mapping=mapping
+        )
+    db.run(
+        con,
+        "insert_publish_row",
+        publish_id=publish_id,
+        run_id=run_id,
+        created_at=created,
+        mapping=mapping,
+        partial=partial,
+        objective=scale.objective,
+        rating_min=scale.rating_min,
+        rating_max=scale.rating_max,
+    )
+    db.run(con, "create_history_view")
     db.run(con, "serve_newest_publish")
     db.run(con, "prune_history", publish_id=publish_id, keep=keep)
+    db.run(con, "mark_pruned")
+    if int((db.record(con, "mappings_in_use") or {"n": 0})["n"]) > 1:
+        db.run(con, "prune_list_users")
+        db.run(con, "prune_list_items")
     return publish_id
 
 
 def publish_lists(
-    path: Path, lists: object, run_id: str, created: datetime, *, partial: bool, keep: int
+    path: Path,
+    lists: object,
+    run_id: str,
+    created: datetime,
+    *,
+    scale: Scale,
+    partial: bool,
+    keep: int,
 ) -> int:
-    """`lists` (an Arrow table, or a pyarrow dataset of Parquet parts that DuckDB scans)
-    into `recommendations` in one transaction; returns the publish id."""
+    """`lists` into the history as the next publish, in one transaction; returns its id.
+
+    `lists` is an Arrow table or a pyarrow dataset that DuckDB scans: in integers
+    (user_idx, item_idx, rank, score, source code: the in-process spool) or with raw ids
+    (user_id, item_id, ..., source names: the Ray engine's Parquet parts).
+    """
+    lean = "user_idx" in lists.schema.names  # type: ignore[attr-defined]
     con = db.connect(path)
     try:
         con.register("spooled_recommendations", lists)
@@ -87,7 +172,16 @@ def publish_lists(
         # The copy from the spool is inside the transaction: a failure while writing it
         # (disk full, a truncated part) is rolled back like the rest and reported in one line.
         with db.transaction(con, f"recommendations into {path}"):
-            return _write_publish(con, run_id=run_id, created=created, partial=partial, keep=keep)
+            return _write_publish(
+                con,
+                path,
+                lean=lean,
+                run_id=run_id,
+                created=created,
+                scale=scale,
+                partial=partial,
+                keep=keep,
+            )
     finally:
         con.close()
 
@@ -115,9 +209,13 @@ class Diff:
 
 
 def _publish_ids(con: duckdb.DuckDBPyConnection, path: Path) -> list[int]:
-    if not db.table_exists(con, "recommendation_history"):
+    layout = (db.record(con, "history_layout") or {}).get("layout")
+    if layout not in ("lean", "rows"):
         raise DatabaseError(f"{path} has no history of served lists; run `mfbatch score` first")
-    return [int(r["publish_id"]) for r in db.records(con, "publishes")]
+    # A database the previous layout served is read as it is until the next publish
+    # migrates it (readers open it read-only).
+    query = "publishes" if layout == "lean" else "publishes_rows"
+    return [int(r["publish_id"]) for r in db.records(con, query)]
 
 
 def diff(*, db_path: Path, before: int | None = None, after: int | None = None) -> Diff:
