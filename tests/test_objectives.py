@@ -19,7 +19,13 @@ from mfbatch.training.objectives import (
     recency_weights,
     sampled_softmax,
 )
-from mfbatch.training.steps import LazyAdam, make_optimizers, plan
+from mfbatch.training.steps import (
+    KAPPA_CPU_NS,
+    LazyAdam,
+    full_softmax_seconds,
+    make_optimizers,
+    plan,
+)
 from mfbatch.training.tensors import Csr, Interactions
 from mfbatch.training.validation import Validation, rank_metrics
 
@@ -226,7 +232,7 @@ def test_frequency_l2_weights_rows_by_their_ratings_and_plain_by_table() -> None
     assert weighted == pytest.approx(0.5 * float((w**2 * rows).sum()) / n, rel=1e-5)
 
 
-def test_catalogues_too_wide_for_the_budget_fall_back_to_sampling() -> None:
+def test_catalogues_too_wide_for_the_memory_budget_fall_back_to_sampling() -> None:
     config = TrainConfig(memory_mb=16, batch_size=256, negatives=1024)
     # 16 MiB holds 1,048 rows of 1,000 items: the full softmax, 256 users a step.
     fits = plan(config, n_items=1_000)
@@ -238,19 +244,44 @@ def test_catalogues_too_wide_for_the_budget_fall_back_to_sampling() -> None:
     few = plan(config.replace(memory_mb=2), n_items=4_000)
     assert few.loss == "sampled" and few.note is not None and "--memory-mb 2" in few.note
     assert few.batch_size == 128  # 1,024 samples a row: 128 rows fit in 2 MiB
-    # Room enough, but 20,000 items cost ~20x 1,024 samples a step: sampled too.
-    wide = plan(config.replace(memory_mb=4096), n_items=20_000)
-    assert wide.loss == "sampled" and wide.note is not None and "--negatives 1024" in wide.note
-    roomy = config.replace(memory_mb=4096, negatives=4096)
-    assert plan(roomy, n_items=20_000).loss == "softmax"
     # A sampled epoch takes at most 400 steps where the budget allows: 200k users run
     # 500 a step; ML-100K's 943 keep --batch-size; 2 MiB still caps them at 128.
-    big = config.replace(memory_mb=4096)
+    big = config.replace(memory_mb=4096, objective="sampled")
     assert plan(big, n_items=20_000, n_users=200_000).batch_size == 500
     assert plan(big, n_items=20_000, n_users=943).batch_size == 256
     tight = config.replace(memory_mb=2)
     assert plan(tight, n_items=4_000, n_users=200_000).batch_size == 128
     assert plan(TrainConfig(objective="rating"), 10**7).loss == "rating"
+
+
+def test_full_or_sampled_follows_the_cost_rule() -> None:
+    """docs/model.md, "Full or sampled": full while epochs x users x items x max(dim, 64)
+    x KAPPA fits --time-budget-s (and the rows fit --memory-mb), whatever the catalogue."""
+    config = TrainConfig()  # dim 256, 80 epochs, 600 s, 1 GiB
+    # The estimate itself: 0.5 ns per user x item x dim on CPU; dim below 64 costs 64.
+    assert full_softmax_seconds(1_000, 2_000, 256, 10) == pytest.approx(
+        10 * 1_000 * 2_000 * 256 * KAPPA_CPU_NS * 1e-9
+    )
+    assert full_softmax_seconds(1_000, 2_000, 8, 10) == full_softmax_seconds(1_000, 2_000, 64, 10)
+    # A small catalogue with many users: sampled only when over the budget.
+    # 100k users x 5,000 items x 256 x 80 epochs ~ 1.4 h on CPU: over 600 s.
+    many = plan(config, n_items=5_000, n_users=100_000)
+    assert many.loss == "sampled" and "over --time-budget-s 600" in many.reason
+    assert many.note is not None and many.full_seconds == pytest.approx(5_120, rel=1e-3)
+    # ... and full once the budget covers it, or with fewer users (ML-100K's 943).
+    assert plan(config.replace(time_budget_s=6_000), 5_000, 100_000).loss == "softmax"
+    assert plan(config, n_items=5_000, n_users=943).loss == "softmax"
+    # A large catalogue with few users: full (the old rule, items <= 8 x --negatives,
+    # sampled it): 500 users x 50,000 items ~ 256 s.
+    few = plan(config, n_items=50_000, n_users=500)
+    assert few.loss == "softmax" and few.note is None
+    assert "within --time-budget-s 600" in few.reason and "500 users x 50,000 items" in few.reason
+    # The same on a GPU's assumed throughput: Amazon-CDs' size stays full there.
+    assert plan(config, 35_648, 43_169).loss == "sampled"
+    assert plan(config, 35_648, 43_169, device_type="cuda").loss == "softmax"
+    # --objective sampled is obeyed whatever the cost, and says so.
+    asked = plan(config.replace(objective="sampled"), n_items=1_000, n_users=100)
+    assert asked.loss == "sampled" and asked.note is None and "--objective sampled" in asked.reason
 
 
 def test_user_exponent_weights_each_users_ratings_and_keeps_the_scale() -> None:

@@ -218,10 +218,21 @@ def train_epoch(
     return float(total.item()) / max(n_batches, 1)
 
 
+def plan_for(model: MatrixFactorization, data: Interactions, config: TrainConfig) -> Plan:
+    """`plan` for this model and data (its users with ratings) on their device."""
+    active = int(torch.unique(data.users).numel())
+    return plan(config, model.shape.n_items, active, device_type=data.users.device.type)
+
+
 def _setup(
-    model: MatrixFactorization, data: Interactions, config: TrainConfig, schedule_epochs: int
+    model: MatrixFactorization,
+    data: Interactions,
+    config: TrainConfig,
+    schedule_epochs: int,
+    run_plan: Plan | None = None,
 ) -> tuple[EpochData, Plan, list[torch.optim.Optimizer], list[Any], torch.Generator]:
-    """The epoch's data, the step plan, optimizers and schedules, seeded."""
+    """The epoch's data, the step plan (`plan_for` unless given), optimizers and
+    schedules, seeded."""
     device = data.users.device
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device)
@@ -233,7 +244,8 @@ def _setup(
         config.sampler,
         float(config.recency_half_life or 0.0),
     )
-    run_plan = plan(config, model.shape.n_items, int(epoch_data.active_users.numel()))
+    if run_plan is None:
+        run_plan = plan_for(model, data, config)
     optimizers = make_optimizers(model, config, run_plan)
     schedulers = [
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule_epochs)
@@ -254,6 +266,7 @@ def train_model(
     on_epoch_start: Callable[[int, int], Callable[[int], None] | None] | None = None,
     on_epoch_end: Callable[[EpochRecord], None] | None = None,
     shard: Shard | None = None,
+    run_plan: Plan | None = None,
 ) -> Outcome:
     """Train with early stopping on `val` and restore the best epoch's weights.
 
@@ -265,7 +278,7 @@ def train_model(
     """
     max_epochs = int(epochs or config.epochs or 1)
     epoch_data, run_plan, optimizers, schedulers, generator = _setup(
-        model, data, config, schedule_epochs or max_epochs
+        model, data, config, schedule_epochs or max_epochs, run_plan
     )
     patience = int(config.patience or 1)
     outcome = Outcome(model=model, plan=run_plan)
