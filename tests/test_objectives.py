@@ -13,6 +13,7 @@ from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.objectives import (
     Samples,
     UserBatch,
+    draw_mixed,
     draw_samples,
     full_softmax,
     l2_penalty,
@@ -109,10 +110,83 @@ def test_logq_sampled_softmax_approaches_the_full_loss(q_kind: str) -> None:
     few, many, most = error(8, 20), error(10_000, 5), error(2_000_000, 3)
     assert most < many < few
     assert most < 2e-3 * full
+    # ...and so does its gradient, which is what training follows.
+    params = [model.user_emb.weight, model.item_emb.weight, model.item_bias.weight]
+    exact_grad = torch.autograd.grad(full_softmax(model, batch, torch.arange(n_items)), params)
+
+    def grad_error(n: int, draws: int) -> float:
+        total = 0.0
+        for _ in range(draws):
+            loss = sampled_softmax(model, batch, draw_samples(log_q, n, gen))
+            got = torch.autograd.grad(loss, params)
+            total += _relative_error(got, exact_grad)
+        return total / draws
+
+    g_few, g_many, g_most = grad_error(8, 20), grad_error(10_000, 5), grad_error(2_000_000, 3)
+    assert g_most < g_many < g_few
+    assert g_most < 5e-3
     # Every item once at weight S*q = 1 is the full sum itself: the positive's own term
     # is taken out of the shared estimate and added back exactly once.
     exact = Samples(torch.arange(n_items), torch.zeros(n_items))
     assert sampled_softmax(model, batch, exact).item() == pytest.approx(full, rel=1e-6)
+
+
+def _relative_error(got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> float:
+    """‖got − expected‖ / ‖expected‖ over all the parameters' gradients together."""
+    diff = sum(float((g.to_dense() - e).pow(2).sum()) for g, e in zip(got, expected, strict=True))
+    return (diff / sum(float(e.pow(2).sum()) for e in expected)) ** 0.5
+
+
+def test_sampled_gradient_at_the_default_negatives_matches_the_full_one_on_50k_items() -> None:
+    """On a 50,000-item catalogue with Zipf-popular ratings (128 users, 30 each), one step's
+    gradient (user and item tables together) at the default 1,024 negatives is within 45%
+    relative L2 of the full softmax's with popularity draws (measured: at most 0.36 over 8
+    steps) and 30% with mixed ones (0.21); the mean of 8 steps within 15% (0.12, 0.07) and
+    pointing the same way (cosine >= 0.99). A single step's error is the estimator's noise,
+    which Adam averages over steps; the mean's is closer to its bias."""
+    n_items, n_users = 50_000, 128
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = MatrixFactorization(ModelShape(n_users, n_items, 32, 0.0, False), init_std=0.3)
+    zipf = torch.arange(1, n_items + 1, dtype=torch.float64) ** -0.8
+    zipf /= zipf.sum()
+    rows = torch.arange(n_users).repeat_interleave(30)
+    items = torch.multinomial(zipf, rows.numel(), replacement=True, generator=gen)
+    batch = UserBatch(torch.arange(n_users), rows, items)
+    params = [model.user_emb.weight, model.item_emb.weight]
+    exact = torch.autograd.grad(full_softmax(model, batch, torch.arange(n_items)), params)
+    negatives = TrainConfig().negatives
+    assert negatives == 1024
+    log_q = zipf.log().float()  # the popularity sampler's q (train counts, here the truth)
+    batch_q = (torch.bincount(items, minlength=n_items).double() / items.numel()).log().float()
+    for name, draw, single in (
+        ("popularity", lambda: draw_samples(log_q, negatives, gen), 0.45),
+        ("mixed", lambda: draw_mixed(batch_q, negatives, gen, items), 0.3),
+    ):
+        grads = [
+            torch.autograd.grad(sampled_softmax(model, batch, draw()), params) for _ in range(8)
+        ]
+        errors = [_relative_error(g, exact) for g in grads]
+        mean = tuple(sum(g[k].to_dense() for g in grads) / 8 for k in range(2))
+        assert max(errors) < single, (name, errors)
+        assert _relative_error(mean, exact) < 0.15, name
+        cosine = torch.nn.functional.cosine_similarity(
+            torch.cat([m.flatten() for m in mean]), torch.cat([e.flatten() for e in exact]), dim=0
+        )
+        assert cosine > 0.99, name
+
+
+def test_mixed_samples_weigh_each_item_by_its_expected_count_under_both_parts() -> None:
+    log_q = torch.log(torch.tensor([0.5, 0.25, 0.25, 0.0]))
+    batch_items = torch.tensor([0, 0, 2, 0])
+    samples = draw_mixed(log_q, 8, torch.Generator().manual_seed(0), batch_items)
+    uniform = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(0))
+    drawn = torch.cat([batch_items, uniform])
+    items, counts = torch.unique(drawn, return_counts=True)
+    assert torch.equal(samples.items, items)
+    # 4 batch draws at q plus 8 uniform ones over 4 items: expected 4 q + 2 per item.
+    expected = 4 * torch.tensor([0.5, 0.25, 0.25, 0.0])[items] + 2.0
+    assert torch.allclose(samples.log_weight, (counts / expected).log())
 
 
 def _per_rating_sampled_softmax(

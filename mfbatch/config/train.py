@@ -19,7 +19,7 @@ from mfbatch.errors import ConfigError
 
 Device = Literal["auto", "cuda", "cpu"]
 Objective = Literal["softmax", "sampled", "rating"]
-Sampler = Literal["popularity", "in-batch", "uniform"]
+Sampler = Literal["popularity", "in-batch", "uniform", "mixed"]
 L2Mode = Literal["frequency", "plain"]
 Optimizer = Literal["adam", "adamw", "sparse_adam", "adagrad"]
 Schedule = Literal["constant", "cosine"]
@@ -132,7 +132,11 @@ class TrainConfig(Options):
         "seconds, else the sampled softmax.",
     )
     negatives: int = Field(1024, description="sampled: items drawn per step.")
-    sampler: Sampler = Field("popularity", description="sampled: popularity, in-batch or uniform.")
+    sampler: Sampler = Field(
+        "popularity",
+        description="sampled: popularity, in-batch, uniform, or mixed (the batch's rated "
+        "items plus --negatives uniform draws).",
+    )
     top_k: int = Field(20, description="K of the validation Recall/NDCG.")
     rank_metrics: bool = Field(
         False,

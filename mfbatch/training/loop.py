@@ -79,7 +79,7 @@ class EpochData:
         elif sampler == "popularity":
             # +1: every item can be drawn, so no logit goes uncorrected by an infinite log q.
             q = (counts + 1.0) / (counts.sum() + n_items)
-        else:  # in-batch: the items come from the batch, with frequency q
+        else:  # in-batch, mixed: (some) items come from the batch, with frequency q
             q = counts / counts.sum().clamp(min=1.0)
         user_counts = torch.bincount(data.users, minlength=n_users)
         weights = None
@@ -117,12 +117,17 @@ def step_loss(
             model, batch, epoch_data.all_items, config.temperature, config.user_exponent
         )
     else:
-        samples = objectives.draw_samples(
-            epoch_data.log_q,
-            config.negatives,
-            generator,
-            batch_items=batch.items if config.sampler == "in-batch" else None,
-        )
+        if config.sampler == "mixed":
+            samples = objectives.draw_mixed(
+                epoch_data.log_q, config.negatives, generator, batch.items
+            )
+        else:
+            samples = objectives.draw_samples(
+                epoch_data.log_q,
+                config.negatives,
+                generator,
+                batch_items=batch.items if config.sampler == "in-batch" else None,
+            )
         # Frequency L2 from the rows the loss looked up anyway (one lookup per table).
         frequency = config.l2_mode == "frequency"
         loss = objectives.sampled_softmax(
@@ -202,7 +207,13 @@ def train_epoch(
             # all-reduce with zero gradients.
             loss = torch.zeros((), device=device)
             if run_plan.loss == "sampled" and config.sampler != "in-batch":
-                objectives.draw_samples(epoch_data.log_q, config.negatives, generator)
+                # Both draw `negatives` items from the generator (uniform or by q).
+                if config.sampler == "mixed":
+                    objectives.draw_mixed(
+                        epoch_data.log_q, config.negatives, generator, batch.items[:0]
+                    )
+                else:
+                    objectives.draw_samples(epoch_data.log_q, config.negatives, generator)
         if shard is not None and sharded:
             shard.sync_gradients(model)
         dense_grads.fill()
