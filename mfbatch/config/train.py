@@ -133,9 +133,9 @@ class TrainConfig(Options):
     )
     negatives: int = Field(1024, description="sampled: items drawn per step.")
     sampler: Sampler = Field(
-        "popularity",
-        description="sampled: popularity, in-batch, uniform, or mixed (the batch's rated "
-        "items plus --negatives uniform draws).",
+        "mixed",
+        description="sampled: mixed (the step's rated items plus --negatives uniform draws), "
+        "popularity, in-batch or uniform.",
     )
     top_k: int = Field(20, description="K of the validation Recall/NDCG.")
     rank_metrics: bool = Field(

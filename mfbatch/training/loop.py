@@ -104,8 +104,12 @@ def step_loss(
     config: TrainConfig,
     loss_kind: str,
     generator: torch.Generator,
+    pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The step's loss. `pool`: the items in-batch and mixed samples come from (the whole
+    step's rated items, on every rank alike); the batch's own when None."""
     l2 = float(config.l2 or 0.0)
+    pool = batch.items if pool is None else pool
     if loss_kind == "rating":
         assert ratings is not None
         # Per rating, as it has always been: each rating's rows once.
@@ -118,15 +122,13 @@ def step_loss(
         )
     else:
         if config.sampler == "mixed":
-            samples = objectives.draw_mixed(
-                epoch_data.log_q, config.negatives, generator, batch.items
-            )
+            samples = objectives.draw_mixed(epoch_data.log_q, config.negatives, generator, pool)
         else:
             samples = objectives.draw_samples(
                 epoch_data.log_q,
                 config.negatives,
                 generator,
-                batch_items=batch.items if config.sampler == "in-batch" else None,
+                batch_items=pool if config.sampler == "in-batch" else None,
             )
         # Frequency L2 from the rows the loss looked up anyway (one lookup per table).
         frequency = config.l2_mode == "frequency"
@@ -176,7 +178,12 @@ def train_epoch(
     for start in range(0, order.numel(), run_plan.batch_size):
         idx = order[start : start + run_plan.batch_size]
         scale = 1.0
+        pool = None
         if shard is not None and sharded:
+            if run_plan.loss == "sampled" and config.sampler in ("in-batch", "mixed"):
+                # The whole step's rated items, so every rank draws the samples one
+                # process would (the ranks' gradients then sum to its gradient).
+                pool = epoch_data.by_user.indices[epoch_data.by_user.positions_of(idx)[1]]
             idx, scale = shard.step_share(idx, per_user)
         ratings = None
         if run_plan.loss == "rating":
@@ -195,7 +202,7 @@ def train_epoch(
         if idx.numel():
             with _autocast(device, config):
                 loss = step_loss(
-                    model, batch, ratings, epoch_data, config, run_plan.loss, generator
+                    model, batch, ratings, epoch_data, config, run_plan.loss, generator, pool
                 )
             # A rank's share of the global batch's ratings: the ranks' gradients then sum
             # to the single-process one (scale is 1.0 in one process).
@@ -209,9 +216,8 @@ def train_epoch(
             if run_plan.loss == "sampled" and config.sampler != "in-batch":
                 # Both draw `negatives` items from the generator (uniform or by q).
                 if config.sampler == "mixed":
-                    objectives.draw_mixed(
-                        epoch_data.log_q, config.negatives, generator, batch.items[:0]
-                    )
+                    assert pool is not None
+                    objectives.draw_mixed(epoch_data.log_q, config.negatives, generator, pool)
                 else:
                     objectives.draw_samples(epoch_data.log_q, config.negatives, generator)
         if shard is not None and sharded:
