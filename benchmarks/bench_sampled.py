@@ -5,9 +5,9 @@
 
 Every variant trains blind (its whole epoch budget, validation never read) from the same
 defaults plus its JSON overrides of TrainConfig, once per seed; Recall/NDCG@20 are then
-`trainer.rank_metrics` on the validation split (bench_quality checks it against its own
+`rank_metrics` on the validation split (bench_quality checks it against its own
 metric function), over every validation user or a seeded sample of `--eval-users`.
-Upper-case keys of a variant replace `mfbatch.training.loop` constants for that variant:
+Upper-case keys of a variant replace `mfbatch.training.steps` constants for that variant:
 `"SAMPLED_STEPS"` (the most steps a sampled epoch takes; a huge value gives the plain
 --batch-size back), `"SPARSE_USERS_FROM"` (a huge value keeps the user table on the
 dense Adam).
@@ -42,7 +42,9 @@ from bench_quality import load, mean_std, tensors
 
 from mfbatch.config import TrainConfig
 from mfbatch.training import loop as trainer
+from mfbatch.training import steps
 from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.training.validation import rank_metrics
 
 DEFAULT_VARIANTS = (
     'full softmax={"user_exponent": 0};'
@@ -75,12 +77,12 @@ def main() -> None:
         f"{torch.get_num_threads()}",
         flush=True,
     )
-    defaults = {name: getattr(trainer, name) for name in ("SAMPLED_STEPS", "SPARSE_USERS_FROM")}
+    defaults = {name: getattr(steps, name) for name in ("SAMPLED_STEPS", "SPARSE_USERS_FROM")}
     for spec in filter(None, args.variants.split(";")):
         label, _, overrides = spec.partition("=")
         settings = json.loads(overrides)
         for name, value in defaults.items():
-            setattr(trainer, name, int(settings.pop(name, value)))
+            setattr(steps, name, int(settings.pop(name, value)))
         recalls, ndcgs, walls, cpus = [], [], [], []
         plan = None
         for seed in seeds:
@@ -95,7 +97,7 @@ def main() -> None:
             walls.append(time.perf_counter() - wall)
             cpus.append(time.process_time() - cpu)
             plan = outcome.plan
-            recall, ndcg = trainer.rank_metrics(model, val, 20)
+            recall, ndcg = rank_metrics(model, val, 20)
             recalls.append(recall)
             ndcgs.append(ndcg)
         assert plan is not None
@@ -107,7 +109,7 @@ def main() -> None:
             flush=True,
         )
     for name, value in defaults.items():
-        setattr(trainer, name, value)
+        setattr(steps, name, value)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,33 @@ CREATE TABLE IF NOT EXISTS training_epochs (
     seconds    DOUBLE  NOT NULL
 );
 
+-- name: add_training_plan_columns
+-- How `train` chose its loss and what it saw in validation, on databases made before
+-- these columns existed too.
+ALTER TABLE training_runs ADD COLUMN IF NOT EXISTS train_path VARCHAR;
+
+-- name: add_training_reason_column
+ALTER TABLE training_runs ADD COLUMN IF NOT EXISTS train_path_reason VARCHAR;
+
+-- name: add_training_warning_column
+ALTER TABLE training_runs ADD COLUMN IF NOT EXISTS validation_warning VARCHAR;
+
+-- name: record_training_plan
+-- train_path: softmax | sampled | rating, the loss the run trained with (mfbatch.training.steps
+-- `plan`); train_path_reason: the cost rule's figures behind it, as printed before
+-- training; validation_warning: the one-line warning of a decaying validation curve.
+UPDATE training_runs
+SET train_path = $train_path, train_path_reason = $reason, validation_warning = $warning
+WHERE run_id = $run_id;
+
 -- name: insert_training_run
-INSERT INTO training_runs VALUES (
+-- Columns named: later ones (train_path, ...) are added by ALTER and filled by
+-- record_training_plan.
+INSERT INTO training_runs (
+    run_id, parent_run_id, started_at, finished_at, status, config, dataset_sha256,
+    data_seen, device, objective, epochs_run, best_epoch, train_loss, val_rmse, val_mae,
+    val_recall, val_ndcg, top_k, n_train, seconds, examples_per_second, export_path
+) VALUES (
     $run_id, $parent_run_id, $started_at, $finished_at, $status, $config, $dataset_sha256,
     $data_seen, $device, $objective, $epochs_run, $best_epoch, $train_loss, $val_rmse,
     $val_mae, $val_recall, $val_ndcg, $top_k, $n_train, $seconds, $examples_per_second,

@@ -110,6 +110,7 @@ def _checkerboard(
         ("sampled", "popularity"),
         ("sampled", "in-batch"),
         ("sampled", "uniform"),
+        ("sampled", "mixed"),
         ("rating", "popularity"),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import duckdb
@@ -152,6 +153,32 @@ def test_softmax_run_reports_recall_and_logs_one_line_per_epoch(dataset: Path) -
     assert [e for (e,) in checked] == [2, 3]
 
 
+def test_the_loss_and_its_reason_come_before_training_and_are_recorded(dataset: Path) -> None:
+    """The full-or-sampled choice is printed before the first epoch and recorded with the
+    run; a time budget the full softmax's estimate does not fit switches to sampling."""
+    for budget, path in (("600", "softmax"), ("1e-9", "sampled")):
+        code, out = _train(dataset, "--epochs", "2", "--time-budget-s", budget)
+        assert code == 0, out
+        lines = out.splitlines()
+        said = next(i for i, line in enumerate(lines) if line.startswith("loss: "))
+        first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch "))
+        assert said < first_epoch, out
+        assert ("within --time-budget-s 600" if path == "softmax" else "over --time-budget-s") in (
+            lines[said]
+        )
+        # The users with train ratings (of 60), the catalogue, the epoch budget, the dim.
+        assert re.search(r" \d\d users x 40 items x 2 epochs at dim 8 ", lines[said]), lines[said]
+        assert "note:" not in out
+    with duckdb.connect(str(dataset), read_only=True) as con:
+        recorded = con.sql(
+            "SELECT train_path, train_path_reason, validation_warning FROM training_runs "
+            "ORDER BY started_at"
+        ).fetchall()
+    assert [r[0] for r in recorded] == ["softmax", "sampled"]
+    assert "full softmax:" in recorded[0][1] and "sampled softmax (32 " in recorded[1][1]
+    assert recorded[0][2] is None
+
+
 def test_thread_counts_over_the_cores_are_capped_and_absurd_ones_refused(
     dataset: Path,
 ) -> None:
@@ -276,6 +303,7 @@ def test_empty_val_split(dataset: Path) -> None:
         ("--threads", "0", "--threads"),
         ("--threads", "-3", "--threads"),
         ("--memory-mb", "0", "--memory-mb"),
+        ("--time-budget-s", "0", "--time-budget-s"),
         ("--eval-every", "0", "--eval-every"),
         ("--sampler", "random", "--sampler"),
         ("--l2-mode", "ials", "--l2-mode"),

@@ -19,7 +19,7 @@ from mfbatch.errors import ConfigError
 
 Device = Literal["auto", "cuda", "cpu"]
 Objective = Literal["softmax", "sampled", "rating"]
-Sampler = Literal["popularity", "in-batch", "uniform"]
+Sampler = Literal["popularity", "in-batch", "uniform", "mixed"]
 L2Mode = Literal["frequency", "plain"]
 Optimizer = Literal["adam", "adamw", "sparse_adam", "adagrad"]
 Schedule = Literal["constant", "cosine"]
@@ -121,10 +121,22 @@ class TrainConfig(Options):
         "newest first (default 0.2 on user-time splits, off otherwise; 0 = off).",
     )
     memory_mb: int = Field(
-        1024, description="Budget for one step's logits; decides full vs sampled softmax."
+        1024,
+        description="Budget for one step's logits; with --time-budget-s decides full vs "
+        "sampled softmax.",
+    )
+    time_budget_s: float = Field(
+        600.0,
+        description="softmax: the full softmax is used while its estimated training time "
+        "(users x items x dim x epochs at a measured cost; docs/model.md) fits this many "
+        "seconds, else the sampled softmax.",
     )
     negatives: int = Field(1024, description="sampled: items drawn per step.")
-    sampler: Sampler = Field("popularity", description="sampled: popularity, in-batch or uniform.")
+    sampler: Sampler = Field(
+        "mixed",
+        description="sampled: mixed (the step's rated items plus --negatives uniform draws), "
+        "popularity, in-batch or uniform.",
+    )
     top_k: int = Field(20, description="K of the validation Recall/NDCG.")
     rank_metrics: bool = Field(
         False,
@@ -212,6 +224,8 @@ class TrainConfig(Options):
         recency = self.recency_half_life
         if recency is not None and not (math.isfinite(recency) and recency >= 0.0):
             raise ConfigError(f"--recency-half-life: must be >= 0 (0 turns it off), got {recency}")
+        if not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0.0):
+            raise ConfigError(f"--time-budget-s: must be > 0, got {self.time_budget_s}")
         if not (math.isfinite(self.temperature) and 0.0 < self.temperature <= 100.0):
             raise ConfigError(f"--temperature: must be in (0, 100], got {self.temperature}")
         for flag, amount in (("--weight-decay", self.weight_decay), ("--l2", float(self.l2 or 0))):

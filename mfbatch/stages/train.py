@@ -23,10 +23,11 @@ from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training import distributed
 from mfbatch.training.device import describe, resolve_device, resolve_threads, usable_cores
-from mfbatch.training.loop import EpochRecord, Outcome, train_model
+from mfbatch.training.loop import EpochRecord, Outcome, plan_for, train_model
 from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.training.steps import Plan
 from mfbatch.training.tensors import Interactions
-from mfbatch.training.validation import Validation
+from mfbatch.training.validation import Validation, decay_warning
 
 __all__ = ["TrainSummary", "train"]
 
@@ -144,9 +145,14 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
             highlight=False,
         )
     model = _model(inputs, settings, device)
-    outcome = _fit(model, data, val, settings, inputs.epochs, console, shard)
-    if console and outcome.plan and outcome.plan.note:
-        console.print(f"note: {outcome.plan.note}", highlight=False)
+    # Chosen and said before the first step: which loss, and the cost figures behind it.
+    run_plan = plan_for(model, data, settings)
+    if console:
+        console.print(f"loss: {run_plan.reason}", highlight=False, soft_wrap=True)
+    outcome = _fit(model, data, val, settings, inputs.epochs, console, shard, run_plan)
+    warning = _decay(outcome, settings)
+    if console and warning:
+        console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
     run_id = shard.from_main(new_run_id())
     export_path = settings.export_dir / run_id
     seconds = time.perf_counter() - started
@@ -164,6 +170,7 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
         outcome=outcome,
     )
     record_run(config, settings, summary, outcome, inputs.dataset, inputs.parent, started_at)
+    _record_plan(config, run_id, run_plan, warning)
     if outcome.status == "diverged":
         raise ModelError(
             f"training diverged (loss not finite) in epoch {outcome.diverged_epoch}; the last "
@@ -171,6 +178,37 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
             "or raise --l2"
         )
     return summary
+
+
+def _decay(outcome: Outcome, settings: TrainConfig) -> str | None:
+    """`decay_warning` on the run's validation curve (Recall@K; RMSE is not checked)."""
+    curve = [
+        (r.epoch, r.train_loss, r.metrics.recall if r.metrics else None) for r in outcome.history
+    ]
+    return decay_warning(curve, f"Recall@{settings.top_k}")
+
+
+def _record_plan(config: Config, run_id: str, run_plan: Plan, warning: str | None) -> None:
+    """The loss chosen, why, and the validation warning, on the run's `training_runs` row."""
+    con = db.connect(config.db)
+    try:
+        with db.transaction(con, f"training run {run_id}'s plan into {config.db}"):
+            for query in (
+                "add_training_plan_columns",
+                "add_training_reason_column",
+                "add_training_warning_column",
+            ):
+                db.run(con, query)
+            db.run(
+                con,
+                "record_training_plan",
+                run_id=run_id,
+                train_path=run_plan.loss,
+                reason=run_plan.reason,
+                warning=warning,
+            )
+    finally:
+        con.close()
 
 
 def _fit(
@@ -181,6 +219,7 @@ def _fit(
     epochs: int | None,
     console: Console | None,
     shard: distributed.Shard | None = None,
+    run_plan: Plan | None = None,
 ) -> Outcome:
     total_epochs = epochs or settings.epochs
     # Bars on a terminal; in a log (cron, CI, a pipe) one plain line per epoch instead.
@@ -227,4 +266,5 @@ def _fit(
             on_epoch_start=start,
             on_epoch_end=end,
             shard=shard,
+            run_plan=run_plan,
         )

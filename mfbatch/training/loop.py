@@ -79,7 +79,7 @@ class EpochData:
         elif sampler == "popularity":
             # +1: every item can be drawn, so no logit goes uncorrected by an infinite log q.
             q = (counts + 1.0) / (counts.sum() + n_items)
-        else:  # in-batch: the items come from the batch, with frequency q
+        else:  # in-batch, mixed: (some) items come from the batch, with frequency q
             q = counts / counts.sum().clamp(min=1.0)
         user_counts = torch.bincount(data.users, minlength=n_users)
         weights = None
@@ -104,8 +104,12 @@ def step_loss(
     config: TrainConfig,
     loss_kind: str,
     generator: torch.Generator,
+    pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The step's loss. `pool`: the items in-batch and mixed samples come from (the whole
+    step's rated items, on every rank alike); the batch's own when None."""
     l2 = float(config.l2 or 0.0)
+    pool = batch.items if pool is None else pool
     if loss_kind == "rating":
         assert ratings is not None
         # Per rating, as it has always been: each rating's rows once.
@@ -117,12 +121,15 @@ def step_loss(
             model, batch, epoch_data.all_items, config.temperature, config.user_exponent
         )
     else:
-        samples = objectives.draw_samples(
-            epoch_data.log_q,
-            config.negatives,
-            generator,
-            batch_items=batch.items if config.sampler == "in-batch" else None,
-        )
+        if config.sampler == "mixed":
+            samples = objectives.draw_mixed(epoch_data.log_q, config.negatives, generator, pool)
+        else:
+            samples = objectives.draw_samples(
+                epoch_data.log_q,
+                config.negatives,
+                generator,
+                batch_items=pool if config.sampler == "in-batch" else None,
+            )
         # Frequency L2 from the rows the loss looked up anyway (one lookup per table).
         frequency = config.l2_mode == "frequency"
         loss = objectives.sampled_softmax(
@@ -171,7 +178,12 @@ def train_epoch(
     for start in range(0, order.numel(), run_plan.batch_size):
         idx = order[start : start + run_plan.batch_size]
         scale = 1.0
+        pool = None
         if shard is not None and sharded:
+            if run_plan.loss == "sampled" and config.sampler in ("in-batch", "mixed"):
+                # The whole step's rated items, so every rank draws the samples one
+                # process would (the ranks' gradients then sum to its gradient).
+                pool = epoch_data.by_user.indices[epoch_data.by_user.positions_of(idx)[1]]
             idx, scale = shard.step_share(idx, per_user)
         ratings = None
         if run_plan.loss == "rating":
@@ -190,7 +202,7 @@ def train_epoch(
         if idx.numel():
             with _autocast(device, config):
                 loss = step_loss(
-                    model, batch, ratings, epoch_data, config, run_plan.loss, generator
+                    model, batch, ratings, epoch_data, config, run_plan.loss, generator, pool
                 )
             # A rank's share of the global batch's ratings: the ranks' gradients then sum
             # to the single-process one (scale is 1.0 in one process).
@@ -202,7 +214,12 @@ def train_epoch(
             # all-reduce with zero gradients.
             loss = torch.zeros((), device=device)
             if run_plan.loss == "sampled" and config.sampler != "in-batch":
-                objectives.draw_samples(epoch_data.log_q, config.negatives, generator)
+                # Both draw `negatives` items from the generator (uniform or by q).
+                if config.sampler == "mixed":
+                    assert pool is not None
+                    objectives.draw_mixed(epoch_data.log_q, config.negatives, generator, pool)
+                else:
+                    objectives.draw_samples(epoch_data.log_q, config.negatives, generator)
         if shard is not None and sharded:
             shard.sync_gradients(model)
         dense_grads.fill()
@@ -218,10 +235,21 @@ def train_epoch(
     return float(total.item()) / max(n_batches, 1)
 
 
+def plan_for(model: MatrixFactorization, data: Interactions, config: TrainConfig) -> Plan:
+    """`plan` for this model and data (its users with ratings) on their device."""
+    active = int(torch.unique(data.users).numel())
+    return plan(config, model.shape.n_items, active, device_type=data.users.device.type)
+
+
 def _setup(
-    model: MatrixFactorization, data: Interactions, config: TrainConfig, schedule_epochs: int
+    model: MatrixFactorization,
+    data: Interactions,
+    config: TrainConfig,
+    schedule_epochs: int,
+    run_plan: Plan | None = None,
 ) -> tuple[EpochData, Plan, list[torch.optim.Optimizer], list[Any], torch.Generator]:
-    """The epoch's data, the step plan, optimizers and schedules, seeded."""
+    """The epoch's data, the step plan (`plan_for` unless given), optimizers and
+    schedules, seeded."""
     device = data.users.device
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device)
@@ -233,7 +261,8 @@ def _setup(
         config.sampler,
         float(config.recency_half_life or 0.0),
     )
-    run_plan = plan(config, model.shape.n_items, int(epoch_data.active_users.numel()))
+    if run_plan is None:
+        run_plan = plan_for(model, data, config)
     optimizers = make_optimizers(model, config, run_plan)
     schedulers = [
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule_epochs)
@@ -254,6 +283,7 @@ def train_model(
     on_epoch_start: Callable[[int, int], Callable[[int], None] | None] | None = None,
     on_epoch_end: Callable[[EpochRecord], None] | None = None,
     shard: Shard | None = None,
+    run_plan: Plan | None = None,
 ) -> Outcome:
     """Train with early stopping on `val` and restore the best epoch's weights.
 
@@ -265,7 +295,7 @@ def train_model(
     """
     max_epochs = int(epochs or config.epochs or 1)
     epoch_data, run_plan, optimizers, schedulers, generator = _setup(
-        model, data, config, schedule_epochs or max_epochs
+        model, data, config, schedule_epochs or max_epochs, run_plan
     )
     patience = int(config.patience or 1)
     outcome = Outcome(model=model, plan=run_plan)

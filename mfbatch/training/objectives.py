@@ -5,7 +5,8 @@
   |I_u|·lse_u − Σ_i s_ui, so one logits row per *user* per step carries every one of that
   user's ratings: the same loss as the per-rating form at a fraction of the cost.
 - `sampled_softmax`: the same loss with the catalogue's logsumexp estimated from shared
-  samples (popularity-drawn or the batch's own items), each corrected by −log(S·q(item)),
+  samples (popularity-drawn, uniform, the batch's own items, or those plus uniform
+  draws: `draw_mixed`), each corrected by −log(S·q(item)),
   for catalogues whose full rows do not fit in memory.
 - `mse`: squared error on the observed normalised ratings (the `rating` objective).
 
@@ -182,6 +183,26 @@ def draw_samples(
     items, multiplicity = torch.unique(drawn, return_counts=True)
     log_weight = multiplicity.float().log() - math.log(drawn.numel()) - log_q[items]
     return Samples(items, log_weight)
+
+
+def draw_mixed(
+    log_q: torch.Tensor, n: int, generator: torch.Generator, batch_items: torch.Tensor
+) -> Samples:
+    """The batch's own rated items (frequency q: `log_q`) plus `n` uniform draws over the
+    catalogue, as one set of samples: each item weighted by its expected count under the
+    two together, R q(item) + n / I (the "balance heuristic" of multiple importance
+    sampling), so the estimate stays unbiased whichever part drew it.
+
+    In-batch items alone cover the popular head and miss the tail a ranking must also push
+    down; uniform draws cover the tail at a weight of I / n each. Together they keep
+    the hard (popular) negatives and the tail's estimate (docs/model.md, "Full or sampled")."""
+    n_items = log_q.numel()
+    uniform = torch.randint(0, n_items, (n,), generator=generator, device=log_q.device)
+    drawn = torch.cat([batch_items, uniform])
+    items, multiplicity = torch.unique(drawn, return_counts=True)
+    expected = batch_items.numel() * log_q[items].double().exp() + n / n_items
+    log_weight = multiplicity.double().log() - expected.log()
+    return Samples(items, log_weight.float())
 
 
 def sampled_softmax(

@@ -22,6 +22,9 @@ class Plan:
     loss: str  # softmax | sampled | rating
     batch_size: int  # users per step (softmax, sampled) or ratings per step (rating)
     note: str | None = None  # why the plan differs from what was asked, for the log
+    # Why this loss: the cost rule's figures, printed before training and recorded.
+    reason: str = ""
+    full_seconds: float | None = None  # the full softmax's estimated training seconds
 
 
 # Bytes one logit costs in a step: the fp32 logits, their softmax (kept for backward), the
@@ -30,10 +33,23 @@ BYTES_PER_LOGIT = 16
 # Fewer full rows than this per step and the epoch turns into thousands of tiny matmuls;
 # sampling then is the faster way to the same loss.
 MIN_FULL_ROWS = 64
-# The full softmax costs n_items logits per user and step, the sampled one `negatives`:
-# past this ratio the exact loss costs an epoch many times over for a small gain
-# (100k users x 20k items: 76 s vs ~10 s an epoch, README, "The model").
-MAX_FULL_TO_SAMPLED = 8
+# Seconds a full-softmax training step costs per user x item x max(dim, 64) on one CPU
+# thread (forward logits, two backward matmuls, the logsumexp/softmax passes, Adam):
+# 0.24-0.43 ns at 4k-36k items, 0.5-0.65 ns at 100k items where a step's logits leave
+# the cache (benchmarks/bench_softmax_cost.py; docs/model.md, "Full or sampled"). The
+# planning figure is the conservative end. Below 64 dimensions the per-logit passes
+# dominate and a step costs what 64 does. More threads are not credited: on the 2-core
+# machine this was measured on, 2 threads ran a step 2.5-5x *slower* than 1 (0.29 -> 1.5
+# ns at 20k x 256, cores shared with other jobs), so a thread count says little about
+# the throughput a run will get.
+KAPPA_CPU_NS = 0.5
+MIN_COST_DIM = 64
+# CUDA: ASSUMED, not measured (no GPU where this was written): bf16 matmuls at ~100
+# TFLOP/s (6 FLOP per user x item x dim) plus ~64 bytes per logit at ~2 TB/s for the fp32
+# softmax passes: 0.06 ps per user x item x dim + 32 ps per user x item (~0.18 ps per
+# user x item x dim at 256, ~2,700x one CPU thread).
+KAPPA_GPU_PS_PER_DIM = 0.06
+KAPPA_GPU_PS_PER_LOGIT = 32.0
 # A sampled step has a fixed cost whatever its users (the dense Adam over the item table,
 # its gradient buffer, the step's sorts), so a sampled epoch takes at most this many
 # steps: at 100k users x 20k items, 250 users a step instead of 128 ran an epoch ~1.4x
@@ -43,36 +59,79 @@ MAX_FULL_TO_SAMPLED = 8
 SAMPLED_STEPS = 400
 
 
-def plan(config: TrainConfig, n_items: int, n_users: int = 0) -> Plan:
-    """Users per step from `--batch-size` and `--memory-mb`; the full softmax falls back
-    to sampling when a catalogue's rows do not fit enough of them, or would cost many
-    times the samples. A sampled epoch takes at most `SAMPLED_STEPS` steps of `n_users`
-    (the users with ratings) where the budget allows."""
+def full_softmax_seconds(
+    n_users: int, n_items: int, dim: int, epochs: int, device_type: str = "cpu"
+) -> float:
+    """Estimated seconds of `epochs` full-softmax epochs: every active user's logits row
+    over the catalogue each epoch, at the cost per user x item x dim above."""
+    width = max(dim, MIN_COST_DIM)
+    logits = float(epochs) * n_users * n_items
+    if device_type == "cuda":
+        return logits * (KAPPA_GPU_PS_PER_DIM * width + KAPPA_GPU_PS_PER_LOGIT) * 1e-12
+    return logits * width * KAPPA_CPU_NS * 1e-9
+
+
+def plan(
+    config: TrainConfig,
+    n_items: int,
+    n_users: int = 0,
+    *,
+    device_type: str = "cpu",
+    epochs: int | None = None,
+) -> Plan:
+    """Full softmax or sampled, from what the full one would cost (docs/model.md, "Full or
+    sampled"): full when at least `MIN_FULL_ROWS` rows of the catalogue fit `--memory-mb`
+    and its estimated training time (`full_softmax_seconds` over `epochs`, the run's
+    epoch budget) fits `--time-budget-s`; else the logQ-corrected sampled softmax. A
+    sampled epoch takes at most `SAMPLED_STEPS` steps of `n_users` (the users with
+    ratings) where the memory allows."""
     batch = int(config.batch_size or 0)
     if config.objective == "rating":
-        return Plan("rating", batch)
+        return Plan("rating", batch, reason="--objective rating")
     budget = config.memory_mb * (1 << 20)
     full_rows = budget // (n_items * BYTES_PER_LOGIT)
     fits = full_rows >= min(batch, MIN_FULL_ROWS)
-    cheap = n_items <= MAX_FULL_TO_SAMPLED * config.negatives
+    n_epochs = int(epochs or config.epochs or 1)
+    seconds = full_softmax_seconds(
+        n_users, n_items, int(config.embedding_dim or 0), n_epochs, device_type
+    )
+    where = (
+        "a GPU (assumed throughput)"
+        if device_type == "cuda"
+        else f"CPU ({KAPPA_CPU_NS:g} ns per user x item x dim)"
+    )
+    cost = (
+        f"{n_users:,} users x {n_items:,} items x {n_epochs} epochs at dim "
+        f"{config.embedding_dim} ~ {_duration(seconds)} on {where}"
+    )
+    cheap = seconds <= config.time_budget_s
     if config.objective == "softmax" and fits and cheap:
-        return Plan("softmax", max(1, min(batch, full_rows)))
+        reason = f"full softmax: {cost}, within --time-budget-s {config.time_budget_s:g}"
+        return Plan("softmax", max(1, min(batch, full_rows)), None, reason, seconds)
     sampled_rows = max(1, budget // (config.negatives * BYTES_PER_LOGIT))
-    users = max(batch, -(-n_users // SAMPLED_STEPS))
-    note = None
-    if config.objective == "softmax":
-        why = (
-            f"a full row of {n_items:,} items leaves room for {full_rows} users in "
-            f"--memory-mb {config.memory_mb}"
-            if not fits
-            else f"{n_items:,} items are over {MAX_FULL_TO_SAMPLED}x --negatives "
-            f"{config.negatives}, so a full row costs that many times a sampled one"
-        )
-        note = (
-            f"{why}; training with the sampled softmax ({config.negatives} "
-            f"{config.sampler} samples, {min(users, sampled_rows)} users per step) instead"
-        )
-    return Plan("sampled", max(1, min(users, sampled_rows)), note)
+    users = min(max(batch, -(-n_users // SAMPLED_STEPS)), sampled_rows)
+    what = (
+        f"sampled softmax ({config.negatives} {config.sampler} negatives, {max(1, users)} "
+        "users a step)"
+    )
+    if config.objective == "sampled":
+        return Plan("sampled", max(1, users), None, f"{what}: --objective sampled", seconds)
+    why = (
+        f"a full row of {n_items:,} items leaves room for {full_rows} users in "
+        f"--memory-mb {config.memory_mb}"
+        if not fits
+        else f"the full softmax would take {cost}, over --time-budget-s {config.time_budget_s:g}"
+    )
+    note = f"{why}; training with the {what} instead"
+    return Plan("sampled", max(1, users), note, f"{what}: {why}", seconds)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.2g} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 # User-table size (rows x dim) from which the softmax objectives update users lazily.

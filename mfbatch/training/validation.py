@@ -121,3 +121,37 @@ def score_of(metrics: Metrics, objective: str) -> float:
     if objective == "rating" or metrics.recall is None:
         return -metrics.rmse
     return metrics.recall
+
+
+# A validation curve that ends this far (relative) below its best, at least
+# `DECAY_CHECKS` validations after it, while the training loss kept falling, is the
+# symptom of a loss that no longer tracks the ranking (an over-regularised or biased
+# estimate, e.g. a sampled softmax with too few negatives: issue 23's 9.7k-item set
+# peaked at epoch 15 and fell 18% by epoch 80).
+DECAY_SHARE = 0.05
+DECAY_CHECKS = 3
+
+
+def decay_warning(curve: list[tuple[int, float, float | None]], metric: str) -> str | None:
+    """One line when the validation figure rose, then decayed while the loss fell.
+
+    `curve`: (epoch, train loss, validation figure or None where not validated), in
+    epoch order; `metric` names the figure. None when the curve is healthy."""
+    checked = [(e, loss, v) for e, loss, v in curve if v is not None and math.isfinite(v)]
+    if len(checked) < DECAY_CHECKS + 1:
+        return None
+    best = max(range(len(checked)), key=lambda i: checked[i][2])
+    best_epoch, best_loss, best_value = checked[best]
+    last_epoch, last_loss, last_value = checked[-1]
+    after = len(checked) - 1 - best
+    if best == 0 or after < DECAY_CHECKS or best_value <= 0.0:
+        return None
+    fell = (best_value - last_value) / best_value
+    if fell < DECAY_SHARE or not last_loss < best_loss:
+        return None
+    return (
+        f"validation {metric} peaked at epoch {best_epoch} ({best_value:.4f}) and fell "
+        f"{fell:.0%} to {last_value:.4f} by epoch {last_epoch} while the training loss kept "
+        "falling: the loss no longer tracks the ranking (best epoch kept; see docs/model.md, "
+        '"Full or sampled")'
+    )
