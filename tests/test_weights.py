@@ -152,7 +152,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 str(db),
             )
         )
-        _train(db, tmp / name)
+        (tmp / f"{name}.train.txt").write_text(_train(db, tmp / name))
         dbs[name] = db
     return dbs
 
@@ -172,3 +172,18 @@ def test_ranking_run_on_implicit_data_records_no_rmse(trained: dict[str, Path]) 
     assert rows(db, "SELECT count(*) FROM training_epochs WHERE val_rmse IS NOT NULL") == [(0,)]
     assert rows(db, "SELECT count(*) FROM training_runs WHERE val_recall > 0") == [(1,)]
     assert not math.isnan(rows(db, "SELECT val_ndcg FROM training_runs")[0][0])
+
+
+def test_ranking_run_on_implicit_data_prints_no_rmse(trained: dict[str, Path]) -> None:
+    db = trained["plain"]
+    out = (db.parent / "plain.train.txt").read_text()
+    assert "Recall@20" in out and "RMSE" not in out and "MAE" not in out
+    listing = ok(cli("runs", "--db", str(db))).stdout
+    assert "RMSE" not in listing and "1 runs" in listing
+    evaluated = ok(cli("evaluate", "--db", str(db), "--threads", "1")).stdout
+    assert "uncapped Recall@20" in evaluated and "RMSE" not in evaluated
+    metrics = {m for (m,) in rows(db, "SELECT DISTINCT metric FROM evaluations")}
+    assert {"recall", "recall_uncapped", "ndcg"} <= metrics
+    assert not metrics & {"rmse", "mae"}
+    refused = cli("evaluate", "--db", str(db), "--min-rating", "1")
+    assert refused.exit_code == 2 and "implicit feedback" in refused.stderr

@@ -60,7 +60,9 @@ class _TableLoader(BaseDataLoader):
         # Only the default name may be missing: a named --rating-col must be there.
         if rating is not None and (rating in found or "rating_col" in data._given):
             roles["rating"] = rating
-        if data.time_col:
+        # The default time column may be absent where the split needs no time.
+        needs_time = self.split.kind not in ("random", "given") or "time_col" in data._given
+        if data.time_col and (data.time_col in found or needs_time):
             roles["ts"] = data.time_col
         if data.weight_col:
             roles["weight"] = data.weight_col

@@ -129,4 +129,5 @@ def _validation(
         rating_max=dataset.rating_max,
         popular=popular,
         untrained_items=untrained,
+        explicit=dataset.feedback == "explicit",
     )
