@@ -213,12 +213,12 @@ def test_given_split_csv_names_the_line(tmp_path: Path) -> None:
 
 def test_given_pair_in_both_splits_is_refused(tmp_path: Path) -> None:
     source = tmp_path / "g.csv"
-    source.write_text("user,item,split\na,1,train\nb,2,train\na,1,test\n")
+    source.write_text("user,item,split\na,1,train\nb,2,train\na,1,train\na,1,test\n")
     run = cli(
         "preprocess", "--dataset", "csv", "--source", str(source), *GIVEN, "--time-col", "",
         "--db", str(tmp_path / "db.duckdb"),
     )  # fmt: skip
-    assert_user_error(run, 3, "(user a, item 1)", "both train and test")
+    assert_user_error(run, 3, "line 2 (train) and line 5 (test)", "(user a, item 1)", "both")
 
 
 def test_split_col_without_given_is_refused(tmp_path: Path) -> None:
@@ -298,3 +298,17 @@ def test_hive_ids_are_the_text_of_the_folder_names(tmp_path: Path, out_of_core: 
         "--time-col", "ts", *(["--memory-mb", "512"] if out_of_core else []), "--db", db,
     )  # fmt: skip
     assert sorted(rows(db, "SELECT user_id FROM users")) == [("007",), ("7",)]
+
+
+@pytest.mark.parametrize("out_of_core", [False, True])
+def test_given_pair_in_both_splits_parquet(tmp_path: Path, out_of_core: bool) -> None:
+    source = tmp_path / "g.parquet"
+    pl.DataFrame(
+        {"user": ["a", "b", "a", "a"], "item": [1, 2, 1, 1], "split": ["test", "train"] * 2}
+    ).write_parquet(source)
+    run = cli(
+        "preprocess", "--dataset", "parquet", "--source", str(source), *GIVEN,
+        *(["--memory-mb", "512"] if out_of_core else []), "--db", str(tmp_path / "db.duckdb"),
+    )  # fmt: skip
+    assert_user_error(run, 3, "row 3 (train) and row 0 (test)", "(user a, item 1)")
+    assert not (tmp_path / "db.duckdb").exists()

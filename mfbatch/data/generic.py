@@ -204,11 +204,13 @@ def given_conflicts(frame: pl.DataFrame, source: Path, where: Callable[[int], st
     )
     if mixed.height:
         row = mixed.sort("first").row(0, named=True)
-        rows = frame.filter(
+        pair = frame.filter(
             (pl.col("user_id") == row["user_id"]) & (pl.col("item_id") == row["item_id"])
-        )["__row"]
+        )
+        train = int(pair.filter(~pl.col("held_out"))["__row"][0])
+        test = int(pair.filter(pl.col("held_out"))["__row"][0])
         raise InputDataError(
-            f"{source} {where(int(rows[0]))} and {where(int(rows[-1]))}: (user "
+            f"{source} {where(train)} (train) and {where(test)} (test): (user "
             f"{row['user_id']}, item {row['item_id']}) is in both train and test; a pair "
             "can be held out or trained on, not both"
         )

@@ -141,7 +141,8 @@ def _check_given(lazy: pl.LazyFrame, source: Path, column: str) -> None:
     if mixed.height:
         row = mixed.row(0, named=True)
         raise InputDataError(
-            f"{source} row {row['first']} and row {row['last']}: (user {row['user_id']}, "
+            f"{source} row {row['first']} (train) and row {row['last']} (test): (user "
+            f"{row['user_id']}, "
             f"item {row['item_id']}) is in both train and test; a pair can be held out or "
             "trained on, not both"
         )
