@@ -62,8 +62,11 @@ def runs_table(listing: list[Any]) -> Table:
     table = Table(title="training runs, newest first")
     # The id is what a user copies into --run-id: never truncated.
     table.add_column("run", no_wrap=True, min_width=22)
+    # RMSE only where a listed run has one (the rating objective on explicit ratings).
+    rmse = any(run.val_rmse is not None for run in listing)
     for column in ("objective", "data", "status", "epochs", "Recall", "NDCG", "RMSE"):
-        table.add_column(column, overflow="fold")
+        if column != "RMSE" or rmse:
+            table.add_column(column, overflow="fold")
     table.add_column("served", overflow="fold")
     for run in listing:
         served = ", ".join(
@@ -83,7 +86,7 @@ def runs_table(listing: list[Any]) -> Table:
             f"{run.best_epoch}/{run.epochs_run}",
             "-" if run.val_recall is None else f"{run.val_recall:.4f}",
             "-" if run.val_ndcg is None else f"{run.val_ndcg:.4f}",
-            "-" if run.val_rmse is None else f"{run.val_rmse:.4f}",
+            *(["-" if run.val_rmse is None else f"{run.val_rmse:.4f}"] if rmse else []),
             served or "-",
         )
     return table

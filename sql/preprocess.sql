@@ -49,7 +49,10 @@ CREATE TABLE ratings (
     split       VARCHAR NOT NULL CHECK (split IN ('train', 'val', 'append')),
     cold_user   BOOLEAN NOT NULL,  -- a val row whose user has no train rating
     cold_item   BOOLEAN NOT NULL,  -- a val row whose item has no train rating
-    version     INTEGER NOT NULL DEFAULT 0  -- dataset_versions.version that last wrote it
+    version     INTEGER NOT NULL DEFAULT 0, -- dataset_versions.version that last wrote it
+    -- The interaction's weight in the softmax losses, after --weight-transform (1.0 with
+    -- no --weight-col; implicit duplicates add up before the transform).
+    weight      DOUBLE  NOT NULL DEFAULT 1.0
 );
 
 -- name: create_dataset_meta
@@ -77,7 +80,9 @@ CREATE TABLE dataset_meta (
     config             JSON      NOT NULL,
     mfbatch_version    VARCHAR   NOT NULL,
     seconds            DOUBLE    NOT NULL,
-    created_at         TIMESTAMP NOT NULL
+    created_at         TIMESTAMP NOT NULL,
+    -- 'implicit' (no rating column: each row one positive, rating 1 on [0, 1]) or 'explicit'
+    feedback           VARCHAR   NOT NULL DEFAULT 'explicit'
 );
 
 -- name: create_dataset_versions
@@ -113,14 +118,14 @@ SELECT item_idx, item_id, title, genres, n_ratings, n_train FROM staged_items;
 
 -- name: insert_ratings
 INSERT INTO ratings
-SELECT user_idx, item_idx, rating, rating_norm, ts, split, cold_user, cold_item, 0
+SELECT user_idx, item_idx, rating, rating_norm, ts, split, cold_user, cold_item, 0, weight
 FROM staged_ratings;
 
 -- name: insert_ratings_from_parquet
 -- One bucket of the out-of-core path, through a Parquet file: DuckDB kept the memory of
 -- every Arrow relation it had scanned (25M rows in 20 parts: ~1 GB), a file scan does not.
 INSERT INTO ratings
-SELECT user_idx, item_idx, rating, rating_norm, ts, split, cold_user, cold_item, 0
+SELECT user_idx, item_idx, rating, rating_norm, ts, split, cold_user, cold_item, 0, weight
 FROM read_parquet($path);
 
 -- name: insert_dataset_meta
@@ -128,7 +133,7 @@ INSERT INTO dataset_meta VALUES (
     $dataset_sha256, $source, $source_sha256, $loader, $layout, $rating_min, $rating_max,
     $rows_in, $duplicates_dropped, $n_users, $n_items, $n_ratings, $n_train, $n_val,
     $n_val_cold_user, $n_val_cold_item, $split_kind, $val_fraction, $split_seed,
-    $time_cutoff, $config, $mfbatch_version, $seconds, now()::TIMESTAMP
+    $time_cutoff, $config, $mfbatch_version, $seconds, now()::TIMESTAMP, $feedback
 );
 
 -- name: limit_memory
@@ -138,3 +143,15 @@ SET memory_limit = $memory_limit;
 
 -- name: spill_to
 SET temp_directory = $folder;
+
+-- name: dataset_feedback
+-- Whether the ratings carry a weight (databases made before weights did not) and how the
+-- dataset's feedback was read.
+SELECT
+    (SELECT count(*) FROM information_schema.columns
+     WHERE table_name = 'ratings' AND column_name = 'weight') > 0 AS has_weight,
+    (SELECT count(*) FROM information_schema.columns
+     WHERE table_name = 'dataset_meta' AND column_name = 'feedback') > 0 AS has_feedback;
+
+-- name: dataset_feedback_value
+SELECT feedback FROM dataset_meta;

@@ -5,7 +5,9 @@
 -- Appended ratings are fitted only by a refit on all data: a validated run trains on the
 -- preprocess's train split alone, so `evaluate` measures what it always measured.
 -- ts_ms orders each user's ratings for --recency-half-life (NULL when the source has none).
-SELECT user_idx, item_idx, rating_norm, epoch_ms(ts) AS ts_ms, split = 'val' AS is_val
+-- weight: each interaction's weight in the softmax losses (1.0 unless --weight-col or
+-- merged implicit duplicates).
+SELECT user_idx, item_idx, rating_norm, epoch_ms(ts) AS ts_ms, split = 'val' AS is_val, weight
 FROM ratings
 WHERE $all_splits OR split <> 'append'
 ORDER BY user_idx, item_idx;

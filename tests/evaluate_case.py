@@ -113,6 +113,7 @@ def build_db(
     span = data.rating_max - data.rating_min
     train = ratings.filter(pl.col("split") == "train")
     ratings = ratings.with_columns(
+        weight=pl.lit(1.0),
         rating_norm=(pl.col("rating") - data.rating_min) / span,
         cold_user=(pl.col("split") == "val")
         & ~pl.col("user_idx").is_in(train["user_idx"].unique().to_list()),
@@ -179,6 +180,7 @@ def build_db(
             config="{}",
             mfbatch_version="test",
             seconds=0.0,
+            feedback="explicit",
         )
         db.run(
             con,

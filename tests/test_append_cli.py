@@ -338,7 +338,15 @@ def test_every_write_step_is_covered(
 
     monkeypatch.setattr(mfbatch.store.db, "run", counting)
     assert _append(db, _day(db, tmp_path)).exit_code == 0
-    reads = ("dataset_identity", "table_exists", "append_lineage", "append_counts")
+    reads = (
+        "dataset_identity",
+        "dataset_feedback",
+        "dataset_feedback_value",
+        "table_exists",
+        "append_stored_config",
+        "append_lineage",
+        "append_counts",
+    )
     assert [c for c in calls if c not in reads] == list(WRITES)
 
 
@@ -378,7 +386,7 @@ def test_the_append_is_atomic_under_injected_faults(
 @pytest.mark.parametrize(
     ("name", "content", "fragment"),
     [
-        ("missing-column.csv", "user_id,item_id,timestamp\n1,1,5\n", "no column 'rating'"),
+        ("missing-column.csv", "user_id,rating,timestamp\n1,4,5\n", "no column 'item_id'"),
         ("words.csv", HEADER + "1,1,five,1000\n", "five"),
         ("off-scale.csv", HEADER + "1,1,9,1000\n", "outside the scale"),
         ("empty.csv", HEADER, ""),

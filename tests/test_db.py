@@ -112,10 +112,11 @@ def test_the_preprocess_queries_build_the_contract_tables() -> None:
                 "cold_user",
                 "cold_item",
                 "version",  # the dataset_versions row that last wrote it
+                "weight",  # the interaction's weight in the softmax losses
             ],
         }
         with pytest.raises(duckdb.ConstraintException):
-            con.execute("INSERT INTO ratings VALUES (0, 0, 1, 0, NULL, 'test', false, false, 0)")
+            con.execute("INSERT INTO ratings VALUES (0, 0, 1, 0, NULL, 'test', false, false, 0, 1)")
         db.run(con, "drop_ratings")
         assert not db.table_exists(con, "ratings")
     finally:

@@ -74,7 +74,8 @@ def test_table_output(tmp_path: Path) -> None:
     assert recall_line.count("0.6250") == 2 and "1.00x" in recall_line
     assert out.stdout.rstrip().splitlines()[-1] == (
         f"evaluated run {RUN_ID}: Recall@3 0.6250 (1.00x popularity), "
-        f"NDCG@3 {EVAL_K3['ndcg']:.4f}, RMSE {RATING_K3['rmse']:.4f} over 4 users"
+        f"NDCG@3 {EVAL_K3['ndcg']:.4f}, RMSE {RATING_K3['rmse']:.4f}, "
+        f"uncapped Recall@3 {EVAL_K3['recall_uncapped']:.4f} over 4 users"
     )
 
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import Snapshot
+from conftest import Snapshot, rows
 
 import mfbatch.store.db
 from mfbatch.config import load_config
@@ -263,3 +264,62 @@ def test_buckets_a_killed_run_left_are_removed(tmp_path: Path) -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.parametrize("split", ["time", "given"])
+@pytest.mark.parametrize("bucket_rows", [150, None])
+def test_implicit_weighted_the_same_tables_as_in_memory(
+    tmp_path: Path, split: str, bucket_rows: int | None
+) -> None:
+    """Implicit feedback with duplicates (weights summed) and a weight column, with a time
+    split or a given one: the buckets give the in-memory tables."""
+    rng = np.random.default_rng(11)
+    n = 3_000
+    users = rng.integers(0, 150, n)
+    items = rng.integers(0, 90, n)
+    # A pair's split follows from the pair, so duplicates never straddle train and test.
+    held = (users * 7 + items) % 5 == 0
+    table = pa.table(
+        {
+            "user_id": [f"u{u}" for u in users],
+            "item_id": items,
+            "timestamp": rng.integers(1_000_000_000, 1_100_000_000, n),
+            "plays": rng.integers(0, 40, n).astype(np.float64),
+            "fold": np.where(held, "test", "train"),
+        }
+    )
+    source = tmp_path / "plays.parquet"
+    pq.write_table(table, source)
+
+    def run(db: Path, memory_mb: int | None) -> PreprocessSummary:
+        given = {"kind": "given", "split_col": "fold"} if split == "given" else {"kind": split}
+        config = load_config(
+            db=db,
+            overrides={
+                "data": {"dataset": "parquet", "source": source, "weight_col": "plays"},
+                "split": given,
+                "preprocess": {"memory_mb": memory_mb},
+            },
+        )
+        return preprocess(config=config, bucket_rows=bucket_rows)
+
+    in_memory = run(tmp_path / "memory.duckdb", None)
+    out_of_core = run(tmp_path / "buckets.duckdb", 512)
+    assert in_memory.feedback == "implicit" and in_memory.duplicates_dropped > 0
+    assert _tables(tmp_path / "buckets.duckdb") == _tables(tmp_path / "memory.duckdb")
+    assert dataclasses.replace(out_of_core, db=in_memory.db, seconds=0) == dataclasses.replace(
+        in_memory, seconds=0
+    )
+    # Summed before the transform: a pair's weight is log2(1 + its plays added up).
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    summed = frame.group_by("user_id", "item_id").agg(pl.col("plays").sum())
+    stored = dict(
+        rows(
+            tmp_path / "memory.duckdb",
+            "SELECT u.user_id || '/' || i.item_id, r.weight FROM ratings r "
+            "JOIN users u USING (user_idx) JOIN items i USING (item_idx)",
+        )
+    )
+    for user, item, plays in summed.iter_rows():
+        assert stored[f"{user}/{item}"] == pytest.approx(np.log2(1 + plays))

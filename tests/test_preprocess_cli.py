@@ -126,7 +126,12 @@ def test_config_file_and_flag_overrides(
     (row,) = query(db, "SELECT split_kind, val_fraction, split_seed, config FROM dataset_meta")
     assert row[:3] == ("user-time", 0.5, 7)
     recorded = json.loads(row[3])
-    assert recorded["split"] == {"kind": "user-time", "val_fraction": 0.5, "seed": 7}
+    assert recorded["split"] == {
+        "kind": "user-time",
+        "val_fraction": 0.5,
+        "seed": 7,
+        "split_col": None,
+    }
     assert recorded["data"]["source"] == str(ml1m_zip)
     # Users with 3, 2, 2 ratings keep round(0.5 * n) of them, at most n - 1, for validation.
     assert (line["train"], line["val"]) == ("3", "4")

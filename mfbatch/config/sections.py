@@ -14,7 +14,8 @@ from pydantic import Field, model_validator
 from mfbatch.config.base import Options, PathValue, check_threads, machine_cores
 from mfbatch.errors import ConfigError
 
-SplitKind = Literal["time", "user-time", "random"]
+SplitKind = Literal["time", "user-time", "random", "given"]
+WeightTransform = Literal["none", "log1p"]
 DataType = Literal["movielens", "csv", "parquet", "synthetic"]
 
 MOVIELENS_RELEASES = (
@@ -71,9 +72,23 @@ class DataConfig(Options):
     )
     user_col: str = Field("user_id", description="csv/parquet: user id column.")
     item_col: str = Field("item_id", description="csv/parquet: item id column.")
-    rating_col: str = Field("rating", description="csv/parquet: rating column.")
+    rating_col: str | None = Field(
+        "rating",
+        description="csv/parquet: rating column; '' for none (implicit feedback: each row is "
+        "one positive interaction). Left at its default and absent from the file: implicit.",
+    )
     time_col: str | None = Field(
         "timestamp", description="csv/parquet: timestamp column; '' for none (random split only)."
+    )
+    weight_col: str | None = Field(
+        None,
+        description="csv/parquet: a per-interaction weight column (play counts, quantities), "
+        "numbers >= 0; without it every interaction weighs 1.",
+    )
+    weight_transform: WeightTransform = Field(
+        "log1p",
+        description="How a weight enters the loss: log1p (log2(1 + w), so 1 stays 1 and "
+        "1,000 plays weigh ~10) or none (w as is). Implicit duplicates add up first.",
     )
     separator: str = Field(",", description="csv: field separator.")
     rating_min: float | None = Field(None, description="Lowest possible rating (else inferred).")
@@ -94,8 +109,9 @@ class DataConfig(Options):
 
     @classmethod
     def derive(cls, values: dict[str, Any]) -> dict[str, Any]:
-        if values.get("time_col") == "":  # '' on the command line or in TOML: no time column
-            values["time_col"] = None
+        for key in ("time_col", "rating_col", "weight_col"):
+            if values.get(key) == "":  # '' on the command line or in TOML: no such column
+                values[key] = None
         return values
 
     @model_validator(mode="after")
@@ -134,8 +150,13 @@ class SplitConfig(Options):
 
     kind: SplitKind = Field(
         "time",
-        description="time (global cutoff), user-time (each user's newest) or random.",
+        description="time (global cutoff), user-time (each user's newest), random, or given "
+        "(a column of the source says train or test: --split-col).",
         json_schema_extra=cli("--split"),
+    )
+    split_col: str | None = Field(
+        None,
+        description="--split given: the column whose values are train or test (val: test).",
     )
     val_fraction: float = Field(0.1, description="Share of ratings held out for validation.")
     seed: int = Field(0, description="Seed of the random split.")
@@ -146,6 +167,10 @@ class SplitConfig(Options):
             raise ConfigError(
                 f"--val-fraction: must be strictly between 0 and 1, got {self.val_fraction}"
             )
+        if self.kind == "given" and not self.split_col:
+            raise ConfigError("--split given: name the column that holds it with --split-col")
+        if self.kind != "given" and self.split_col:
+            raise ConfigError(f"--split-col: only with --split given (not --split {self.kind})")
         return self
 
 

@@ -45,4 +45,9 @@ class BaseDataLoader(ABC):
             if self.data.rating_min is not None and self.data.rating_max is not None
             else raw.rating_scale
         )
-        return prepare(raw, split=self.split, rating_scale=scale)
+        return prepare(
+            raw,
+            split=self.split,
+            rating_scale=scale,
+            weight_transform=self.data.weight_transform,
+        )

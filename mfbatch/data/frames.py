@@ -25,6 +25,9 @@ class RawData:
     loader: str
     layout: str
     rating_scale: tuple[float, float] | None  # known from the release; else inferred
+    # No rating column: every row is one positive interaction (rating 1). `ratings` may
+    # also hold `weight` (Float64, as read) and, for --split given, `held_out` (Boolean).
+    implicit: bool = False
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class PrepStats:
     n_val_cold_user: int
     n_val_cold_item: int
     time_cutoff: datetime | None
+    implicit: bool = False
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,12 @@ _ROLE_FLAGS = {
     "item_id": "--item-col",
     "rating": "--rating-col",
     "ts": "--time-col",
+    "weight": "--weight-col",
+    "split": "--split-col",
 }
+# The --split given column's values: train, or held out (test; val is a synonym).
+GIVEN_TRAIN = "train"
+GIVEN_HELD_OUT = ("test", "val")
 
 
 class _TableLoader(BaseDataLoader):
@@ -28,6 +33,8 @@ class _TableLoader(BaseDataLoader):
 
     # Parquet also takes a folder of parts (hive-partitioned or not).
     folders = False
+    # Set by _check_present: the role -> column mapping the source was read with.
+    roles: dict[str, str]
 
     def _source(self) -> Path:
         source = self.data.source
@@ -44,19 +51,27 @@ class _TableLoader(BaseDataLoader):
             raise InputDataError(f"--source: {source} does not exist or is not a file")
         return source
 
-    def _columns(self) -> dict[str, str]:
-        """Role -> column name in the file."""
-        roles = {
-            "user_id": self.data.user_col,
-            "item_id": self.data.item_col,
-            "rating": self.data.rating_col,
-        }
-        if self.data.time_col:
-            roles["ts"] = self.data.time_col
+    def _columns(self, found: list[str]) -> dict[str, str]:
+        """Role -> column name in the file. No rating column (--rating-col '', or the
+        default name absent from the file) makes the source implicit feedback."""
+        data = self.data
+        roles = {"user_id": data.user_col, "item_id": data.item_col}
+        rating = data.rating_col
+        # Only the default name may be missing: a named --rating-col must be there.
+        if rating is not None and (rating in found or "rating_col" in data._given):
+            roles["rating"] = rating
+        # The default time column may be absent where the split needs no time.
+        needs_time = self.split.kind not in ("random", "given") or "time_col" in data._given
+        if data.time_col and (data.time_col in found or needs_time):
+            roles["ts"] = data.time_col
+        if data.weight_col:
+            roles["weight"] = data.weight_col
+        if self.split.kind == "given" and self.split.split_col:
+            roles["split"] = self.split.split_col
         return roles
 
     def _check_present(self, source: Path, found: list[str]) -> dict[str, str]:
-        roles = self._columns()
+        roles = self._columns(found)
         for role, column in roles.items():
             if column not in found:
                 shown = ", ".join(found[:12]) + (", ..." if len(found) > 12 else "")
@@ -64,11 +79,14 @@ class _TableLoader(BaseDataLoader):
                     hint = f"only one column: check --separator ({self.data.separator!r} now)"
                 elif role == "ts":
                     hint = "pass --time-col with one of them, or --time-col '' --split random"
+                elif role == "rating":
+                    hint = "pass --rating-col with one of them, or --rating-col '' (implicit)"
                 else:
                     hint = f"pass {_ROLE_FLAGS[role]} with one of them"
                 raise InputDataError(
                     f"{source}: no column {column!r} for {role} (columns: {shown}); {hint}"
                 )
+        self.roles = roles
         return roles
 
     def _read(self, source: Path) -> pl.DataFrame:
@@ -85,14 +103,16 @@ class _TableLoader(BaseDataLoader):
     def load_data(self) -> RawData:
         source = self._source()
         frame = self._read(source).with_row_index("__row")
-        roles = self._columns()
+        roles = self.roles
         # A row with no user, item, rating (or time) is a blank line: it holds no rating.
         frame = frame.filter(~pl.all_horizontal(pl.col(role).is_null() for role in roles))
         if frame.height == 0:
             raise InputDataError(f"{source}: the file holds no rating rows")
-        checked = [r for r in ("user_id", "item_id", "rating", "ts") if r in roles]
-        if self.split.kind == "random":
-            checked = [r for r in checked if r != "ts"]  # a random split needs no time
+        checked = [
+            r for r in ("user_id", "item_id", "rating", "ts", "weight", "split") if r in roles
+        ]
+        if self.split.kind in ("random", "given"):
+            checked = [r for r in checked if r != "ts"]  # these splits need no time
         for role in checked:
             nulls = frame.filter(pl.col(role).is_null())
             if nulls.height:
@@ -104,12 +124,17 @@ class _TableLoader(BaseDataLoader):
                     or f"{source} {self._where(row)}, column {roles[role]}: value is missing{need}"
                 )
         frame = frame.with_columns(_as_id(frame["user_id"]), _as_id(frame["item_id"]))
+        implicit = "rating" not in roles
+        if implicit:
+            frame = frame.with_columns(rating=pl.lit(1.0, dtype=pl.Float64))
         bad = frame.filter(~pl.col("rating").is_finite())
         if bad.height:
             raise InputDataError(
                 f"{source} {self._where(int(bad['__row'][0]))}, column {roles['rating']}: "
                 f"{bad['rating'][0]} is not a finite number"
             )
+        frame = frame.with_columns(self._weights(frame, source))
+        held_out = self._held_out(frame, source) if "split" in roles else None
         ts = (
             _as_timestamp(frame, source, roles["ts"], self._where)
             if "ts" in frame.columns
@@ -118,14 +143,76 @@ class _TableLoader(BaseDataLoader):
         frame = frame.with_columns(
             ts if ts is not None else pl.lit(None, dtype=pl.Datetime("us")).alias("ts")
         )
+        columns = ["user_id", "item_id", "rating", "ts", "weight"]
+        if held_out is not None:
+            frame = frame.with_columns(held_out)
+            columns.append("held_out")
+            given_conflicts(frame, source, self._where)
         return RawData(
-            ratings=frame.select("user_id", "item_id", "rating", "ts"),
+            ratings=frame.select(columns),
             items=None,
             source=str(source),
             source_sha256=sha256_source(source),
             loader=self.name,
             layout=self.name,
             rating_scale=None,
+            implicit=implicit,
+        )
+
+    def _weights(self, frame: pl.DataFrame, source: Path) -> pl.Series:
+        """Each row's weight as read (1 without --weight-col): a finite number >= 0."""
+        if "weight" not in frame.columns:
+            return pl.Series("weight", [1.0] * frame.height, dtype=pl.Float64)
+        weight = frame["weight"].cast(pl.Float64)
+        bad = frame.filter(~weight.is_finite() | (weight < 0))
+        if bad.height:
+            raise InputDataError(
+                f"{source} {self._where(int(bad['__row'][0]))}, column "
+                f"{self.roles['weight']}: {bad['weight'][0]!r} is not a weight (a finite "
+                "number >= 0)"
+            )
+        return weight.alias("weight")
+
+    def _held_out(self, frame: pl.DataFrame, source: Path) -> pl.Series:
+        """--split given: True where the split column says test (or val), False for train;
+        any other value is refused, naming its row."""
+        column = self.roles["split"]
+        text = frame["split"].cast(pl.String)
+        known = text.is_in([GIVEN_TRAIN, *GIVEN_HELD_OUT])
+        if not known.all():
+            at = int(known.arg_min() or 0)
+            raise InputDataError(
+                f"{source} {self._where(int(frame['__row'][at]))}, column {column}: "
+                f"{text[at]!r} is not a split; --split given takes train or test (or val)"
+            )
+        train = text == GIVEN_TRAIN
+        if not train.any():
+            raise InputDataError(
+                f"{source}: column {column} names no train row, so nothing could be trained "
+                "on; check --split-col"
+            )
+        return (~train).alias("held_out")
+
+
+def given_conflicts(frame: pl.DataFrame, source: Path, where: Callable[[int], str]) -> None:
+    """Refuse a (user, item) that a given split puts in both train and test: it can be in
+    one split only, and the held-out pair must not be trained on."""
+    mixed = (
+        frame.group_by("user_id", "item_id")
+        .agg(n=pl.col("held_out").n_unique(), first=pl.col("__row").min())
+        .filter(pl.col("n") > 1)
+    )
+    if mixed.height:
+        row = mixed.sort("first").row(0, named=True)
+        pair = frame.filter(
+            (pl.col("user_id") == row["user_id"]) & (pl.col("item_id") == row["item_id"])
+        )
+        train = int(pair.filter(~pl.col("held_out"))["__row"][0])
+        test = int(pair.filter(pl.col("held_out"))["__row"][0])
+        raise InputDataError(
+            f"{source} {where(train)} (train) and {where(test)} (test): (user "
+            f"{row['user_id']}, item {row['item_id']}) is in both train and test; a pair "
+            "can be held out or trained on, not both"
         )
 
 
@@ -223,6 +310,24 @@ def _as_timestamp(
     return parsed.alias("ts")
 
 
+def _numeric(roles: dict[str, str]) -> list[pl.Expr]:
+    """Rating and weight as Float64 (the split column as text), whatever the file stores."""
+    cast = [pl.col(r).cast(pl.Float64) for r in ("rating", "weight") if r in roles]
+    return cast + ([pl.col("split").cast(pl.String)] if "split" in roles else [])
+
+
+def _csv_types(roles: dict[str, str]) -> dict[str, pl.DataType]:
+    # Ids as text: inferring integers would merge "007" and "7" into one id.
+    types: dict[str, pl.DataType] = {
+        roles["user_id"]: pl.String(),
+        roles["item_id"]: pl.String(),
+    }
+    for role, dtype in (("rating", pl.Float64()), ("weight", pl.Float64()), ("split", pl.String())):
+        if role in roles:
+            types[roles[role]] = dtype
+    return types
+
+
 @register("csv")
 class CsvLoader(_TableLoader):
     def _read(self, source: Path) -> pl.DataFrame:
@@ -240,12 +345,7 @@ class CsvLoader(_TableLoader):
                 source,
                 separator=sep,
                 columns=list(roles.values()),
-                # Ids as text: inferring integers would merge "007" and "7" into one id.
-                schema_overrides={
-                    roles["rating"]: pl.Float64,
-                    roles["user_id"]: pl.String,
-                    roles["item_id"]: pl.String,
-                },
+                schema_overrides=_csv_types(roles),
                 infer_schema_length=10_000,
             )
         except (pl.exceptions.PolarsError, ValueError) as exc:
@@ -291,7 +391,13 @@ class CsvLoader(_TableLoader):
             ).with_row_index("__row")
         except (pl.exceptions.PolarsError, ValueError) as exc:
             return f"{source}: malformed CSV ({first_line(exc)}); check --separator and quoting"
-        rating = roles["rating"]
+        for role in ("rating", "weight"):
+            if role in roles and (found := self._not_a_number(source, text, roles[role])):
+                return found
+        return None
+
+    @staticmethod
+    def _not_a_number(source: Path, text: pl.DataFrame, rating: str) -> str | None:
         bad = text.filter(
             pl.col(rating).is_not_null()
             & pl.col(rating).str.strip_chars().cast(pl.Float64, strict=False).is_null()
@@ -314,7 +420,7 @@ class ParquetLoader(_TableLoader):
         roles = self._checked_schema(source, self._file_schema(source))
         frame = pl.read_parquet(source, columns=list(roles.values()))
         return frame.rename({column: role for role, column in roles.items()}).with_columns(
-            pl.col("rating").cast(pl.Float64)
+            _numeric(roles)
         )
 
     def scan(self, *, row_index: str) -> tuple[Path, pl.LazyFrame]:
@@ -344,12 +450,15 @@ class ParquetLoader(_TableLoader):
 
     def _checked_schema(self, source: Path, schema: pl.Schema) -> dict[str, str]:
         roles = self._check_present(source, list(schema.names()))
-        rating_type = schema[roles["rating"]]
-        if not rating_type.is_numeric():
-            raise InputDataError(
-                f"{source}: column {roles['rating']} holds {rating_type}, not numbers; "
-                "pass --rating-col naming the numeric rating column"
-            )
+        for role in ("rating", "weight"):
+            if role not in roles:
+                continue
+            kind = schema[roles[role]]
+            if not kind.is_numeric():
+                raise InputDataError(
+                    f"{source}: column {roles[role]} holds {kind}, not numbers; "
+                    f"pass {_ROLE_FLAGS[role]} naming the numeric {role} column"
+                )
         return roles
 
     @staticmethod
@@ -359,13 +468,28 @@ class ParquetLoader(_TableLoader):
         kept = [pl.col(column).alias(role) for role, column in roles.items()]
         if row_index is not None:
             kept.append(pl.col(row_index))
-        return scan.select(kept).with_columns(pl.col("rating").cast(pl.Float64))
+        return scan.select(kept).with_columns(_numeric(roles))
 
-    @staticmethod
-    def _scan_folder(source: Path, row_index: str | None = None) -> pl.LazyFrame:
+    def _hive_text(self, source: Path) -> dict[str, pl.DataType] | None:
+        """The partition keys that are ids (or the given split) read as the text the folder
+        names spell: inferred, `user=007` and `user=7` would be one user."""
+        keys = {
+            name.split("=", 1)[0]
+            for part in source.rglob("*.parquet")
+            for name in part.relative_to(source).parts[:-1]
+            if "=" in name
+        }
+        text = {self.data.user_col, self.data.item_col, self.split.split_col}
+        return {key: pl.String() for key in keys if key in text} or None
+
+    def _scan_folder(self, source: Path, row_index: str | None = None) -> pl.LazyFrame:
         try:
             scan = pl.scan_parquet(
-                source / "**" / "*.parquet", hive_partitioning=True, row_index_name=row_index
+                source / "**" / "*.parquet",
+                hive_partitioning=True,
+                hive_schema=self._hive_text(source),
+                try_parse_hive_dates=False,
+                row_index_name=row_index,
             )
             scan.collect_schema()
         except (pl.exceptions.PolarsError, OSError) as exc:

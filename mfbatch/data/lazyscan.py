@@ -15,7 +15,15 @@ from typing import Any
 import polars as pl
 
 from mfbatch.config import SplitConfig
-from mfbatch.data.generic import EARLIEST, EPOCH_UNITS, LATEST, OUTSIDE_YEARS, ParquetLoader
+from mfbatch.data.generic import (
+    EARLIEST,
+    EPOCH_UNITS,
+    GIVEN_HELD_OUT,
+    GIVEN_TRAIN,
+    LATEST,
+    OUTSIDE_YEARS,
+    ParquetLoader,
+)
 from mfbatch.errors import ConfigError, InputDataError, first_line
 
 ROW = "__row"
@@ -34,6 +42,7 @@ class Scanned:
     rows_in: int
     rating_seen: tuple[float, float]
     has_ts: bool
+    implicit: bool = False  # no rating column: every row one positive (rating 1)
 
     @property
     def frame(self) -> pl.LazyFrame:
@@ -53,14 +62,18 @@ def scan(loader: ParquetLoader, split: SplitConfig) -> Scanned:
         "item_id": data.item_col,
         "rating": data.rating_col,
         "ts": data.time_col,
+        "weight": data.weight_col,
+        "split": split.split_col,
     }
     schema = numbered.collect_schema()
-    roles = [r for r in ("user_id", "item_id", "rating", "ts") if r in schema]
+    roles = [r for r in ("user_id", "item_id", "rating", "ts", "weight", "split") if r in schema]
     keep = ~pl.all_horizontal(pl.col(role).is_null() for role in roles)
     lazy = numbered.filter(keep)
-    checked = [r for r in roles if not (r == "ts" and split.kind == "random")]
+    checked = [r for r in roles if not (r == "ts" and split.kind in ("random", "given"))]
     figures = collect(lazy.select(**_aggregates(schema, checked)), source).row(0, named=True)
     _check_figures(figures, source, columns, checked, split)
+    if "split" in schema:
+        _check_given(lazy, source, str(columns["split"]))
     typed = {
         role: _as_id(pl.col(role), schema[role], figures.get(f"int_{role}"))
         for role in ("user_id", "item_id")
@@ -68,22 +81,71 @@ def scan(loader: ParquetLoader, split: SplitConfig) -> Scanned:
     ts = pl.lit(None, dtype=pl.Datetime("us"))
     if "ts" in schema:
         ts = _checked_timestamp(lazy, source, str(columns["ts"]), schema["ts"], figures)
+    one = pl.lit(1.0, dtype=pl.Float64)
+    extra = [(pl.col("split") != GIVEN_TRAIN).alias("held_out")] if "split" in schema else []
     return Scanned(
         numbered=numbered,
         keep=keep,
         typed=[
             typed["user_id"].alias("user_id"),
             typed["item_id"].alias("item_id"),
-            pl.col("rating"),
+            (pl.col("rating") if "rating" in schema else one).alias("rating"),
             ts.alias("ts"),
+            (pl.col("weight") if "weight" in schema else one).alias("weight"),
+            *extra,
             pl.col(ROW),
         ],
         source=source,
         rows_read=int(collect(numbered.select(pl.len()), source).item()),
         rows_in=int(figures["rows"]),
-        rating_seen=(figures["lo"], figures["hi"]),
+        rating_seen=(figures.get("lo", 1.0), figures.get("hi", 1.0)),
         has_ts="ts" in schema,
+        implicit="rating" not in schema,
     )
+
+
+def _check_given(lazy: pl.LazyFrame, source: Path, column: str) -> None:
+    """`load_data`'s refusals of a --split given column: a value other than train/test/val
+    (naming its row), no train row, a pair in both train and test."""
+    known = pl.col("split").is_in([GIVEN_TRAIN, *GIVEN_HELD_OUT])
+    found = collect(
+        lazy.select(
+            row=pl.col(ROW).filter(~known).first(),
+            value=pl.col("split").filter(~known).first(),
+            trains=(pl.col("split") == GIVEN_TRAIN).sum(),
+        ),
+        source,
+    ).row(0, named=True)
+    if found["row"] is not None:
+        raise InputDataError(
+            f"{source} row {found['row']}, column {column}: {found['value']!r} is not a "
+            "split; --split given takes train or test (or val)"
+        )
+    if not found["trains"]:
+        raise InputDataError(
+            f"{source}: column {column} names no train row, so nothing could be trained "
+            "on; check --split-col"
+        )
+    mixed = collect(
+        lazy.group_by("user_id", "item_id")
+        .agg(
+            n=(pl.col("split") == GIVEN_TRAIN).n_unique(),
+            first=pl.col(ROW).filter(pl.col("split") == GIVEN_TRAIN).min(),
+            last=pl.col(ROW).filter(pl.col("split") != GIVEN_TRAIN).min(),
+        )
+        .filter(pl.col("n") > 1)
+        .sort("first")
+        .head(1),
+        source,
+    )
+    if mixed.height:
+        row = mixed.row(0, named=True)
+        raise InputDataError(
+            f"{source} row {row['first']} (train) and row {row['last']} (test): (user "
+            f"{row['user_id']}, "
+            f"item {row['item_id']}) is in both train and test; a pair can be held out or "
+            "trained on, not both"
+        )
 
 
 def _aggregates(schema: pl.Schema, checked: list[str]) -> dict[str, pl.Expr]:
@@ -99,12 +161,21 @@ def _aggregates(schema: pl.Schema, checked: list[str]) -> dict[str, pl.Expr]:
             odd = ~pl.col("ts").is_finite() & pl.col("ts").is_not_null()
             ts_checks["ts_odd_row"] = pl.col(ROW).filter(odd).first()
             ts_checks["ts_odd"] = pl.col("ts").filter(odd).first()
+    rating: dict[str, pl.Expr] = {}
+    if "rating" in schema:
+        rating = {
+            "lo": pl.col("rating").min(),
+            "hi": pl.col("rating").max(),
+            "bad_row": pl.col(ROW).filter(~finite).first(),
+            "bad": pl.col("rating").filter(~finite).first(),
+        }
+    if "weight" in schema:
+        odd_weight = ~pl.col("weight").is_finite() | (pl.col("weight") < 0)
+        rating["weight_row"] = pl.col(ROW).filter(odd_weight).first()
+        rating["weight_bad"] = pl.col("weight").filter(odd_weight).first()
     return {
         "rows": pl.len(),
-        "lo": pl.col("rating").min(),
-        "hi": pl.col("rating").max(),
-        "bad_row": pl.col(ROW).filter(~finite).first(),
-        "bad": pl.col("rating").filter(~finite).first(),
+        **rating,
         **first_row,
         **{k: v for k, v in id_checks.items() if v is not None},
         **ts_checks,
@@ -128,10 +199,15 @@ def _check_figures(
             raise InputDataError(
                 f"{source} row {row}, column {columns[role]}: value is missing{need}"
             )
-    if figures["bad_row"] is not None:
+    if figures.get("bad_row") is not None:
         raise InputDataError(
             f"{source} row {figures['bad_row']}, column {columns['rating']}: "
             f"{figures['bad']} is not a finite number"
+        )
+    if figures.get("weight_row") is not None:
+        raise InputDataError(
+            f"{source} row {figures['weight_row']}, column {columns['weight']}: "
+            f"{figures['weight_bad']!r} is not a weight (a finite number >= 0)"
         )
 
 

@@ -36,11 +36,13 @@ from mfbatch.config import SplitConfig
 from mfbatch.data.base import PrepStats
 from mfbatch.data.lazyscan import ROW, Scanned, collect
 from mfbatch.data.transforms import (
+    IMPLICIT_SCALE,
     drop_duplicates,
     finish_ratings,
     id_tables,
     infer_scale,
     split_mask,
+    transform_weights,
     val_count,
 )
 from mfbatch.errors import InputDataError, first_line
@@ -102,14 +104,19 @@ def prepare(
     work: Path,
     bucket_rows: int,
     log: Callable[[str], None] = lambda _: None,
+    weight_transform: str = "none",
 ) -> Buckets:
     """`transforms.prepare` in buckets of about `bucket_rows` ratings: the same tables."""
     origin = str(scanned.source)
     lo_seen, hi_seen = scanned.rating_seen
-    lo, hi = infer_scale(
-        pl.DataFrame({"rating": [lo_seen, hi_seen]}, schema={"rating": pl.Float64}),
-        origin=origin,
-        declared=rating_scale,
+    lo, hi = (
+        IMPLICIT_SCALE
+        if scanned.implicit
+        else infer_scale(
+            pl.DataFrame({"rating": [lo_seen, hi_seen]}, schema={"rating": pl.Float64}),
+            origin=origin,
+            declared=rating_scale,
+        )
     )
     frame = scanned.frame
     per_user = collect(frame.group_by("user_id").len().sort("user_id"), scanned.source)
@@ -125,10 +132,12 @@ def prepare(
     del bucket
 
     log("deduplicating each bucket")
-    deduped = _deduplicate(raw_parts, n_users, n_items, work)
+    deduped = _deduplicate(
+        raw_parts, n_users, n_items, work, implicit=scanned.implicit, transform=weight_transform
+    )
     n = sum(deduped.sizes)
 
-    if split.kind != "random" and not scanned.has_ts:
+    if split.kind not in ("random", "given") and not scanned.has_ts:
         raise InputDataError(
             f"{origin}: --split {split.kind} needs a timestamp on every rating but "
             f"{n:,} of {n:,} have none; pass --time-col or use --split random"
@@ -162,6 +171,7 @@ def prepare(
         n_val_cold_user=cold_user,
         n_val_cold_item=cold_item,
         time_cutoff=cutoff,
+        implicit=scanned.implicit,
     )
     return Buckets(users, items, stats, n, deduped.parts, masks, train_users, train_items)
 
@@ -183,7 +193,15 @@ class _Deduplicated:
     n_item_ratings: np.ndarray
 
 
-def _deduplicate(raw_parts: list[Path], n_users: int, n_items: int, work: Path) -> _Deduplicated:
+def _deduplicate(
+    raw_parts: list[Path],
+    n_users: int,
+    n_items: int,
+    work: Path,
+    *,
+    implicit: bool,
+    transform: str,
+) -> _Deduplicated:
     """Each bucket deduplicated as the in-memory path does it, its raw file replaced by
     the kept rows; with the ratings counted per user and per item."""
     parts: list[Path] = []
@@ -196,7 +214,8 @@ def _deduplicate(raw_parts: list[Path], n_users: int, n_items: int, work: Path) 
         # whatever order the bucketing pass appended its slices in.
         rows = _read(raw).sort(ROW).drop(ROW)
         raw.unlink()
-        kept, gone = drop_duplicates(rows, n_items)
+        kept, gone = drop_duplicates(rows, n_items, implicit=implicit)
+        kept = kept.with_columns(transform_weights(pl.col("weight"), transform))
         del rows
         dropped += gone
         n_user_ratings += np.bincount(kept["user_idx"].to_numpy(), minlength=n_users)
@@ -229,6 +248,7 @@ def _write_buckets(
         }
     )
     paths = [work / f"bucket-{b:05d}.arrow" for b in range(n_buckets)]
+    given = ["held_out"] if "held_out" in scanned.frame.collect_schema() else []
     writers: dict[int, ipc.RecordBatchFileWriter] = {}
     options = ipc.IpcWriteOptions(compression="lz4")
     try:
@@ -239,7 +259,7 @@ def _write_buckets(
                 scanned.chunk(start, CHUNK_ROWS)
                 .join(users.lazy(), on="user_id")
                 .join(items.lazy(), on="item_id")
-                .select("bucket", "user_idx", "item_idx", "rating", "ts", ROW)
+                .select("bucket", "user_idx", "item_idx", "rating", "ts", "weight", *given, ROW)
                 .collect()
             )
             for key, rows in chunk.partition_by("bucket", as_dict=True, include_key=False).items():
@@ -271,7 +291,7 @@ def _split(
     n_val = val_count(n, split.val_fraction)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     decide: Callable[[int, pl.DataFrame], np.ndarray]
-    if split.kind == "user-time":
+    if split.kind in ("user-time", "given"):
 
         def decide(index: int, frame: pl.DataFrame) -> np.ndarray:
             return split_mask(frame, split, origin=origin)

@@ -86,8 +86,12 @@ def _dense_int_ids(ids: pl.Series) -> tuple[pl.Series, pl.Series] | None:
     return index, uniques
 
 
-def drop_duplicates(frame: pl.DataFrame, n_items: int) -> tuple[pl.DataFrame, int]:
-    """Keep the latest rating of each (user, item); ties keep the later line.
+def drop_duplicates(
+    frame: pl.DataFrame, n_items: int, *, implicit: bool = False
+) -> tuple[pl.DataFrame, int]:
+    """Keep the latest rating of each (user, item); ties keep the later line. Implicit
+    feedback aggregates instead: a pair's rows are one interaction whose `weight` is
+    their sum (counts add up) and whose time is the latest.
 
     Returns the frame sorted by (user_idx, item_idx), which later stages (CSR of rated
     items, per-user queries) read in that order.
@@ -112,13 +116,29 @@ def drop_duplicates(frame: pl.DataFrame, n_items: int) -> tuple[pl.DataFrame, in
     )
     # Stable sort: among equal (key, ts), file order decides, and the last one wins.
     ordered_frame = frame.sort(["__key", "ts"], maintain_order=True, nulls_last=False)
-    kept = ordered_frame.filter(pl.col("__key") != pl.col("__key").shift(-1, fill_value=-1))
+    is_last = pl.col("__key") != pl.col("__key").shift(-1, fill_value=-1)
+    if implicit and "weight" in frame.columns:
+        # The last row of each pair carries the pair's summed weight (and, sorted by
+        # time, its latest time).
+        ordered_frame = ordered_frame.with_columns(pl.col("weight").sum().over("__key"))
+    kept = ordered_frame.filter(is_last)
     return kept.drop("__key"), frame.height - kept.height
+
+
+def transform_weights(weight: pl.Expr, kind: str) -> pl.Expr:
+    """The weight the loss uses from the weight as read (summed over implicit duplicates):
+    `log1p` is log2(1 + w), so an interaction counted once weighs 1, twice 1.58, 1,000
+    times ~10 (the damping of implicit ALS's 1 + alpha log(1 + r/eps)); `none` is w."""
+    if kind == "none":
+        return weight
+    return (weight.log1p() / math.log(2.0)).alias("weight")
 
 
 def split_mask(frame: pl.DataFrame, split: SplitConfig, *, origin: str) -> np.ndarray:
     """Boolean array, True for validation rows. `frame` is sorted by (user_idx, item_idx)."""
     n = frame.height
+    if split.kind == "given":
+        return frame["held_out"].to_numpy().astype(bool)
     if split.kind != "random":
         missing = frame["ts"].null_count()
         if missing:
@@ -160,27 +180,43 @@ def val_count(n: int, fraction: float) -> int:
     return max(min(n_val, n - 1), 1 if n >= 2 else 0)
 
 
+# Implicit feedback is stored as rating 1 on the scale [0, 1]: every row a positive.
+IMPLICIT_SCALE = (0.0, 1.0)
+
+
 def prepare(
-    raw: RawData, *, split: SplitConfig, rating_scale: tuple[float, float] | None
+    raw: RawData,
+    *,
+    split: SplitConfig,
+    rating_scale: tuple[float, float] | None,
+    weight_transform: str = "none",
 ) -> PreparedData:
     ratings = raw.ratings
     rows_in = ratings.height
     if rows_in == 0:
         raise InputDataError(f"{raw.source}: no ratings found; check the file and --source")
-    lo, hi = infer_scale(ratings, origin=raw.source, declared=rating_scale)
+    if raw.implicit:
+        lo, hi = IMPLICIT_SCALE
+    else:
+        lo, hi = infer_scale(ratings, origin=raw.source, declared=rating_scale)
 
     user_idx, user_ids = dense_ids(ratings["user_id"])
     item_idx, item_ids = dense_ids(ratings["item_id"])
-    frame = pl.DataFrame(
-        {
-            "user_idx": user_idx,
-            "item_idx": item_idx,
-            "rating": ratings["rating"],
-            "ts": ratings["ts"],
-        }
-    )
-    del user_idx, item_idx
-    frame, dropped = drop_duplicates(frame, len(item_ids))
+    columns = {
+        "user_idx": user_idx,
+        "item_idx": item_idx,
+        "rating": ratings["rating"],
+        "ts": ratings["ts"],
+        "weight": ratings["weight"]
+        if "weight" in ratings.columns
+        else pl.Series("weight", [1.0] * rows_in, dtype=pl.Float64),
+    }
+    if "held_out" in ratings.columns:
+        columns["held_out"] = ratings["held_out"]
+    frame = pl.DataFrame(columns)
+    del user_idx, item_idx, columns
+    frame, dropped = drop_duplicates(frame, len(item_ids), implicit=raw.implicit)
+    frame = frame.with_columns(transform_weights(pl.col("weight"), weight_transform))
 
     is_val = split_mask(frame, split, origin=raw.source)
     users_np = frame["user_idx"].to_numpy()
@@ -217,6 +253,7 @@ def prepare(
         n_val_cold_user=int(cold_user.sum()),
         n_val_cold_item=int(cold_item.sum()),
         time_cutoff=cutoff,
+        implicit=raw.implicit,
     )
     return PreparedData(ratings=prepared, users=users, items=items, stats=stats)
 
@@ -238,7 +275,15 @@ def finish_ratings(
         cold_user=pl.Series(cold_user),
         cold_item=pl.Series(cold_item),
     ).select(
-        "user_idx", "item_idx", "rating", "rating_norm", "ts", "split", "cold_user", "cold_item"
+        "user_idx",
+        "item_idx",
+        "rating",
+        "rating_norm",
+        "ts",
+        "split",
+        "cold_user",
+        "cold_item",
+        pl.col("weight") if "weight" in frame.columns else pl.lit(1.0).alias("weight"),
     )
 
 

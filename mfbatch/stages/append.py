@@ -31,7 +31,13 @@ import polars as pl
 from mfbatch.config import Config
 from mfbatch.data import DataLoaderFactory
 from mfbatch.data.base import RawData
-from mfbatch.data.transforms import dense_ids, drop_duplicates, infer_scale, normalise
+from mfbatch.data.transforms import (
+    dense_ids,
+    drop_duplicates,
+    infer_scale,
+    normalise,
+    transform_weights,
+)
 from mfbatch.errors import ConfigError, DatabaseError, InputDataError
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
@@ -120,11 +126,13 @@ def append(*, config: Config) -> AppendSummary:
     con = db.connect(path)
     try:
         dataset = Dataset.load(con, path)
+        config = _stored_reading(con, config, dataset)
         scale = _stored_scale(config, dataset, path)
         _require_times(config, dataset, path)
         raw = _read_source(config)
+        _check_feedback(raw, dataset, path)
         lo, hi = _append_scale(raw, scale, path)
-        staged = _stage(con, raw, dataset, lo, hi)
+        staged = _stage(con, raw, dataset, lo, hi, config)
         version, counts = _store(con, path, staged, raw, config)
     finally:
         con.close()
@@ -149,7 +157,7 @@ def append(*, config: Config) -> AppendSummary:
 def _require_times(config: Config, dataset: Dataset, path: Path) -> None:
     """A database split by time needs times on what is appended: one rating without a time
     would turn recency off for every user at the refit."""
-    if dataset.split_kind != "random" and not config.data.time_col:
+    if dataset.split_kind in ("time", "user-time") and not config.data.time_col:
         raise ConfigError(
             f"--time-col '': {path} was split by time ({dataset.split_kind}); appended "
             "ratings need their time column (--time-col NAME); nothing was changed"
@@ -168,6 +176,51 @@ def _append_scale(raw: RawData, scale: tuple[float, float], path: Path) -> tuple
             f"[{scale[0]}, {scale[1]}] of {path}, which an append keeps; fix or drop those "
             "rows, or re-preprocess everything with --rating-min/--rating-max that cover them"
         ) from None
+
+
+# What an append reads as the preprocess did unless a flag says otherwise: the column
+# mapping, separator and weight transform are in the dataset_meta config it recorded.
+_READING = (
+    "dataset",
+    "user_col",
+    "item_col",
+    "rating_col",
+    "time_col",
+    "weight_col",
+    "weight_transform",
+    "separator",
+)
+
+
+def _stored_reading(con: duckdb.DuckDBPyConnection, config: Config, dataset: Dataset) -> Config:
+    """`config` with the preprocess's reading options where no flag or file gave them, and
+    its split when it was given by a column (appended rows land in the split they name)."""
+    row = db.one(con, "append_stored_config")
+    stored = json.loads(row[0]) if row and row[0] else {}
+    data, given = stored.get("data", {}), config.data._given
+    reading = {k: data[k] for k in _READING if k in data and k not in given}
+    if dataset.feedback == "implicit" and "rating_col" in reading:
+        reading["rating_col"] = None  # read without one, whatever the option held
+    if reading:
+        # '' is how the options say "no such column" (None would mean "not given").
+        values = {k: ("" if v is None else v) for k, v in reading.items()}
+        config = config.override("data", values, "the preprocess's dataset_meta config")
+    split = stored.get("split", {})
+    if split.get("kind") == "given" and config.split.kind != "given":
+        config = config.override(
+            "split", {"kind": "given", "split_col": split.get("split_col")}, "dataset_meta"
+        )
+    return config
+
+
+def _check_feedback(raw: RawData, dataset: Dataset, path: Path) -> None:
+    """Implicit interactions can't join explicit ratings, nor the other way round."""
+    feedback = "implicit" if raw.implicit else "explicit"
+    if feedback != dataset.feedback:
+        raise InputDataError(
+            f"{raw.source}: {feedback} feedback, but {path} holds {dataset.feedback} "
+            "feedback; append a file read the same way (--rating-col)"
+        )
 
 
 def _stored_scale(config: Config, dataset: Dataset, path: Path) -> tuple[float, float]:
@@ -190,7 +243,12 @@ def _read_source(config: Config) -> RawData:
 
 
 def _stage(
-    con: duckdb.DuckDBPyConnection, raw: RawData, dataset: Dataset, lo: float, hi: float
+    con: duckdb.DuckDBPyConnection,
+    raw: RawData,
+    dataset: Dataset,
+    lo: float,
+    hi: float,
+    config: Config,
 ) -> _Staged:
     """The source's ratings mapped onto the stored ids, deduplicated and normalised."""
     users = db.frame(con, "append_user_ids")
@@ -204,10 +262,18 @@ def _stage(
             "item_idx": item_idx,
             "rating": raw.ratings["rating"],
             "ts": raw.ratings["ts"],
+            "weight": raw.ratings["weight"],
+            # --split given: the split each row names; else new pairs go to 'append'.
+            "held_out": raw.ratings["held_out"]
+            if "held_out" in raw.ratings.columns
+            else pl.Series([None] * raw.ratings.height, dtype=pl.Boolean),
         }
     )
-    frame, dropped = drop_duplicates(frame, n_items)
-    frame = frame.with_columns(rating_norm=normalise(pl.col("rating"), lo, hi))
+    frame, dropped = drop_duplicates(frame, n_items, implicit=raw.implicit)
+    frame = frame.with_columns(
+        rating_norm=normalise(pl.col("rating"), lo, hi),
+        weight=transform_weights(pl.col("weight"), config.data.weight_transform),
+    )
     meta = (
         raw.items.select("item_id", "title", "genres").unique("item_id", keep="first")
         if raw.items is not None
@@ -248,6 +314,9 @@ def _store(
             db.run(con, "append_insert_ratings", version=version)
             db.run(con, "append_recount_users")
             db.run(con, "append_recount_items")
+            if "held_out" in raw.ratings.columns:
+                for step in ("train_users", "train_items", "cold", "meta"):
+                    db.run(con, f"append_given_{step}")
             db.run(con, "append_update_meta")
             db.run(
                 con,

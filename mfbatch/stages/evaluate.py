@@ -80,9 +80,12 @@ class Evaluation:
         lift = f" ({recall / base:.2f}x popularity)" if recall and base else ""
         rmse = self.model.get("rmse")
         rating = f", RMSE {rmse:.4f}" if rmse is not None else ""
+        # hits / |relevant|: what the published implicit-feedback tables call recall.
+        uncapped = self.model.get("recall_uncapped")
+        field = f", uncapped Recall@{k} {uncapped:.4f}" if uncapped is not None else ""
         return (
             f"evaluated run {self.run_id}: Recall@{k} {recall or 0:.4f}{lift}, "
-            f"NDCG@{k} {self.model.get('ndcg') or 0:.4f}{rating} over "
+            f"NDCG@{k} {self.model.get('ndcg') or 0:.4f}{rating}{field} over "
             f"{int(self.model.get('users_evaluated') or 0):,} users"
         )
 
@@ -116,6 +119,11 @@ def _read(config: Config) -> _Stored:
         dataset = Dataset.load(con, config.db)
         run = find_run(con, config.db, dataset, settings.run_id, role="measure")
         check_model(run, dataset)
+        if settings.min_rating is not None and dataset.feedback == "implicit":
+            raise ConfigError(
+                f"--min-rating: {config.db} holds implicit feedback (no ratings), where every "
+                "held-out interaction is relevant; drop --min-rating"
+            )
         if settings.top_k > dataset.n_items:
             raise ConfigError(
                 f"--top-k: {settings.top_k} is more than the catalogue's {dataset.n_items:,} items"
@@ -179,7 +187,8 @@ def _record(
             db.run(con, "create_evaluation_lists")
             db.run(con, "delete_evaluation_lists", run_id=run.run_id, k=k)
             db.run(con, "insert_evaluation_lists", run_id=run.run_id, k=k)
-            if run.objective == "rating":
+            # RMSE/MAE only where scores are ratings: the rating objective on explicit data.
+            if run.objective == "rating" and stored.dataset.feedback == "explicit":
                 row = db.record(con, "rating_metrics", run_id=run.run_id) or {}
                 model.update(rmse=row.get("rmse"), mae=row.get("mae"))
             for name, figures in ((MODEL, model), (POPULARITY, baseline)):

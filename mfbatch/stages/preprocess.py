@@ -35,7 +35,7 @@ from mfbatch.version import __version__
 
 # Bumped when preprocessing changes what it writes for the same input, so dataset_sha256
 # (which runs and models cite) changes with it.
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,21 @@ class PreprocessSummary:
     dataset_sha256: str
     seconds: float
 
+    feedback: str = "explicit"
+    split_kind: str = "time"
+
     def line(self) -> str:
+        # Implicit duplicates are merged (their weights add up), not dropped.
+        implicit = self.feedback == "implicit"
+        fate = "merged" if implicit else "dropped"
+        kind = "implicit feedback, " if implicit else ""
+        held = "test" if self.split_kind == "given" else "val"
         return (
-            f"preprocessed {self.rows_in:,} rows from {self.layout} "
-            f"({self.duplicates_dropped:,} duplicate (user, item) dropped): "
+            f"preprocessed {self.rows_in:,} rows from {self.layout} ({kind}"
+            f"{self.duplicates_dropped:,} duplicate (user, item) {fate}): "
             f"{self.n_users:,} users, {self.n_items:,} items, "
-            f"train {self.n_train:,} / val {self.n_val:,} "
-            f"(val with unseen user {self.n_val_cold_user:,}, unseen item "
+            f"train {self.n_train:,} / {held} {self.n_val:,} "
+            f"({held} with unseen user {self.n_val_cold_user:,}, unseen item "
             f"{self.n_val_cold_item:,}) in {self.seconds:.2f} s -> {self.db}"
         )
 
@@ -189,7 +197,13 @@ def _in_memory(
     progress.update(task, advance=1)
     origin = Origin(raw.source, raw.source_sha256, raw.loader, raw.layout)
     return _summary(
-        path, origin, prepared.stats, prepared.users.height, prepared.items.height, fingerprint
+        path,
+        origin,
+        prepared.stats,
+        prepared.users.height,
+        prepared.items.height,
+        fingerprint,
+        config.split.kind,
     )
 
 
@@ -225,6 +239,7 @@ def _out_of_core(
         work=work,
         bucket_rows=bucket_rows,
         log=log,
+        weight_transform=config.data.weight_transform,
     )
     origin = Origin(str(scanned.source), sha256_source(scanned.source), loader.name, loader.name)
     fingerprint = _fingerprint(origin.source_sha256, origin.layout, buckets.stats, config)
@@ -247,12 +262,24 @@ def _out_of_core(
         spool=work,
     )
     return _summary(
-        path, origin, buckets.stats, buckets.users.height, buckets.items.height, fingerprint
+        path,
+        origin,
+        buckets.stats,
+        buckets.users.height,
+        buckets.items.height,
+        fingerprint,
+        config.split.kind,
     )
 
 
 def _summary(
-    path: Path, origin: Origin, stats: PrepStats, n_users: int, n_items: int, fingerprint: str
+    path: Path,
+    origin: Origin,
+    stats: PrepStats,
+    n_users: int,
+    n_items: int,
+    fingerprint: str,
+    split_kind: str,
 ) -> PreprocessSummary:
     return PreprocessSummary(
         db=path,
@@ -268,6 +295,8 @@ def _summary(
         n_val_cold_item=stats.n_val_cold_item,
         dataset_sha256=fingerprint,
         seconds=0.0,
+        feedback="implicit" if stats.implicit else "explicit",
+        split_kind=split_kind,
     )
 
 
@@ -396,6 +425,7 @@ def _insert_meta(
         split_seed=config.split.seed,
         time_cutoff=stats.time_cutoff,
         config=json.dumps(config.to_dict()),
+        feedback="implicit" if stats.implicit else "explicit",
         mfbatch_version=__version__,
         seconds=seconds,
     )

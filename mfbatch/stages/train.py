@@ -242,7 +242,8 @@ def _fit(
     def end(record: EpochRecord) -> None:
         status = f"loss {record.train_loss:.4f}"
         if record.metrics is not None:
-            status += f"  val RMSE {record.metrics.rmse:.4f}"
+            if record.metrics.rmse is not None:
+                status += f"  val RMSE {record.metrics.rmse:.4f}"
             if record.metrics.recall is not None:
                 status += f"  Recall@{settings.top_k} {record.metrics.recall:.4f}"
                 status += f"  NDCG@{settings.top_k} {record.metrics.ndcg or 0.0:.4f}"

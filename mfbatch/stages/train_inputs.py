@@ -90,6 +90,10 @@ def interactions(
         ts=None
         if fit["ts_ms"].null_count()
         else _tensor(fit["ts_ms"].to_numpy(), device, torch.int64),
+        # All ones is no weighting: left out, the losses take their unweighted path.
+        weights=None
+        if bool((fit["weight"] == 1.0).all())
+        else _tensor(fit["weight"].to_numpy(), device, torch.float32),
     )
     val = None
     if settings.on == "train":
@@ -125,4 +129,5 @@ def _validation(
         rating_max=dataset.rating_max,
         popular=popular,
         untrained_items=untrained,
+        explicit=dataset.feedback == "explicit",
     )

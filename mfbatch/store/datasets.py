@@ -23,7 +23,8 @@ class Dataset:
     rating_max: float
     n_train: int
     n_val: int
-    split_kind: str  # time | user-time | random: what the validation split holds out
+    split_kind: str  # time | user-time | random | given: what the validation split holds out
+    feedback: str = "explicit"  # implicit: no rating column, every row one positive
 
     @staticmethod
     def load(con: duckdb.DuckDBPyConnection, path: Path) -> Dataset:
@@ -32,6 +33,12 @@ class Dataset:
             raise DatabaseError(
                 f"{path} was preprocessed by an older mfbatch (no dataset_versions table); run "
                 "`mfbatch preprocess` again with the same options, then train"
+            )
+        columns = db.record(con, "dataset_feedback") or {}
+        if not (columns.get("has_weight") and columns.get("has_feedback")):
+            raise DatabaseError(
+                f"{path} was preprocessed by an older mfbatch (ratings has no weight column); "
+                "run `mfbatch preprocess` again with the same options, then train"
             )
         row = db.record(con, "dataset_identity")
         if row is None:
@@ -46,4 +53,5 @@ class Dataset:
             n_train=int(row["n_train"]),
             n_val=int(row["n_val"]),
             split_kind=str(row["split_kind"]),
+            feedback=str((db.one(con, "dataset_feedback_value") or ("explicit",))[0]),
         )

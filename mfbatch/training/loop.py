@@ -63,6 +63,8 @@ class EpochData:
     all_items: torch.Tensor
     # Per rating, in `by_user.indices` order: its weight within its user (softmax losses).
     weights: torch.Tensor | None = None
+    # Per rating, in the same order: its interaction weight (UserBatch.counts); None: ones.
+    counts: torch.Tensor | None = None
 
     @staticmethod
     def build(
@@ -93,6 +95,9 @@ class EpochData:
             log_q=q.log().float(),
             all_items=torch.arange(n_items, device=device),
             weights=weights,
+            counts=None
+            if data.weights is None
+            else data.weights[Csr.order(data.users, data.items)],
         )
 
 
@@ -196,7 +201,8 @@ def train_epoch(
         else:
             rows, at = epoch_data.by_user.positions_of(idx)
             weights = None if epoch_data.weights is None else epoch_data.weights[at]
-            batch = UserBatch(idx, rows, epoch_data.by_user.indices[at], weights)
+            counts = None if epoch_data.counts is None else epoch_data.counts[at]
+            batch = UserBatch(idx, rows, epoch_data.by_user.indices[at], weights, counts)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         if idx.numel():

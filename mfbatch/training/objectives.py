@@ -35,6 +35,34 @@ class UserBatch:
     items: torch.Tensor  # [R] the rated item
     # [R] each rating's weight within its user (e.g. `recency_weights`); None: all ones.
     weights: torch.Tensor | None = None
+    # [R] each interaction's own weight (the ratings table's `weight`: play counts after
+    # --weight-transform); None: all ones. Unlike `weights` it is a multiplicity: an
+    # interaction of weight 2 is the same as the row twice, in the loss, in the per-user
+    # counts and in the frequency-scaled L2.
+    counts: torch.Tensor | None = None
+
+
+def interaction_counts(batch: UserBatch) -> torch.Tensor:
+    """[R] each rating's multiplicity (`batch.counts`, else ones)."""
+    if batch.counts is None:
+        return torch.ones(batch.items.numel(), device=batch.items.device)
+    return batch.counts.float()
+
+
+def batch_size_of(batch: UserBatch) -> float | torch.Tensor:
+    """The batch's ratings counted with their multiplicity: what its losses are a mean over."""
+    if batch.counts is None:
+        return max(batch.items.numel(), 1)
+    return batch.counts.float().sum().clamp(min=1e-12)
+
+
+def _frequency(batch: UserBatch) -> torch.Tensor | None:
+    """[R] how much each rating counts in the frequency-scaled L2: w² for `weights`
+    (Kish's effective sample size, below) times its multiplicity; None: all ones."""
+    if batch.weights is None and batch.counts is None:
+        return None
+    freq = interaction_counts(batch)
+    return freq if batch.weights is None else freq * batch.weights.float().square()
 
 
 def l2_penalty(model: MatrixFactorization, batch: UserBatch, l2: float, mode: str) -> torch.Tensor:
@@ -53,15 +81,16 @@ def l2_penalty(model: MatrixFactorization, batch: UserBatch, l2: float, mode: st
     """
     if l2 == 0.0:
         return model.global_bias.new_zeros(())
-    n = max(batch.items.numel(), 1)
+    n = batch_size_of(batch)
     if mode == "frequency":
         # Row norms weighted by counts, not one gathered row per rating: the same sum
         # without [ratings x dim] temporaries (91k x 256 floats a step at 100k users).
-        if batch.weights is None:
+        freq = _frequency(batch)
+        if freq is None:
             user_counts = torch.bincount(batch.rows, minlength=batch.users.numel())
             items, item_counts = torch.unique(batch.items, return_counts=True)
         else:
-            w2 = batch.weights.float().square()
+            w2 = freq
             user_counts = w2.new_zeros(batch.users.numel()).index_add_(0, batch.rows, w2)
             items, inverse = torch.unique(batch.items, return_inverse=True)
             item_counts = w2.new_zeros(items.numel()).index_add_(0, inverse, w2)
@@ -84,7 +113,11 @@ def user_weights(batch: UserBatch, exponent: float) -> tuple[torch.Tensor, torch
     heaviest raters dominate; a partial down-weighting (exponent 0.3) measured better on
     the inner split (README, "The model"). 0 is the plain per-rating sum.
     """
-    counts = torch.bincount(batch.rows, minlength=batch.users.numel()).float()
+    if batch.counts is None:
+        counts = torch.bincount(batch.rows, minlength=batch.users.numel()).float()
+    else:  # a user's ratings counted with their multiplicity
+        counts = torch.zeros(batch.users.numel(), device=batch.rows.device)
+        counts = counts.index_add_(0, batch.rows, batch.counts.float())
     if exponent == 0.0:
         return counts, torch.ones_like(counts)
     weights = counts.clamp(min=1.0) ** -exponent
@@ -96,6 +129,8 @@ def rating_weights(batch: UserBatch, exponent: float) -> torch.Tensor:
     `batch.weights` (which keep each user's total, so the two do not interact)."""
     _, per_user = user_weights(batch, exponent)
     weights = per_user[batch.rows]
+    if batch.counts is not None:
+        weights = weights * batch.counts.float()
     return weights if batch.weights is None else weights * batch.weights
 
 
@@ -155,7 +190,7 @@ def full_softmax(
     weights = rating_weights(batch, user_exponent)
     per_user = torch.zeros_like(lse).index_add_(0, batch.rows, weights)
     summed = (per_user * lse).sum() - (weights * positive).sum()
-    return summed / max(batch.items.numel(), 1)
+    return summed / batch_size_of(batch)
 
 
 @dataclass(frozen=True)
@@ -244,21 +279,22 @@ def sampled_softmax(
     # log(1 − e^own); clamped so a user whose only sample is the positive stays finite.
     rest = lse[batch.rows] + torch.log((-torch.expm1(own)).clamp(min=1e-6))
     loss = torch.logaddexp(positive, rest) - positive
-    loss = (rating_weights(batch, user_exponent) * loss).mean()
+    loss = (rating_weights(batch, user_exponent) * loss).sum() / batch_size_of(batch)
     if l2 == 0.0:
         return loss
     # l2_penalty's "frequency" sum (a weighted rating counts w²), from the rows already
     # looked up.
-    if batch.weights is None:
+    freq = _frequency(batch)
+    if freq is None:
         user_counts = torch.bincount(batch.rows, minlength=batch.users.numel())
         item_counts = torch.bincount(rated, minlength=touched.numel())
     else:
-        w2 = batch.weights.float().square()
+        w2 = freq
         user_counts = w2.new_zeros(batch.users.numel()).index_add_(0, batch.rows, w2)
         item_counts = w2.new_zeros(touched.numel()).index_add_(0, rated, w2)
     user_term = (user_counts * raw_users.float().pow(2).sum(-1)).sum()
     item_term = (item_counts * raw_items.float().pow(2).sum(-1)).sum()
-    return loss + l2 * (user_term + item_term) / max(batch.items.numel(), 1)
+    return loss + l2 * (user_term + item_term) / batch_size_of(batch)
 
 
 class _RatedDots(torch.autograd.Function):

@@ -16,6 +16,8 @@ class Interactions:
     ratings: torch.Tensor  # float32 in [0, 1]
     # When each rating was made (any monotone unit), for `--recency-half-life`; None: unknown.
     ts: torch.Tensor | None = None
+    # Each interaction's weight in the softmax losses (ratings.weight); None: all ones.
+    weights: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.users.numel())

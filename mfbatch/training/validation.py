@@ -1,4 +1,5 @@
-"""Validation during training: RMSE/MAE on held-out pairs, Recall/NDCG@K over rankings.
+"""Validation during training: Recall/NDCG@K over rankings; RMSE/MAE on held-out pairs for
+the rating objective on explicit ratings.
 
 The ranking follows serving's rules (popularity for users with no train rating, untrained
 items never offered), so the figures equal what `evaluate` measures from its lists.
@@ -30,6 +31,9 @@ class Validation:
     # with no train rating get the popularity list, items with none are never offered.
     popular: torch.Tensor | None = None  # item indices by train count desc, then index
     untrained_items: torch.Tensor | None = None  # bool [n_items]
+    # Explicit ratings: RMSE/MAE mean something (for the rating objective). Implicit
+    # feedback (every rating 1) has none to predict.
+    explicit: bool = True
 
     @staticmethod
     def serving_rules(train_items: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,16 +46,22 @@ class Validation:
 
 @dataclass(frozen=True)
 class Metrics:
-    rmse: float
-    mae: float
+    # Only for the `rating` objective on explicit ratings: a ranking model's scores are
+    # not ratings, so its RMSE would measure nothing (None).
+    rmse: float | None = None
+    mae: float | None = None
     recall: float | None = None
     ndcg: float | None = None
 
 
 @torch.no_grad()
 def validate(model: MatrixFactorization, val: Validation, config: TrainConfig) -> Metrics:
-    """RMSE/MAE in stars on the held-out pairs; Recall/NDCG@K over each user's ranking."""
+    """RMSE/MAE in stars on the held-out pairs (the rating objective on explicit ratings);
+    Recall/NDCG@K over each user's ranking (ranking objectives, or --rank-metrics)."""
     model.eval()
+    if config.objective != "rating" or not val.explicit:
+        recall, ndcg = rank_metrics(model, val, config.top_k)
+        return Metrics(recall=recall, ndcg=ndcg)
     span = val.rating_max - val.rating_min
     sq = ab = 0.0
     chunk = 1 << 16
@@ -118,9 +128,9 @@ def rank_metrics(model: MatrixFactorization, val: Validation, k: int) -> tuple[f
 
 def score_of(metrics: Metrics, objective: str) -> float:
     """Higher is better: -RMSE for the rating objective, Recall@K for the ranking ones."""
-    if objective == "rating" or metrics.recall is None:
+    if metrics.rmse is not None and (objective == "rating" or metrics.recall is None):
         return -metrics.rmse
-    return metrics.recall
+    return metrics.recall if metrics.recall is not None else -math.inf
 
 
 # A validation curve that ends this far (relative) below its best, at least
