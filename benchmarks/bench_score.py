@@ -55,7 +55,7 @@ from mfbatch.data.base import RawData
 from mfbatch.data.transforms import prepare
 from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.session import Scorer
-from mfbatch.stages.preprocess import write_dataset
+from mfbatch.stages.preprocess_write import write_dataset
 from mfbatch.store import db
 from mfbatch.training.model import MatrixFactorization, ModelShape
 

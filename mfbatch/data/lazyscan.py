@@ -15,14 +15,14 @@ from typing import Any
 import polars as pl
 
 from mfbatch.config import SplitConfig
-from mfbatch.data.generic import (
+from mfbatch.data.generic import ParquetLoader
+from mfbatch.data.tables import (
     EARLIEST,
     EPOCH_UNITS,
     GIVEN_HELD_OUT,
     GIVEN_TRAIN,
     LATEST,
     OUTSIDE_YEARS,
-    ParquetLoader,
 )
 from mfbatch.errors import ConfigError, InputDataError, first_line
 

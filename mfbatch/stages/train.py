@@ -149,7 +149,17 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
     run_plan = plan_for(model, data, settings)
     if console:
         console.print(f"loss: {run_plan.reason}", highlight=False, soft_wrap=True)
-    outcome = _fit(model, data, val, settings, inputs.epochs, console, shard, run_plan)
+    # A given split's held-out rows are the test set: measured, never chosen on.
+    given = inputs.dataset.split_kind == "given"
+    if given and console and val is not None:
+        console.print(
+            "note: given split: the test rows are measured at each validation but never "
+            "chosen on (no early stopping; the last epoch is kept)",
+            highlight=False,
+        )
+    outcome = _fit(
+        model, data, val, settings, inputs.epochs, console, shard, run_plan, select=not given
+    )
     warning = _decay(outcome, settings)
     if console and warning:
         console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
@@ -220,6 +230,7 @@ def _fit(
     console: Console | None,
     shard: distributed.Shard | None = None,
     run_plan: Plan | None = None,
+    select: bool = True,
 ) -> Outcome:
     total_epochs = epochs or settings.epochs
     # Bars on a terminal; in a log (cron, CI, a pipe) one plain line per epoch instead.
@@ -268,4 +279,5 @@ def _fit(
             on_epoch_end=end,
             shard=shard,
             run_plan=run_plan,
+            select=select,
         )

@@ -150,6 +150,37 @@ def step_loss(
     return loss + objectives.l2_penalty(model, batch, l2, config.l2_mode)
 
 
+def _batch(
+    epoch_data: EpochData, idx: torch.Tensor, loss: str
+) -> tuple[UserBatch, torch.Tensor | None]:
+    """The step's batch: ratings by index (MSE), or every rating of the users `idx`."""
+    data = epoch_data.data
+    if loss == "rating":
+        rows = torch.arange(idx.numel(), device=idx.device)
+        return UserBatch(users=data.users[idx], rows=rows, items=data.items[idx]), data.ratings[idx]
+    rows, at = epoch_data.by_user.positions_of(idx)
+    weights = None if epoch_data.weights is None else epoch_data.weights[at]
+    counts = None if epoch_data.counts is None else epoch_data.counts[at]
+    return UserBatch(idx, rows, epoch_data.by_user.indices[at], weights, counts), None
+
+
+def _skip_draws(
+    epoch_data: EpochData,
+    config: TrainConfig,
+    run_plan: Plan,
+    generator: torch.Generator,
+    pool: torch.Tensor | None,
+) -> None:
+    """Draw (and drop) a step's samples, as a rank with none of its users must."""
+    if run_plan.loss == "sampled" and config.sampler != "in-batch":
+        # Both draw `negatives` items from the generator (uniform or by q).
+        if config.sampler == "mixed":
+            assert pool is not None
+            objectives.draw_mixed(epoch_data.log_q, config.negatives, generator, pool)
+        else:
+            objectives.draw_samples(epoch_data.log_q, config.negatives, generator)
+
+
 def train_epoch(
     model: MatrixFactorization,
     optimizers: list[torch.optim.Optimizer],
@@ -190,19 +221,7 @@ def train_epoch(
                 # process would (the ranks' gradients then sum to its gradient).
                 pool = epoch_data.by_user.indices[epoch_data.by_user.positions_of(idx)[1]]
             idx, scale = shard.step_share(idx, per_user)
-        ratings = None
-        if run_plan.loss == "rating":
-            batch = UserBatch(
-                users=data.users[idx],
-                rows=torch.arange(idx.numel(), device=device),
-                items=data.items[idx],
-            )
-            ratings = data.ratings[idx]
-        else:
-            rows, at = epoch_data.by_user.positions_of(idx)
-            weights = None if epoch_data.weights is None else epoch_data.weights[at]
-            counts = None if epoch_data.counts is None else epoch_data.counts[at]
-            batch = UserBatch(idx, rows, epoch_data.by_user.indices[at], weights, counts)
+        batch, ratings = _batch(epoch_data, idx, run_plan.loss)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         if idx.numel():
@@ -219,13 +238,7 @@ def train_epoch(
             # samples, so every rank's generator stays at the same point, and joins the
             # all-reduce with zero gradients.
             loss = torch.zeros((), device=device)
-            if run_plan.loss == "sampled" and config.sampler != "in-batch":
-                # Both draw `negatives` items from the generator (uniform or by q).
-                if config.sampler == "mixed":
-                    assert pool is not None
-                    objectives.draw_mixed(epoch_data.log_q, config.negatives, generator, pool)
-                else:
-                    objectives.draw_samples(epoch_data.log_q, config.negatives, generator)
+            _skip_draws(epoch_data, config, run_plan, generator, pool)
         if shard is not None and sharded:
             shard.sync_gradients(model)
         dense_grads.fill()
@@ -290,8 +303,12 @@ def train_model(
     on_epoch_end: Callable[[EpochRecord], None] | None = None,
     shard: Shard | None = None,
     run_plan: Plan | None = None,
+    select: bool = True,
 ) -> Outcome:
     """Train with early stopping on `val` and restore the best epoch's weights.
+
+    `select=False` (a given split, whose held-out rows are the test set): `val` is measured
+    at every validation but never chosen on: no early stopping, the last epoch is kept.
 
     Validation runs every `eval_every` epochs and on the last one; patience counts epochs
     since the best validated one. Without `val` (a refit on all data) it runs exactly
@@ -337,11 +354,11 @@ def train_model(
         if on_epoch_end:
             on_epoch_end(record)
         if val is None or metrics is not None:
-            score = score_of(metrics, config.objective) if metrics else float(epoch)
+            score = score_of(metrics, config.objective) if metrics and select else float(epoch)
             if score > best_score + config.min_delta:
                 best_score, outcome.best_epoch = score, epoch
                 best_state = copy.deepcopy(model.state_dict())
-        if metrics is not None and epoch - outcome.best_epoch >= patience:
+        if select and metrics is not None and epoch - outcome.best_epoch >= patience:
             outcome.status = "early_stopped"
             break
     model.load_state_dict(best_state)
