@@ -15,6 +15,7 @@ from mfbatch.api import (
     report,
     score,
     train,
+    tune,
 )
 from mfbatch.version import __version__
 
@@ -30,4 +31,5 @@ __all__ = [
     "report",
     "score",
     "train",
+    "tune",
 ]

@@ -167,3 +167,18 @@ def report(
     from mfbatch.stages.report import report as run
 
     return run(db_path=_config(config, db).db, out=Path(out), run_id=run_id)
+
+
+def tune(
+    *,
+    db: PathLike | None = None,
+    config: Config | PathLike | None = None,
+    train: Mapping[str, Any] | None = None,
+    **settings: Any,
+) -> Any:
+    """Search train settings on an inner split of train (Optuna); `settings` are TuneConfig
+    fields, `train` the TrainConfig fields the search starts from. Returns a TuneSummary;
+    `train` then applies the chosen settings below its own keywords."""
+    from mfbatch.stages.tune import tune as run
+
+    return run(config=_config(config, db, {"tune": settings, "train": train or {}}))
