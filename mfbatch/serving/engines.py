@@ -35,6 +35,8 @@ class FoldIn:
     rated: SeenItems  # row r: the items users[r] rated; `ratings` in the same order
     ratings: np.ndarray
     item_usable: np.ndarray  # bool [model n_items]: items the run trained on
+    # Per rating, as training weighed it (recency x the ratings' weight column); None: 1.
+    weights: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ def apply_fold_in(
         items_aug_t,
         method=method_for(objective),
         usable=fold.item_usable,
+        weights=fold.weights,
     )
     return dataclasses.replace(plan, folded_rows=rows)
 
