@@ -19,7 +19,8 @@ def test_score_weighs_a_folded_users_ratings_by_the_runs_recency(tmp_path: Path)
     for args in (
         ["preprocess", "--dataset", "synthetic", "--users", "80", "--items", "50",
          "--ratings-per-user", "12", "--split", "user-time"],
-        ["train", "--embedding-dim", "8", "--epochs", "3", "--threads", "1", "--export-dir", export],
+        ["train", "--embedding-dim", "8", "--epochs", "3", "--threads", "1",
+         "--export-dir", export],
         ["train", "--on", "all", "--threads", "1", "--export-dir", export],
     ):  # fmt: skip
         cli_ok(*args, "--db", db)
@@ -33,7 +34,7 @@ def test_score_weighs_a_folded_users_ratings_by_the_runs_recency(tmp_path: Path)
     times = [0, 86_400, 172_800, 172_800, 259_200, 345_600]
     new.write_text(
         "user_id,item_id,rating,timestamp\n"
-        + "".join(f"newcomer,{i},{hi},{1_000_000_000 + t}\n" for i, t in zip(items, times))
+        + "".join(f"newcomer,{i},{hi},{1_000_000_000 + t}\n" for i, t in zip(items, times, strict=True))
     )
     cli_ok("preprocess", "--append", "--dataset", "csv", "--source", new, "--db", db,
            "--rating-min", lo, "--rating-max", hi)  # fmt: skip
