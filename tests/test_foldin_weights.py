@@ -32,10 +32,8 @@ def test_score_weighs_a_folded_users_ratings_by_the_runs_recency(tmp_path: Path)
     new = tmp_path / "new.csv"
     # A new user, six ratings a day apart, two of them at the same time (a shared weight).
     times = [0, 86_400, 172_800, 172_800, 259_200, 345_600]
-    new.write_text(
-        "user_id,item_id,rating,timestamp\n"
-        + "".join(f"newcomer,{i},{hi},{1_000_000_000 + t}\n" for i, t in zip(items, times, strict=True))
-    )
+    lines = [f"newcomer,{i},{hi},{1_000_000_000 + t}\n" for i, t in zip(items, times, strict=True)]
+    new.write_text("user_id,item_id,rating,timestamp\n" + "".join(lines))
     cli_ok("preprocess", "--append", "--dataset", "csv", "--source", new, "--db", db,
            "--rating-min", lo, "--rating-max", hi)  # fmt: skip
     inputs = load_inputs(load_config(db=db))
