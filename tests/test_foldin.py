@@ -3,6 +3,7 @@ and a real trained model's users folded back in from their own ratings."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import duckdb
@@ -199,3 +200,36 @@ def test_users_the_model_trained_on_fold_back_in_to_lists_like_their_own(
     # Measured 0.93 (default objective) and 0.60 (rating, ridge); unrelated lists of 20 of
     # ~200 items share about 2.
     assert overlap >= (0.85 if trained_for != "rating" else 0.5), (trained_for, overlap)
+
+
+def test_fold_in_solves_the_runs_tempered_loss() -> None:
+    """A run trained at temperature T had logits (p.q + b) / T: the folded row is the
+    optimum of that loss, scored as p.q + b like a trained user's."""
+    from mfbatch.serving.engines import FoldIn, apply_fold_in
+    from mfbatch.serving.lists import ListPlan
+
+    rng = np.random.default_rng(7)
+    v = _tables(rng, 120, 5)
+    chosen = np.sort(rng.choice(120, size=25, replace=False))
+    indptr, items = _csr([chosen])
+    ones = np.ones(len(items), dtype=np.float32)
+    plan = ListPlan(
+        users=np.array([0]),
+        seen=SeenItems(indptr, items),
+        item_mask=np.zeros(120, dtype=np.float32),
+        cold=np.zeros(1, dtype=bool),
+        popularity=np.zeros(120, dtype=np.int64),
+        k=5,
+        folded=np.array([0]),
+    )
+    fold = FoldIn(np.array([0]), SeenItems(indptr, items), ones, np.ones(120, dtype=bool))
+    for temperature in (1.0, 0.5, 2.0):
+        tempered = v.copy()
+        tempered[:-1] /= temperature
+        exact = _newton(chosen, tempered, 10.0, np.ones(len(chosen)))
+        folded = apply_fold_in(
+            plan, dataclasses.replace(fold, temperature=temperature), v, "softmax"
+        ).folded_rows
+        assert folded is not None
+        # Two shared-Hessian steps (the served solve) land near the exact optimum.
+        assert np.linalg.norm(folded[0, :5] - exact) < 0.05 * np.linalg.norm(exact)

@@ -188,7 +188,11 @@ def load_inputs(config: Config) -> ScoreInputs:
     item_mask[fitted_items == 0] = -np.inf
     weights = _fold_weights(stored.fresh, stored.run)
     fold = _fold_in(stored.fresh, users, dataset.n_users, weights)
-    fold = dataclasses.replace(fold, item_usable=fitted_items[:model_items] > 0)
+    fold = dataclasses.replace(
+        fold,
+        item_usable=fitted_items[:model_items] > 0,
+        temperature=float(stored.run.config.get("train", {}).get("temperature") or 1.0),
+    )
     folded = np.full(dataset.n_users, -1, dtype=np.int64)
     folded[fold.users] = np.arange(len(fold.users))
     seen = stored.seen
