@@ -401,6 +401,34 @@ def _cli_run(db: Path, work: Path, split: Split, k: int, *flags: str) -> dict[st
     return row
 
 
+def _measure_export(split: Split, k: int, export: str, seconds: float) -> dict[str, Any]:
+    from mfbatch.artifact.files import load_model
+
+    model, _ = load_model(Path(export))
+    return {**_measured(split, mf_scores(model, split.n_items), k), "seconds": seconds}
+
+
+def _earlier_runs(db: Path, split_of: None) -> tuple[list[Any], list[Any]]:
+    """`--reuse`: the validated runs already in `db`, (before tune, after tune)."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        runs = con.execute(
+            "SELECT started_at, export_path, seconds FROM training_runs "
+            "WHERE data_seen = 'train' ORDER BY started_at"
+        ).fetchall()
+        tables = {t for (t,) in con.execute("SELECT table_name FROM information_schema.tables")}
+        tuned_at = (
+            con.execute("SELECT min(chosen_at) FROM tuned_settings").fetchone()[0]
+            if "tuned_settings" in tables
+            else None
+        )
+    finally:
+        con.close()
+    before = [(e, s) for t, e, s in runs if tuned_at is None or t < tuned_at]
+    after = [(e, s) for t, e, s in runs if tuned_at is not None and t > tuned_at]
+    return before, after
+
+
 def _peers(split: Split, k: int, lambdas: list[float], quick: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [
         {"method": "popularity", **_measured(split, popularity(split), k)}
@@ -431,17 +459,17 @@ def _peers(split: Split, k: int, lambdas: list[float], quick: bool) -> list[dict
     for factors, reg, alpha in grid:
         scores, secs = als(split, factors, reg, alpha, 0)
         row = {"method": f"ALS f={factors} reg={reg:g} a={alpha:g}",
-               **_measured(split, scores, k), "seconds": secs}  # fmt: skip
+               **_measured(split, scores, k), "seconds": secs,
+               "params": (factors, reg, alpha)}  # fmt: skip
         if best_als is None or row["recall"] + row["ndcg"] > best_als["recall"] + best_als["ndcg"]:
             best_als = row
     assert best_als is not None
     rows.append({**best_als, "method": f"ALS (best of {len(grid)}: {best_als['method'][4:]})"})
     if split.train_ts.any():
-        f, r, a = (float(x.split("=")[1]) for x in best_als["method"].split("(best of")[1]
-                   .split(":")[1].strip(" )").split())  # fmt: skip
+        f, r, a = best_als["params"]
         for h in (0.2, 0.5):
-            scores, secs = als(split, int(f), r, a, 0, recency(split, h))
-            rows.append({"method": f"ALS+recency f={int(f)} reg={r:g} a={a:g} h={h:g}",
+            scores, secs = als(split, f, r, a, 0, recency(split, h))
+            rows.append({"method": f"ALS+recency f={f} reg={r:g} a={a:g} h={h:g}",
                          **_measured(split, scores, k), "seconds": secs})  # fmt: skip
     return rows
 
@@ -453,7 +481,9 @@ def run_dataset(
     db = work / f"{name}.duckdb"
     threads = ["--threads", str(args.threads or 1)]
     started = time.perf_counter()
-    mfbatch_cli("preprocess", *flags, "--db", db)
+    earlier = _earlier_runs(db, split_of=None) if args.reuse and db.exists() else ([], [])
+    if not (args.reuse and db.exists()):
+        mfbatch_cli("preprocess", *flags, "--db", db)
     result: dict[str, Any] = {"dataset": name, "preprocess": flags,
                               "preprocess_seconds": time.perf_counter() - started}  # fmt: skip
     split = load(str(db))
@@ -461,12 +491,16 @@ def run_dataset(
                        "train": int(split.train_u.size), "val": int(split.val_u.size)}  # fmt: skip
     k, rows = args.k, []
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = [_cli_run(db, work, split, k, *threads, "--seed", str(s)) for s in seeds]
+    runs = [_measure_export(split, k, *run) for run in earlier[0]] or [
+        _cli_run(db, work, split, k, *threads, "--seed", str(s)) for s in seeds
+    ]
     rows.append(_mean("mfbatch default (`mfbatch train`)", runs))
     if args.trials:
-        mfbatch_cli("tune", "--db", db, "--trials", str(args.trials), "--timeout",
-                    str(args.tune_timeout), *threads)  # fmt: skip
-        tuned = [_cli_run(db, work, split, k, *threads, "--seed", str(s)) for s in seeds]
+        tuned = [_measure_export(split, k, *run) for run in earlier[1]]
+        if not tuned:
+            mfbatch_cli("tune", "--db", db, "--trials", str(args.trials), "--timeout",
+                        str(args.tune_timeout), *threads)  # fmt: skip
+            tuned = [_cli_run(db, work, split, k, *threads, "--seed", str(s)) for s in seeds]
         rows.append(_mean(f"mfbatch tuned (`mfbatch tune --trials {args.trials}`, then train)",
                           tuned))  # fmt: skip
     lambdas = [float(v) for v in args.lambdas.split(",")]
@@ -545,6 +579,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20, help="--all: tune trials (0: none)")
     parser.add_argument("--tune-timeout", type=float, default=600.0)
     parser.add_argument("--quick", action="store_true", help="--all: ALS at 128 factors only")
+    parser.add_argument(
+        "--reuse", action="store_true", help="--all: measure the runs already in --work's dbs"
+    )
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lambdas", default="50,100,200,300,500,1000")
