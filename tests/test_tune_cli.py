@@ -129,6 +129,10 @@ def test_train_applies_the_tuned_settings_below_its_flags(prepared: Path, tmp_pa
     path = _copy(prepared, tmp_path, "apply.duckdb")
     ok(cli("tune", "--db", path, *TUNE))
     chosen = _chosen(path)
+    # The first trial is what train would do untuned (its epochs capped by --epochs 3).
+    first = json.loads(_trials(path)[0][1])
+    defaults = {"embedding_dim": 256, "epochs": 3, "lr": 0.005, "l2": 0.05}
+    assert first == {**defaults, "temperature": 1.0, "user_exponent": 0.3, "recency_half_life": 0.2}
     run = ok(cli("train", "--db", path, "--threads", "1", "--lr", "0.01", "--export-dir", tmp_path))
     # The first line of the log says where the settings came from.
     first = " ".join((run.stderr or run.stdout).split("\nepoch")[0].split())

@@ -33,7 +33,9 @@ class TuneConfig(Options):
         None, description="Stop starting new trials after this many seconds (default: none)."
     )
     epochs: int = Field(
-        40, description="Most epochs a trial trains; the search picks epochs up to this."
+        80,
+        description="Most epochs a trial trains; the search picks epochs up to this "
+        "(the first trial is train's defaults).",
     )
     inner_fraction: float = Field(
         0.2,

@@ -24,7 +24,7 @@ import polars as pl
 import torch
 from rich.console import Console
 
-from mfbatch.config import Config, TrainConfig, TuneConfig
+from mfbatch.config import Config, TrainConfig, TuneConfig, recency_for
 from mfbatch.config.tune import LOG_UNIFORM
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.stages.train_inputs import TrainInputs, interactions
@@ -114,6 +114,34 @@ def _suggest(trial: Any, base: TrainConfig, tune: TuneConfig, timed: bool) -> di
         params["recency_half_life"] = (
             trial.suggest_float("recency_half_life", low, high) if recency else 0.0
         )
+    return params
+
+
+def _defaults(base: TrainConfig, tune: TuneConfig, inner: _Inner) -> dict[str, Any]:
+    """The search's own parameters for `train`'s defaults, clipped to the ranges."""
+    space = tune.ranges()
+
+    def clip(name: str, value: float) -> float:
+        low, high = space[name]
+        return float(min(max(value, low), high))
+
+    params: dict[str, Any] = {
+        "epochs": int(min(max(int(base.epochs or 1), min(10, tune.epochs)), tune.epochs)),
+        "lr": clip("lr", float(base.lr or 0.0)),
+        "l2": clip("l2", float(base.l2 or 0.0)),
+    }
+    if base.embedding_dim in space["embedding_dim"]:
+        params["embedding_dim"] = int(base.embedding_dim or 0)
+    if base.objective != "rating":
+        params["temperature"] = clip("temperature", base.temperature)
+        params["user_exponent"] = clip("user_exponent", base.user_exponent)
+        half_life = base.recency_half_life
+        if half_life is None:
+            half_life = recency_for(inner.dataset.split_kind)
+        if inner.timed:
+            params["recency"] = bool(half_life)
+            if half_life:
+                params["recency_half_life"] = clip("recency_half_life", half_life)
     return params
 
 
@@ -374,6 +402,10 @@ def _search(
             console.print(_line(trial, settings.trials, best, metric), highlight=False)
 
     base = config.train.replace(on="train")
+    if not study.trials:
+        # The first trial is the defaults (within the ranges): the choice can only match
+        # or beat what `train` would do untuned, on the same inner split.
+        study.enqueue_trial(_defaults(base, settings, inner), skip_if_exists=True)
     if remaining:
         study.optimize(
             _objective(inner, base, settings, device),
