@@ -416,7 +416,9 @@ def _earlier_runs(db: Path, split_of: None) -> tuple[list[Any], list[Any]]:
             "SELECT started_at, export_path, seconds FROM training_runs "
             "WHERE data_seen = 'train' ORDER BY started_at"
         ).fetchall()
-        tables = {t for (t,) in con.execute("SELECT table_name FROM information_schema.tables")}
+        tables = {
+            t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+        }
         tuned_at = (
             con.execute("SELECT min(chosen_at) FROM tuned_settings").fetchone()[0]
             if "tuned_settings" in tables
@@ -424,6 +426,8 @@ def _earlier_runs(db: Path, split_of: None) -> tuple[list[Any], list[Any]]:
         )
     finally:
         con.close()
+    # Recorded relative to the database's folder.
+    runs = [(t, str(db.parent / e), s) for t, e, s in runs]
     before = [(e, s) for t, e, s in runs if tuned_at is None or t < tuned_at]
     after = [(e, s) for t, e, s in runs if tuned_at is not None and t > tuned_at]
     return before, after
