@@ -348,8 +348,9 @@ def datasets(data: Path) -> dict[str, list[str]]:
     return {
         "ml-100k": ["--dataset", "ml-100k", "--source", str(data / "ml-100k.zip"),
                     "--split", "user-time", "--val-fraction", "0.2"],
-        "ml-1m-partial": ["--dataset", "ml-1m", "--source",
-                          str(data / "ml-1m-partial" / "ratings.dat.gz"),
+        # The loader reads a release folder: `gunzip` into one first, as a user would.
+        "ml-1m-partial": ["--dataset", "ml-1m", "--source", "GUNZIP:"
+                          + str(data / "ml-1m-partial" / "ratings.dat.gz"),
                           "--split", "user-time", "--val-fraction", "0.2"],
         "lastfm": ["--dataset", "parquet", "--source", str(data / "lastfm.parquet"), *given,
                    "--weight-col", "plays"],
@@ -399,6 +400,23 @@ def _cli_run(db: Path, work: Path, split: Split, k: int, *flags: str) -> dict[st
     row = _measured(split, mf_scores(model, split.n_items), k)
     row["seconds"] = summary["seconds"]
     return row
+
+
+def _gunzipped(flag: str, work: Path) -> str:
+    """`GUNZIP:file.gz` -> a folder in `work` holding the file decompressed."""
+    if not flag.startswith("GUNZIP:"):
+        return flag
+    import gzip
+    import shutil
+
+    source = Path(flag.removeprefix("GUNZIP:"))
+    folder = work / "source"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / source.name.removesuffix(".gz")
+    if not target.exists():
+        with gzip.open(source, "rb") as src, target.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return str(folder)
 
 
 def _measure_export(split: Split, k: int, export: str, seconds: float) -> dict[str, Any]:
@@ -486,6 +504,7 @@ def run_dataset(
     threads = ["--threads", str(args.threads or 1)]
     started = time.perf_counter()
     earlier = _earlier_runs(db, split_of=None) if args.reuse and db.exists() else ([], [])
+    flags = [_gunzipped(f, work) for f in flags]
     if not (args.reuse and db.exists()):
         mfbatch_cli("preprocess", *flags, "--db", db)
     result: dict[str, Any] = {"dataset": name, "preprocess": flags,
