@@ -344,7 +344,9 @@ def _line(trial: Any, total: int, best: Any, metric: str) -> str:
     shown = " ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()
     )
-    what = f"{metric} {trial.value:.4f}" if trial.value is not None else trial.state.name.lower()
+    what = f"{metric} {trial.value:.4f}" if trial.value is not None else ""
+    if trial.state.name != "COMPLETE":  # a pruned trial's value is its last epoch's
+        what = f"{trial.state.name.lower()} {what}".strip()
     if trial.user_attrs.get("error"):
         what += f" ({trial.user_attrs['error']})"
     tail = f"; best {best['value']:.4f} (trial {best['trial']})" if best else ""
