@@ -141,3 +141,13 @@ def test_train_applies_the_tuned_settings_below_its_flags(prepared: Path, tmp_pa
     assert config["lr"] == 0.01  # the flag wins
     assert config["embedding_dim"] == chosen["embedding_dim"]
     assert config["temperature"] == pytest.approx(chosen["temperature"])
+
+
+def test_the_api_tunes_like_the_command(prepared: Path, tmp_path: Path) -> None:
+    import mfbatch
+
+    path = _copy(prepared, tmp_path, "api.duckdb")
+    summary = mfbatch.tune(db=path, trials=2, epochs=2, threads=1, train={"embedding_dim": 16})
+    assert summary.trials_finished == 2 and summary.best_trial is not None
+    assert _chosen(path) == summary.settings
+    assert len(_trials(path)) == 2
