@@ -25,6 +25,9 @@ TRAIN_FLAGS ?=
 SCORE_FLAGS ?=
 EVALUATE_FLAGS ?=
 CONFIG ?=
+# TUNE=1: `make all` runs `mfbatch tune` before train (TUNE_FLAGS: e.g. --trials 30 --timeout 600).
+TUNE ?=
+TUNE_FLAGS ?=
 SOURCE_FLAG := $(if $(SOURCE),--source $(SOURCE),)
 CONFIG_FLAG := $(if $(CONFIG),--config $(CONFIG),)
 MFBATCH := $(BIN)/mfbatch
@@ -36,7 +39,7 @@ INSTALL_STAMP ?= $(BIN)/.installed
 GPU_PYTHON ?= python3
 ML100K ?=
 
-.PHONY: help install test lint bench gpu-check all preprocess train evaluate refit score clean
+.PHONY: help install test lint bench bench-quality gpu-check all preprocess tune train evaluate refit score clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -64,6 +67,9 @@ bench: $(INSTALL_STAMP) ## Benchmarks (not part of the test run); results in ben
 	$(BIN)/python benchmarks/bench_train.py --out bench-results/train.json
 	$(BIN)/python benchmarks/bench_score.py --out bench-results/score.json
 
+bench-quality: $(INSTALL_STAMP) ## Quality on every data set of ../shared/data -> docs/quality.md + .json
+	$(BIN)/python benchmarks/bench_quality.py --all --data $(or $(DATA),../shared/data)
+
 gpu-check: ## GPU tests (marker gpu) + GPU benchmarks, < 5 min; figures in bench-results/gpu.json
 	@mkdir -p bench-results
 	timeout 300 $(GPU_PYTHON) benchmarks/bench_gpu.py --tests --out bench-results/gpu.json \
@@ -71,6 +77,9 @@ gpu-check: ## GPU tests (marker gpu) + GPU benchmarks, < 5 min; figures in bench
 
 preprocess: $(INSTALL_STAMP) ## Stage 1: ratings -> DuckDB (DATASET=, SOURCE=)
 	$(MFBATCH) preprocess $(CONFIG_FLAG) --dataset $(DATASET) $(SOURCE_FLAG) --db $(DB) $(PREPROCESS_FLAGS)
+
+tune: $(INSTALL_STAMP) ## Search train settings on an inner split of train; train applies them
+	$(MFBATCH) tune $(CONFIG_FLAG) --db $(DB) $(TUNE_FLAGS)
 
 train: $(INSTALL_STAMP) ## Stage 2: train on train, early-stop on val, export ONNX (the validated run)
 	$(MFBATCH) train $(CONFIG_FLAG) --db $(DB) --export-dir $(EXPORT_DIR) $(TRAIN_FLAGS)
@@ -84,8 +93,9 @@ refit: $(INSTALL_STAMP) ## The serving model: refit on train+val with the valida
 score: $(INSTALL_STAMP) ## Stage 3: serve top-K unrated items for every user into DuckDB
 	$(MFBATCH) score $(CONFIG_FLAG) --db $(DB) --top-k $(TOPK) $(SCORE_FLAGS)
 
-all: ## The whole job: preprocess -> train -> evaluate -> refit -> score
+all: ## The whole job: preprocess -> [tune, TUNE=1] -> train -> evaluate -> refit -> score
 	$(MAKE) --no-print-directory preprocess
+	$(if $(TUNE),$(MAKE) --no-print-directory tune,)
 	$(MAKE) --no-print-directory train
 	$(MAKE) --no-print-directory evaluate
 	$(MAKE) --no-print-directory refit

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import subprocess
 import sys
 import time
@@ -175,13 +176,16 @@ def main() -> None:
 
     con = duckdb.connect(str(fold_db), read_only=True)
     n_users, n_items = con.execute("SELECT n_users, n_items FROM dataset_meta").fetchone()
-    r = con.execute("SELECT user_idx, item_idx, rating_norm, version FROM ratings").fetchnumpy()
+    r = con.execute(
+        "SELECT user_idx, item_idx, rating_norm, version, epoch_ms(ts) AS ts_ms FROM ratings"
+    ).fetchnumpy()
     user_ids = [u for (u,) in con.execute("SELECT user_id FROM users ORDER BY user_idx").fetchall()]
     item_ids = [i for (i,) in con.execute("SELECT item_id FROM items ORDER BY item_idx").fetchall()]
-    export = con.execute(
-        "SELECT export_path FROM training_runs WHERE data_seen = 'train+val' "
+    export, run_config = con.execute(
+        "SELECT export_path, config FROM training_runs WHERE data_seen = 'train+val' "
         "ORDER BY finished_at DESC LIMIT 1"
-    ).fetchone()[0]
+    ).fetchone()
+    half_life = float(json.loads(run_config)["train"].get("recency_half_life") or 0.0)
     con.close()
     index = {u: i for i, u in enumerate(user_ids)}
     users = sorted(users, key=index.__getitem__)  # by user_idx, the CSR's row order
@@ -207,7 +211,7 @@ def main() -> None:
     import onnx
     from onnx import numpy_helper
 
-    from mfbatch.serving.foldin import METHODS, fold_in
+    from mfbatch.serving.foldin import METHODS, fold_in, recency_weights
 
     folder = Path(export) if Path(export).is_absolute() else fold_db.parent / export
     proto = onnx.load_model(str(folder / ONNX_FILE))
@@ -223,7 +227,11 @@ def main() -> None:
     trained_items = np.zeros(n_items, dtype=bool)
     trained_items[r["item_idx"][r["version"] == 0]] = True
     usable = trained_items[:model_items]
-    for method in METHODS:
+    # What score does (the run's recency weights), and the same solve unweighted.
+    weights = recency_weights(r["user_idx"][pick], r["ts_ms"][pick], half_life)
+    variants = [(m, weights, f"fold-in method={m}") for m in METHODS]
+    variants.append(("softmax", None, "fold-in method=softmax, no recency weights"))
+    for method, w, name in variants:
         started = time.perf_counter()
         vectors = fold_in(
             indptr,
@@ -232,6 +240,7 @@ def main() -> None:
             v_aug_t,
             method=method,
             usable=usable,
+            weights=w,
         )
         seconds = time.perf_counter() - started
         scores = np.full((len(users), n_items), -np.inf)
@@ -240,7 +249,7 @@ def main() -> None:
         lists = table_lists(scores, rated, k, item_ids, users)
         rows.append(
             (
-                f"fold-in method={method}",
+                name,
                 *metrics(lists, truth, k),
                 f"{seconds * 1000:.0f} ms for {len(users)} users",
             )

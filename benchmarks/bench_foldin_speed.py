@@ -72,7 +72,7 @@ def main() -> None:
         f"fold-in of {args.new_users:,} users x ~{len(new.indices) / args.new_users:.0f} "
         f"ratings against {args.items:,} items, dim {args.dim}"
     )
-    for method in ("softmax", "wls"):
+    for method in ("softmax", "ridge"):
         times = []
         for _ in range(args.repeats):
             started = time.perf_counter()

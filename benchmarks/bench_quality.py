@@ -31,6 +31,8 @@ import argparse
 import dataclasses
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -330,9 +332,279 @@ def run_mfbatch(
         yield recall, ndcg, seconds, len(outcome.history)
 
 
+# --- `--all`: every data set of ../shared/data through the commands a user runs ---------
+
+# Published top-K figures (Recall@20 uncapped = hits / |test|, NDCG@20), the data README's.
+PUBLISHED = {
+    "ml-1m-lcfn": ("UltraGCN (its run log)", 0.2787, 0.2642),
+    "amazon-cds": ("UltraGCN (its run log)", 0.1622, 0.1043),
+}
+
+
+def datasets(data: Path) -> dict[str, list[str]]:
+    """The preprocess flags of each data set: no per-data-set training flags anywhere."""
+    given = ["--split", "given", "--split-col", "split", "--user-col", "user"]
+    given += ["--item-col", "item", "--time-col", ""]
+    return {
+        "ml-100k": ["--dataset", "ml-100k", "--source", str(data / "ml-100k.zip"),
+                    "--split", "user-time", "--val-fraction", "0.2"],
+        # The loader reads a release folder: `gunzip` into one first, as a user would.
+        "ml-1m-partial": ["--dataset", "ml-1m", "--source", "GUNZIP:"
+                          + str(data / "ml-1m-partial" / "ratings.dat.gz"),
+                          "--split", "user-time", "--val-fraction", "0.2"],
+        "lastfm": ["--dataset", "parquet", "--source", str(data / "lastfm.parquet"), *given,
+                   "--weight-col", "plays"],
+        "ml-1m-lcfn": ["--dataset", "parquet", "--source", str(data / "ml-1m-lcfn.parquet"),
+                       *given],
+        "amazon-cds": ["--dataset", "parquet", "--source", str(data / "amazon-cds.parquet"),
+                       *given],
+    }  # fmt: skip
+
+
+def mfbatch_cli(*args: str | Path) -> dict[str, Any]:
+    """`mfbatch ARGS --json` as a user runs it; its JSON summary."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mfbatch", *map(str, args), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        raise RuntimeError(f"mfbatch {' '.join(map(str, args))}: {done.stderr.strip()[-400:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def uncapped(split: Split, lists: np.ndarray, k: int) -> float:
+    """Recall@K as hits / |relevant| (LightGCN's and UltraGCN's definition)."""
+    relevant: dict[int, set[int]] = {}
+    for u, i in zip(split.val_u.tolist(), split.val_i.tolist(), strict=True):
+        relevant.setdefault(u, set()).add(i)
+    users = np.array(sorted(relevant))
+    return float(
+        np.mean([len(relevant[u] & set(row[:k].tolist())) / len(relevant[u])
+                 for u, row in zip(users, lists[users], strict=True)])
+    )  # fmt: skip
+
+
+def _measured(split: Split, scores: Callable[[np.ndarray], np.ndarray], k: int) -> dict[str, float]:
+    lists = top_lists(split, scores, k)
+    recall, ndcg = metrics(split, lists, k)
+    return {"recall": recall, "ndcg": ndcg, "recall_uncapped": uncapped(split, lists, k)}
+
+
+def _cli_run(db: Path, work: Path, split: Split, k: int, *flags: str) -> dict[str, Any]:
+    """`mfbatch train` as a user runs it, its validated run measured by the shared code."""
+    from mfbatch.artifact.files import load_model
+
+    summary = mfbatch_cli("train", "--db", db, "--export-dir", work / "export", *flags)
+    model, _ = load_model(Path(summary["export_path"]))
+    row = _measured(split, mf_scores(model, split.n_items), k)
+    row["seconds"] = summary["seconds"]
+    return row
+
+
+def _gunzipped(flag: str, work: Path) -> str:
+    """`GUNZIP:file.gz` -> a folder in `work` holding the file decompressed."""
+    if not flag.startswith("GUNZIP:"):
+        return flag
+    import gzip
+    import shutil
+
+    source = Path(flag.removeprefix("GUNZIP:"))
+    folder = work / "source"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / source.name.removesuffix(".gz")
+    if not target.exists():
+        with gzip.open(source, "rb") as src, target.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return str(folder)
+
+
+def _measure_export(split: Split, k: int, export: str, seconds: float) -> dict[str, Any]:
+    from mfbatch.artifact.files import load_model
+
+    model, _ = load_model(Path(export))
+    return {**_measured(split, mf_scores(model, split.n_items), k), "seconds": seconds}
+
+
+def _earlier_runs(db: Path, split_of: None) -> tuple[list[Any], list[Any]]:
+    """`--reuse`: the validated runs already in `db`, (before tune, after tune)."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        runs = con.execute(
+            "SELECT started_at, export_path, seconds FROM training_runs "
+            "WHERE data_seen = 'train' ORDER BY started_at"
+        ).fetchall()
+        tables = {
+            t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+        }
+        tuned_at = (
+            con.execute("SELECT min(chosen_at) FROM tuned_settings").fetchone()[0]
+            if "tuned_settings" in tables
+            else None
+        )
+    finally:
+        con.close()
+    # Recorded relative to the database's folder.
+    runs = [(t, str(db.parent / e), s) for t, e, s in runs]
+    before = [(e, s) for t, e, s in runs if tuned_at is None or t < tuned_at]
+    after = [(e, s) for t, e, s in runs if tuned_at is not None and t > tuned_at]
+    return before, after
+
+
+def _peers(split: Split, k: int, lambdas: list[float], quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [
+        {"method": "popularity", **_measured(split, popularity(split), k)}
+    ]
+    if split.n_items <= 20_000:
+        best: dict[str, Any] | None = None
+        for lam in lambdas:
+            scores, secs = ease(split, lam)
+            row = {"method": f"EASE λ={lam:g}", **_measured(split, scores, k), "seconds": secs}
+            if best is None or row["recall"] + row["ndcg"] > best["recall"] + best["ndcg"]:
+                best = row
+        assert best is not None
+        rows.append({**best, "method": f"EASE (best of λ grid: {best['method'][5:]})"})
+        if split.train_ts.any():
+            lam = float(best["method"].split("=")[1])
+            for h in (0.1, 0.2, 0.5):
+                scores, secs = ease(split, lam, recency(split, h))
+                rows.append({"method": f"EASE+recency λ={lam:g} h={h:g}",
+                             **_measured(split, scores, k), "seconds": secs})  # fmt: skip
+    try:
+        import implicit  # noqa: F401
+    except ImportError:
+        return rows
+    grid = [(f, r, a) for f in (64, 128, 256) for r in (0.05, 1.0, 10.0) for a in (1.0, 10.0)]
+    if quick:
+        grid = [g for g in grid if g[0] == 128]
+    best_als: dict[str, Any] | None = None
+    for factors, reg, alpha in grid:
+        scores, secs = als(split, factors, reg, alpha, 0)
+        row = {"method": f"ALS f={factors} reg={reg:g} a={alpha:g}",
+               **_measured(split, scores, k), "seconds": secs,
+               "params": (factors, reg, alpha)}  # fmt: skip
+        if best_als is None or row["recall"] + row["ndcg"] > best_als["recall"] + best_als["ndcg"]:
+            best_als = row
+    assert best_als is not None
+    rows.append({**best_als, "method": f"ALS (best of {len(grid)}: {best_als['method'][4:]})"})
+    if split.train_ts.any():
+        f, r, a = best_als["params"]
+        for h in (0.2, 0.5):
+            scores, secs = als(split, f, r, a, 0, recency(split, h))
+            rows.append({"method": f"ALS+recency f={f} reg={r:g} a={a:g} h={h:g}",
+                         **_measured(split, scores, k), "seconds": secs})  # fmt: skip
+    return rows
+
+
+def run_dataset(
+    name: str, flags: list[str], work: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / f"{name}.duckdb"
+    threads = ["--threads", str(args.threads or 1)]
+    started = time.perf_counter()
+    earlier = _earlier_runs(db, split_of=None) if args.reuse and db.exists() else ([], [])
+    flags = [_gunzipped(f, work) for f in flags]
+    if not (args.reuse and db.exists()):
+        mfbatch_cli("preprocess", *flags, "--db", db)
+    result: dict[str, Any] = {"dataset": name, "preprocess": flags,
+                              "preprocess_seconds": time.perf_counter() - started}  # fmt: skip
+    split = load(str(db))
+    result["shape"] = {"users": split.n_users, "items": split.n_items,
+                       "train": int(split.train_u.size), "val": int(split.val_u.size)}  # fmt: skip
+    k, rows = args.k, []
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = [_measure_export(split, k, *run) for run in earlier[0]] or [
+        _cli_run(db, work, split, k, *threads, "--seed", str(s)) for s in seeds
+    ]
+    rows.append(_mean("mfbatch default (`mfbatch train`)", runs))
+    if args.trials:
+        tuned = [_measure_export(split, k, *run) for run in earlier[1]]
+        if not tuned:
+            mfbatch_cli("tune", "--db", db, "--trials", str(args.trials), "--timeout",
+                        str(args.tune_timeout), *threads)  # fmt: skip
+            tuned = [_cli_run(db, work, split, k, *threads, "--seed", str(s)) for s in seeds]
+        rows.append(_mean(f"mfbatch tuned (`mfbatch tune --trials {args.trials}`, then train)",
+                          tuned))  # fmt: skip
+    lambdas = [float(v) for v in args.lambdas.split(",")]
+    rows += _peers(split, k, lambdas, args.quick)
+    if name in PUBLISHED:
+        label, recall, ndcg = PUBLISHED[name]
+        rows.append({"method": f"published: {label}", "recall_uncapped": recall, "ndcg": ndcg})
+    result["rows"] = rows
+    return result
+
+
+def _mean(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"method": f"{name}, {len(runs)} seed(s)"}
+    for key in ("recall", "ndcg", "recall_uncapped", "seconds"):
+        values = [float(r[key]) for r in runs if r.get(key) is not None]
+        if values:
+            row[key] = statistics.mean(values)
+            row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return row
+
+
+def write_report(results: list[dict[str, Any]], command: str, out: Path) -> None:
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results},
+                                                   indent=2) + "\n")  # fmt: skip
+    lines = ["# Quality on real data", "", f"Produced by `{command}`", ""]
+    for res in results:
+        lines.append(f"## {res['dataset']}")
+        if "error" in res:
+            lines += ["", f"Not measured: {res['error']}", ""]
+            continue
+        shape = res["shape"]
+        lines += ["", f"`mfbatch preprocess {' '.join(res['preprocess'])}`: {shape['users']:,} "
+                  f"users × {shape['items']:,} items, train {shape['train']:,} / "
+                  f"val {shape['val']:,}.", "",
+                  "| method | Recall@20 | NDCG@20 | Recall@20 uncapped | train s |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+
+        def cell(row: dict[str, Any], key: str) -> str:
+            if row.get(key) is None:
+                return "-"
+            std = row.get(key + "_std")
+            return f"{row[key]:.4f}" + (f" ± {std:.4f}" if std else "")
+
+        for row in res["rows"]:
+            secs = f"{row['seconds']:.1f}" if row.get("seconds") is not None else "-"
+            lines.append(f"| {row['method']} | {cell(row, 'recall')} | {cell(row, 'ndcg')} | "
+                         f"{cell(row, 'recall_uncapped')} | {secs} |")  # fmt: skip
+        lines.append("")
+    out.write_text("\n".join(lines))
+
+
+def main_all(args: argparse.Namespace) -> None:
+    command = "python benchmarks/bench_quality.py --all " + " ".join(sys.argv[2:])
+    torch.set_num_threads(args.threads or 1)
+    results = []
+    for name, flags in datasets(args.data).items():
+        if args.only and name not in args.only.split(","):
+            continue
+        print(f"{name}:", flush=True)
+        try:
+            results.append(run_dataset(name, flags, args.work / name, args))
+        except (RuntimeError, OSError) as exc:
+            results.append({"dataset": name, "error": str(exc).splitlines()[-1][:300]})
+        print(json.dumps(results[-1])[:2000], flush=True)
+        write_report(results, command, args.out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("db")
+    parser.add_argument("db", nargs="?")
+    parser.add_argument("--all", action="store_true", help="every data set of --data")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--work", type=Path, default=Path("bench-quality"))
+    parser.add_argument("--report", type=Path, default=Path("docs/quality.md"))
+    parser.add_argument("--only", default="", help="--all: these data sets (comma list)")
+    parser.add_argument("--trials", type=int, default=20, help="--all: tune trials (0: none)")
+    parser.add_argument("--tune-timeout", type=float, default=600.0)
+    parser.add_argument("--quick", action="store_true", help="--all: ALS at 128 factors only")
+    parser.add_argument(
+        "--reuse", action="store_true", help="--all: measure the runs already in --work's dbs"
+    )
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lambdas", default="50,100,200,300,500,1000")
@@ -349,6 +621,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.all:
+        args.out = args.report
+        main_all(args)
+        return
+    if args.db is None:
+        parser.error("give DB, or --all")
     if args.threads:
         torch.set_num_threads(args.threads)
     k, seeds = args.k, [int(s) for s in args.seeds.split(",")]

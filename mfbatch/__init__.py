@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         report,
         score,
         train,
+        tune,
     )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "report",
     "score",
     "train",
+    "tune",
 ]
 
 

@@ -209,3 +209,18 @@ def report(
     return run(
         db_path=resolved.db, out=out_path, run_id=run_id, export_dir=resolved.train.export_dir
     )
+
+
+def tune(
+    *,
+    db: PathLike | None = None,
+    config: Config | PathLike | None = None,
+    train: Mapping[str, Any] | None = None,
+    **settings: Any,
+) -> Any:
+    """Search train settings on an inner split of train (Optuna); `settings` are TuneConfig
+    fields, `train` the TrainConfig fields the search starts from. Returns a TuneSummary;
+    `train` then applies the chosen settings below its own keywords."""
+    from mfbatch.stages.tune import tune as run
+
+    return run(config=_config(config, db, {"tune": settings, "train": train or {}}))

@@ -170,6 +170,18 @@ config_command(
     _run_stage("evaluate", "evaluate"),
 )
 
+# `mfbatch tune`: its [tune] options on the command line; what it starts from is [train].
+config_command(
+    app,
+    "tune",
+    ("tune",),
+    _documented(
+        "Search train settings (Optuna) on an inner split of train; `train` then applies the "
+        "best below its flags."
+    ),
+    _run_stage("tune", "tune"),
+)
+
 
 @app.command()
 def export(

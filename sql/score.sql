@@ -63,6 +63,17 @@ WITH fresh AS (
     SELECT DISTINCT user_idx FROM ratings
     WHERE version > $version OR (split = 'append' AND NOT $all_splits)
 )
-SELECT r.user_idx, r.item_idx, r.rating_norm
+-- ts_ms: the run's recency weights are recomputed over them (NULL when the source has none).
+SELECT r.user_idx, r.item_idx, r.rating_norm, epoch_ms(r.ts) AS ts_ms
+FROM ratings r SEMI JOIN fresh USING (user_idx)
+ORDER BY r.user_idx, r.item_idx;
+
+-- name: fold_in_weights
+-- The per-interaction weight of the same rows in the same order, where ratings has one.
+WITH fresh AS (
+    SELECT DISTINCT user_idx FROM ratings
+    WHERE version > $version OR (split = 'append' AND NOT $all_splits)
+)
+SELECT r.weight
 FROM ratings r SEMI JOIN fresh USING (user_idx)
 ORDER BY r.user_idx, r.item_idx;

@@ -3,6 +3,7 @@ and a real trained model's users folded back in from their own ratings."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import duckdb
@@ -29,27 +30,66 @@ def _csr(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return indptr, np.concatenate(lists).astype(np.int64)
 
 
-def _softmax_gradient(p: np.ndarray, items: np.ndarray, v: np.ndarray, l2: float) -> np.ndarray:
+def _softmax_gradient(
+    p: np.ndarray, items: np.ndarray, v: np.ndarray, l2: float, w: np.ndarray | None = None
+) -> np.ndarray:
     q, b = item_tables(v.astype(np.float64))
+    w = np.ones(len(items)) if w is None else w.astype(np.float64)
     logits = q @ p + b
     pi = np.exp(logits - logits.max())
     pi /= pi.sum()
-    return q[items].sum(0) - len(items) * (pi @ q) - l2 * p
+    return (w[:, None] * q[items]).sum(0) - w.sum() * (pi @ q) - l2 * p
 
 
-def test_newton_reaches_the_softmax_optimum_and_the_fast_solve_approaches_it() -> None:
+def _newton(items: np.ndarray, v: np.ndarray, l2: float, w: np.ndarray, steps: int = 30):
+    """The exact optimum of sum_R w_i log softmax(p.q + b)_i - l2/2 |p|^2 (concave in p):
+    full Newton steps from 0, the oracle the fast solve is held to."""
+    q, b = item_tables(v.astype(np.float64))
+    p = np.zeros(q.shape[1])
+    for _ in range(steps):
+        logits = q @ p + b
+        pi = np.exp(logits - logits.max())
+        pi /= pi.sum()
+        mean = pi @ q
+        cov = (q * pi[:, None]).T @ q - np.outer(mean, mean)
+        hess = w.sum() * cov + l2 * np.eye(len(p))
+        p = p + np.linalg.solve(hess, _softmax_gradient(p, items, v, l2, w))
+    return p
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_fast_solve_reaches_the_weighted_softmax_optimum(weighted: bool) -> None:
     rng = np.random.default_rng(0)
     v = _tables(rng, 200, 6)
     lists = [np.sort(rng.choice(200, size=n, replace=False)) for n in (1, 5, 30, 80)]
     indptr, items = _csr(lists)
     ones = np.ones(len(items), dtype=np.float32)
-    exact = fold_in(indptr, items, ones, v, method="newton", l2=2.0, steps=20)
-    for row, chosen in zip(exact, lists, strict=True):
-        assert np.linalg.norm(_softmax_gradient(row[:6].astype(np.float64), chosen, v, 2.0)) < 1e-3
-    assert (exact[:, 6] == 1.0).all()
-    # The shared-Hessian ascent converges to the same vector with more steps.
-    fast = fold_in(indptr, items, ones, v, method="softmax", l2=2.0, steps=60)
-    np.testing.assert_allclose(fast[:, :6], exact[:, :6], atol=2e-3)
+    w = rng.uniform(0.2, 3.0, len(items)).astype(np.float32) if weighted else ones
+    fast = fold_in(indptr, items, ones, v, method="softmax", l2=2.0, steps=60, weights=w)
+    for row, chosen, lo, hi in zip(fast, lists, indptr[:-1], indptr[1:], strict=True):
+        exact = _newton(chosen, v, 2.0, w[lo:hi].astype(np.float64))
+        assert np.linalg.norm(_softmax_gradient(exact, chosen, v, 2.0, w[lo:hi])) < 1e-6
+        np.testing.assert_allclose(row[:6], exact, atol=2e-3)
+    assert (fast[:, 6] == 1.0).all()
+    if weighted:  # the weights move the solution: they are not ignored
+        plain = fold_in(indptr, items, ones, v, method="softmax", l2=2.0, steps=60)
+        assert np.abs(plain[:, :6] - fast[:, :6]).max() > 1e-2
+
+
+def test_serving_recency_weights_equal_trainings() -> None:
+    import torch
+
+    from mfbatch.serving.foldin import recency_weights as serving
+    from mfbatch.training.objectives import recency_weights as training
+
+    rng = np.random.default_rng(5)
+    users = rng.integers(0, 30, 600)
+    ts = rng.integers(0, 40, 600)  # many ties: tied ratings share a weight
+    for half_life in (0.0, 0.1, 0.2, 1.0):
+        mine = serving(users, ts, half_life)
+        theirs = training(torch.from_numpy(users), torch.from_numpy(ts), 30, half_life)
+        np.testing.assert_allclose(mine, theirs.numpy(), rtol=1e-6)
+    assert serving(users, ts, 0.2).std() > 0.1
 
 
 def test_ridge_recovers_noise_free_ratings_exactly() -> None:
@@ -160,3 +200,36 @@ def test_users_the_model_trained_on_fold_back_in_to_lists_like_their_own(
     # Measured 0.93 (default objective) and 0.60 (rating, ridge); unrelated lists of 20 of
     # ~200 items share about 2.
     assert overlap >= (0.85 if trained_for != "rating" else 0.5), (trained_for, overlap)
+
+
+def test_fold_in_solves_the_runs_tempered_loss() -> None:
+    """A run trained at temperature T had logits (p.q + b) / T: the folded row is the
+    optimum of that loss, scored as p.q + b like a trained user's."""
+    from mfbatch.serving.engines import FoldIn, apply_fold_in
+    from mfbatch.serving.lists import ListPlan
+
+    rng = np.random.default_rng(7)
+    v = _tables(rng, 120, 5)
+    chosen = np.sort(rng.choice(120, size=25, replace=False))
+    indptr, items = _csr([chosen])
+    ones = np.ones(len(items), dtype=np.float32)
+    plan = ListPlan(
+        users=np.array([0]),
+        seen=SeenItems(indptr, items),
+        item_mask=np.zeros(120, dtype=np.float32),
+        cold=np.zeros(1, dtype=bool),
+        popularity=np.zeros(120, dtype=np.int64),
+        k=5,
+        folded=np.array([0]),
+    )
+    fold = FoldIn(np.array([0]), SeenItems(indptr, items), ones, np.ones(120, dtype=bool))
+    for temperature in (1.0, 0.5, 2.0):
+        tempered = v.copy()
+        tempered[:-1] /= temperature
+        exact = _newton(chosen, tempered, 10.0, np.ones(len(chosen)))
+        folded = apply_fold_in(
+            plan, dataclasses.replace(fold, temperature=temperature), v, "softmax"
+        ).folded_rows
+        assert folded is not None
+        # Two shared-Hessian steps (the served solve) land near the exact optimum.
+        assert np.linalg.norm(folded[0, :5] - exact) < 0.05 * np.linalg.norm(exact)

@@ -14,6 +14,7 @@ from mfbatch.config.sections import (
     dataset_type,
 )
 from mfbatch.config.train import RECENCY_HALF_LIFE, TrainConfig, check_sharding, recency_for
+from mfbatch.config.tune import TuneConfig
 
 __all__ = [
     "DEFAULT_DB",
@@ -30,6 +31,7 @@ __all__ = [
     "ScoreConfig",
     "SplitConfig",
     "TrainConfig",
+    "TuneConfig",
     "check_sharding",
     "check_threads",
     "dataset_type",

@@ -1,7 +1,7 @@
 """`Config`: every stage's options in one object, read from TOML and flags, validated once.
 
 `load_config` reads an optional TOML file (`[data]`, `[split]`, `[preprocess]`, `[train]`,
-`[score]`, `[evaluate]` tables and a top-level `db`), applies the command line's (or the
+`[score]`, `[evaluate]`, `[tune]` tables and a top-level `db`), applies the command line's (or the
 Python API's) values on top, validates, and returns one frozen `Config`. Nothing
 downstream sees a dict.
 """
@@ -29,6 +29,7 @@ from mfbatch.config.sections import (
     SplitConfig,
 )
 from mfbatch.config.train import TrainConfig
+from mfbatch.config.tune import TuneConfig
 from mfbatch.errors import ConfigError
 
 DEFAULT_DB = Path("mfbatch.duckdb")
@@ -39,6 +40,7 @@ SECTIONS: dict[str, type[Options]] = {
     "train": TrainConfig,
     "score": ScoreConfig,
     "evaluate": EvaluateConfig,
+    "tune": TuneConfig,
 }
 
 
@@ -54,6 +56,7 @@ class Config(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able view, stored with runs so a result says how it was made."""

@@ -35,6 +35,9 @@ class FoldIn:
     rated: SeenItems  # row r: the items users[r] rated; `ratings` in the same order
     ratings: np.ndarray
     item_usable: np.ndarray  # bool [model n_items]: items the run trained on
+    # Per rating, as training weighed it (recency x the ratings' weight column); None: 1.
+    weights: np.ndarray | None = None
+    temperature: float = 1.0  # the run's softmax temperature: its loss divides logits by it
 
 
 @dataclass(frozen=True)
@@ -72,13 +75,20 @@ def apply_fold_in(
     """The plan with a solved vector for each fold-in user, against the frozen item tables."""
     if not len(fold.users):
         return plan
+    tables = items_aug_t
+    if objective != "rating" and fold.temperature != 1.0:
+        # Training's logits were (p.q + b) / T: the same loss solved against q/T, b/T gives
+        # the p whose served score p.q + b ranks as the trained users' do.
+        tables = items_aug_t.copy()
+        tables[:-1] /= fold.temperature
     rows = fold_in(
         fold.rated.indptr,
         fold.rated.indices,
         fold.ratings,
-        items_aug_t,
+        tables,
         method=method_for(objective),
         usable=fold.item_usable,
+        weights=fold.weights,
     )
     return dataclasses.replace(plan, folded_rows=rows)
 

@@ -13,16 +13,15 @@ Methods (docs/daily-cycle.md has the measurements that chose the defaults):
   every user shares up to their rating count n_u: (n_u C_0 + l2 I), one eigenbasis for
   all. The first step needs no scores; each further one costs one [users, items] score
   pass. Two steps: at the retrain's quality, 10,000 users in about a second.
-- `newton`: the same loss by exact Newton steps from the `wls` solution; its Hessian is
-  users x items x d^2 per step (measured: no better than two `softmax` steps, 50x slower).
-- `wls`: implicit weighted least squares, the iALS user step. Every item the user rated
-  is a 1 with weight 1 + alpha, every other item a 0 with weight 1, ridge l2:
-      p = (Q'Q + alpha Q_u'Q_u + l2 I)^-1 (sum_R ((1 + alpha)(1 - b_i) + b_i) q_i - Q'b)
-  (targets net of the item bias). Fast, but logits are not 0/1 preferences: it ranks well
-  below the model's own loss on a softmax model.
 - `ridge` (the default for the rating objective): its own loss with items frozen, least
   squares of the normalised ratings minus b_i on [q_i, 1] (p and the constant c
   together), ridge l2 on p. Its c makes predicted ratings meaningful for a rating model.
+
+Both weigh each rating as training did (`weights`: the recency weights of `recency_weights`,
+times a per-interaction weight where the ratings carry one): the softmax term of rating i
+counts w_i times, the ridge residual w_i times. Exact Newton steps and the iALS-style
+weighted least squares were measured too (docs/model.md) and left out: no better than two
+shared-Hessian steps and 50x slower, and well below, respectively.
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ from typing import Literal
 
 import numpy as np
 
-Method = Literal["wls", "softmax", "newton", "ridge"]
-METHODS: tuple[Method, ...] = ("wls", "softmax", "newton", "ridge")
+Method = Literal["softmax", "ridge"]
+METHODS: tuple[Method, ...] = ("softmax", "ridge")
 # Entries of the padded [users, longest, d] gather per chunk: bounds memory (~64 MB).
 _CHUNK_ENTRIES = 1 << 24
 
@@ -41,6 +40,36 @@ def item_tables(items_aug_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(q [I, d], b [I]) from the graph's V_aug_t [d+2, I]."""
     d = items_aug_t.shape[0] - 2
     return np.ascontiguousarray(items_aug_t[:d].T), np.ascontiguousarray(items_aug_t[d])
+
+
+def recency_weights(users: np.ndarray, ts: np.ndarray, half_life: float) -> np.ndarray:
+    """[R] float32: 2^(-newer / (half_life * n_u)) per rating, mean 1 within each user.
+
+    The serving twin of mfbatch.training.objectives.recency_weights (held equal by a test):
+    `newer` counts the user's ratings strictly newer than this one (ties share a weight),
+    n_u the user's ratings; 0 is no weighting."""
+    users = np.asarray(users, dtype=np.int64)
+    n = users.size
+    if half_life <= 0.0 or n == 0:
+        return np.ones(n, dtype=np.float32)
+    # Newest first within user, ties in their given order (the torch version's stable sorts).
+    order = np.argsort(-np.asarray(ts, dtype=np.int64), kind="stable")
+    order = order[np.argsort(users[order], kind="stable")]
+    u, t = users[order], np.asarray(ts, dtype=np.int64)[order]
+    new_user = np.ones(n, dtype=bool)
+    new_user[1:] = u[1:] != u[:-1]
+    new_group = new_user.copy()
+    new_group[1:] |= t[1:] != t[:-1]
+    position = np.arange(n)
+    user_start = np.maximum.accumulate(np.where(new_user, position, 0))
+    group_start = np.maximum.accumulate(np.where(new_group, position, 0))
+    newer = (group_start - user_start).astype(np.float64)
+    _, inverse, counts = np.unique(u, return_inverse=True, return_counts=True)
+    raw = np.exp2(-newer / (half_life * counts[inverse]))
+    mean = np.bincount(inverse, weights=raw) / counts
+    weights = np.empty(n, dtype=np.float32)
+    weights[order] = (raw / mean[inverse]).astype(np.float32)
+    return weights
 
 
 def method_for(objective: str) -> Method:
@@ -56,31 +85,36 @@ def fold_in(
     *,
     method: Method = "softmax",
     l2: float | None = None,
-    alpha: float = 10.0,
-    target: float = 1.0,
     steps: int = 2,
     usable: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows [F, d+2] float32 for F users given as CSR (indptr [F+1], items, ratings in [0,1]).
 
     `usable` (bool [I]) drops ratings of items the model can't speak for (never trained);
-    a user left with none gets a zero vector, i.e. ranks by item bias alone.
+    a user left with none gets a zero vector, i.e. ranks by item bias alone. `weights`
+    ([R], in the CSR's order) weigh each rating's term as training weighed it.
     """
     q, b = item_tables(items_aug_t)
     n_items, d = q.shape
     items = np.asarray(items, dtype=np.int64)
     ratings = np.asarray(ratings, dtype=np.float32)
+    weights = (
+        np.ones(len(items), dtype=np.float32)
+        if weights is None
+        else np.asarray(weights, dtype=np.float32)
+    )
     keep = items < n_items
     if usable is not None:
         keep &= usable[np.minimum(items, n_items - 1)]
     if not keep.all():
         lengths = _segment_sums(keep, indptr)
-        items, ratings = items[keep], ratings[keep]
+        items, ratings, weights = items[keep], ratings[keep], weights[keep]
         indptr = np.concatenate([[0], np.cumsum(lengths)])
     if l2 is None:
         # Measured: softmax on ML-100K strong generalization (README); ridge as the
         # overlap of refolded trained users' lists with their own (tests/test_foldin.py).
-        l2 = {"wls": 1.0, "softmax": 10.0, "newton": 10.0, "ridge": 1.0}[method]
+        l2 = {"softmax": 10.0, "ridge": 1.0}[method]
     n_users = len(indptr) - 1
     rows = np.zeros((n_users, d + 2), dtype=np.float32)
     rows[:, d] = 1.0
@@ -91,8 +125,6 @@ def fold_in(
     order = np.argsort(lengths, kind="stable")
     q_pad = np.concatenate([q, np.zeros((1, d), dtype=q.dtype)])  # row n_items: padding
     b_pad = np.concatenate([b, np.zeros(1, dtype=b.dtype)])
-    gram = (q.T.astype(np.float64) @ q.astype(np.float64)) if method != "ridge" else None
-    q_b = (q.T.astype(np.float64) @ b.astype(np.float64)) if method != "ridge" else None
     shared = _popularity_softmax(q, b) if method == "softmax" else None
     start = 0
     while start < n_users:
@@ -107,19 +139,13 @@ def fold_in(
         where = np.minimum(indptr[chunk][:, None] + offsets, max(len(items) - 1, 0))
         idx = np.where(valid, items[where] if len(items) else n_items, n_items)
         r = np.where(valid, ratings[where] if len(items) else 0.0, 0.0).astype(np.float32)
+        w = np.where(valid, weights[where] if len(items) else 0.0, 0.0).astype(np.float32)
         qu = q_pad[idx]  # [B, L, d]
         bu = b_pad[idx]  # [B, L]
         if method == "ridge":
-            rows[chunk] = _ridge(qu, bu, r, valid, l2)
+            rows[chunk] = _ridge(qu, bu, r, w, l2)
         else:
-            assert gram is not None and q_b is not None
-            if method == "softmax":
-                p = _softmax_shared(qu, valid, q, b, l2, steps, shared)
-            else:
-                p = _wls(qu, bu, valid, gram, q_b, l2, alpha, target)
-            if method == "newton":
-                p = _softmax_newton(p, qu, valid, q, b, l2, steps)
-            rows[chunk, :d] = p
+            rows[chunk, :d] = _softmax_shared(qu, w, q, b, l2, steps, shared)
         start += len(chunk)
     return rows
 
@@ -127,25 +153,6 @@ def fold_in(
 def _segment_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
     cumulative = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
     return cumulative[indptr[1:]] - cumulative[indptr[:-1]]
-
-
-def _wls(
-    qu: np.ndarray,
-    bu: np.ndarray,
-    valid: np.ndarray,
-    gram: np.ndarray,
-    q_b: np.ndarray,
-    l2: float,
-    alpha: float,
-    target: float,
-) -> np.ndarray:
-    d = qu.shape[2]
-    own = np.matmul(qu.transpose(0, 2, 1), qu).astype(np.float64)  # [B, d, d]; pads are 0
-    a = gram[None] + alpha * own + l2 * np.eye(d)[None]
-    # Rated: target 1 - b_i at weight 1 + alpha; unrated: target -b_i at weight 1.
-    weight = np.where(valid, (1.0 + alpha) * (target - bu) + bu, 0.0)
-    rhs = np.einsum("bl,bld->bd", weight, qu).astype(np.float64) - q_b[None]
-    return np.linalg.solve(a, rhs[..., None])[..., 0].astype(np.float32)
 
 
 def _popularity_softmax(q: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -162,20 +169,21 @@ def _popularity_softmax(q: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, ...]:
 
 def _softmax_shared(
     qu: np.ndarray,
-    valid: np.ndarray,
+    w: np.ndarray,
     q: np.ndarray,
     b: np.ndarray,
     l2: float,
     steps: int,
     shared: tuple[np.ndarray, ...] | None,
 ) -> np.ndarray:
-    """Ascent on the full-softmax log-likelihood, each step preconditioned by the Hessian
-    at p = 0. The first step needs no scores (the gradient at 0 is sum_R q_i - n m_0): a
-    closed form; further steps pay one [B, I] score pass each."""
+    """Ascent on the weighted full-softmax log-likelihood sum_R w_i log pi_i - l2/2 |p|^2,
+    each step preconditioned by the Hessian at p = 0, (W C_0 + l2 I) with W = sum_R w_i.
+    The first step needs no scores (the gradient at 0 is sum_R w_i q_i - W m_0): a closed
+    form; further steps pay one [B, I] score pass each. `w` is 0 on padding."""
     assert shared is not None
     mean0, values, vectors = shared
-    n = valid.sum(1).astype(np.float64)
-    positives = qu.sum(1).astype(np.float64)
+    n = w.sum(1).astype(np.float64)
+    positives = np.einsum("bl,bld->bd", w, qu).astype(np.float64)
     scale = 1.0 / (n[:, None] * values[None] + l2)  # [B, d] in the eigenbasis
     p = np.zeros_like(positives)
     grad = positives - n[:, None] * mean0
@@ -190,51 +198,18 @@ def _softmax_shared(
     return p.astype(np.float32)
 
 
-def _softmax_newton(
-    p: np.ndarray,
-    qu: np.ndarray,
-    valid: np.ndarray,
-    q: np.ndarray,
-    b: np.ndarray,
-    l2: float,
-    steps: int,
-) -> np.ndarray:
-    n = valid.sum(1).astype(np.float64)  # [B]
-    positives = qu.sum(1).astype(np.float64)  # [B, d]: sum of the rated items' q
-    n_items, d = q.shape
-    q64 = q.astype(np.float64)
-    p64 = p.astype(np.float64)
-    # The Hessian's E_pi[q q'] is [users, items, d] wide before the sum: a few users at a time.
-    step = max(1, (1 << 22) // (n_items * d))
-    for lo in range(0, len(p64), step):
-        sl = slice(lo, lo + step)
-        for _ in range(steps):
-            logits = p64[sl] @ q64.T + b[None]
-            logits -= logits.max(1, keepdims=True)
-            pi = np.exp(logits)
-            pi /= pi.sum(1, keepdims=True)
-            mean = pi @ q64  # [B, d]
-            grad = positives[sl] - n[sl, None] * mean - l2 * p64[sl]
-            # E_pi[q q'] per user as one batched GEMM ([B, d, I] @ [I, d]), not an einsum.
-            second = np.matmul((pi[:, :, None] * q64[None]).transpose(0, 2, 1), q64)
-            cov = second - mean[:, :, None] * mean[:, None, :]
-            hess = n[sl, None, None] * cov + l2 * np.eye(d)[None]
-            p64[sl] = p64[sl] + np.linalg.solve(hess, grad[..., None])[..., 0]
-    return p64.astype(np.float32)
-
-
-def _ridge(
-    qu: np.ndarray, bu: np.ndarray, r: np.ndarray, valid: np.ndarray, l2: float
-) -> np.ndarray:
-    """[B, d+2] rows [p, 1, c] from least squares of (r - b_i) on [q_i, 1]."""
+def _ridge(qu: np.ndarray, bu: np.ndarray, r: np.ndarray, w: np.ndarray, l2: float) -> np.ndarray:
+    """[B, d+2] rows [p, 1, c] from least squares of (r - b_i) on [q_i, 1], residual i
+    weighed w_i (0 on padding)."""
     batch, _, d = qu.shape
+    valid = w > 0
     x = np.concatenate([qu, valid[..., None].astype(qu.dtype)], axis=2).astype(np.float64)
     y = np.where(valid, r - bu, 0.0).astype(np.float64)
-    a = np.matmul(x.transpose(0, 2, 1), x)
+    a = np.matmul(x.transpose(0, 2, 1) * w[:, None, :].astype(np.float64), x)
     penalty = np.full(d + 1, l2)
     penalty[d] = 1e-3 * l2  # c: the user's offset, barely shrunk
     a += np.diag(penalty)[None]
-    coef = np.linalg.solve(a, np.einsum("bl,blk->bk", y, x)[..., None])[..., 0]
+    coef = np.linalg.solve(a, np.einsum("bl,blk->bk", y * w, x)[..., None])[..., 0]
     rows = np.empty((batch, d + 2), dtype=np.float32)
     rows[:, :d] = coef[:, :d]
     rows[:, d] = 1.0

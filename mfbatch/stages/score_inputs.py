@@ -7,6 +7,7 @@ fails here, before work starts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from mfbatch.config import Config, ScoreConfig
 from mfbatch.errors import ConfigError, InputDataError
 from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.engines import FoldIn
+from mfbatch.serving.foldin import recency_weights
 from mfbatch.serving.lists import ListPlan, fitted_counts
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
@@ -104,14 +106,39 @@ def _read(config: Config) -> _Stored:
             trained=db.arrays(
                 con, "trained_counts_versioned", all_splits=all_splits, version=version["version"]
             ),
-            fresh=db.arrays(
-                con, "fold_in_ratings", all_splits=all_splits, version=version["version"]
-            ),
+            fresh=_fresh(con, all_splits, version["version"]),
             user_ids=db.arrow(con, "user_ids").column("user_id").combine_chunks(),
             item_ids=db.arrow(con, "item_ids").column("item_id").combine_chunks(),
         )
     finally:
         con.close()
+
+
+def _fresh(con: Any, all_splits: bool, version: int) -> dict[str, np.ndarray]:
+    """The fold-in users' ratings, with the per-interaction weight where ratings has one."""
+    fresh = db.arrays(con, "fold_in_ratings", all_splits=all_splits, version=version)
+    columns = {c[0] for c in con.execute("DESCRIBE ratings").fetchall()}
+    if "weight" in columns:
+        weights = db.arrays(con, "fold_in_weights", all_splits=all_splits, version=version)
+        fresh["weight"] = np.asarray(weights["weight"], dtype=np.float64)
+    return fresh
+
+
+def _fold_weights(fresh: dict[str, np.ndarray], run: Run) -> np.ndarray | None:
+    """Per fold-in rating, the weight training gave it: the run's recency weights over each
+    user's ratings (softmax objectives, every rating timed) times the weight column."""
+    settings = run.config.get("train", {})
+    half_life = float(settings.get("recency_half_life") or 0.0)
+    weights = None
+    ts = fresh.get("ts_ms")
+    # As in training: without a time for every rating there is no order to weigh by.
+    timed = ts is not None and len(ts) > 0 and not np.ma.is_masked(ts)
+    if half_life > 0 and settings.get("objective") != "rating" and timed:
+        weights = recency_weights(fresh["user_idx"], np.asarray(ts, np.int64), half_life)
+    if "weight" in fresh:
+        given = np.nan_to_num(fresh["weight"], nan=1.0).astype(np.float32)
+        weights = given if weights is None else weights * given
+    return weights
 
 
 def _item_mask(settings: ScoreConfig, item_ids: pa.Array, n_items: int) -> np.ndarray:
@@ -125,7 +152,9 @@ def _item_mask(settings: ScoreConfig, item_ids: pa.Array, n_items: int) -> np.nd
     return mask
 
 
-def _fold_in(fresh: dict[str, np.ndarray], users: np.ndarray, n_users: int) -> FoldIn:
+def _fold_in(
+    fresh: dict[str, np.ndarray], users: np.ndarray, n_users: int, weights: np.ndarray | None
+) -> FoldIn:
     """The unseen ratings of the users being scored, grouped by user (CSR)."""
     wanted = np.zeros(n_users, dtype=bool)
     wanted[users] = True
@@ -137,6 +166,7 @@ def _fold_in(fresh: dict[str, np.ndarray], users: np.ndarray, n_users: int) -> F
         rated=SeenItems.from_sorted(rows, fresh["item_idx"][keep], len(fold_users)),
         ratings=fresh["rating_norm"][keep].astype(np.float32),
         item_usable=np.zeros(0, dtype=bool),
+        weights=None if weights is None else weights[keep],
     )
 
 
@@ -156,8 +186,13 @@ def load_inputs(config: Config) -> ScoreInputs:
     fitted_items[model_items:] = 0
     fitted_users[model_users:] = 0
     item_mask[fitted_items == 0] = -np.inf
-    fold = _fold_in(stored.fresh, users, dataset.n_users)
-    fold = FoldIn(fold.users, fold.rated, fold.ratings, fitted_items[:model_items] > 0)
+    weights = _fold_weights(stored.fresh, stored.run)
+    fold = _fold_in(stored.fresh, users, dataset.n_users, weights)
+    fold = dataclasses.replace(
+        fold,
+        item_usable=fitted_items[:model_items] > 0,
+        temperature=float(stored.run.config.get("train", {}).get("temperature") or 1.0),
+    )
     folded = np.full(dataset.n_users, -1, dtype=np.int64)
     folded[fold.users] = np.arange(len(fold.users))
     seen = stored.seen

@@ -136,7 +136,7 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
     device, shard, console = _place(config, console, checked)
     inputs = read_inputs(config)
     settings, note = _with_recency(inputs.settings, inputs.dataset)
-    _announce(console, device, shard, note)
+    _announce(console, device, shard, inputs.tuned + note)
     data, val = interactions(inputs, device, config.db)
     if settings.recency_half_life and data.ts is None and console:
         console.print(

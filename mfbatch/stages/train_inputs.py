@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
+import duckdb
 import numpy as np
 import polars as pl
 import torch
@@ -26,6 +28,7 @@ class TrainInputs:
     settings: TrainConfig  # a refit's are its validated run's
     parent: str | None  # a refit's validated run
     epochs: int | None  # a refit's epoch count (its validated run's best)
+    tuned: str = ""  # a word on the `mfbatch tune` settings applied, for the first line
 
 
 def read_inputs(config: Config) -> TrainInputs:
@@ -36,12 +39,36 @@ def read_inputs(config: Config) -> TrainInputs:
         dataset = Dataset.load(con, config.db)
         frame = db.frame(con, "training_ratings", all_splits=settings.on == "all")
         if settings.on != "all":
-            return TrainInputs(dataset, frame, settings, None, None)
+            settings, tuned = _tuned(con, settings, dataset)
+            return TrainInputs(dataset, frame, settings, None, None, tuned)
         validated = find_run(con, config.db, dataset, role="measure")
     finally:
         con.close()
     settings = _refit_config(validated, settings)
     return TrainInputs(dataset, frame, settings, validated.run_id, max(validated.best_epoch, 1))
+
+
+def _tuned(
+    con: duckdb.DuckDBPyConnection, settings: TrainConfig, dataset: Dataset
+) -> tuple[TrainConfig, str]:
+    """`mfbatch tune`'s chosen settings (the newest study, same objective and data), laid
+    under the fields the flags and the config file set."""
+    if not db.table_exists(con, "tuned_settings"):
+        return settings, ""
+    row = db.record(con, "latest_tuned_settings")
+    if row is None or row["objective"] != settings.objective:
+        return settings, ""
+    if row["dataset_sha256"] != dataset.sha256:
+        return settings, f", tuned settings of study {row['study']!r} ignored (other data)"
+    tuned = {k: v for k, v in json.loads(row["settings"]).items() if k not in settings._given}
+    if not tuned:
+        return settings, ""
+    shown = " ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in tuned.items()
+    )
+    return settings.replace(**tuned), (
+        f", tuned settings of study {row['study']!r} ({shown}; flags override them)"
+    )
 
 
 def _tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

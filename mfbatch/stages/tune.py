@@ -1,0 +1,432 @@
+"""`mfbatch tune`: an Optuna search (TPE, median pruning) on an inner split carved from train.
+
+The outer validation split is never read: the train rows alone are split again (each user's
+newest `inner_fraction` when every rating has a time, else a seeded random share per user),
+each trial trains on the inner train part and is scored per epoch on the inner validation
+part (the trainer's own Recall@K, or -RMSE for the rating objective), which also drives the
+pruning. Every trial lands in `tuning_trials`; the best so far in `tuned_settings`, which
+`train` applies below explicit flags. The study lives in an Optuna journal beside the
+database (`<db>.optuna.journal`), so a search cut off resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import polars as pl
+import torch
+from rich.console import Console
+
+from mfbatch.config import Config, TrainConfig, TuneConfig, recency_for
+from mfbatch.config.tune import LOG_UNIFORM
+from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
+from mfbatch.stages.train_inputs import TrainInputs, interactions
+from mfbatch.store import db
+from mfbatch.store.datasets import Dataset
+from mfbatch.training.device import resolve_device, resolve_threads
+from mfbatch.training.loop import EpochRecord, train_model
+from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.training.tensors import Interactions
+from mfbatch.training.validation import Validation, score_of
+
+__all__ = ["TuneSummary", "carve_inner", "journal_path", "tune"]
+
+
+@dataclass(frozen=True)
+class TuneSummary:
+    study: str
+    trials_run: int  # by this call
+    trials_finished: int  # in the study, all calls together
+    best_trial: int | None
+    best_value: float | None
+    metric: str
+    settings: dict[str, Any]  # what `train` will apply below its flags
+    inner_split: str
+    seconds: float
+    journal: Path
+
+    def line(self) -> str:
+        if self.best_trial is None:
+            return (
+                f"study {self.study!r}: no trial completed ({self.trials_finished} finished); "
+                "train keeps its defaults"
+            )
+        shown = " ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.settings.items()
+        )
+        return (
+            f"study {self.study!r}: best trial {self.best_trial} ({self.metric} "
+            f"{self.best_value:.4f} on the inner {self.inner_split} split) of "
+            f"{self.trials_finished}, {self.trials_run} run now in {self.seconds:.1f} s: "
+            f"{shown}; `mfbatch train` applies these below its flags"
+        )
+
+
+def journal_path(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".optuna.journal")
+
+
+def carve_inner(train: pl.DataFrame, fraction: float, seed: int) -> tuple[np.ndarray, str]:
+    """A mask over `train`'s rows (sorted by user): the inner validation ratings.
+
+    Per user, round(fraction * n_u) ratings, at least one left to train on: the newest
+    when every rating has a time (like `preprocess --split user-time`), else a seeded random
+    choice. Returns (mask, 'user-time' | 'random')."""
+    users = train["user_idx"].to_numpy()
+    n = users.size
+    timed = train["ts_ms"].null_count() == 0
+    # Newest first within each user (ties broken by item, so the carve is reproducible),
+    # or a seeded random order when some rating has no time.
+    key = -train["ts_ms"].to_numpy() if timed else np.random.default_rng(seed).random(n)
+    order = np.lexsort((train["item_idx"].to_numpy(), key, users))
+    u_sorted = users[order]
+    rank = np.arange(n) - np.searchsorted(u_sorted, u_sorted, side="left")
+    counts = np.bincount(users)[u_sorted]
+    take = np.minimum(np.rint(fraction * counts).astype(np.int64), counts - 1)
+    held = np.zeros(n, dtype=bool)
+    held[order[rank < take]] = True
+    return held, "user-time" if timed else "random"
+
+
+def _suggest(trial: Any, base: TrainConfig, tune: TuneConfig, timed: bool) -> dict[str, Any]:
+    """The TrainConfig fields one trial sets."""
+    space = tune.ranges()
+    params: dict[str, Any] = {
+        "embedding_dim": int(trial.suggest_categorical("embedding_dim", space["embedding_dim"])),
+        "epochs": trial.suggest_int("epochs", min(10, tune.epochs), tune.epochs),
+    }
+    names = ["lr", "l2"]
+    if base.objective != "rating":
+        names += ["temperature", "user_exponent"]
+    for name in names:
+        low, high = space[name]
+        params[name] = trial.suggest_float(name, low, high, log=name in LOG_UNIFORM)
+    if base.objective != "rating":
+        recency = timed and trial.suggest_categorical("recency", [True, False])
+        low, high = space["recency_half_life"]
+        params["recency_half_life"] = (
+            trial.suggest_float("recency_half_life", low, high) if recency else 0.0
+        )
+    return params
+
+
+def _defaults(base: TrainConfig, tune: TuneConfig, inner: _Inner) -> dict[str, Any]:
+    """The search's own parameters for `train`'s defaults, clipped to the ranges."""
+    space = tune.ranges()
+
+    def clip(name: str, value: float) -> float:
+        low, high = space[name]
+        return float(min(max(value, low), high))
+
+    params: dict[str, Any] = {
+        "epochs": int(min(max(int(base.epochs or 1), min(10, tune.epochs)), tune.epochs)),
+        "lr": clip("lr", float(base.lr or 0.0)),
+        "l2": clip("l2", float(base.l2 or 0.0)),
+    }
+    if base.embedding_dim in space["embedding_dim"]:
+        params["embedding_dim"] = int(base.embedding_dim or 0)
+    if base.objective != "rating":
+        params["temperature"] = clip("temperature", base.temperature)
+        params["user_exponent"] = clip("user_exponent", base.user_exponent)
+        half_life = base.recency_half_life
+        if half_life is None:
+            half_life = recency_for(inner.dataset.split_kind)
+        if inner.timed:
+            params["recency"] = bool(half_life)
+            if half_life:
+                params["recency_half_life"] = clip("recency_half_life", half_life)
+    return params
+
+
+@dataclass(frozen=True)
+class _Inner:
+    dataset: Dataset
+    data: Interactions
+    val: Validation
+    kind: str
+    timed: bool
+
+
+def _read_inner(config: Config, device: torch.device) -> _Inner:
+    con = db.connect(config.db, read_only=True)
+    try:
+        dataset = Dataset.load(con, config.db)
+        # all_splits=False leaves appended ratings out, as a validated run does; the outer
+        # val rows are dropped here, before anything else looks at the frame.
+        frame = db.frame(con, "training_ratings", all_splits=False)
+    finally:
+        con.close()
+    train = frame.filter(~pl.col("is_val")).drop("is_val")
+    if train.height == 0:
+        raise ConfigError(f"{config.db}: the ratings table has no train rows; run preprocess")
+    held, kind = carve_inner(train, config.tune.inner_fraction, config.tune.seed)
+    if not held.any():
+        raise ConfigError(
+            f"--inner-fraction: {config.tune.inner_fraction} holds out no rating of "
+            f"{config.db}'s train split (too few ratings per user); raise it"
+        )
+    inner = train.with_columns(is_val=pl.Series(held))
+    settings = config.train.replace(on="train", eval_users=config.train.eval_users)
+    data, val = interactions(TrainInputs(dataset, inner, settings, None, None), device, config.db)
+    assert val is not None
+    timed = train["ts_ms"].null_count() == 0
+    return _Inner(dataset, data, val, kind, timed)
+
+
+def _objective(inner: _Inner, base: TrainConfig, tune: TuneConfig, device: torch.device) -> Any:
+    import optuna
+
+    def run(trial: optuna.Trial) -> float:
+        try:
+            params = _suggest(trial, base, tune, inner.timed)
+            trial.set_user_attr("settings", params)
+            # Validated every epoch (pruning reads each), patience wide enough not to stop a
+            # trial that pruning would keep; the figure is the trial's best epoch.
+            settings = base.replace(
+                **params, seed=tune.seed, eval_every=1, patience=params["epochs"]
+            )
+            torch.manual_seed(tune.seed)
+            shape = ModelShape(
+                n_users=inner.dataset.n_users,
+                n_items=inner.dataset.n_items,
+                dim=int(settings.embedding_dim or 0),
+                dropout=settings.dropout,
+                batch_norm=settings.batch_norm,
+                sparse=settings.optimizer in ("sparse_adam", "adagrad"),
+            )
+            model = MatrixFactorization(shape).to(device)
+            best = -float("inf")
+
+            def report(record: EpochRecord) -> None:
+                nonlocal best
+                if record.metrics is None:
+                    return
+                best = max(best, score_of(record.metrics, settings.objective))
+                trial.report(score_of(record.metrics, settings.objective), record.epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+
+            outcome = train_model(model, inner.data, inner.val, settings, on_epoch_end=report)
+            if outcome.status == "diverged":
+                raise ModelError(f"training diverged in epoch {outcome.diverged_epoch}")
+            return best
+        except (MfbatchError, RuntimeError, ValueError) as exc:
+            trial.set_user_attr("error", first_line(exc))
+            raise
+
+    return run
+
+
+def _metric(settings: TrainConfig) -> str:
+    return "-rmse" if settings.objective == "rating" else f"recall@{settings.top_k}"
+
+
+def _hold(config: Config) -> IO[str]:
+    """One search per database at a time, held by an OS lock that dies with its process;
+    holding it, a lock file Optuna's journal left behind a killed search is stale."""
+    journal = journal_path(config.db)
+    held = open(journal.with_name(journal.name + ".owner"), "a")  # noqa: SIM115
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.close()
+        raise ConfigError(
+            f"{config.db}: another `mfbatch tune` is searching on it; wait for it to finish"
+        ) from None
+    journal.with_name(journal.name + ".lock").unlink(missing_ok=True)
+    return held
+
+
+def _open_study(config: Config, sha: str) -> Any:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(journal_path(config.db))))
+    study = optuna.create_study(
+        study_name=config.tune.study,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+    )
+    known = study.user_attrs.get("dataset_sha256")
+    if known is None:
+        study.set_user_attr("dataset_sha256", sha)
+        study.set_user_attr("objective", config.train.objective)
+    elif known != sha or study.user_attrs.get("objective") != config.train.objective:
+        raise ConfigError(
+            f"--study: {config.tune.study!r} was searched on other data or another objective "
+            f"({journal_path(config.db)}); pass a new --study name"
+        )
+    # A trial left RUNNING was cut off with its process: failed, and not counted.
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_user_attr(t._trial_id, "error", "interrupted")
+        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return study
+
+
+def _finished(study: Any) -> int:
+    import optuna
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False)
+        if t.state in done
+        or (t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("interrupted"))
+    )
+
+
+def _record(config: Config, study: Any, metric: str, sha: str) -> dict[str, Any] | None:
+    """Mirror the study into `tuning_trials`; the best complete trial into `tuned_settings`."""
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    con = db.connect(config.db)
+    try:
+        with db.transaction(con, "the tuning trials"):
+            db.run(con, "create_tuning_trials")
+            db.run(con, "create_tuned_settings")
+            db.run(con, "clear_tuning_trials", study=config.tune.study)
+            for t in trials:
+                seconds = (
+                    (t.datetime_complete - t.datetime_start).total_seconds()
+                    if t.datetime_complete and t.datetime_start
+                    else None
+                )
+                db.run(
+                    con,
+                    "insert_tuning_trial",
+                    study=config.tune.study,
+                    trial=t.number,
+                    params=json.dumps(t.user_attrs.get("settings", t.params)),
+                    value=t.value if t.state == optuna.trial.TrialState.COMPLETE else None,
+                    metric=metric,
+                    state=t.state.name,
+                    seconds=seconds,
+                    error=t.user_attrs.get("error"),
+                )
+            if best is not None:
+                db.run(
+                    con,
+                    "replace_tuned_settings",
+                    study=config.tune.study,
+                    chosen_at=datetime.now(timezone.utc).replace(tzinfo=None),
+                    objective=config.train.objective,
+                    trial=best.number,
+                    value=best.value,
+                    metric=metric,
+                    settings=json.dumps(best.user_attrs["settings"]),
+                    dataset_sha256=sha,
+                )
+    finally:
+        con.close()
+    return None if best is None else {"trial": best.number, "value": best.value}
+
+
+def _line(trial: Any, total: int, best: Any, metric: str) -> str:
+    seconds = (
+        (trial.datetime_complete - trial.datetime_start).total_seconds()
+        if trial.datetime_complete and trial.datetime_start
+        else 0.0
+    )
+    settings = trial.user_attrs.get("settings", trial.params)
+    shown = " ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()
+    )
+    what = f"{metric} {trial.value:.4f}" if trial.value is not None else ""
+    if trial.state.name != "COMPLETE":  # a pruned trial's value is its last epoch's
+        what = f"{trial.state.name.lower()} {what}".strip()
+    if trial.user_attrs.get("error"):
+        what += f" ({trial.user_attrs['error']})"
+    tail = f"; best {best['value']:.4f} (trial {best['trial']})" if best else ""
+    return f"trial {trial.number + 1}/{total}: {what}  {shown}  {seconds:.1f} s{tail}"
+
+
+def tune(*, config: Config, console: Console | None = None) -> TuneSummary:
+    """Search, record every trial, write the best settings where `train` reads them."""
+    import optuna
+
+    started = time.perf_counter()
+    settings = config.tune
+    db.check_writable(config.db)
+    device = resolve_device(config.train.device)
+    if device.type == "cpu":
+        threads, note = resolve_threads(settings.threads)
+        torch.set_num_threads(threads)
+        if note and console:
+            console.print(f"note: {note}", highlight=False)
+    inner = _read_inner(config, device)
+    # Our own line per trial says what failed and why; Optuna would add a traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with _hold(config):
+        return _search(config, inner, device, console, started)
+
+
+def _search(
+    config: Config, inner: _Inner, device: torch.device, console: Console | None, started: float
+) -> TuneSummary:
+    import optuna
+
+    settings = config.tune
+    study = _open_study(config, inner.dataset.sha256)
+    done_before = _finished(study)
+    remaining = max(0, settings.trials - done_before)
+    metric = _metric(config.train)
+    if console:
+        console.print(
+            f"tuning {config.train.objective} on an inner {inner.kind} split of the train "
+            f"ratings ({len(inner.data)} train / {len(inner.val.pairs)} inner val; the outer "
+            f"val split is not read): study {settings.study!r}, {done_before} trial(s) done, "
+            f"{remaining} to run",
+            highlight=False,
+            soft_wrap=True,
+        )
+    # Reseeded past the trials already run, so a resumed search draws new points.
+    study.sampler = optuna.samplers.TPESampler(seed=settings.seed + len(study.trials))
+    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3)
+    best: dict[str, Any] | None = None
+
+    def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        nonlocal best
+        best = _record(config, study, metric, inner.dataset.sha256)
+        if console:
+            console.print(_line(trial, settings.trials, best, metric), highlight=False)
+
+    base = config.train.replace(on="train")
+    if not study.trials:
+        # The first trial is the defaults (within the ranges): the choice can only match
+        # or beat what `train` would do untuned, on the same inner split.
+        study.enqueue_trial(_defaults(base, settings, inner), skip_if_exists=True)
+    if remaining:
+        study.optimize(
+            _objective(inner, base, settings, device),
+            n_trials=remaining,
+            timeout=settings.timeout,
+            catch=(MfbatchError, RuntimeError, ValueError),
+            callbacks=[after],
+        )
+    best = _record(config, study, metric, inner.dataset.sha256)
+    chosen = study.trials[best["trial"]].user_attrs["settings"] if best else {}
+    return TuneSummary(
+        study=settings.study,
+        trials_run=_finished(study) - done_before,
+        trials_finished=_finished(study),
+        best_trial=best["trial"] if best else None,
+        best_value=best["value"] if best else None,
+        metric=metric,
+        settings=chosen,
+        inner_split=inner.kind,
+        seconds=round(time.perf_counter() - started, 3),
+        journal=journal_path(config.db),
+    )

@@ -1,0 +1,153 @@
+"""`mfbatch tune`: the search reads only the train split, resumes, and records failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli, cli_ok, ok, rows
+
+TUNE = ["--trials", "3", "--epochs", "3", "--threads", "1", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tune") / "t.duckdb"
+    cli_ok(
+        "preprocess",
+        "--dataset",
+        "synthetic",
+        "--users",
+        "60",
+        "--items",
+        "40",
+        "--ratings-per-user",
+        "12",
+        "--split",
+        "user-time",
+        "--db",
+        path,
+    )
+    return path
+
+
+def _copy(prepared: Path, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    shutil.copyfile(prepared, path)
+    return path
+
+
+def _trials(path: Path) -> list[tuple[object, ...]]:
+    return rows(path, "SELECT trial, params, value, state FROM tuning_trials ORDER BY trial")
+
+
+def _chosen(path: Path) -> dict[str, object]:
+    return json.loads(rows(path, "SELECT settings FROM tuned_settings")[0][0])
+
+
+def _poison(path: Path, split: str) -> None:
+    import duckdb
+
+    with duckdb.connect(str(path)) as con:
+        con.execute(
+            # Half the rows become ten years older: read at all, they would move which
+            # ratings count as a user's newest.
+            "UPDATE ratings SET rating_norm = 1 - rating_norm, rating = 6 - rating, "
+            "ts = ts - INTERVAL 3650 DAY WHERE split = ? AND item_idx % 2 = 0",
+            [split],
+        )
+
+
+def test_the_outer_validation_split_is_never_read(prepared: Path, tmp_path: Path) -> None:
+    clean = _copy(prepared, tmp_path, "clean.duckdb")
+    poisoned = _copy(prepared, tmp_path, "poisoned.duckdb")
+    control = _copy(prepared, tmp_path, "control.duckdb")
+    _poison(poisoned, "val")
+    # The control: the same change to the train rows does move the search, so the
+    # comparison above it can fail.
+    _poison(control, "train")
+    for path in (clean, poisoned, control):
+        ok(cli("tune", "--db", path, *TUNE))
+    assert _trials(poisoned) == _trials(clean)
+    assert _chosen(poisoned) == _chosen(clean)
+    assert [t[2] for t in _trials(control)] != [t[2] for t in _trials(clean)]
+
+
+def test_a_cut_off_search_resumes_without_rerunning_finished_trials(
+    prepared: Path, tmp_path: Path
+) -> None:
+    path = _copy(prepared, tmp_path, "resume.duckdb")
+    args = [sys.executable, "-m", "mfbatch", "tune", "--db", str(path), *TUNE]
+    args[args.index("--trials") + 1] = "4"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("trial 1/4"):
+            proc.send_signal(signal.SIGKILL)  # cut off mid-search, as a lost machine would
+            break
+    proc.wait(timeout=60)
+    before = {t[0]: t for t in _trials(path)}
+    assert 1 <= len(before) < 4
+    out = ok(cli(*args[3:])).stdout
+    done = len([t for t in before.values() if t[3] in ("COMPLETE", "PRUNED")])
+    assert f"of 4, {4 - done} run now" in " ".join(out.split())
+    after = {t[0]: t for t in _trials(path)}
+    # What had finished is kept as it was, not run again; four trials are finished now.
+    for number, trial in before.items():
+        if trial[3] in ("COMPLETE", "PRUNED"):
+            assert after[number] == trial
+    assert len([t for t in after.values() if t[3] in ("COMPLETE", "PRUNED")]) == 4
+    # A trial the kill interrupted is recorded as failed, never as chosen.
+    for trial in after.values():
+        assert trial[3] != "RUNNING"
+
+
+def test_a_failing_trial_is_recorded_and_skipped(prepared: Path, tmp_path: Path) -> None:
+    path = _copy(prepared, tmp_path, "fail.duckdb")
+    config = tmp_path / "tune.toml"
+    # 5000 dimensions is refused by the train settings' own check: those trials fail.
+    config.write_text("[tune]\nspace = { embedding_dim = [8, 5000] }\n")
+    ok(cli("tune", "--db", path, "--config", config, *TUNE, "--trials", "6"))
+    states = rows(path, "SELECT state, error FROM tuning_trials ORDER BY trial")
+    failed = [error for state, error in states if state == "FAIL"]
+    assert failed and all("--embedding-dim" in str(error) for error in failed)
+    assert any(state == "COMPLETE" for state, _ in states)
+    assert _chosen(path)["embedding_dim"] == 8
+
+
+def test_train_applies_the_tuned_settings_below_its_flags(prepared: Path, tmp_path: Path) -> None:
+    path = _copy(prepared, tmp_path, "apply.duckdb")
+    ok(cli("tune", "--db", path, *TUNE))
+    chosen = _chosen(path)
+    # The first trial is what train would do untuned (its epochs capped by --epochs 3).
+    first = json.loads(_trials(path)[0][1])
+    defaults = {"embedding_dim": 256, "epochs": 3, "lr": 0.005, "l2": 0.05}
+    assert first == {**defaults, "temperature": 1.0, "user_exponent": 0.3, "recency_half_life": 0.2}
+    run = ok(cli("train", "--db", path, "--threads", "1", "--lr", "0.01", "--export-dir", tmp_path))
+    # The first line of the log says where the settings came from.
+    first = " ".join((run.stderr or run.stdout).split("\nepoch")[0].split())
+    assert first.startswith("training on") and "tuned settings of study 'default'" in first
+    config = json.loads(rows(path, "SELECT config FROM training_runs")[0][0])["train"]
+    assert config["lr"] == 0.01  # the flag wins
+    assert config["embedding_dim"] == chosen["embedding_dim"]
+    assert config["temperature"] == pytest.approx(chosen["temperature"])
+
+
+def test_the_api_tunes_like_the_command(prepared: Path, tmp_path: Path) -> None:
+    import mfbatch
+
+    path = _copy(prepared, tmp_path, "api.duckdb")
+    summary = mfbatch.tune(db=path, trials=2, epochs=2, threads=1, train={"embedding_dim": 16})
+    assert summary.trials_finished == 2 and summary.best_trial is not None
+    assert _chosen(path) == summary.settings
+    assert len(_trials(path)) == 2
