@@ -11,13 +11,10 @@ database (`<db>.optuna.journal`), so a search cut off resumes where it stopped.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -28,6 +25,7 @@ from mfbatch.config import Config, TrainConfig, TuneConfig, recency_for
 from mfbatch.config.tune import LOG_UNIFORM
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.stages.train_inputs import TrainInputs, interactions
+from mfbatch.stages.tune_record import finished, hold, journal_path, open_study, record
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training.device import resolve_device, resolve_threads
@@ -67,10 +65,6 @@ class TuneSummary:
             f"{self.trials_finished}, {self.trials_run} run now in {self.seconds:.1f} s: "
             f"{shown}; `mfbatch train` applies these below its flags"
         )
-
-
-def journal_path(db_path: Path) -> Path:
-    return db_path.with_name(db_path.name + ".optuna.journal")
 
 
 def carve_inner(train: pl.DataFrame, fraction: float, seed: int) -> tuple[np.ndarray, str]:
@@ -228,112 +222,6 @@ def _metric(settings: TrainConfig) -> str:
     return "-rmse" if settings.objective == "rating" else f"recall@{settings.top_k}"
 
 
-def _hold(config: Config) -> IO[str]:
-    """One search per database at a time, held by an OS lock that dies with its process;
-    holding it, a lock file Optuna's journal left behind a killed search is stale."""
-    journal = journal_path(config.db)
-    held = open(journal.with_name(journal.name + ".owner"), "a")  # noqa: SIM115
-    try:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        held.close()
-        raise ConfigError(
-            f"{config.db}: another `mfbatch tune` is searching on it; wait for it to finish"
-        ) from None
-    journal.with_name(journal.name + ".lock").unlink(missing_ok=True)
-    return held
-
-
-def _open_study(config: Config, sha: str) -> Any:
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    storage = JournalStorage(JournalFileBackend(str(journal_path(config.db))))
-    study = optuna.create_study(
-        study_name=config.tune.study,
-        storage=storage,
-        direction="maximize",
-        load_if_exists=True,
-    )
-    known = study.user_attrs.get("dataset_sha256")
-    if known is None:
-        study.set_user_attr("dataset_sha256", sha)
-        study.set_user_attr("objective", config.train.objective)
-    elif known != sha or study.user_attrs.get("objective") != config.train.objective:
-        raise ConfigError(
-            f"--study: {config.tune.study!r} was searched on other data or another objective "
-            f"({journal_path(config.db)}); pass a new --study name"
-        )
-    # A trial left RUNNING was cut off with its process: failed, and not counted.
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_user_attr(t._trial_id, "error", "interrupted")
-        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    return study
-
-
-def _finished(study: Any) -> int:
-    import optuna
-
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return sum(
-        1
-        for t in study.get_trials(deepcopy=False)
-        if t.state in done
-        or (t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("interrupted"))
-    )
-
-
-def _record(config: Config, study: Any, metric: str, sha: str) -> dict[str, Any] | None:
-    """Mirror the study into `tuning_trials`; the best complete trial into `tuned_settings`."""
-    import optuna
-
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = max(complete, key=lambda t: t.value) if complete else None
-    con = db.connect(config.db)
-    try:
-        with db.transaction(con, "the tuning trials"):
-            db.run(con, "create_tuning_trials")
-            db.run(con, "create_tuned_settings")
-            db.run(con, "clear_tuning_trials", study=config.tune.study)
-            for t in trials:
-                seconds = (
-                    (t.datetime_complete - t.datetime_start).total_seconds()
-                    if t.datetime_complete and t.datetime_start
-                    else None
-                )
-                db.run(
-                    con,
-                    "insert_tuning_trial",
-                    study=config.tune.study,
-                    trial=t.number,
-                    params=json.dumps(t.user_attrs.get("settings", t.params)),
-                    value=t.value if t.state == optuna.trial.TrialState.COMPLETE else None,
-                    metric=metric,
-                    state=t.state.name,
-                    seconds=seconds,
-                    error=t.user_attrs.get("error"),
-                )
-            if best is not None:
-                db.run(
-                    con,
-                    "replace_tuned_settings",
-                    study=config.tune.study,
-                    chosen_at=datetime.now(timezone.utc).replace(tzinfo=None),
-                    objective=config.train.objective,
-                    trial=best.number,
-                    value=best.value,
-                    metric=metric,
-                    settings=json.dumps(best.user_attrs["settings"]),
-                    dataset_sha256=sha,
-                )
-    finally:
-        con.close()
-    return None if best is None else {"trial": best.number, "value": best.value}
-
-
 def _line(trial: Any, total: int, best: Any, metric: str) -> str:
     seconds = (
         (trial.datetime_complete - trial.datetime_start).total_seconds()
@@ -369,7 +257,7 @@ def tune(*, config: Config, console: Console | None = None) -> TuneSummary:
     inner = _read_inner(config, device)
     # Our own line per trial says what failed and why; Optuna would add a traceback.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    with _hold(config):
+    with hold(config):
         return _search(config, inner, device, console, started)
 
 
@@ -379,8 +267,8 @@ def _search(
     import optuna
 
     settings = config.tune
-    study = _open_study(config, inner.dataset.sha256)
-    done_before = _finished(study)
+    study = open_study(config, inner.dataset.sha256)
+    done_before = finished(study)
     remaining = max(0, settings.trials - done_before)
     metric = _metric(config.train)
     if console:
@@ -399,7 +287,7 @@ def _search(
 
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal best
-        best = _record(config, study, metric, inner.dataset.sha256)
+        best = record(config, study, metric, inner.dataset.sha256)
         if console:
             console.print(_line(trial, settings.trials, best, metric), highlight=False)
 
@@ -416,12 +304,12 @@ def _search(
             catch=(MfbatchError, RuntimeError, ValueError),
             callbacks=[after],
         )
-    best = _record(config, study, metric, inner.dataset.sha256)
+    best = record(config, study, metric, inner.dataset.sha256)
     chosen = study.trials[best["trial"]].user_attrs["settings"] if best else {}
     return TuneSummary(
         study=settings.study,
-        trials_run=_finished(study) - done_before,
-        trials_finished=_finished(study),
+        trials_run=finished(study) - done_before,
+        trials_finished=finished(study),
         best_trial=best["trial"] if best else None,
         best_value=best["value"] if best else None,
         metric=metric,
