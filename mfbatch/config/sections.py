@@ -125,7 +125,7 @@ class SplitConfig(Options):
     """How ratings are divided into train and validation."""
 
     kind: SplitKind = Field(
-        "time",
+        "user-time",
         description="time (global cutoff), user-time (each user's newest) or random.",
         json_schema_extra=cli("--split"),
     )
