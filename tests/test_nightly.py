@@ -230,8 +230,6 @@ def test_every_command_has_json_and_quiet(db: Path, tmp_path: Path) -> None:
         assert isinstance(json.loads(lines[0]), dict), command
         assert as_json.stderr == "", (command, as_json.stderr)
     for command in commands:
-        if command[0] in ("export", "export-lists", "report"):
-            continue  # they print only their summary anyway
         quiet = ok(cli(*command, "--quiet"))
         assert quiet.stderr == "", (command, quiet.stderr)
         assert len(quiet.stdout.strip().splitlines()) == 1, (command, quiet.stdout)
@@ -239,11 +237,27 @@ def test_every_command_has_json_and_quiet(db: Path, tmp_path: Path) -> None:
 
 def test_score_prints_a_line_per_tenth_when_not_on_a_terminal(db: Path) -> None:
     result = ok(cli("score", "--db", db, "--top-k", "5", "--batch-size", "5"))
-    lines = [line for line in result.stderr.splitlines() if line.startswith("score: ")]
+    lines = [line for line in result.log_lines if line.startswith("score: ")]
     shares = [int(re.match(r"score:\s+(\d+)%", line).group(1)) for line in lines]  # type: ignore[union-attr]
     assert shares == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     assert all("users/s" in line for line in lines)
     assert result.stdout.strip().splitlines()[-1].startswith("scored 50 users")
+
+
+def test_recommend_for_several_users_with_n(db: Path) -> None:
+    served = rows(db, "SELECT user_id, item_id FROM recommendations WHERE rank <= 3 ORDER BY rank")
+    first, second = sorted({user for user, _ in served})[:2]
+    text = ok(cli("recommend", "--db", db, "--user", first, "--user", second, "-n", "3")).stdout
+    summaries = [line for line in text.splitlines() if line.startswith("user ")]
+    assert [line.split(":")[0] for line in summaries] == [f"user {first}", f"user {second}"]
+    assert all(" 3 recommendations " in line for line in summaries), summaries
+    answer = json.loads(ok(cli("recommend", "--db", db, "--user", first, "--user", second,
+                               "-n", "3", "--json")).stdout)  # fmt: skip
+    for user in answer["users"]:
+        listed = [r["item_id"] for r in user["recommendations"]]
+        assert listed == [item for u, item in served if u == user["user_id"]]
+    bad = cli("recommend", "--db", db, "--user", first, "--user", "nobody")
+    assert bad.exit_code == 2 and "nobody" in bad.stderr and "user " not in bad.stdout
 
 
 def test_version() -> None:
@@ -311,12 +325,10 @@ def test_short_stages_print_a_line_per_step_when_not_on_a_terminal(
     fresh = tmp_path / "f.duckdb"
     result = ok(cli("preprocess", "--dataset", "synthetic", "--users", "20", "--items", "10",
                     "--ratings-per-user", "4", "--db", fresh))  # fmt: skip
-    steps = [
-        re.sub(r"\d+ rows", "N rows", line.split(" (")[0]) for line in result.stderr.splitlines()
-    ]
+    steps = [re.sub(r"\d+ rows", "N rows", line.split(" (")[0]) for line in result.log_lines]
     assert steps == ["preprocess: reading synthetic", "preprocess: preparing N rows",
                      f"preprocess: writing {fresh}"]  # fmt: skip
     assert result.stdout.strip().splitlines()[-1].startswith("preprocessed ")
     evaluated = ok(cli("evaluate", "--db", db, "--top-k", "5"))
-    assert evaluated.stderr.startswith("evaluate: listing ")
+    assert evaluated.log_lines[0].startswith("evaluate: listing ")
     assert evaluated.stdout.strip().splitlines()[-1].startswith("evaluated run ")
