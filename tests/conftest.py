@@ -249,7 +249,7 @@ def preprocess_cli() -> Preprocess:
     return invoke
 
 
-STEP_LINE = re.compile(r"^[a-z-]+: .* \(\d+\.\d s\)$")
+STEP_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ )?[a-z-]+: .* \(\d+\.\d s\)$")
 
 
 def assert_user_error(run: Run, exit_code: int, *fragments: str) -> str:
