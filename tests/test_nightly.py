@@ -286,6 +286,19 @@ def test_report_is_self_contained_with_every_figure(db: Path, tmp_path: Path) ->
     assert all(_non_blank_png(base64.b64decode(image)) for image in images)
     for caption in ("Training curves", "popularity", "Long tail", "Score distribution"):
         assert caption in page
+    # Each figure has a sentence on how to read it, not only a title.
+    captions = re.findall(r"<figcaption><b>([^<]+)</b>([^<]+)</figcaption>", page)
+    assert len(captions) == 4 and all(len(how) > 100 for _, how in captions), captions
+    run = runs_by_role(db)["train"]
+    (best,) = rows(db, "SELECT best_epoch FROM training_runs WHERE run_id = $r", r=run)[0]
+    assert f"the best epoch ({best})" in page
+    # Named with their K, a lift column, counts as a sentence; a softmax run has no RMSE.
+    assert "<th>lift</th>" in page and "<td>Recall@5</td>" in page and "x</td>" in page
+    assert "users_without_relevant" not in page and "users_evaluated" not in page
+    evaluated = "SELECT value FROM evaluations WHERE run_id = $r AND metric = 'users_evaluated'"
+    (users,) = rows(db, evaluated, r=run)[0]
+    assert f"Measured over {int(users):,} users" in page
+    assert "RMSE" not in page
     bad = cli("report", "--db", db, "--run-id", runs_by_role(db)["train+val"], "--out", out)
     assert bad.exit_code == 5 and "refit" in bad.stderr
 
