@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from mfbatch.artifact.graph import item_table, load_graph
 from mfbatch.config import Config, ScoreConfig
@@ -162,6 +163,9 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         db.check_writable(config.db)
     workdirs.remove_stale(config.db.parent, SPOOL_PREFIX)
     inputs = load_inputs(config)
+    if console:
+        for warning in inputs.warnings:
+            console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     job, fold_seconds = _job(config, inputs)
     created = datetime.now(timezone.utc).replace(tzinfo=None)
     publish_id = 0
