@@ -258,6 +258,8 @@ def test_recommend_for_several_users_with_n(db: Path) -> None:
         assert listed == [item for u, item in served if u == user["user_id"]]
     bad = cli("recommend", "--db", db, "--user", first, "--user", "nobody")
     assert bad.exit_code == 2 and "nobody" in bad.stderr and "user " not in bad.stdout
+    typo = cli("recommend", "--db", db, "--user", f"{first}x")
+    assert typo.exit_code == 2 and f"did you mean {first!r}" in typo.stderr, typo.stderr
 
 
 def test_version() -> None:

@@ -60,7 +60,11 @@ def recommend(*, db_path: Path, user_id: str, limit: int = 20, n: int | None = N
             raise DatabaseError(f"{db_path} has no recommendations; run `mfbatch score` first")
         user = db.record(con, "user_by_id", user_id=user_id)
         if user is None:
-            raise ConfigError(f"--user: no user {user_id!r} in {db_path} (raw ids, as in users)")
+            near = [r["user_id"] for r in db.records(con, "users_near_id", user_id=user_id)]
+            hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+            raise ConfigError(
+                f"--user: no user {user_id!r} in {db_path} (raw ids, as in users){hint}"
+            )
         recs = db.records(con, "user_recommendations", user_id=user_id)
         runs = {r["run_id"] for r in recs}
         for run_id in runs:
