@@ -191,6 +191,11 @@ class ScoreConfig(Options):
     exclude_items: PathValue | None = Field(
         None, description="File of item ids: never recommend these."
     )
+    where: str | None = Field(
+        None,
+        description="Recommend only items this SQL predicate on the items table holds for, "
+        "e.g. \"genres LIKE '%Comedy%'\" (one expression; columns of items).",
+    )
     keep_history: int = Field(7, description="Publishes kept in recommendation_history.")
     output: PathValue | None = Field(
         None, description="Also write the lists to a .parquet/.csv file or a Parquet folder."

@@ -49,6 +49,27 @@ class _Stored:
     fresh: dict[str, np.ndarray]  # ratings the run has not seen (appended since)
     user_ids: pa.Array
     item_ids: pa.Array
+    allowed: np.ndarray | None = None  # item_idx --where holds for (None: no --where)
+
+
+def _where(con: Any, predicate: str) -> np.ndarray:
+    """The items `predicate` holds for. Polars parses it as one SQL expression over the
+    items table's columns: no statement, no subquery into other tables, nothing to inject."""
+    import polars as pl
+
+    items = pl.from_arrow(db.arrow(con, "items_table"))
+    assert isinstance(items, pl.DataFrame)
+    try:
+        chosen = items.filter(pl.sql_expr(predicate))
+    except Exception as exc:  # Polars' SQL and column errors have no common base
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"--where {predicate!r}: {reason}; write one SQL condition on the items "
+            f"columns ({', '.join(items.columns)})"
+        ) from None
+    if chosen.height == 0:
+        raise ConfigError(f"--where {predicate!r}: no item matches; nothing would be listed")
+    return chosen["item_idx"].to_numpy().astype(np.int64)
 
 
 def read_ids(path: Path, what: str) -> list[str]:
@@ -120,6 +141,7 @@ def _read(config: Config) -> _Stored:
                 con, "fold_in_ratings", all_splits=all_splits, version=version["version"]
             ),
             user_ids=db.arrow(con, "user_ids").column("user_id").combine_chunks(),
+            allowed=_where(con, settings.where) if settings.where else None,
             item_ids=db.arrow(con, "item_ids").column("item_id").combine_chunks(),
         )
     finally:
@@ -165,6 +187,10 @@ def load_inputs(config: Config) -> ScoreInputs:
         users = _lookup(stored.user_ids, settings.users, "users")
     warnings: list[str] = []
     item_mask = _item_mask(settings, stored.item_ids, dataset.n_items, warnings)
+    if stored.allowed is not None:
+        kept = np.full_like(item_mask, -np.inf)
+        kept[stored.allowed] = item_mask[stored.allowed]
+        item_mask = kept
     fitted_users, fitted_items = fitted_counts(stored.trained, dataset.n_users, dataset.n_items)
     # The model knows nothing of items it never trained on (or appended after it was
     # trained, beyond its tables): it can't rank them.
