@@ -13,7 +13,10 @@ PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 # Optional extras on top of [dev]: make install EXTRAS=ray adds Ray for `score --engine ray`.
 EXTRAS ?=
 comma := ,
+space := $(subst ,, )
 PIP_EXTRAS := dev$(if $(EXTRAS),$(comma)$(EXTRAS),)
+# One stamp per set of extras, so `make install EXTRAS=ray` after a plain install installs Ray.
+STAMP_NAME := .installed-$(subst $(comma),-,$(subst $(space),,$(PIP_EXTRAS)))
 
 DB ?= mfbatch.duckdb
 EXPORT_DIR ?= export
@@ -33,7 +36,12 @@ CONFIG_FLAG := $(if $(CONFIG),--config $(CONFIG),)
 MFBATCH := $(BIN)/mfbatch
 # What the targets below need first: the stamp of `make install`. INSTALL_STAMP= (empty)
 # runs them with the environment in BIN as it is, installing nothing (tests/test_make_all.py).
-INSTALL_STAMP ?= $(BIN)/.installed
+INSTALL_STAMP ?= $(BIN)/$(STAMP_NAME)
+# `make all` without DATASET= or SOURCE= runs on ML-1M when it is cached or can be
+# downloaded, and otherwise on synthetic data of ML-1M's shape (6,040 users x 3,706 items,
+# ~880k ratings), saying so: the first command works on a machine without network.
+FALLBACK_FLAGS ?= --users 6040 --items 3706 --ratings-per-user 165
+AUTO_DATA := $(if $(SOURCE),,$(filter file,$(origin DATASET)))
 
 # gpu-check runs where only torch (CUDA) and numpy may be installed: any python3 there.
 GPU_PYTHON ?= python3
@@ -44,14 +52,14 @@ ML100K ?=
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/$(STAMP_NAME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e '.[$(PIP_EXTRAS)]'
 	@touch $@
 
-install: $(BIN)/.installed ## Create .venv: pinned torch, then mfbatch with [dev] (EXTRAS=ray: + Ray)
+install: $(BIN)/$(STAMP_NAME) ## Create .venv: pinned torch, then mfbatch with [dev] (EXTRAS=ray: + Ray)
 
 test: $(INSTALL_STAMP) ## Run the test suite
 	$(BIN)/python -m pytest
@@ -76,7 +84,20 @@ gpu-check: ## GPU tests (marker gpu) + GPU benchmarks, < 5 min; figures in bench
 		$(if $(ML100K),--ml100k $(ML100K),)
 
 preprocess: $(INSTALL_STAMP) ## Stage 1: ratings -> DuckDB (DATASET=, SOURCE=)
+ifeq ($(AUTO_DATA),file)
+	@if why=$$($(BIN)/python -c 'import sys; from mfbatch.data.download import main; \
+			sys.exit(main(sys.argv[1:]))' $(DATASET) 2>&1 >/dev/null); then \
+		echo "make: running on $(DATASET) (real ratings)"; \
+		set -x; $(MFBATCH) preprocess $(CONFIG_FLAG) --dataset $(DATASET) --db $(DB) $(PREPROCESS_FLAGS); \
+	else \
+		echo "make: $(DATASET) unavailable ($${why%%;*}); running on built-in synthetic ratings" \
+			"of ML-1M's shape instead; for real data: make all SOURCE=path/to/ml-1m.zip," \
+			"or mfbatch preprocess --dataset csv --source FILE (README: Your own data)"; \
+		set -x; $(MFBATCH) preprocess $(CONFIG_FLAG) --dataset synthetic $(FALLBACK_FLAGS) --db $(DB) $(PREPROCESS_FLAGS); \
+	fi
+else
 	$(MFBATCH) preprocess $(CONFIG_FLAG) --dataset $(DATASET) $(SOURCE_FLAG) --db $(DB) $(PREPROCESS_FLAGS)
+endif
 
 tune: $(INSTALL_STAMP) ## Search train settings on an inner split of train; train applies them
 	$(MFBATCH) tune $(CONFIG_FLAG) --db $(DB) $(TUNE_FLAGS)

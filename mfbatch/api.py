@@ -8,13 +8,17 @@
     mfbatch.train(db="ml.duckdb", on="all")            # the serving refit
     mfbatch.score(db="ml.duckdb", top_k=20)
     lists = mfbatch.read_lists(db="ml.duckdb")         # a Polars frame, raw ids
+    model = mfbatch.load(db="ml.duckdb")               # the served run, as an object
+    model.recommend(["1"], k=10); model.similar_items(["50"], k=5)
 
 The stages themselves live in `mfbatch.stages` (one module each).
 
 Each takes `db` (a path) and/or `config` (a TOML path or a loaded `Config`); keywords
 override the config's section for that stage and are type-checked like CLI flags. Errors
 are `mfbatch.errors.MfbatchError` subclasses with a one-line message. Heavy modules
-(torch, onnxruntime) load only when a function needs them.
+(torch, onnxruntime) load only when a function needs them. `verbose=True` prints what the
+CLI prints while a stage works (epochs, tenths of the users) on stderr; the default is
+silent. `preprocess(source=...)` also takes a Polars, pandas or Arrow frame.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mfbatch.config import Config, load_config
-from mfbatch.errors import ConfigError
+from mfbatch.errors import ConfigError, MfbatchError
 
 if TYPE_CHECKING:
     import polars as pl
+    from rich.console import Console
 
+    from mfbatch.model_api import Model
     from mfbatch.stages.append import AppendSummary
     from mfbatch.stages.evaluate import Evaluation
     from mfbatch.stages.preprocess import PreprocessSummary
@@ -84,14 +90,48 @@ def _config(
     return config
 
 
+def _console(verbose: bool) -> Console | None:
+    from mfbatch.progress import log_console
+
+    return log_console() if verbose else None
+
+
+def _frame_type(source: Any) -> str | None:
+    """'polars', 'pandas' or 'arrow' for an in-memory frame, None for anything else."""
+    module = type(source).__module__.split(".")[0]
+    if module in ("polars", "pandas", "pyarrow") and hasattr(source, "columns"):
+        return {"pyarrow": "arrow"}.get(module, module)
+    return None
+
+
+def _frame_to_parquet(source: Any, kind: str, folder: Path) -> Path:
+    """An in-memory frame written where the Parquet loader reads it: one code path for
+    files and frames, so ids, scale and split come out the same."""
+    import polars as pl
+
+    frame = source if kind == "polars" else pl.from_pandas(source) if kind == "pandas" else None
+    if frame is None:
+        frame = pl.from_arrow(source)
+    assert isinstance(frame, pl.DataFrame)
+    path = folder / "source.parquet"
+    frame.write_parquet(path)
+    return path
+
+
 def preprocess(
     *,
     db: PathLike | None = None,
     config: Config | PathLike | None = None,
     split: Mapping[str, Any] | str | None = None,
+    verbose: bool = False,
     **data: Any,
 ) -> PreprocessSummary:
-    """Read ratings into the database: `data` are DataConfig fields, `split` SplitConfig's."""
+    """Read ratings into the database: `data` are DataConfig fields, `split` SplitConfig's.
+
+    `source` may be a file/folder path or a Polars, pandas or Arrow frame (its columns
+    named by user_col/item_col/rating_col/time_col like a file's)."""
+    import tempfile
+
     from mfbatch.stages.preprocess import preprocess as run
 
     if isinstance(split, str):
@@ -101,7 +141,22 @@ def preprocess(
             f"split=: a kind ('random') or a mapping like {{'kind': 'user-time', "
             f"'val_fraction': 0.2}}, got {split!r}"
         )
-    return run(config=_config(config, db, {"data": data, "split": split or {}}))
+    kind = _frame_type(data.get("source"))
+    if kind is None:
+        return run(config=_config(config, db, {"data": data, "split": split or {}}),
+                   console=_console(verbose))  # fmt: skip
+    if data.setdefault("dataset", "parquet") != "parquet":
+        raise ConfigError(f"source: a {kind} frame is read as dataset='parquet', not "
+                          f"{data['dataset']!r}; drop dataset=")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="mfbatch-frame-") as folder:
+        data["source"] = path = _frame_to_parquet(data["source"], kind, Path(folder))
+        resolved = _config(config, db, {"data": data, "split": split or {}})
+        try:
+            return run(config=resolved, console=_console(verbose))
+        except MfbatchError as exc:
+            # Name the frame the caller passed, not the temporary file it was written to.
+            message = str(exc).replace(str(path), f"source (a {kind} frame)")
+            raise type(exc)(message) from None
 
 
 def append(
@@ -117,30 +172,42 @@ def append(
 
 
 def train(
-    *, db: PathLike | None = None, config: Config | PathLike | None = None, **settings: Any
+    *,
+    db: PathLike | None = None,
+    config: Config | PathLike | None = None,
+    verbose: bool = False,
+    **settings: Any,
 ) -> TrainSummary:
     """Train (or, with on="all", refit) and export a run; `settings` are TrainConfig fields."""
     from mfbatch.stages.train import train as run
 
-    return run(config=_config(config, db, {"train": settings}))
+    return run(config=_config(config, db, {"train": settings}), console=_console(verbose))
 
 
 def evaluate(
-    *, db: PathLike | None = None, config: Config | PathLike | None = None, **settings: Any
+    *,
+    db: PathLike | None = None,
+    config: Config | PathLike | None = None,
+    verbose: bool = False,
+    **settings: Any,
 ) -> Evaluation:
     """Measure the validated run on its own lists; `settings` are EvaluateConfig fields."""
     from mfbatch.stages.evaluate import evaluate as run
 
-    return run(config=_config(config, db, {"evaluate": settings}))
+    return run(config=_config(config, db, {"evaluate": settings}), console=_console(verbose))
 
 
 def score(
-    *, db: PathLike | None = None, config: Config | PathLike | None = None, **settings: Any
+    *,
+    db: PathLike | None = None,
+    config: Config | PathLike | None = None,
+    verbose: bool = False,
+    **settings: Any,
 ) -> ScoreSummary:
     """Publish the served lists; `settings` are ScoreConfig fields (top_k, users, ...)."""
     from mfbatch.stages.score import score as run
 
-    return run(config=_config(config, db, {"score": settings}))
+    return run(config=_config(config, db, {"score": settings}), console=_console(verbose))
 
 
 def recommend(
@@ -152,6 +219,23 @@ def recommend(
     if not isinstance(user_id, str):
         raise ConfigError(f"user_id=: a raw user id as a string, got {user_id!r}")
     return run(db_path=_config(config, db).db, user_id=user_id)
+
+
+def load(
+    *,
+    db: PathLike | None = None,
+    config: Config | PathLike | None = None,
+    run: str = "latest",
+    provider: str = "cpu",
+    threads: int | None = None,
+) -> Model:
+    """A run as an object with `recommend(users or histories, k, include, exclude)` and
+    `similar_items(items, k)` over its compiled graph; `run` as score's --run-id ('latest':
+    the run `score` serves)."""
+    from mfbatch.model_api import load_model
+
+    resolved = _config(config, db, {"score": {"run_id": run}})
+    return load_model(resolved, provider=provider, threads=threads)
 
 
 def read_lists(

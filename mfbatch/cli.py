@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from mfbatch.cli_options import (
     ConfigOpt,
@@ -25,14 +24,26 @@ from mfbatch.cli_options import (
     guard,
     plain,
     progress_console,
+    result_console,
 )
 from mfbatch.cli_render import evaluation_table, recommendation_tables, runs_table
+
+# Typer labels every flag `<bool>` in --help; a flag takes no value, so show none.
+_display_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_display_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    return "" if self.is_flag and not self.count else _display_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_display_type  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="mfbatch",
     help="Batch matrix-factorization recommender: preprocess -> train -> evaluate -> score.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion: bash, zsh, fish, PowerShell.
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
@@ -121,7 +132,7 @@ def _run_stage(stage: str, section: str) -> Any:
 
         summary = guard(action)
         if stage == "evaluate" and not (opts["as_json"] or opts["quiet"]):
-            Console().print(evaluation_table(summary))
+            result_console().print(evaluation_table(summary))
         if stage == "evaluate" and opts["as_json"]:
             typer.echo(summary.to_json())
         # Under torchrun every rank runs `train`; rank 0 speaks for the run.
@@ -205,24 +216,46 @@ def export(
 
 @app.command()
 def recommend(
-    user: Annotated[str, typer.Option("--user", help="Raw user id, as in the users table.")],
+    user: Annotated[
+        list[str],
+        typer.Option(
+            "--user", metavar="ID", help="Raw user id, as in the users table; repeat for several."
+        ),
+    ],
+    top: Annotated[
+        int | None,
+        typer.Option("--top", "-n", help="Show the first N of each list (default: all of it)."),
+    ] = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """One user's served list beside their own top-rated items."""
+    """Users' served lists, each beside the user's own top-rated items."""
     from mfbatch.config import load_config
+    from mfbatch.errors import ConfigError
     from mfbatch.stages.recommend import recommend as run_recommend
 
-    report = guard(lambda: run_recommend(db_path=load_config(config, db=db).db, user_id=user))
-    if as_json or quiet:
-        emit(report, as_json)
+    def action() -> list[Any]:
+        if top is not None and top < 1:
+            raise ConfigError(f"--top/-n: must be at least 1, got {top}")
+        path = load_config(config, db=db).db
+        # Every user is checked before any list is printed: no half answer.
+        return [
+            run_recommend(db_path=path, user_id=u, n=top, limit=top or 20)
+            for u in dict.fromkeys(user)
+        ]
+
+    reports = guard(action)
+    if as_json:
+        typer.echo(json.dumps(plain(reports[0] if len(reports) == 1 else {"users": reports})))
         return
-    out = Console()
-    for table in recommendation_tables(report):
-        out.print(table)
-    typer.echo(report.line())
+    out = result_console()
+    for report in reports:
+        if not quiet:
+            for table in recommendation_tables(report):
+                out.print(table)
+        typer.echo(report.line())
 
 
 @app.command()
@@ -244,7 +277,7 @@ def runs(
         typer.echo(json.dumps(plain(listing)))
         return
     if not quiet:
-        Console().print(runs_table(listing))
+        result_console().print(runs_table(listing))
     typer.echo(f"{len(listing)} runs in {path}")
 
 
@@ -259,6 +292,7 @@ def serve(
     db: DbOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Choose the run `mfbatch score` serves (instead of the newest refit)."""
     from mfbatch.config import load_config
@@ -285,7 +319,8 @@ def diff(
     db: DbOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
-    show: Annotated[int, typer.Option(help="Items entered/left to list (10).")] = 10,
+    show: Annotated[int, typer.Option(help="Items entered/left to list.")] = 10,
+    quiet: QuietOpt = False,
 ) -> None:
     """What changed between two nights' served lists (users, items entered and left)."""
     from mfbatch.config import load_config
@@ -294,7 +329,7 @@ def diff(
     result = guard(
         lambda: run_diff(db_path=load_config(config, db=db).db, before=before, after=after)
     )
-    if not as_json:
+    if not (as_json or quiet):
         for label, items in (("entered", result.items_entered), ("left", result.items_left)):
             if items:
                 more = f" (+{len(items) - show:,} more)" if len(items) > show else ""
@@ -313,6 +348,7 @@ def export_lists(
     db: DbOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Write the served lists (raw ids, rank, score, source, run id) for a warehouse."""
     from mfbatch.config import load_config
@@ -341,6 +377,7 @@ def report(
     db: DbOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """One offline HTML page: training curves, metrics vs popularity, long tail, scores."""
     from mfbatch.config import load_config

@@ -25,12 +25,14 @@ from rich.markup import escape
 from mfbatch.config import SECTIONS
 from mfbatch.config.base import flag_name
 from mfbatch.errors import MfbatchError
+from mfbatch.progress import log_console
 
 T = TypeVar("T")
-console = Console(stderr=True)
-# What the library prints (progress, notes, warnings) names files, ids and runs: plain text,
-# never Rich markup, so `[/]` or `[bold red]x` in a file name prints as written.
-plain_console = Console(stderr=True, markup=False)
+# Errors: one line that starts with "error:", unwrapped (what scripts and tests grep for).
+console = log_console(stamped=False)
+# Progress and notes: stamped with their time off a terminal (logs). They name files, ids
+# and runs: plain text, never Rich markup, so `[/]` or `[bold red]x` prints as written.
+notes = log_console(markup=False)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -74,8 +76,10 @@ def _choices(annotation: Any) -> list[str]:
 def _help(default: Any, description: str) -> str:
     """The field's documentation and its default, unless the text already says it (defaults
     that depend on the objective or the data). The bracket is escaped: help is rich markup."""
-    if default in (None, PydanticUndefined) or isinstance(default, bool):
+    if default in (None, PydanticUndefined):
         return description
+    if isinstance(default, bool):
+        default = "on" if default else "off"
     return description if "(default" in description else f"{description} \\[default: {default}]"
 
 
@@ -160,7 +164,12 @@ def emit(summary: Any, as_json: bool) -> None:
 
 def progress_console(quiet: bool, as_json: bool) -> Console | None:
     # No console: the library prints no progress and no notes.
-    return None if quiet or as_json else plain_console
+    return None if quiet or as_json else notes
+
+
+def result_console() -> Console:
+    """Where a command's tables go (stdout): never wrapped at 80 columns in a log."""
+    return log_console(stderr=False, stamped=False)
 
 
 def guard(action: Callable[[], T]) -> T:

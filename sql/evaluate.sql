@@ -131,6 +131,10 @@ FROM staged_evaluations;
 -- name: user_by_id
 SELECT user_idx, user_id, n_ratings FROM users WHERE user_id = $user_id;
 
+-- name: users_near_id
+-- The ids closest to one that is not there ("did you mean"), for the error message.
+SELECT user_id FROM users ORDER BY levenshtein(user_id, $user_id), user_id LIMIT 3;
+
 -- name: run_dataset
 SELECT dataset_sha256 FROM training_runs WHERE run_id = $run_id;
 

@@ -26,6 +26,10 @@ SELECT user_idx, user_id FROM users ORDER BY user_idx;
 -- name: item_ids
 SELECT item_idx, item_id FROM items ORDER BY item_idx;
 
+-- name: items_table
+-- Every column of items, for score --where (a predicate evaluated by Polars, never SQL text).
+SELECT * FROM items ORDER BY item_idx;
+
 -- name: unordered_inserts
 -- Rows of recommendations carry their order in `rank`, so DuckDB may insert in parallel.
 SET preserve_insertion_order = false;

@@ -195,6 +195,22 @@ class Run:
     def error_lines(self) -> list[str]:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
+    @property
+    def log_lines(self) -> list[str]:
+        """stderr's progress and notes without their time; each line must carry one."""
+        return unstamped(self.stderr)
+
+
+STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ")
+
+
+def unstamped(log: str) -> list[str]:
+    """The lines of a log written off a terminal, each checked for and cut of its ISO time."""
+    lines = [line for line in log.splitlines() if line.strip()]
+    for line in lines:
+        assert STAMP.match(line), f"no ISO time at the start of {line!r}"
+    return [STAMP.sub("", line, count=1) for line in lines]
+
 
 def cli(*args: str | Path | float, allow_traceback: bool = False) -> Run:
     """`mfbatch ARGS...` in-process through Typer's CliRunner. No command may print a
@@ -233,7 +249,7 @@ def preprocess_cli() -> Preprocess:
     return invoke
 
 
-STEP_LINE = re.compile(r"^[a-z-]+: .* \(\d+\.\d s\)$")
+STEP_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ )?[a-z-]+: .* \(\d+\.\d s\)$")
 
 
 def assert_user_error(run: Run, exit_code: int, *fragments: str) -> str:
@@ -372,7 +388,8 @@ def _preprocess(db: Path, *extra: str) -> None:
 def score_trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     db = root / "mf.duckdb"
-    _preprocess(db)
+    # --split time: one global cutoff leaves cold users, whose popularity lists tests check.
+    _preprocess(db, "--split", "time")
     for extra in (["--objective", "rating", "--epochs", "2"], ["--on", "all"]):
         result = cli(
             "train", "--db", db, "--export-dir", root / "export", *SMALL, "--seed", "3", *extra

@@ -120,7 +120,7 @@ def test_time_split_with_a_time_missing_on_one_line(
 ) -> None:
     source = write(tmp_path / "r.csv", "user_id,item_id,rating,timestamp\n1,1,1,5\n1,2,3,\n")
     user_error(
-        against("--dataset", "csv", "--source", source),
+        against("--dataset", "csv", "--source", source, "--split", "time"),
         INPUT_ERROR,
         f"{source} line 3, column timestamp",
         "value is missing",

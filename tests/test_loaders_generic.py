@@ -47,8 +47,9 @@ def test_generic_csv_custom_columns_string_ids(
     source.write_text(GENERIC_CSV, encoding="utf-8")
     db = tmp_path / "out.duckdb"
     run = preprocess_cli(
-        "--dataset", "csv", "--source", source, "--separator", ";", *COLUMN_FLAGS, "--db", db
-    )
+        "--dataset", "csv", "--source", source, "--separator", ";", *COLUMN_FLAGS, "--db", db,
+        "--split", "time",  # the train counts below are the global cutoff's
+    )  # fmt: skip
     ok(run)
     assert run.stdout.startswith("preprocessed 7 rows from csv (1 duplicate")
     # String ids map in byte order ("Z" < "a"); the scale is inferred from the data: 1..10.
@@ -158,6 +159,7 @@ def test_parquet_custom_columns_string_ids_timezone(
     db = tmp_path / "out.duckdb"
     flags = ("--user-col", "customer", "--item-col", "sku", "--rating-col", "stars")
     ok(preprocess_cli("--dataset", "parquet", "--source", source, *flags, "--time-col", "at",
+                      "--split", "time",
                       "--db", db))  # fmt: skip
     assert [r[:2] for r in users(query, db)] == [(0, "c1"), (1, "c10"), (2, "c2")]
     assert [r[:2] for r in items(query, db)] == [(0, "77"), (1, "501")]
@@ -200,7 +202,8 @@ def test_parquet_without_time_column_random_split(
 
 # --- Synthetic -------------------------------------------------------------------------------
 
-SYNTH = ("--dataset", "synthetic", "--users", "60", "--items", "40", "--ratings-per-user", "8")
+SYNTH = ("--dataset", "synthetic", "--users", "60", "--items", "40", "--ratings-per-user", "8",
+         "--split", "time")  # fmt: skip
 
 
 def test_synthetic(tmp_path: Path, preprocess_cli: Preprocess, query: Query) -> None:
@@ -250,7 +253,7 @@ def test_generic_csv_ids_are_taken_as_written(
         encoding="utf-8",
     )
     db = tmp_path / "out.duckdb"
-    ok(preprocess_cli("--dataset", "csv", "--source", source, "--db", db))
+    ok(preprocess_cli("--dataset", "csv", "--source", source, "--db", db, "--split", "time"))
     assert [u[:3] for u in users(query, db)] == [(0, "007", 1), (1, "7", 2)]
     assert [i[:2] + i[4:] for i in items(query, db)] == [(0, "0100", 2, 1), (1, "100", 1, 1)]
     assert meta(query, db)["duplicates_dropped"] == 0
@@ -293,3 +296,19 @@ def test_generic_csv_id_mapping_reproduces_the_raw_ids(
     back = prepared.ratings.join(prepared.users, on="user_idx").join(prepared.items, on="item_idx")
     assert set(zip(back["user_id"], back["item_id"], strict=True)) == pairs
     assert back.height == len(pairs)
+
+
+def test_the_default_split_is_user_time(
+    tmp_path: Path, preprocess_cli: Preprocess, query: Query
+) -> None:
+    """Every validated user keeps a history to recommend from: `evaluate` measures them all."""
+    db = tmp_path / "out.duckdb"
+    run = ok(preprocess_cli(*SYNTH[:-2], "--db", db))
+    assert "(val with unseen user 0, " in run.stdout, run.stdout
+    assert meta(query, db)["split_kind"] == "user-time"
+    rows = ratings(query, db)
+    for user in {r[0] for r in rows}:
+        train = [r[4] for r in rows if r[0] == user and r[5] == "train"]
+        val = [r[4] for r in rows if r[0] == user and r[5] == "val"]
+        assert train and (not val or max(train) <= min(val)), user
+    assert sum(r[5] == "val" for r in rows) > 0

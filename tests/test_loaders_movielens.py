@@ -46,7 +46,7 @@ def test_ml100k(
         source = folder if form == "folder" else folder.parent
         ratings_file = folder / "u.data"
     db = tmp_path / "out.duckdb"
-    run = preprocess_cli("--dataset", "ml-100k", "--source", source, "--db", db)
+    run = preprocess_cli("--dataset", "ml-100k", "--source", source, "--db", db, "--split", "time")
     ok(run)
     assert run.stdout.startswith("preprocessed 7 rows from ml-100k (1 duplicate")
 
@@ -76,7 +76,7 @@ def test_ml100k_ratings_file_alone_has_no_titles(
 ) -> None:
     folder = layouts.write_tree(tmp_path / "x", layouts.ML_100K)
     db = tmp_path / "out.duckdb"
-    ok(preprocess_cli("--source", folder / "u.data", "--db", db))
+    ok(preprocess_cli("--source", folder / "u.data", "--db", db, "--split", "time"))
     assert [(i, n, t, g) for i, n, t, g, *_ in items(query, db)] == [
         (0, "1", None, None),
         (1, "2", None, None),
@@ -121,7 +121,8 @@ def test_ml1m(
         folder = layouts.write_tree(tmp_path / "x", layouts.ML_1M)
         source = folder if form == "folder" else folder / "ratings.dat"
     db = tmp_path / "out.duckdb"
-    run = preprocess_cli("--source", source, "--db", db)  # ml-1m is the default dataset
+    # ml-1m is the default dataset; the expected counts are the global cutoff's.
+    run = preprocess_cli("--source", source, "--db", db, "--split", "time")
     ok(run)
     assert run.stdout.startswith("preprocessed 7 rows from ml-1m (0 duplicate")
     assert users(query, db) == ML1M_USERS
@@ -178,7 +179,8 @@ def test_ml_latest_csv_crlf_half_stars(
     else:
         source = layouts.write_tree(tmp_path / "x", layouts.ML_LATEST)
     db = tmp_path / "out.duckdb"
-    ok(preprocess_cli("--dataset", "ml-latest-small", "--source", source, "--db", db))
+    ok(preprocess_cli("--dataset", "ml-latest-small", "--source", source, "--db", db,
+                      "--split", "time"))  # fmt: skip
     assert users(query, db) == [(0, "1", 3, 3), (1, "5", 2, 2), (2, "12", 1, 0)]
     assert items(query, db) == ML_LATEST_ITEMS
     rows = ratings(query, db)

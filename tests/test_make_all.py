@@ -93,3 +93,68 @@ def test_make_all_synthetic(tmp_path: Path) -> None:
     assert f"run {runs['train']}, K=20" in table
     for name in ("metric", "popularity", "recall@20", "ndcg@20", "users_evaluated"):
         assert name in table, table
+
+
+def _make(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env.update(env_extra or {})
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.skipif(not (BIN / "mfbatch").exists(), reason="mfbatch is not installed in BIN")
+def test_make_preprocess_offline_falls_back_to_synthetic(tmp_path: Path) -> None:
+    # No DATASET=/SOURCE=: ML-1M is wanted, not cached, and the download is refused.
+    path = tmp_path / "m.duckdb"
+    offline = {
+        "MFBATCH_CACHE": str(tmp_path / "cache"),
+        "MFBATCH_MOVIELENS_URL": "http://127.0.0.1:9/movielens",
+        "PYTHONPATH": str(ROOT),
+    }
+    result = _make(
+        "preprocess",
+        f"DB={path}",
+        "FALLBACK_FLAGS=--users 60 --items 40 --ratings-per-user 8",
+        f"BIN={BIN}",
+        "INSTALL_STAMP=",
+        env_extra=offline,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    notes = [line for line in result.stdout.splitlines() if line.startswith("make: ")]
+    assert len(notes) == 1, result.stdout
+    assert notes[0].startswith("make: ml-1m unavailable (could not download "), notes[0]
+    assert "synthetic" in notes[0] and "SOURCE=path/to/ml-1m.zip" in notes[0]
+    with duckdb.connect(str(path), read_only=True) as con:
+        users = con.sql("SELECT count(*) FROM users").fetchall()[0][0]
+    assert 40 < users <= 60  # FALLBACK_FLAGS' shape, not ML-1M's 6,040
+
+    # Asked for by name, ML-1M offline is an error, not a silent substitute.
+    named = _make(
+        "preprocess",
+        "DATASET=ml-1m",
+        f"DB={tmp_path / 'n.duckdb'}",
+        f"BIN={BIN}",
+        "INSTALL_STAMP=",
+        env_extra=offline,
+    )
+    assert named.returncode != 0, named.stdout + named.stderr
+    assert "could not download" in named.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_install_follows_the_extras_asked_for(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    # A plain install's stamp, newer than pyproject.toml.
+    (venv / "bin" / ".installed-dev").touch()
+    plain = _make("-n", "install", f"VENV={venv}")
+    assert "pip install" not in plain.stdout, plain.stdout
+    ray = _make("-n", "install", f"VENV={venv}", "EXTRAS=ray")
+    assert "-e '.[dev,ray]'" in ray.stdout, ray.stdout

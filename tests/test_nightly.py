@@ -230,8 +230,6 @@ def test_every_command_has_json_and_quiet(db: Path, tmp_path: Path) -> None:
         assert isinstance(json.loads(lines[0]), dict), command
         assert as_json.stderr == "", (command, as_json.stderr)
     for command in commands:
-        if command[0] in ("export", "export-lists", "report"):
-            continue  # they print only their summary anyway
         quiet = ok(cli(*command, "--quiet"))
         assert quiet.stderr == "", (command, quiet.stderr)
         assert len(quiet.stdout.strip().splitlines()) == 1, (command, quiet.stdout)
@@ -239,11 +237,29 @@ def test_every_command_has_json_and_quiet(db: Path, tmp_path: Path) -> None:
 
 def test_score_prints_a_line_per_tenth_when_not_on_a_terminal(db: Path) -> None:
     result = ok(cli("score", "--db", db, "--top-k", "5", "--batch-size", "5"))
-    lines = [line for line in result.stderr.splitlines() if line.startswith("score: ")]
+    lines = [line for line in result.log_lines if line.startswith("score: ")]
     shares = [int(re.match(r"score:\s+(\d+)%", line).group(1)) for line in lines]  # type: ignore[union-attr]
     assert shares == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     assert all("users/s" in line for line in lines)
     assert result.stdout.strip().splitlines()[-1].startswith("scored 50 users")
+
+
+def test_recommend_for_several_users_with_n(db: Path) -> None:
+    served = rows(db, "SELECT user_id, item_id FROM recommendations WHERE rank <= 3 ORDER BY rank")
+    first, second = sorted({user for user, _ in served})[:2]
+    text = ok(cli("recommend", "--db", db, "--user", first, "--user", second, "-n", "3")).stdout
+    summaries = [line for line in text.splitlines() if line.startswith("user ")]
+    assert [line.split(":")[0] for line in summaries] == [f"user {first}", f"user {second}"]
+    assert all(" 3 recommendations " in line for line in summaries), summaries
+    answer = json.loads(ok(cli("recommend", "--db", db, "--user", first, "--user", second,
+                               "-n", "3", "--json")).stdout)  # fmt: skip
+    for user in answer["users"]:
+        listed = [r["item_id"] for r in user["recommendations"]]
+        assert listed == [item for u, item in served if u == user["user_id"]]
+    bad = cli("recommend", "--db", db, "--user", first, "--user", "nobody")
+    assert bad.exit_code == 2 and "nobody" in bad.stderr and "user " not in bad.stdout
+    typo = cli("recommend", "--db", db, "--user", f"{first}x")
+    assert typo.exit_code == 2 and f"did you mean {first!r}" in typo.stderr, typo.stderr
 
 
 def test_version() -> None:
@@ -272,6 +288,19 @@ def test_report_is_self_contained_with_every_figure(db: Path, tmp_path: Path) ->
     assert all(_non_blank_png(base64.b64decode(image)) for image in images)
     for caption in ("Training curves", "popularity", "Long tail", "Score distribution"):
         assert caption in page
+    # Each figure has a sentence on how to read it, not only a title.
+    captions = re.findall(r"<figcaption><b>([^<]+)</b>([^<]+)</figcaption>", page)
+    assert len(captions) == 4 and all(len(how) > 100 for _, how in captions), captions
+    run = runs_by_role(db)["train"]
+    (best,) = rows(db, "SELECT best_epoch FROM training_runs WHERE run_id = $r", r=run)[0]
+    assert f"the best epoch ({best})" in page
+    # Named with their K, a lift column, counts as a sentence; a softmax run has no RMSE.
+    assert "<th>lift</th>" in page and "<td>Recall@5</td>" in page and "x</td>" in page
+    assert "users_without_relevant" not in page and "users_evaluated" not in page
+    evaluated = "SELECT value FROM evaluations WHERE run_id = $r AND metric = 'users_evaluated'"
+    (users,) = rows(db, evaluated, r=run)[0]
+    assert f"Measured over {int(users):,} users" in page
+    assert "RMSE" not in page
     bad = cli("report", "--db", db, "--run-id", runs_by_role(db)["train+val"], "--out", out)
     assert bad.exit_code == 5 and "refit" in bad.stderr
 
@@ -311,12 +340,10 @@ def test_short_stages_print_a_line_per_step_when_not_on_a_terminal(
     fresh = tmp_path / "f.duckdb"
     result = ok(cli("preprocess", "--dataset", "synthetic", "--users", "20", "--items", "10",
                     "--ratings-per-user", "4", "--db", fresh))  # fmt: skip
-    steps = [
-        re.sub(r"\d+ rows", "N rows", line.split(" (")[0]) for line in result.stderr.splitlines()
-    ]
+    steps = [re.sub(r"\d+ rows", "N rows", line.split(" (")[0]) for line in result.log_lines]
     assert steps == ["preprocess: reading synthetic", "preprocess: preparing N rows",
                      f"preprocess: writing {fresh}"]  # fmt: skip
     assert result.stdout.strip().splitlines()[-1].startswith("preprocessed ")
     evaluated = ok(cli("evaluate", "--db", db, "--top-k", "5"))
-    assert evaluated.stderr.startswith("evaluate: listing ")
+    assert evaluated.log_lines[0].startswith("evaluate: listing ")
     assert evaluated.stdout.strip().splitlines()[-1].startswith("evaluated run ")

@@ -57,6 +57,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "120",
         "--ratings-per-user",
         "15",
+        "--split",
+        "time",  # one global cutoff: users with no train rating, served from popularity
         "--db",
         db,
         "--quiet",

@@ -130,6 +130,31 @@ def test_include_and_exclude_items(ws: Workspace) -> None:
     _check_lists(ws, run_id=ws.refit, k=5, excluded=rated, allowed=set(included[2:]))
 
 
+def test_where_keeps_the_items_a_predicate_on_items_holds_for(ws: Workspace) -> None:
+    rated = _rated(ws.db, ("train", "val"))
+    (median,) = _rows(ws.db, "SELECT median(n_ratings)::INT FROM items")[0]
+    query = "SELECT item_id FROM items WHERE n_ratings <= $m"
+    chosen = {i for (i,) in _rows(ws.db, query, m=median)}
+    assert 5 < len(chosen) < N_ITEMS  # the predicate does cut
+    result = ws.score("--top-k", "5", "--where", f"n_ratings <= {median}")
+    assert result.exit_code == 0, result.stderr
+    _check_lists(ws, run_id=ws.refit, k=5, excluded=rated, allowed=chosen)
+
+    before = ws.recommendations()
+    # One expression on items' columns, nothing else: a statement, an unknown column and
+    # an empty selection are one-line errors, and nothing is published or dropped.
+    for predicate, fragment in (
+        ("1 = 1; DROP TABLE items", "--where"),
+        ("no_such_column > 1", "no_such_column"),
+        ("n_ratings < 0", "no item matches"),
+    ):
+        bad = ws.score("--top-k", "5", "--where", predicate)
+        assert bad.exit_code == 2 and fragment in bad.stderr, bad.stderr
+        assert len(bad.error_lines) == 1 and bad.error_lines[0].startswith("error: --where")
+    assert ws.recommendations() == before
+    assert _rows(ws.db, "SELECT count(*) FROM items")[0][0] == N_ITEMS
+
+
 def test_every_served_run_excludes_every_rated_item(ws: Workspace) -> None:
     """Whatever run is served, no list holds an item the user rated in any split; users the
     run never trained get the popularity list, items it never trained are not offered."""

@@ -9,7 +9,17 @@ from typing import Any
 
 import duckdb
 import pytest
-from conftest import FAST, N_ITEMS, Workspace, _ids, _preprocess, assert_user_error, cli
+from conftest import (
+    FAST,
+    N_ITEMS,
+    Workspace,
+    _ids,
+    _preprocess,
+    assert_user_error,
+    cli,
+    rows,
+    unstamped,
+)
 from conftest import tables as _tables
 
 import mfbatch.stages.score
@@ -58,12 +68,20 @@ def test_unknown_ids_in_files(scored: tuple[Workspace, list[tuple[Any, ...]]]) -
     assert_user_error(ws.score("--users", users), 3, "--users", "2 id(s)", "'no-such-user'")
     items = ws.write_ids("items.txt", ["no-such-item"])
     assert_user_error(ws.score("--include-items", items), 3, "--include-items", "'no-such-item'")
-    assert_user_error(ws.score("--exclude-items", items), 3, "--exclude-items", "'no-such-item'")
     assert_user_error(ws.score("--users", ws.root / "absent.txt"), 3, "--users", "does not exist")
     empty = ws.root / "empty.txt"
     empty.write_text("# nothing\n\n")
     assert_user_error(ws.score("--users", empty), 3, "--users", "no ids")
     assert ws.recommendations() == before
+    # A deny list naming an item that is gone is a warning: the nightly run goes on.
+    known_items = sorted(_ids(ws.db, "items").values())[:1]
+    deny = ws.write_ids("deny.txt", [*known_items, "no-such-item"])
+    warned = ws.score("--top-k", "3", "--exclude-items", deny)
+    assert warned.exit_code == 0, warned.stderr
+    (warning,) = [line for line in unstamped(warned.stderr) if line.startswith("warning:")]
+    assert "--exclude-items" in warning and "'no-such-item'" in warning and "1 excluded" in warning
+    served = {i for (i,) in rows(ws.db, "SELECT DISTINCT item_id FROM recommendations")}
+    assert known_items[0] not in served
 
 
 def test_missing_or_corrupt_model_file(scored: tuple[Workspace, list[tuple[Any, ...]]]) -> None:

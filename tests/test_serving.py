@@ -48,7 +48,8 @@ def _trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("serving")
     path = root / "mf.duckdb"
     synthetic = ["--users", "60", "--items", "40", "--ratings-per-user", "12"]
-    ok(cli("preprocess", "--dataset", "synthetic", *synthetic, "--db", path))
+    # --split time: cold users, whom both roles must serve from popularity.
+    ok(cli("preprocess", "--dataset", "synthetic", *synthetic, "--db", path, "--split", "time"))
     ok(cli("train", "--db", path, "--export-dir", root / "export", *SMALL))
     ok(cli("train", "--db", path, "--export-dir", root / "export", "--on", "all"))
     return path

@@ -149,8 +149,8 @@ class SplitConfig(Options):
     """How ratings are divided into train and validation."""
 
     kind: SplitKind = Field(
-        "time",
-        description="time (global cutoff), user-time (each user's newest), random, or given "
+        "user-time",
+        description="user-time (each user's newest), time (global cutoff), random, or given "
         "(a column of the source says train or test: --split-col).",
         json_schema_extra=cli("--split"),
     )
@@ -223,6 +223,11 @@ class ScoreConfig(Options):
     )
     exclude_items: PathValue | None = Field(
         None, description="File of item ids: never recommend these."
+    )
+    where: str | None = Field(
+        None,
+        description="Recommend only items this SQL predicate on the items table holds for, "
+        "e.g. \"genres LIKE '%Comedy%'\" (one expression; columns of items).",
     )
     keep_history: int = Field(7, description="Publishes kept in recommendation_history.")
     output: PathValue | None = Field(

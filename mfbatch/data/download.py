@@ -120,3 +120,23 @@ def download(url: str, target: Path, *, md5: str, timeout: float = 30.0) -> None
             f"the download is corrupt or altered, so it was discarded; {hint}"
         )
     os.replace(partial, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The cached archive's path for `DATASET` on stdout, fetched if needed (`make all`).
+
+    `make all` asks this before preprocessing so that, offline, it can say why and run on
+    the built-in synthetic data instead of failing (exit 3 and the reason on stderr).
+    """
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m mfbatch.data.download DATASET", file=sys.stderr)
+        return 2
+    try:
+        print(fetch_release(args[0], None))
+    except InputDataError as exc:
+        print(exc, file=sys.stderr)
+        return 3
+    return 0

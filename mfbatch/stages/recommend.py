@@ -50,8 +50,9 @@ class UserReport:
         )
 
 
-def recommend(*, db_path: Path, user_id: str, limit: int = 20) -> UserReport:
-    """One user's list beside their own best-rated items, for a human sanity check."""
+def recommend(*, db_path: Path, user_id: str, limit: int = 20, n: int | None = None) -> UserReport:
+    """One user's list (its first `n`, default all) beside their own best-rated items
+    (the first `limit`), for a human sanity check."""
     con = db.connect(db_path, read_only=True)
     try:
         dataset = Dataset.load(con, db_path)
@@ -59,7 +60,11 @@ def recommend(*, db_path: Path, user_id: str, limit: int = 20) -> UserReport:
             raise DatabaseError(f"{db_path} has no recommendations; run `mfbatch score` first")
         user = db.record(con, "user_by_id", user_id=user_id)
         if user is None:
-            raise ConfigError(f"--user: no user {user_id!r} in {db_path} (raw ids, as in users)")
+            near = [r["user_id"] for r in db.records(con, "users_near_id", user_id=user_id)]
+            hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+            raise ConfigError(
+                f"--user: no user {user_id!r} in {db_path} (raw ids, as in users){hint}"
+            )
         recs = db.records(con, "user_recommendations", user_id=user_id)
         if not recs:
             raise DatabaseError(
@@ -82,7 +87,7 @@ def recommend(*, db_path: Path, user_id: str, limit: int = 20) -> UserReport:
         n_ratings=int(user["n_ratings"]),
         run_id=next(iter(runs)) if len(runs) == 1 else None,
         recommendations=[
-            Recommended(**{k: v for k, v in r.items() if k != "run_id"}) for r in recs
+            Recommended(**{k: v for k, v in r.items() if k != "run_id"}) for r in recs[:n]
         ],
         top_rated=[Rated(**r) for r in rated],
     )

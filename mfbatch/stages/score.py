@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from mfbatch.artifact.parts import load_item_table
 from mfbatch.config import Config, ScoreConfig
@@ -184,6 +185,9 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         check_publishable(config.db)
     workdirs.remove_stale(config.db.parent, SPOOL_PREFIX)
     inputs = load_inputs(config)
+    if console:
+        for warning in inputs.warnings:
+            console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     job, fold_seconds = _job(config, inputs)
     created = datetime.now(timezone.utc).replace(tzinfo=None)
     publish_id = 0

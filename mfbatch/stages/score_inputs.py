@@ -36,6 +36,7 @@ class ScoreInputs:
     item_ids: pa.Array
     fold: FoldIn
     unscorable_items: int
+    warnings: tuple[str, ...] = ()  # what score says before it works (not fatal)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,27 @@ class _Stored:
     fresh: dict[str, np.ndarray]  # ratings the run has not seen (appended since)
     user_ids: pa.Array
     item_ids: pa.Array
+    allowed: np.ndarray | None = None  # item_idx --where holds for (None: no --where)
+
+
+def _where(con: Any, predicate: str) -> np.ndarray:
+    """The items `predicate` holds for. Polars parses it as one SQL expression over the
+    items table's columns: no statement, no subquery into other tables, nothing to inject."""
+    import polars as pl
+
+    items = pl.from_arrow(db.arrow(con, "items_table"))
+    assert isinstance(items, pl.DataFrame)
+    try:
+        chosen = items.filter(pl.sql_expr(predicate))
+    except Exception as exc:  # Polars' SQL and column errors have no common base
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"--where {predicate!r}: {reason}; write one SQL condition on the items "
+            f"columns ({', '.join(items.columns)})"
+        ) from None
+    if chosen.height == 0:
+        raise ConfigError(f"--where {predicate!r}: no item matches; nothing would be listed")
+    return chosen["item_idx"].to_numpy().astype(np.int64)
 
 
 def read_ids(path: Path, what: str) -> list[str]:
@@ -71,11 +93,22 @@ def read_ids(path: Path, what: str) -> list[str]:
     return ids
 
 
-def _lookup(known: pa.Array, path: Path, what: str) -> np.ndarray:
+def _lookup(
+    known: pa.Array, path: Path, what: str, warnings: list[str] | None = None
+) -> np.ndarray:
+    """The indices of the ids in `path`. An unknown id is an error, except where `warnings`
+    is given (a deny list: an item gone from the catalogue must not stop the nightly run)."""
     wanted = read_ids(path, what)
     index = {value: i for i, value in enumerate(known.to_pylist())}
     missing = [w for w in wanted if w not in index]
-    if missing:
+    if missing and warnings is not None:
+        shown = ", ".join(repr(m) for m in missing[:5])
+        warnings.append(
+            f"--{what}: {path} names {len(missing):,} id(s) not in the database (e.g. "
+            f"{shown}); they were skipped, the other {len(wanted) - len(missing):,} excluded"
+        )
+        wanted = [w for w in wanted if w in index]
+    elif missing:
         shown = ", ".join(repr(m) for m in missing[:5])
         raise InputDataError(
             f"--{what}: {path} names {len(missing):,} id(s) not in the database "
@@ -108,6 +141,7 @@ def _read(config: Config) -> _Stored:
             ),
             fresh=_fresh(con, all_splits, version["version"]),
             user_ids=db.arrow(con, "user_ids").column("user_id").combine_chunks(),
+            allowed=_where(con, settings.where) if settings.where else None,
             item_ids=db.arrow(con, "item_ids").column("item_id").combine_chunks(),
         )
     finally:
@@ -141,14 +175,17 @@ def _fold_weights(fresh: dict[str, np.ndarray], run: Run) -> np.ndarray | None:
     return weights
 
 
-def _item_mask(settings: ScoreConfig, item_ids: pa.Array, n_items: int) -> np.ndarray:
+def _item_mask(
+    settings: ScoreConfig, item_ids: pa.Array, n_items: int, warnings: list[str]
+) -> np.ndarray:
     """0 for an item that may be recommended, -inf for one that may not (allow/deny files)."""
     mask = np.zeros(n_items, dtype=np.float32)
     if settings.include_items is not None:
         mask[:] = -np.inf
         mask[_lookup(item_ids, settings.include_items, "include-items")] = 0.0
     if settings.exclude_items is not None:
-        mask[_lookup(item_ids, settings.exclude_items, "exclude-items")] = -np.inf
+        excluded = _lookup(item_ids, settings.exclude_items, "exclude-items", warnings)
+        mask[excluded] = -np.inf
     return mask
 
 
@@ -178,7 +215,12 @@ def load_inputs(config: Config) -> ScoreInputs:
     users = np.arange(dataset.n_users, dtype=np.int64)
     if settings.users is not None:
         users = _lookup(stored.user_ids, settings.users, "users")
-    item_mask = _item_mask(settings, stored.item_ids, dataset.n_items)
+    warnings: list[str] = []
+    item_mask = _item_mask(settings, stored.item_ids, dataset.n_items, warnings)
+    if stored.allowed is not None:
+        kept = np.full_like(item_mask, -np.inf)
+        kept[stored.allowed] = item_mask[stored.allowed]
+        item_mask = kept
     fitted_users, fitted_items = fitted_counts(stored.trained, dataset.n_users, dataset.n_items)
     # The model knows nothing of items it never trained on (or appended after it was
     # trained, beyond its tables): it can't rank them.
@@ -213,4 +255,5 @@ def load_inputs(config: Config) -> ScoreInputs:
         item_ids=stored.item_ids,
         fold=fold,
         unscorable_items=int((fitted_items == 0).sum()),
+        warnings=tuple(warnings),
     )
