@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -140,7 +140,7 @@ class Model:
         self, histories: Mapping[str, History], k: int, mask: np.ndarray
     ) -> pl.DataFrame:
         from mfbatch.serving.csr import SeenItems
-        from mfbatch.serving.foldin import fold_in, method_for
+        from mfbatch.serving.engines import FoldIn, apply_fold_in
 
         dataset = self._inputs.dataset
         labels, indptr, items, ratings = list(histories), [0], [], []
@@ -155,18 +155,10 @@ class Model:
             else:
                 ratings.extend((float(stars[i]) - dataset.rating_min) / span for i in ids)
             indptr.append(len(items))
-        rows = fold_in(
-            np.array(indptr, dtype=np.int64),
-            np.array(items, dtype=np.int64),
-            np.clip(np.array(ratings, dtype=np.float32), 0.0, 1.0),
-            self._scorer.items_aug_t,
-            method=method_for(self.objective),
-            usable=self._plan.item_mask[: self._scorer.n_items] > -np.inf,
-        )
         n = len(labels)
-        seen = SeenItems.from_sorted(
-            np.repeat(np.arange(n), np.diff(indptr)), np.array(items, dtype=np.int64), n
-        )
+        owners = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+        item_idx = np.array(items, dtype=np.int64)
+        seen = SeenItems.from_sorted(owners, item_idx, n)
         plan = dataclasses.replace(
             self._plan,
             users=np.arange(n, dtype=np.int64),
@@ -175,9 +167,32 @@ class Model:
             k=k,
             cold=np.zeros(n, dtype=bool),
             folded=np.arange(n, dtype=np.int64),
-            folded_rows=rows,
         )
+        fold = FoldIn(
+            users=np.arange(n, dtype=np.int64),
+            rated=seen,
+            ratings=np.clip(np.array(ratings, dtype=np.float32), 0.0, 1.0),
+            item_usable=self._plan.item_mask[: self._scorer.n_items] > -np.inf,
+            weights=self._history_weights(owners),
+            temperature=float(self._train_settings.get("temperature", 1.0)),
+        )
+        plan = apply_fold_in(plan, fold, self._scorer.items_aug_t, self.objective)
         return self._frame(plan, pa.array(labels, type=pa.string()))
+
+    @property
+    def _train_settings(self) -> dict[str, Any]:
+        settings = self._inputs.run.config.get("train", {})
+        return settings if isinstance(settings, dict) else {}
+
+    def _history_weights(self, owners: np.ndarray) -> np.ndarray | None:
+        """The run's recency weights, as `score` gives a folded-in user's ratings: a
+        history is listed oldest first, and its order stands in for the times."""
+        from mfbatch.serving.foldin import recency_weights
+
+        half_life = float(self._train_settings.get("recency_half_life") or 0.0)
+        if half_life <= 0 or self.objective == "rating":
+            return None
+        return recency_weights(owners, np.arange(len(owners), dtype=np.int64), half_life)
 
     def similar_items(self, items: str | Iterable[str], k: int = 10) -> pl.DataFrame:
         """For each item, the `k` items whose vectors in the run's graph point most the same

@@ -30,6 +30,7 @@ FLOORS = {
     "mfbatch.cli_render": 7,
     "mfbatch.cli_options": 7,
     "mfbatch.api": 7,
+    "mfbatch.model_api": 7,  # the loaded-model object of the Python API
     "mfbatch.cli": 8,
     "mfbatch": 9,  # the package's __init__ (the API's names) and __main__
     "mfbatch.__main__": 9,

@@ -71,9 +71,12 @@ def test_known_users_get_the_published_lists(served: Path) -> None:
 
 def test_a_history_it_has_not_seen_is_folded_in_like_score_does(served: Path) -> None:
     model = mfbatch.load(db=served)
-    rated = rows(served, "SELECT i.item_id, x.rating FROM ratings x JOIN users u USING (user_idx) "
-                         "JOIN items i USING (item_idx) WHERE u.user_id = 'newcomer'")  # fmt: skip
-    history = {item: stars for item, stars in rated}
+    query = (
+        "SELECT i.item_id, x.rating FROM ratings x JOIN users u USING (user_idx) "
+        "JOIN items i USING (item_idx) WHERE u.user_id = 'newcomer' ORDER BY x.ts"
+    )
+    rated = rows(served, query)
+    history = {item: stars for item, stars in rated}  # oldest first, as the API reads it
     mine = model.recommend(histories={"visitor": history}, k=5)
     published = _published(served).filter(pl.col("user_id") == "newcomer")
     assert mine["item_id"].to_list() == published["item_id"].to_list()
