@@ -161,7 +161,7 @@ def test_the_loss_and_its_reason_come_before_training_and_are_recorded(dataset: 
     for budget, path in (("600", "softmax"), ("1e-9", "sampled")):
         code, out = _train(dataset, "--epochs", "2", "--time-budget-s", budget)
         assert code == 0, out
-        lines = out.splitlines()
+        lines = [STAMP.sub("", line, count=1) for line in out.splitlines()]
         said = next(i for i, line in enumerate(lines) if line.startswith("loss: "))
         first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch "))
         assert said < first_epoch, out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli, cli_ok, ok, rows
+from tests.conftest import STAMP, cli, cli_ok, ok, rows
 
 TUNE = ["--trials", "3", "--epochs", "3", "--threads", "1", "--seed", "0"]
 
@@ -92,7 +92,7 @@ def test_a_cut_off_search_resumes_without_rerunning_finished_trials(
     )
     assert proc.stdout is not None
     for line in proc.stdout:
-        if line.startswith("trial 1/4"):
+        if STAMP.sub("", line, count=1).startswith("trial 1/4"):
             proc.send_signal(signal.SIGKILL)  # cut off mid-search, as a lost machine would
             break
     proc.wait(timeout=60)
@@ -135,7 +135,8 @@ def test_train_applies_the_tuned_settings_below_its_flags(prepared: Path, tmp_pa
     assert first == {**defaults, "temperature": 1.0, "user_exponent": 0.3, "recency_half_life": 0.2}
     run = ok(cli("train", "--db", path, "--threads", "1", "--lr", "0.01", "--export-dir", tmp_path))
     # The first line of the log says where the settings came from.
-    first = " ".join((run.stderr or run.stdout).split("\nepoch")[0].split())
+    log = "\n".join(STAMP.sub("", line, count=1) for line in run.stderr.splitlines())
+    first = " ".join(log.split("\nepoch")[0].split())
     assert first.startswith("training on") and "tuned settings of study 'default'" in first
     config = json.loads(rows(path, "SELECT config FROM training_runs")[0][0])["train"]
     assert config["lr"] == 0.01  # the flag wins

@@ -24,7 +24,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 
 from mfbatch.artifact.parts import load_item_table
 from mfbatch.config import Config, ScoreConfig
@@ -187,7 +186,8 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     inputs = load_inputs(config)
     if console:
         for warning in inputs.warnings:
-            console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+            # The library's console takes no markup: an id in the warning prints as written.
+            console.print(f"warning: {warning}", highlight=False)
     job, fold_seconds = _job(config, inputs)
     created = datetime.now(timezone.utc).replace(tzinfo=None)
     publish_id = 0
