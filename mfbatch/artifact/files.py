@@ -83,10 +83,11 @@ def save_model(
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(staging, path)
         return manifest
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError
         shutil.rmtree(staging, ignore_errors=True)
         raise ModelError(
-            f"could not save the model to {path} ({exc}); free space or pass --export-dir"
+            f"could not save the model to {path} ({first_line(exc)}); free space or pass "
+            "--export-dir"
         ) from None
 
 

@@ -66,7 +66,10 @@ class Spooler:
             self._error = exc
         finally:
             if writer is not None:
-                writer.close()
+                try:
+                    writer.close()
+                except BaseException as exc:  # a full disk fails the close too: report once,
+                    self._error = self._error or exc  # on the caller's thread, no traceback
 
     def _check(self) -> None:
         if self._error is not None:

@@ -7,8 +7,10 @@ only wires them, chooses the device and threads, and says what it is doing.
 from __future__ import annotations
 
 import secrets
+import shutil
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mfbatch.config import Config, TrainConfig, check_sharding, recency_for
-from mfbatch.errors import ConfigError, ModelError
+from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.stages.train_inputs import TrainInputs, interactions, read_inputs
 from mfbatch.stages.train_record import TrainSummary, record_run, save_run, summarise
 from mfbatch.store import db
@@ -170,16 +172,9 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
     summary = summarise(run_id, device, outcome, settings, data, seconds, fit_seconds, export_path)
     if not shard.main:
         return summary  # every rank holds the same weights; rank 0 exports and records them
-    save_run(
-        model,
-        export_path,
-        run_id=run_id,
-        parent=inputs.parent,
-        dataset=inputs.dataset,
-        settings=settings,
-        outcome=outcome,
+    _save_and_record(
+        config, model, export_path, run_id, inputs, settings, outcome, summary, started_at
     )
-    record_run(config, settings, summary, outcome, inputs.dataset, inputs.parent, started_at)
     _record_plan(config, run_id, run_plan, warning)
     if outcome.status == "diverged":
         raise ModelError(
@@ -219,6 +214,45 @@ def _record_plan(config: Config, run_id: str, run_plan: Plan, warning: str | Non
             )
     finally:
         con.close()
+
+
+def _save_and_record(
+    config: Config,
+    model: MatrixFactorization,
+    export_path: Path,
+    run_id: str,
+    inputs: TrainInputs,
+    settings: TrainConfig,
+    outcome: Outcome,
+    summary: TrainSummary,
+    started_at: datetime,
+) -> None:
+    """The run's folder, then its rows; if either fails, the folder goes too: no model is
+    left that no run names (a full disk, or another process taking the write lock while
+    this one trained)."""
+    # The lock was free when training started; refuse before writing files if it is not now.
+    db.check_writable(config.db)
+    try:
+        save_run(
+            model,
+            export_path,
+            run_id=run_id,
+            parent=inputs.parent,
+            dataset=inputs.dataset,
+            settings=settings,
+            outcome=outcome,
+        )
+        record_run(config, settings, summary, outcome, inputs.dataset, inputs.parent, started_at)
+    except ModelError as exc:
+        shutil.rmtree(export_path, ignore_errors=True)
+        cause = first_line(exc).split("; ")[0]
+        raise ModelError(
+            f"{cause}; nothing was recorded and the run's files were removed: free space "
+            "(or pass --export-dir) and train again"
+        ) from None
+    except MfbatchError:
+        shutil.rmtree(export_path, ignore_errors=True)
+        raise
 
 
 def _fit(
