@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from mfbatch.data.registry import register
-from mfbatch.data.tables import ROLE_FLAGS, TableLoader, csv_types, numeric_casts
+from mfbatch.data.tables import ROLE_FLAGS, TableLoader, csv_types, first_word, numeric_casts
 from mfbatch.errors import InputDataError, first_line
 
 
@@ -78,6 +78,12 @@ class CsvLoader(TableLoader):
         for role in ("rating", "weight"):
             if role in roles and (found := self._not_a_number(source, text, roles[role])):
                 return found
+        # Unix times with a word past the rows Polars samples for the column's type.
+        if "ts" in roles and (word := first_word(text, text[roles["ts"]])) is not None:
+            return (
+                f"{source} line {word[0] + 2}, column {roles['ts']}: {word[1]!r} is not a "
+                "timestamp (expected Unix seconds/ms/us/ns or an ISO date-time)"
+            )
         return None
 
     @staticmethod

@@ -1,0 +1,59 @@
+"""Bad input that must be named by the line it is on, through the real CLI: a word among
+Unix times (past the first line, and past the rows Polars samples for a column's type),
+lone-CR line endings, a byte that is not UTF-8, and a source path that looks like a glob
+pattern. Each refusal is one line, a non-zero exit, and the database that was there before
+is byte for byte the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import INPUT_ERROR, assert_user_error, cli, ok
+
+HEADER = "user,item,rating,ts"
+
+
+def lines(n: int, start: int = 0) -> list[str]:
+    """`n` good rating lines: 7 users, 11 items, Unix seconds."""
+    return [f"u{i % 7},i{i % 11},{1 + i % 5},{1_000_000 + i}" for i in range(start, start + n)]
+
+
+def csv_args(source: Path, db: Path) -> list[str | Path]:
+    return [
+        "preprocess", "--db", db, "--dataset", "csv", "--source", source,
+        "--user-col", "user", "--item-col", "item", "--time-col", "ts",
+    ]  # fmt: skip
+
+
+def prepared(tmp_path: Path) -> tuple[Path, bytes]:
+    """A database prepared from a good file, and its bytes."""
+    good = tmp_path / "good.csv"
+    good.write_text("\n".join([HEADER, *lines(60)]) + "\n")
+    db = tmp_path / "db.duckdb"
+    ok(cli(*csv_args(good, db)))
+    return db, db.read_bytes()
+
+
+def refused(tmp_path: Path, source: Path, *fragments: str) -> str:
+    """Preprocess `source` over a prepared database: refused naming every fragment, the
+    database untouched."""
+    db, before = prepared(tmp_path)
+    message = assert_user_error(cli(*csv_args(source, db)), INPUT_ERROR, str(source), *fragments)
+    assert db.read_bytes() == before
+    return message
+
+
+# --- a word among Unix times -----------------------------------------------------------------
+
+
+def test_word_in_time_column_names_its_line(tmp_path: Path) -> None:
+    source = tmp_path / "ratings.csv"
+    source.write_text("\n".join([HEADER, *lines(50), "u1,i2,3,yesterday", *lines(5)]) + "\n")
+    refused(tmp_path, source, "line 52, column ts", "'yesterday' is not a timestamp")
+
+
+def test_word_in_time_column_past_the_sampled_rows(tmp_path: Path) -> None:
+    # Polars types the column from the first 10,000 rows: the read itself fails.
+    source = tmp_path / "ratings.csv"
+    source.write_text("\n".join([HEADER, *lines(11_000), "u1,i2,3,yesterday", *lines(5)]) + "\n")
+    refused(tmp_path, source, "line 11002, column ts", "'yesterday' is not a timestamp")
