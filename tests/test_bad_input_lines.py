@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import INPUT_ERROR, assert_user_error, cli, ok
+from conftest import INPUT_ERROR, assert_user_error, cli, ok, rows
 
 HEADER = "user,item,rating,ts"
 
@@ -57,3 +57,35 @@ def test_word_in_time_column_past_the_sampled_rows(tmp_path: Path) -> None:
     source = tmp_path / "ratings.csv"
     source.write_text("\n".join([HEADER, *lines(11_000), "u1,i2,3,yesterday", *lines(5)]) + "\n")
     refused(tmp_path, source, "line 11002, column ts", "'yesterday' is not a timestamp")
+
+
+# --- lone-CR line endings (old Mac) ----------------------------------------------------------
+
+
+def test_lone_cr_file_is_read_line_by_line(tmp_path: Path) -> None:
+    source = tmp_path / "mac.csv"
+    source.write_bytes(("\r".join([HEADER, *lines(50)]) + "\r").encode())
+    db = tmp_path / "mac.duckdb"
+    ok(cli(*csv_args(source, db)))
+    assert rows(db, "SELECT count(*) FROM ratings") == [(50,)]
+    assert rows(db, "SELECT count(*) FROM users") == [(7,)]
+
+
+def test_lone_cr_file_names_the_line_of_a_bad_rating(tmp_path: Path) -> None:
+    source = tmp_path / "mac.csv"
+    text = "\r".join([HEADER, *lines(20), "u1,i2,x,1000000", *lines(5)]) + "\r"
+    source.write_bytes(text.encode())
+    refused(tmp_path, source, "line 22, column rating", "'x' is not a number")
+
+
+def test_lone_cr_file_names_the_line_of_a_word_among_times(tmp_path: Path) -> None:
+    source = tmp_path / "mac.csv"
+    text = "\r".join([HEADER, *lines(30), "u1,i2,3,yesterday", *lines(5)]) + "\r"
+    source.write_bytes(text.encode())
+    refused(tmp_path, source, "line 32, column ts", "'yesterday' is not a timestamp")
+
+
+def test_lone_cr_file_names_a_short_line(tmp_path: Path) -> None:
+    source = tmp_path / "mac.csv"
+    source.write_bytes(("\r".join([HEADER, *lines(8), "u1,i2,3", *lines(5)]) + "\r").encode())
+    refused(tmp_path, source, "line 10", "expected 4", "got 3")

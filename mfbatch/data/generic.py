@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import polars as pl
@@ -14,10 +15,26 @@ from mfbatch.errors import InputDataError, first_line
 
 @register("csv")
 class CsvLoader(TableLoader):
+    # Set by _read: the file's text with lone-CR line ends made LF, or None to read the file.
+    _relined: bytes | None = None
+
+    def _input(self, source: Path) -> Path | io.BytesIO:
+        """What Polars reads: the file itself, or its text relined (Polars splits lines on LF
+        only, so an old-Mac file of lone CRs would be one long header line)."""
+        return source if self._relined is None else io.BytesIO(self._relined)
+
+    def _reline(self, source: Path) -> None:
+        with source.open("rb") as handle:
+            head = handle.read(1 << 16)
+        lone_cr = b"\r" in head and b"\n" not in head
+        # One CR for one LF: every line keeps its number.
+        self._relined = source.read_bytes().replace(b"\r", b"\n") if lone_cr else None
+
     def _read(self, source: Path) -> pl.DataFrame:
         sep = self.data.separator
+        self._reline(source)
         try:
-            header = pl.read_csv(source, separator=sep, n_rows=0).columns
+            header = pl.read_csv(self._input(source), separator=sep, n_rows=0).columns
         except (pl.exceptions.NoDataError, pl.exceptions.PolarsError) as exc:
             if source.stat().st_size == 0 or isinstance(exc, pl.exceptions.NoDataError):
                 raise InputDataError(f"{source}: the file is empty") from None
@@ -26,7 +43,7 @@ class CsvLoader(TableLoader):
         rename = {column: role for role, column in roles.items()}
         try:
             frame = pl.read_csv(
-                source,
+                self._input(source),
                 separator=sep,
                 columns=list(roles.values()),
                 schema_overrides=csv_types(roles),
@@ -68,7 +85,7 @@ class CsvLoader(TableLoader):
             return ragged
         try:
             text = pl.read_csv(
-                source,
+                self._input(source),
                 separator=self.data.separator,
                 columns=list(roles.values()),
                 infer_schema=False,
