@@ -89,3 +89,21 @@ def test_lone_cr_file_names_a_short_line(tmp_path: Path) -> None:
     source = tmp_path / "mac.csv"
     source.write_bytes(("\r".join([HEADER, *lines(8), "u1,i2,3", *lines(5)]) + "\r").encode())
     refused(tmp_path, source, "line 10", "expected 4", "got 3")
+
+
+# --- bytes that are not UTF-8 ----------------------------------------------------------------
+
+
+def test_latin1_byte_in_an_item_id_names_line_column_and_byte(tmp_path: Path) -> None:
+    source = tmp_path / "ratings.csv"
+    good = "\n".join([HEADER, *lines(40)]) + "\n"
+    source.write_bytes(good.encode() + b"u3,caf\xe9,4,1000000\n" + "\n".join(lines(3)).encode())
+    message = refused(tmp_path, source, "line 42, column item", "byte 0xE9", "'caf\\xe9'")
+    assert "save the file as UTF-8" in message
+
+
+def test_bad_byte_in_a_user_id_of_a_lone_cr_file(tmp_path: Path) -> None:
+    source = tmp_path / "mac.csv"
+    good = "\r".join([HEADER, *lines(12)]) + "\r"
+    source.write_bytes(good.encode() + b"u\xff9,i1,3,1000000\r" + "\r".join(lines(3)).encode())
+    refused(tmp_path, source, "line 14, column user", "byte 0xFF", "save the file as UTF-8")

@@ -38,7 +38,9 @@ class CsvLoader(TableLoader):
         except (pl.exceptions.NoDataError, pl.exceptions.PolarsError) as exc:
             if source.stat().st_size == 0 or isinstance(exc, pl.exceptions.NoDataError):
                 raise InputDataError(f"{source}: the file is empty") from None
-            raise InputDataError(f"{source}: unreadable header ({first_line(exc)})") from None
+            raise InputDataError(
+                self._not_utf8(source) or f"{source}: unreadable header ({first_line(exc)})"
+            ) from None
         roles = self._check_present(source, header)
         rename = {column: role for role, column in roles.items()}
         try:
@@ -79,10 +81,35 @@ class CsvLoader(TableLoader):
                     )
         return None
 
+    def _not_utf8(self, source: Path) -> str | None:
+        """The first line holding a byte that is not UTF-8, its column and the byte."""
+        sep = self.data.separator.encode()
+        with source.open("rb") as handle:
+            text = io.BytesIO(self._relined) if self._relined is not None else handle
+            header: list[bytes] = []
+            for lineno, line in enumerate(text, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    at = line[: exc.start].count(sep)
+                    field = line[: exc.start].rpartition(sep)[2] + line[exc.start :]
+                    field = field.split(sep, 1)[0].rstrip(b"\r\n")
+                    where = f"line {lineno}"
+                    if lineno > 1 and at < len(header):
+                        where += f", column {header[at].decode('utf-8', 'replace')}"
+                    return (
+                        f"{source} {where}: byte 0x{line[exc.start]:02X} in "
+                        f"'{field.decode('utf-8', 'backslashreplace')}' is not UTF-8; save "
+                        "the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                    )
+                if lineno == 1:
+                    header = line.rstrip(b"\r\n").split(sep)
+        return None
+
     def _explain(self, source: Path, roles: dict[str, str]) -> str | None:
         """Read again as text to name the first line whose rating is not a number."""
-        if ragged := self._ragged(source):
-            return ragged
+        if found := self._not_utf8(source) or self._ragged(source):
+            return found
         try:
             text = pl.read_csv(
                 self._input(source),
