@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
+import pytest
 from conftest import INPUT_ERROR, assert_user_error, cli, ok, rows
 
 HEADER = "user,item,rating,ts"
@@ -107,3 +109,86 @@ def test_bad_byte_in_a_user_id_of_a_lone_cr_file(tmp_path: Path) -> None:
     good = "\r".join([HEADER, *lines(12)]) + "\r"
     source.write_bytes(good.encode() + b"u\xff9,i1,3,1000000\r" + "\r".join(lines(3)).encode())
     refused(tmp_path, source, "line 14, column user", "byte 0xFF", "save the file as UTF-8")
+
+
+# --- source paths that look like glob patterns -----------------------------------------------
+
+
+def frame(n: int, start: int = 0) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "user": [f"u{i % 7}" for i in range(start, start + n)],
+            "item": [f"i{i % 11}" for i in range(start, start + n)],
+            "rating": [float(1 + i % 5) for i in range(start, start + n)],
+            "ts": [1_000_000 + i for i in range(start, start + n)],
+        }
+    )
+
+
+def ratings_of(db: Path) -> int:
+    return int(rows(db, "SELECT count(*) FROM ratings")[0][0])
+
+
+@pytest.mark.parametrize("name", ["my[1].csv", "my*.csv", "my?.csv"])
+def test_csv_path_with_glob_characters_is_that_file(name: str, tmp_path: Path) -> None:
+    # `my1.csv` beside it would match the pattern: it must not be what is read.
+    (tmp_path / "my1.csv").write_text("\n".join([HEADER, *lines(5)]) + "\n")
+    source = tmp_path / name
+    source.write_text("\n".join([HEADER, *lines(40)]) + "\n")
+    db = tmp_path / "db.duckdb"
+    ok(cli(*csv_args(source, db)))
+    assert ratings_of(db) == 40
+
+
+def test_csv_path_with_glob_characters_names_its_bad_line(tmp_path: Path) -> None:
+    (tmp_path / "my1.csv").write_text("\n".join([HEADER, *lines(5)]) + "\n")
+    source = tmp_path / "my[1].csv"
+    source.write_text("\n".join([HEADER, *lines(20), "u1,i2,x,1000000"]) + "\n")
+    refused(tmp_path, source, "line 22, column rating", "'x' is not a number")
+
+
+def parquet_args(source: Path, db: Path, out_of_core: bool) -> list[str | Path]:
+    extra = ["--memory-mb", "512"] if out_of_core else []
+    return [
+        "preprocess", "--db", db, "--dataset", "parquet", "--source", source,
+        "--user-col", "user", "--item-col", "item", "--time-col", "ts", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("out_of_core", [False, True], ids=["memory", "memory-mb"])
+def test_parquet_file_with_glob_characters_is_that_file(out_of_core: bool, tmp_path: Path) -> None:
+    frame(5).write_parquet(tmp_path / "p1.parquet")
+    frame(40).write_parquet(tmp_path / "p[1].parquet")
+    db = tmp_path / "db.duckdb"
+    ok(cli(*parquet_args(tmp_path / "p[1].parquet", db, out_of_core)))
+    assert ratings_of(db) == 40
+
+
+@pytest.mark.parametrize("out_of_core", [False, True], ids=["memory", "memory-mb"])
+def test_parquet_folder_with_glob_characters_is_that_folder(
+    out_of_core: bool, tmp_path: Path
+) -> None:
+    for folder, n in (("d1", 5), ("d[1]", 40)):
+        for part in range(2):
+            (tmp_path / folder / f"part={part}").mkdir(parents=True)
+            frame(n // 2, start=part * n).write_parquet(
+                tmp_path / folder / f"part={part}/x.parquet"
+            )
+    db = tmp_path / "db.duckdb"
+    ok(cli(*parquet_args(tmp_path / "d[1]", db, out_of_core)))
+    assert ratings_of(db) == 40
+
+
+def test_parquet_folder_with_glob_characters_and_a_stray_file(tmp_path: Path) -> None:
+    source = tmp_path / "d[1]"
+    source.mkdir()
+    frame(40).write_parquet(source / "x.parquet")
+    (source / "notes.txt").write_text("not ratings\n")
+    db, before = prepared(tmp_path)
+    assert_user_error(
+        cli(*parquet_args(source, db, False)),
+        INPUT_ERROR,
+        "notes.txt is not a .parquet part",
+        "rename it",
+    )
+    assert db.read_bytes() == before

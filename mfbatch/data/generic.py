@@ -34,7 +34,7 @@ class CsvLoader(TableLoader):
         sep = self.data.separator
         self._reline(source)
         try:
-            header = pl.read_csv(self._input(source), separator=sep, n_rows=0).columns
+            header = pl.read_csv(self._input(source), separator=sep, n_rows=0, glob=False).columns
         except (pl.exceptions.NoDataError, pl.exceptions.PolarsError) as exc:
             if source.stat().st_size == 0 or isinstance(exc, pl.exceptions.NoDataError):
                 raise InputDataError(f"{source}: the file is empty") from None
@@ -46,6 +46,7 @@ class CsvLoader(TableLoader):
         try:
             frame = pl.read_csv(
                 self._input(source),
+                glob=False,
                 separator=sep,
                 columns=list(roles.values()),
                 schema_overrides=csv_types(roles),
@@ -113,6 +114,7 @@ class CsvLoader(TableLoader):
         try:
             text = pl.read_csv(
                 self._input(source),
+                glob=False,
                 separator=self.data.separator,
                 columns=list(roles.values()),
                 infer_schema=False,
@@ -144,6 +146,10 @@ class CsvLoader(TableLoader):
         return None
 
 
+# What Polars reads as a glob pattern in a path.
+GLOB_CHARS = ("*", "?", "[")
+
+
 @register("parquet")
 class ParquetLoader(TableLoader):
     folders = True
@@ -152,7 +158,7 @@ class ParquetLoader(TableLoader):
         if source.is_dir():
             return self._read_folder(source)
         roles = self._checked_schema(source, self._file_schema(source))
-        frame = pl.read_parquet(source, columns=list(roles.values()))
+        frame = pl.read_parquet(source, columns=list(roles.values()), glob=False)
         return frame.rename({column: role for role, column in roles.items()}).with_columns(
             numeric_casts(roles)
         )
@@ -169,7 +175,7 @@ class ParquetLoader(TableLoader):
             schema = scan.collect_schema()
         else:
             schema = self._file_schema(source)
-            scan = pl.scan_parquet(source, row_index_name=row_index)
+            scan = pl.scan_parquet(source, row_index_name=row_index, glob=False)
         roles = self._checked_schema(source, schema)
         return source, self._select(scan, roles, row_index)
 
@@ -216,10 +222,30 @@ class ParquetLoader(TableLoader):
         text = {self.data.user_col, self.data.item_col, self.split.split_col}
         return {key: pl.String() for key in keys if key in text} or None
 
+    @staticmethod
+    def _parts(source: Path) -> tuple[Path, bool]:
+        """What Polars scans for the folder, and whether as a glob pattern. A path is read as
+        a pattern by default, so a folder named `my[1]` would read `my1`'s parts: such a
+        folder is given as itself (hive keys then start below it, as with the pattern), and
+        Polars reads every visible file in it, so all must be Parquet."""
+        if not any(char in str(source) for char in GLOB_CHARS):
+            return source / "**" / "*.parquet", True
+        for path in sorted(source.rglob("*")):
+            shown = path.relative_to(source).parts
+            if path.is_file() and path.suffix != ".parquet" and shown[-1][:1] not in "._":
+                raise InputDataError(
+                    f"{source}: {path.relative_to(source)} is not a .parquet part; a folder "
+                    f"whose name holds {''.join(GLOB_CHARS)} is read whole: move other files "
+                    "out of it or rename it"
+                )
+        return source, False
+
     def _scan_folder(self, source: Path, row_index: str | None = None) -> pl.LazyFrame:
+        parts, glob = self._parts(source)
         try:
             scan = pl.scan_parquet(
-                source / "**" / "*.parquet",
+                parts,
+                glob=glob,
                 hive_partitioning=True,
                 hive_schema=self._hive_text(source),
                 try_parse_hive_dates=False,
