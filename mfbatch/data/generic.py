@@ -182,7 +182,8 @@ class ParquetLoader(TableLoader):
     @staticmethod
     def _file_schema(source: Path) -> pl.Schema:
         try:
-            return pl.Schema(pl.read_parquet_schema(source))
+            # Not read_parquet_schema: it takes no glob=False, so `p[1].parquet` is `p1`'s.
+            return pl.scan_parquet(source, glob=False).collect_schema()
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise InputDataError(
                 f"{source}: not a readable Parquet file ({first_line(exc)})"
