@@ -193,3 +193,12 @@ def test_parquet_folder_with_glob_characters_and_a_stray_file(tmp_path: Path) ->
         "rename it",
     )
     assert db.read_bytes() == before
+
+
+def test_out_of_core_database_in_a_folder_with_glob_characters(tmp_path: Path) -> None:
+    # The work files are written beside the database: their paths hold the `[` too.
+    frame(40).write_parquet(tmp_path / "ratings.parquet")
+    (tmp_path / "runs[1]").mkdir()
+    db = tmp_path / "runs[1]" / "db.duckdb"
+    ok(cli(*parquet_args(tmp_path / "ratings.parquet", db, True)))
+    assert ratings_of(db) == 40
