@@ -6,7 +6,9 @@ is byte for byte the same."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -202,3 +204,11 @@ def test_out_of_core_database_in_a_folder_with_glob_characters(tmp_path: Path) -
     db = tmp_path / "runs[1]" / "db.duckdb"
     ok(cli(*parquet_args(tmp_path / "ratings.parquet", db, True)))
     assert ratings_of(db) == 40
+
+
+def test_movielens_lone_cr_file_names_the_short_line(
+    tmp_path: Path, layouts: Any, against: Callable[..., Any]
+) -> None:
+    data = b"userId,movieId,rating,timestamp\r1,1,4.0,964982703\r1,3,4.5,964981247\r1,6,4.0\r"
+    source = layouts.write_tree(tmp_path / "x", {"ml-latest-small/ratings.csv": data})
+    assert_user_error(against("--source", source), INPUT_ERROR, "ratings.csv line 4", "got 3")
