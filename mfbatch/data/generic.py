@@ -3,30 +3,50 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import polars as pl
 
 from mfbatch.data.registry import register
-from mfbatch.data.tables import ROLE_FLAGS, TableLoader, csv_types, numeric_casts
+from mfbatch.data.tables import ROLE_FLAGS, TableLoader, csv_types, first_word, numeric_casts
 from mfbatch.errors import InputDataError, first_line
 
 
 @register("csv")
 class CsvLoader(TableLoader):
+    # Set by _read: the file's text with lone-CR line ends made LF, or None to read the file.
+    _relined: bytes | None = None
+
+    def _input(self, source: Path) -> Path | io.BytesIO:
+        """What Polars reads: the file itself, or its text relined (Polars splits lines on LF
+        only, so an old-Mac file of lone CRs would be one long header line)."""
+        return source if self._relined is None else io.BytesIO(self._relined)
+
+    def _reline(self, source: Path) -> None:
+        with source.open("rb") as handle:
+            head = handle.read(1 << 16)
+        lone_cr = b"\r" in head and b"\n" not in head
+        # One CR for one LF: every line keeps its number.
+        self._relined = source.read_bytes().replace(b"\r", b"\n") if lone_cr else None
+
     def _read(self, source: Path) -> pl.DataFrame:
         sep = self.data.separator
+        self._reline(source)
         try:
-            header = pl.read_csv(source, separator=sep, n_rows=0).columns
+            header = pl.read_csv(self._input(source), separator=sep, n_rows=0, glob=False).columns
         except (pl.exceptions.NoDataError, pl.exceptions.PolarsError) as exc:
             if source.stat().st_size == 0 or isinstance(exc, pl.exceptions.NoDataError):
                 raise InputDataError(f"{source}: the file is empty") from None
-            raise InputDataError(f"{source}: unreadable header ({first_line(exc)})") from None
+            raise InputDataError(
+                self._not_utf8(source) or f"{source}: unreadable header ({first_line(exc)})"
+            ) from None
         roles = self._check_present(source, header)
         rename = {column: role for role, column in roles.items()}
         try:
             frame = pl.read_csv(
-                source,
+                self._input(source),
+                glob=False,
                 separator=sep,
                 columns=list(roles.values()),
                 schema_overrides=csv_types(roles),
@@ -62,13 +82,39 @@ class CsvLoader(TableLoader):
                     )
         return None
 
+    def _not_utf8(self, source: Path) -> str | None:
+        """The first line holding a byte that is not UTF-8, its column and the byte."""
+        sep = self.data.separator.encode()
+        with source.open("rb") as handle:
+            text = io.BytesIO(self._relined) if self._relined is not None else handle
+            header: list[bytes] = []
+            for lineno, line in enumerate(text, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    at = line[: exc.start].count(sep)
+                    field = line[: exc.start].rpartition(sep)[2] + line[exc.start :]
+                    field = field.split(sep, 1)[0].rstrip(b"\r\n")
+                    where = f"line {lineno}"
+                    if lineno > 1 and at < len(header):
+                        where += f", column {header[at].decode('utf-8', 'replace')}"
+                    return (
+                        f"{source} {where}: byte 0x{line[exc.start]:02X} in "
+                        f"'{field.decode('utf-8', 'backslashreplace')}' is not UTF-8; save "
+                        "the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                    )
+                if lineno == 1:
+                    header = line.rstrip(b"\r\n").split(sep)
+        return None
+
     def _explain(self, source: Path, roles: dict[str, str]) -> str | None:
         """Read again as text to name the first line whose rating is not a number."""
-        if ragged := self._ragged(source):
-            return ragged
+        if found := self._not_utf8(source) or self._ragged(source):
+            return found
         try:
             text = pl.read_csv(
-                source,
+                self._input(source),
+                glob=False,
                 separator=self.data.separator,
                 columns=list(roles.values()),
                 infer_schema=False,
@@ -78,6 +124,12 @@ class CsvLoader(TableLoader):
         for role in ("rating", "weight"):
             if role in roles and (found := self._not_a_number(source, text, roles[role])):
                 return found
+        # Unix times with a word past the rows Polars samples for the column's type.
+        if "ts" in roles and (word := first_word(text, text[roles["ts"]])) is not None:
+            return (
+                f"{source} line {word[0] + 2}, column {roles['ts']}: {word[1]!r} is not a "
+                "timestamp (expected Unix seconds/ms/us/ns or an ISO date-time)"
+            )
         return None
 
     @staticmethod
@@ -94,6 +146,10 @@ class CsvLoader(TableLoader):
         return None
 
 
+# What Polars reads as a glob pattern in a path.
+GLOB_CHARS = ("*", "?", "[")
+
+
 @register("parquet")
 class ParquetLoader(TableLoader):
     folders = True
@@ -102,7 +158,7 @@ class ParquetLoader(TableLoader):
         if source.is_dir():
             return self._read_folder(source)
         roles = self._checked_schema(source, self._file_schema(source))
-        frame = pl.read_parquet(source, columns=list(roles.values()))
+        frame = pl.read_parquet(source, columns=list(roles.values()), glob=False)
         return frame.rename({column: role for role, column in roles.items()}).with_columns(
             numeric_casts(roles)
         )
@@ -119,14 +175,15 @@ class ParquetLoader(TableLoader):
             schema = scan.collect_schema()
         else:
             schema = self._file_schema(source)
-            scan = pl.scan_parquet(source, row_index_name=row_index)
+            scan = pl.scan_parquet(source, row_index_name=row_index, glob=False)
         roles = self._checked_schema(source, schema)
         return source, self._select(scan, roles, row_index)
 
     @staticmethod
     def _file_schema(source: Path) -> pl.Schema:
         try:
-            return pl.Schema(pl.read_parquet_schema(source))
+            # Not read_parquet_schema: it takes no glob=False, so `p[1].parquet` is `p1`'s.
+            return pl.scan_parquet(source, glob=False).collect_schema()
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise InputDataError(
                 f"{source}: not a readable Parquet file ({first_line(exc)})"
@@ -166,10 +223,30 @@ class ParquetLoader(TableLoader):
         text = {self.data.user_col, self.data.item_col, self.split.split_col}
         return {key: pl.String() for key in keys if key in text} or None
 
+    @staticmethod
+    def _parts(source: Path) -> tuple[Path, bool]:
+        """What Polars scans for the folder, and whether as a glob pattern. A path is read as
+        a pattern by default, so a folder named `my[1]` would read `my1`'s parts: such a
+        folder is given as itself (hive keys then start below it, as with the pattern), and
+        Polars reads every visible file in it, so all must be Parquet."""
+        if not any(char in str(source) for char in GLOB_CHARS):
+            return source / "**" / "*.parquet", True
+        for path in sorted(source.rglob("*")):
+            shown = path.relative_to(source).parts
+            if path.is_file() and path.suffix != ".parquet" and shown[-1][:1] not in "._":
+                raise InputDataError(
+                    f"{source}: {path.relative_to(source)} is not a .parquet part; a folder "
+                    f"whose name holds {''.join(GLOB_CHARS)} is read whole: move other files "
+                    "out of it or rename it"
+                )
+        return source, False
+
     def _scan_folder(self, source: Path, row_index: str | None = None) -> pl.LazyFrame:
+        parts, glob = self._parts(source)
         try:
             scan = pl.scan_parquet(
-                source / "**" / "*.parquet",
+                parts,
+                glob=glob,
                 hive_partitioning=True,
                 hive_schema=self._hive_text(source),
                 try_parse_hive_dates=False,

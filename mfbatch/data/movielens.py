@@ -17,7 +17,7 @@ from mfbatch.data.archive import Archive, decode_text
 from mfbatch.data.base import BaseDataLoader, RawData
 from mfbatch.data.download import fetch_release
 from mfbatch.data.registry import register
-from mfbatch.data.text import check_numeric, read_delimited
+from mfbatch.data.text import check_numeric, read_delimited, reline
 from mfbatch.errors import InputDataError, first_line
 
 _RATING_NAMES = ["user_id", "item_id", "rating", "ts"]
@@ -87,7 +87,7 @@ def _items_dat(archive: Archive) -> pl.DataFrame | None:
 
 def _ratings_csv(archive: Archive) -> pl.DataFrame:
     origin = archive.origin("ratings.csv")
-    data = archive.read("ratings.csv")
+    data = reline(archive.read("ratings.csv"))
     # utf-8-sig: a file re-saved by a spreadsheet starts with a byte-order mark.
     header = data.split(b"\n", 1)[0].strip().decode("utf-8-sig", "replace")
     expected = "userId,movieId,rating,timestamp"

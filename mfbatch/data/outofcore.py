@@ -381,4 +381,6 @@ def _write(frame: pl.DataFrame, path: Path) -> Path:
 
 
 def _read(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
-    return pl.read_ipc(path, columns=columns)
+    # glob=False: the work folder is beside the database, whose folder may be `runs[1]`.
+    scan = pl.scan_ipc(path, glob=False)
+    return (scan if columns is None else scan.select(columns)).collect()

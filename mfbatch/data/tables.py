@@ -283,6 +283,11 @@ def _as_timestamp(
         parsed = ts.cast(pl.Datetime("us"))
     else:
         text = ts.cast(pl.String)
+        if (word := first_word(frame, text)) is not None:
+            raise refuse(
+                *word,
+                "is not a timestamp (expected Unix seconds/ms/us/ns or an ISO date-time)",
+            )
         try:
             parsed = text.str.to_datetime(strict=False, time_unit="us")
         except pl.exceptions.PolarsError:
@@ -310,6 +315,19 @@ def _as_timestamp(
             OUTSIDE_YEARS,
         )
     return parsed.alias("ts")
+
+
+def first_word(frame: pl.DataFrame, text: pl.Series) -> tuple[int, str] | None:
+    """The row of the first value that is not a number in a column whose first value is one:
+    Unix times read as text because some later line holds a word (`yesterday`), which is
+    the line to name, not the first one that the date-time parser then trips over."""
+    numbers = text.str.strip_chars().cast(pl.Float64, strict=False)
+    present = text.is_not_null()
+    first = present.arg_true()
+    if first.len() == 0 or numbers[int(first[0])] is None:
+        return None
+    words = frame.with_columns(text.alias("__text")).filter(present & numbers.is_null())
+    return (int(words["__row"][0]), words["__text"][0]) if words.height else None
 
 
 def numeric_casts(roles: dict[str, str]) -> list[pl.Expr]:

@@ -21,6 +21,13 @@ def _excerpt(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def reline(data: bytes) -> bytes:
+    """Lone-CR (old Mac) line ends as LF: Polars splits lines on LF only. One LF per CR
+    keeps every line's number for the messages."""
+    head = data[: 1 << 16]
+    return data.replace(b"\r", b"\n") if b"\r" in head and b"\n" not in head else data
+
+
 def read_delimited(
     data: bytes,
     *,
@@ -38,6 +45,7 @@ def read_delimited(
     """
     if not data.strip():
         raise InputDataError(f"{origin}: the file is empty; expected lines of {', '.join(names)}")
+    data = reline(data)
     if skip_header and not data.partition(b"\n")[2].strip():
         raise InputDataError(
             f"{origin}: the file has a header but no rating lines; "
