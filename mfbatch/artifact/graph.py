@@ -60,8 +60,8 @@ def build_graph(
 ) -> onnx.ModelProto:
     n_items = items_aug_t.shape[1]
     nodes = [
-        helper.make_node("Gather", ["U_aug", "users"], ["user_rows"], axis=0),
-        helper.make_node("MatMul", ["user_rows", "V_aug_t"], ["scores"]),
+        helper.make_node("Gather", [U_AUG, "users"], ["user_rows"], axis=0),
+        helper.make_node("MatMul", ["user_rows", V_AUG_T], ["scores"]),
         helper.make_node("Add", ["scores", "item_mask"], ["allowed"]),
         helper.make_node("Shape", ["seen"], ["seen_shape"]),
         helper.make_node("Slice", ["seen_shape", "zero", "one"], ["n_seen"]),
@@ -90,8 +90,8 @@ def build_graph(
             helper.make_tensor_value_info("top_items", TensorProto.INT64, ["batch", "k"]),
         ],
         initializer=[
-            numpy_helper.from_array(users_aug, "U_aug"),
-            numpy_helper.from_array(items_aug_t, "V_aug_t"),
+            numpy_helper.from_array(users_aug, U_AUG),
+            numpy_helper.from_array(items_aug_t, V_AUG_T),
             numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
             numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
         ],
@@ -148,19 +148,19 @@ def vectors_graph(proto: onnx.ModelProto, *, whole: bool) -> onnx.ModelProto:
     in place and runs the TopK half `split_stages` makes).
     """
     tables = {t.name: t for t in proto.graph.initializer}
-    v_aug_t = numpy_helper.to_array(tables["V_aug_t"])
+    v_aug_t = numpy_helper.to_array(tables[V_AUG_T])
     width, n_items = v_aug_t.shape
     rows = helper.make_tensor_value_info("user_rows", TensorProto.FLOAT, ["batch", width])
     if whole:
         nodes = [n for n in proto.graph.node if n.op_type != "Gather"]
         inputs = [rows, *(i for i in proto.graph.input if i.name != "users")]
         outputs = list(proto.graph.output)
-        kept = [t for t in proto.graph.initializer if t.name != "U_aug"]
+        kept = [t for t in proto.graph.initializer if t.name != U_AUG]
     else:
-        nodes = [helper.make_node("MatMul", ["user_rows", "V_aug_t"], ["scores"])]
+        nodes = [helper.make_node("MatMul", ["user_rows", V_AUG_T], ["scores"])]
         inputs = [rows]
         outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_items])]
-        kept = [tables["V_aug_t"]]
+        kept = [tables[V_AUG_T]]
     graph = helper.make_graph(nodes, "mfbatch_vectors", inputs, outputs, initializer=kept)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = proto.ir_version
@@ -176,16 +176,16 @@ def split_stages(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelPro
     core", has the measurement).
     """
     tables = {t.name: t for t in proto.graph.initializer}
-    n_items = numpy_helper.to_array(tables["V_aug_t"]).shape[1]
+    n_items = numpy_helper.to_array(tables[V_AUG_T]).shape[1]
     scores = helper.make_graph(
         [
-            helper.make_node("Gather", ["U_aug", "users"], ["user_rows"], axis=0),
-            helper.make_node("MatMul", ["user_rows", "V_aug_t"], ["scores"]),
+            helper.make_node("Gather", [U_AUG, "users"], ["user_rows"], axis=0),
+            helper.make_node("MatMul", ["user_rows", V_AUG_T], ["scores"]),
         ],
         "mfbatch_scores",
         inputs=[helper.make_tensor_value_info("users", TensorProto.INT64, ["batch"])],
         outputs=[helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_items])],
-        initializer=[tables["U_aug"], tables["V_aug_t"]],
+        initializer=[tables[U_AUG], tables[V_AUG_T]],
     )
     topk = helper.make_graph(
         [helper.make_node("TopK", ["scores", "k"], list(OUTPUTS), axis=1, largest=1, sorted=1)],
