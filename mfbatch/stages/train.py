@@ -25,8 +25,8 @@ from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training import distributed
 from mfbatch.training.device import describe, resolve_device, resolve_threads, usable_cores
-from mfbatch.training.loop import EpochRecord, Outcome, plan_for, train_model
-from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.training.loop import EpochRecord, Outcome, new_model, plan_for, train_model
+from mfbatch.training.model import MatrixFactorization
 from mfbatch.training.steps import Plan
 from mfbatch.training.tensors import Interactions
 from mfbatch.training.validation import Validation, decay_warning
@@ -119,19 +119,6 @@ def _announce(
         )
 
 
-def _model(inputs: TrainInputs, settings: TrainConfig, device: torch.device) -> MatrixFactorization:
-    torch.manual_seed(settings.seed)
-    shape = ModelShape(
-        n_users=inputs.dataset.n_users,
-        n_items=inputs.dataset.n_items,
-        dim=int(settings.embedding_dim or 0),
-        dropout=settings.dropout,
-        batch_norm=settings.batch_norm,
-        sparse=settings.optimizer in ("sparse_adam", "adagrad"),
-    )
-    return MatrixFactorization(shape).to(device)
-
-
 def _train(*, config: Config, console: Console | None, checked: bool = False) -> TrainSummary:
     started_at = datetime.now(timezone.utc).replace(tzinfo=None)
     started = time.perf_counter()
@@ -146,7 +133,7 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
             "by recency",
             highlight=False,
         )
-    model = _model(inputs, settings, device)
+    model = new_model(inputs.dataset.n_users, inputs.dataset.n_items, settings, device)
     # Chosen and said before the first step: which loss, and the cost figures behind it.
     run_plan = plan_for(model, data, settings)
     if console:

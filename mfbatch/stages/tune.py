@@ -29,8 +29,7 @@ from mfbatch.stages.tune_record import finished, hold, journal_path, open_study,
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training.device import resolve_device, resolve_threads
-from mfbatch.training.loop import EpochRecord, train_model
-from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.training.loop import EpochRecord, new_model, train_model
 from mfbatch.training.tensors import Interactions
 from mfbatch.training.validation import Validation, score_of
 
@@ -186,16 +185,8 @@ def _objective(inner: _Inner, base: TrainConfig, tune: TuneConfig, device: torch
             settings = base.replace(
                 **params, seed=tune.seed, eval_every=1, patience=params["epochs"]
             )
-            torch.manual_seed(tune.seed)
-            shape = ModelShape(
-                n_users=inner.dataset.n_users,
-                n_items=inner.dataset.n_items,
-                dim=int(settings.embedding_dim or 0),
-                dropout=settings.dropout,
-                batch_norm=settings.batch_norm,
-                sparse=settings.optimizer in ("sparse_adam", "adagrad"),
-            )
-            model = MatrixFactorization(shape).to(device)
+            # settings.seed is tune.seed: the same start as before for every trial.
+            model = new_model(inner.dataset.n_users, inner.dataset.n_items, settings, device)
             best = -float("inf")
 
             def report(record: EpochRecord) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 from mfbatch.config import TrainConfig
 from mfbatch.training import objectives
 from mfbatch.training.distributed import Shard
-from mfbatch.training.model import MatrixFactorization
+from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.objectives import UserBatch
 from mfbatch.training.steps import DenseGrads, Plan, make_optimizers, plan
 from mfbatch.training.tensors import Csr, Interactions
@@ -258,6 +258,22 @@ def plan_for(model: MatrixFactorization, data: Interactions, config: TrainConfig
     """`plan` for this model and data (its users with ratings) on their device."""
     active = int(torch.unique(data.users).numel())
     return plan(config, model.shape.n_items, active, device_type=data.users.device.type)
+
+
+def new_model(
+    n_users: int, n_items: int, config: TrainConfig, device: torch.device
+) -> MatrixFactorization:
+    """The untrained model `config` asks for, seeded: what train and each tune trial fit."""
+    torch.manual_seed(config.seed)
+    shape = ModelShape(
+        n_users=n_users,
+        n_items=n_items,
+        dim=int(config.embedding_dim or 0),
+        dropout=config.dropout,
+        batch_norm=config.batch_norm,
+        sparse=config.optimizer in ("sparse_adam", "adagrad"),
+    )
+    return MatrixFactorization(shape).to(device)
 
 
 def _setup(
