@@ -65,6 +65,8 @@ class Split:
     rating_min: float
     rating_max: float
     split_kind: str  # what val holds out: sets the default --recency-half-life
+    # each train row's `weight` (play counts after --weight-transform); all ones without
+    train_w: np.ndarray | None = None
 
 
 def load(path: str) -> Split:
@@ -74,7 +76,7 @@ def load(path: str) -> Split:
     ).fetchall()[0]
     rows = con.sql(
         "SELECT user_idx, item_idx, rating_norm, coalesce(epoch(ts), 0)::BIGINT AS ts, "
-        "split = 'val' AS is_val FROM ratings"
+        "split = 'val' AS is_val, weight FROM ratings"
     ).fetchnumpy()
     con.close()
     v = rows["is_val"].astype(bool)
@@ -91,6 +93,7 @@ def load(path: str) -> Split:
         float(lo),
         float(hi),
         str(kind),
+        rows["weight"][~v].astype(np.float64),
     )
 
 
@@ -120,6 +123,7 @@ def inner_split(split: Split, fraction: float, kind: str, seed: int = 0) -> Spli
         train_i=split.train_i[keep],
         train_r=split.train_r[keep],
         train_ts=split.train_ts[keep],
+        train_w=None if split.train_w is None else split.train_w[keep],
         val_u=split.train_u[held],
         val_i=split.train_i[held],
         val_r=split.train_r[held],
@@ -470,6 +474,12 @@ def _peers(split: Split, k: int, lambdas: list[float], quick: bool) -> list[dict
                 scores, secs = ease(split, lam, recency(split, h))
                 rows.append({"method": f"EASE+recency λ={lam:g} h={h:g}",
                              **_measured(split, scores, k), "seconds": secs})  # fmt: skip
+    weighted = split.train_w is not None and bool(np.ptp(split.train_w) > 0)
+    if weighted and split.n_items <= 20_000:  # the same signal mfbatch's --weight-col gives
+        lam = float(rows[1]["method"].split("=")[1].rstrip(")"))
+        scores, secs = ease(split, lam, split.train_w)
+        rows.append({"method": f"EASE+weights λ={lam:g}", **_measured(split, scores, k),
+                     "seconds": secs})  # fmt: skip
     try:
         import implicit  # noqa: F401
     except ImportError:
@@ -487,6 +497,12 @@ def _peers(split: Split, k: int, lambdas: list[float], quick: bool) -> list[dict
             best_als = row
     assert best_als is not None
     rows.append({**best_als, "method": f"ALS (best of {len(grid)}: {best_als['method'][4:]})"})
+    if weighted:  # ALS's confidence 1 + alpha * weight, alpha re-chosen for the scale
+        f, r, _ = best_als["params"]
+        for a in (1.0, 10.0):
+            scores, secs = als(split, f, r, a, 0, split.train_w)
+            rows.append({"method": f"ALS+weights f={f} reg={r:g} a={a:g}",
+                         **_measured(split, scores, k), "seconds": secs})  # fmt: skip
     if split.train_ts.any():
         f, r, a = best_als["params"]
         for h in (0.2, 0.5):
