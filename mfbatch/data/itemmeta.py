@@ -164,17 +164,17 @@ def _check_names(path: Path, header: list[str], id_col: str) -> None:
                 f"{path}: column {at} of the header has no name; name it (or drop it)"
             )
         key = "item_id" if name == id_col else name.lower()
+        if name != id_col and key in FIXED_COLUMNS and key not in TEXT_COLUMNS:
+            raise InputDataError(
+                f"{path}: column {name!r} clashes with the items table's own {key}; rename "
+                f"it in the file (items keeps {', '.join(FIXED_COLUMNS)})"
+            )
         if key in seen:
             raise InputDataError(
                 f"{path}: columns {seen[key]!r} and {name!r} are one name to DuckDB (case "
                 "is ignored); rename one of them"
             )
         seen[key] = name
-        if name != id_col and key in FIXED_COLUMNS and key not in TEXT_COLUMNS:
-            raise InputDataError(
-                f"{path}: column {name!r} clashes with the items table's own {key}; rename "
-                f"it in the file (items keeps {', '.join(FIXED_COLUMNS)})"
-            )
 
 
 def _check_unique(
@@ -207,14 +207,15 @@ def merge(stored: pl.DataFrame | None, new: ItemMetadata) -> pl.DataFrame:
         elif fresh[name].null_count() == fresh.height:
             fresh = fresh.with_columns(pl.col(name).cast(before))
         elif before.is_numeric() and kind.is_numeric():
-            wider = pl.concat([stored[name].head(0), fresh[name].head(0)], how="vertical_relaxed")
-            stored = stored.with_columns(pl.col(name).cast(wider.dtype))
-            fresh = fresh.with_columns(pl.col(name).cast(wider.dtype))
+            pair = [stored.select(name).head(0), fresh.select(name).head(0)]
+            wider = pl.concat(pair, how="vertical_relaxed").schema[name]
+            stored = stored.with_columns(pl.col(name).cast(wider))
+            fresh = fresh.with_columns(pl.col(name).cast(wider))
         else:
             raise InputDataError(
-                f"{new.source}: column {name} holds {kind}, but the stored metadata holds it "
-                f"as {before}; write it as {before} again, or re-run preprocess without "
-                "--append to start the metadata afresh"
+                f"{new.source}: column {name} holds {_kind(kind)}, but the stored metadata "
+                f"holds it as {_kind(before)}; write it as {_kind(before)} again, or re-run "
+                "preprocess without --append to start the metadata afresh"
             )
     kept = stored.filter(~pl.col("item_id").is_in(fresh["item_id"].implode()))
     # The rows the file names, with the stored values of the columns it lacks.
@@ -222,6 +223,16 @@ def merge(stored: pl.DataFrame | None, new: ItemMetadata) -> pl.DataFrame:
     updated = fresh.join(stored.select("item_id", *lacking), on="item_id", how="left")
     order = [*stored.columns, *(c for c in fresh.columns if c not in stored.columns)]
     return pl.concat([kept, updated.select(order)], how="diagonal").sort("item_id")
+
+
+def _kind(dtype: pl.DataType) -> str:
+    """A column type in a user's words."""
+    if dtype.is_integer():
+        return "whole numbers"
+    if dtype.is_numeric():
+        return "numbers"
+    words = {pl.String: "text", pl.Boolean: "true/false"}
+    return next((w for t, w in words.items() if dtype == t), str(dtype))
 
 
 def storable(frame: pl.DataFrame) -> pl.DataFrame:
