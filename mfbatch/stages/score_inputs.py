@@ -270,8 +270,9 @@ def load_inputs(config: Config) -> ScoreInputs:
     item_mask[fitted_items == 0] = -np.inf
     if stored.allowed is not None and not np.isfinite(item_mask).any():
         raise ConfigError(
-            f"{_filters(settings)}: the {len(stored.allowed):,} items the attribute filter "
-            "keeps are all excluded or unknown to the run; nothing would be listed"
+            f"{_filters(settings)}: of the {len(stored.allowed):,} item(s) the attribute "
+            "filter keeps, none is left (excluded, or unknown to the run); nothing would be "
+            "listed"
         )
     weights = _fold_weights(stored.fresh, stored.run)
     fold = _fold_in(stored.fresh, users, dataset.n_users, weights)
