@@ -12,7 +12,9 @@ from typing import Any
 import duckdb
 import polars as pl
 import pytest
-from conftest import Run, assert_user_error, cli, ok, rows
+from conftest import Run, assert_user_error, cli, ok, rows, snapshot
+
+import mfbatch.store.db
 
 # Ratings with text ids: "007" and "7" are two items, as the interactions' ids always are.
 RATINGS = (
@@ -282,3 +284,46 @@ def test_an_append_that_changes_a_column_type_is_refused(tmp_path: Path) -> None
     ok(_append(db, tmp_path, APPENDED, "--items-source",
                _write(tmp_path / "float.csv", "item,year\nb,1990.5\n")))  # fmt: skip
     assert _items(db)["b"]["year"] == 1990.5
+
+
+def _state(db: Path) -> tuple[Any, ...]:
+    return (
+        snapshot(db),
+        rows(db, "SELECT * FROM item_metadata ORDER BY item_id"),
+        rows(db, "SELECT config FROM dataset_meta"),
+        rows(db, "SELECT * FROM dataset_versions ORDER BY version"),
+    )
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "append_insert_ratings",
+        "create_described_items",
+        "unique_item_ids",
+        "create_item_metadata",
+        "append_record_items_source",
+    ],
+)
+def test_an_append_with_metadata_is_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A failure at any write step of an append with metadata leaves every table as it was."""
+    db = tmp_path / "mf.duckdb"
+    ok(_preprocess(db, tmp_path, "--items-source", _write(tmp_path / "items.csv", METADATA)))
+    update = _write(tmp_path / "update.csv", "item,year,band\nb,1991,PG\nq,2021,R\n")
+    before = _state(db)
+    real = mfbatch.store.db.run
+
+    def failing(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> Any:
+        if name == step:
+            raise duckdb.IOException("disk full (injected)")
+        return real(con, name, **params)
+
+    monkeypatch.setattr(mfbatch.store.db, "run", failing)
+    result = _append(db, tmp_path, APPENDED, "--items-source", update)
+    monkeypatch.undo()
+    assert_user_error(result, 4, "rolled back", "disk full (injected)")
+    assert _state(db) == before
+    ok(_append(db, tmp_path, APPENDED, "--items-source", update))
+    assert _items(db)["q"]["band"] == "R"
