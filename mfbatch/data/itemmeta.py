@@ -250,20 +250,20 @@ def with_metadata(items: pl.DataFrame, metadata: pl.DataFrame | None) -> pl.Data
     own = items.select(FIXED_COLUMNS)
     if metadata is None:
         return own
+    attributes = [c for c in metadata.columns if c not in ("item_id", *TEXT_COLUMNS)]
+    # No helper columns: an attribute may be called anything but items' own names.
     joined = own.join(
-        metadata.with_columns(__described=pl.lit(True)),
-        on="item_id",
-        how="left",
-        suffix="__meta",
-        maintain_order="left",
+        metadata.select("item_id", *attributes), on="item_id", how="left", maintain_order="left"
     )
-    described = pl.col("__described").fill_null(False)
+    described = own["item_id"].is_in(metadata["item_id"].implode())
     texts = [
-        pl.when(described).then(pl.col(f"{c}__meta")).otherwise(pl.col(c)).alias(c)
+        pl.when(described)
+        .then(own["item_id"].replace_strict(metadata["item_id"], metadata[c], default=None))
+        .otherwise(pl.col(c))
+        .alias(c)
         for c in TEXT_COLUMNS
         if c in metadata.columns
     ]
-    attributes = [c for c in metadata.columns if c not in ("item_id", *TEXT_COLUMNS)]
     return joined.with_columns(texts).select(*FIXED_COLUMNS, *attributes)
 
 
