@@ -105,6 +105,19 @@ def test_a_csv_of_metadata_fills_items_and_keeps_unrated_rows_aside(tmp_path: Pa
     assert recorded["items_source"] == str(meta) and recorded["items_id_col"] == "item"
 
 
+def test_any_attribute_name_but_items_own(tmp_path: Path) -> None:
+    """Spaces, quotes, a pandas index column and SQL words are column names like others."""
+    db = tmp_path / "mf.duckdb"
+    header = 'item,kid friendly,"say ""hi""",__index_level_0__,select,TITLE'
+    meta = _write(tmp_path / "odd.csv", f"{header}\n007,true,x,0,1,Bond\nb,false,y,1,2,Bee\n")
+    ok(_preprocess(db, tmp_path, "--items-source", meta))
+    names = [r[0] for r in rows(db, "DESCRIBE items")][6:]
+    assert names == ["kid friendly", 'say "hi"', "__index_level_0__", "select"]
+    assert rows(db, "SELECT title, \"kid friendly\" FROM items WHERE item_id = 'b'") == [
+        ("Bee", False)
+    ]
+
+
 def test_metadata_never_changes_the_dataset_identity(tmp_path: Path) -> None:
     """Models do not read metadata: a run trained before stays servable after it."""
     plain, described = tmp_path / "plain.duckdb", tmp_path / "described.duckdb"

@@ -139,10 +139,18 @@ class _CsvFile:
 
     def read(self, id_col: str) -> pl.DataFrame:
         """Every row, each column's type inferred from all of them (a catalogue is small,
-        and `year > 1990` needs numbers); the id and title/genres as text."""
-        text = {n: pl.String() for n in self.header if n == id_col or n.lower() in TEXT_COLUMNS}
+        and `year > 1990` needs numbers); the id and title/genres as text. Columns take
+        the header's names as CSV spells them (Polars keeps a quoted name's doubled quotes)."""
         try:
-            return pl.read_csv(
+            named = pl.read_csv(io.BytesIO(self.data), separator=self.separator, n_rows=0)
+            if len(named.columns) != len(self.header):
+                raise ValueError(f"{len(named.columns)} columns, {len(self.header)} in the header")
+            text = {
+                polars: pl.String()
+                for polars, name in zip(named.columns, self.header, strict=True)
+                if name == id_col or name.lower() in TEXT_COLUMNS
+            }
+            frame = pl.read_csv(
                 io.BytesIO(self.data),
                 separator=self.separator,
                 infer_schema_length=None,
@@ -153,6 +161,7 @@ class _CsvFile:
                 f"{self.path}: not readable as {self.separator!r}-separated CSV "
                 f"({first_line(exc)}); check --items-separator and quoting"
             ) from None
+        return frame.rename(dict(zip(named.columns, self.header, strict=True)))
 
 
 def _check_names(path: Path, header: list[str], id_col: str) -> None:
