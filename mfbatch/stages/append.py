@@ -11,7 +11,9 @@ append reads the file with the same loaders and column options as a preprocess, 
   keep meaning the split models were trained and measured on;
 - `dataset_sha256` stays the base's and a `dataset_versions` row records the append, so a
   model trained on any version of this lineage is still served (and folded in for what it
-  has not seen), while a re-preprocess that remaps ids is refused as before.
+  has not seen), while a re-preprocess that remaps ids is refused as before;
+- item metadata (`item_metadata`, from --items-source) is updated by the file this append
+  names, if any, and joined onto items again, so new items take their stored attributes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Stage 1, `mfbatch preprocess`: source file -> prepared DuckDB tables.
 
 Reads with the loader the config names, prepares (ids, scale, duplicates, split) and
-replaces users / items / ratings / dataset_meta in one transaction. With
+replaces users / items / ratings / dataset_meta in one transaction, with the item metadata
+of `--items-source` (mfbatch.data.itemmeta) joined onto items. With
 `preprocess.memory_mb` (`--memory-mb`) a Parquet source is prepared out of core
 (mfbatch.data.outofcore) into the same tables, its ratings written bucket by bucket
 inside that one transaction.
