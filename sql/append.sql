@@ -35,7 +35,10 @@ LEFT JOIN ratings r USING (user_idx, item_idx);
 INSERT INTO users SELECT user_idx, user_id, 0, 0 FROM staged_new_users;
 
 -- name: append_insert_items
-INSERT INTO items SELECT item_idx, item_id, title, genres, 0, 0 FROM staged_new_items;
+-- BY NAME: items may carry metadata attributes after its own columns (NULL here; an
+-- append with metadata fills them when it rebuilds items).
+INSERT INTO items BY NAME
+SELECT item_idx, item_id, title, genres, 0 AS n_ratings, 0 AS n_train FROM staged_new_items;
 
 -- name: append_replace_ratings
 -- A pair already stored takes the appended rating unless the stored one is newer by
@@ -109,3 +112,8 @@ INSERT INTO dataset_versions VALUES (
     $version, $parent, $sha256, $source, $rows_in, $rows_added, $new_users, $new_items,
     $replaced, $created_at
 );
+
+-- name: append_record_items_source
+-- `--append --items-source`: dataset_meta.config's [preprocess] names the newest metadata
+-- file and its id column (the next append's file is read by that column).
+UPDATE dataset_meta SET config = $config;

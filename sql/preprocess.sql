@@ -11,6 +11,9 @@ DROP TABLE IF EXISTS users;
 -- name: drop_items
 DROP TABLE IF EXISTS items;
 
+-- name: drop_item_metadata
+DROP TABLE IF EXISTS item_metadata;
+
 -- name: drop_dataset_meta
 DROP TABLE IF EXISTS dataset_meta;
 
@@ -115,6 +118,43 @@ SELECT user_idx, user_id, n_ratings, n_train FROM staged_users;
 -- name: insert_items
 INSERT INTO items
 SELECT item_idx, item_id, title, genres, n_ratings, n_train FROM staged_items;
+
+-- name: create_described_items
+-- Item metadata (--items-source): items again, from the staged frame of its own columns
+-- followed by the file's attribute columns, whose names and types are the file's; so the
+-- table is made from the frame, then given the keys create_items declares.
+CREATE TABLE items AS SELECT * FROM staged_described_items ORDER BY item_idx;
+
+-- name: key_items
+ALTER TABLE items ADD PRIMARY KEY (item_idx);
+
+-- name: unique_item_ids
+CREATE UNIQUE INDEX items_item_id ON items (item_id);
+
+-- name: require_item_ids
+ALTER TABLE items ALTER COLUMN item_id SET NOT NULL;
+
+-- name: require_item_ratings
+ALTER TABLE items ALTER COLUMN n_ratings SET NOT NULL;
+
+-- name: require_item_train
+ALTER TABLE items ALTER COLUMN n_train SET NOT NULL;
+
+-- name: create_item_metadata
+-- Every row of the metadata files read, by raw item id: those of items nobody has rated
+-- yet too (never served: they are not in items), which an append that brings the item
+-- fills its attributes from.
+CREATE TABLE item_metadata AS SELECT * FROM staged_item_metadata ORDER BY item_id;
+
+-- name: key_item_metadata
+ALTER TABLE item_metadata ADD PRIMARY KEY (item_id);
+
+-- name: item_metadata_rows
+SELECT * FROM item_metadata ORDER BY item_id;
+
+-- name: items_own_columns
+-- items without its metadata attributes: what the attributes are joined onto again.
+SELECT item_idx, item_id, title, genres, n_ratings, n_train FROM items ORDER BY item_idx;
 
 -- name: insert_ratings
 INSERT INTO ratings

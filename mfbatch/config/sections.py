@@ -175,16 +175,44 @@ class SplitConfig(Options):
 
 
 class PreprocessConfig(Options):
-    """How `mfbatch preprocess` runs (not what it writes: both ways give the same tables)."""
+    """How `mfbatch preprocess` runs, and the item metadata it stores beside the ratings
+    (which never changes the dataset's identity: models do not read it)."""
 
     memory_mb: int | None = Field(
         None,
         description=f"Parquet sources: preprocess out of core within about this many MB (at "
         f"least {MIN_MEMORY_MB}) instead of holding every rating in memory; the same tables.",
     )
+    items_source: PathValue | None = Field(
+        None,
+        description="Item metadata: a CSV or Parquet file, one row per item, an id column and "
+        "any others (title, genres, attributes), stored in items for recommend and score "
+        "--where / --exclude-where. With --append: updates the stored metadata.",
+    )
+    items_id_col: str | None = Field(
+        None,
+        description="--items-source: its item id column (default: the --item-col name, "
+        "else item_id, else id; with --append, the one used before).",
+    )
+    items_separator: str | None = Field(
+        None, description="--items-source CSV: field separator (default ',', tab for .tsv)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessConfig:
+        if self.items_source is None:
+            for flag, value in (
+                ("--items-id-col", self.items_id_col),
+                ("--items-separator", self.items_separator),
+            ):
+                if value is not None:
+                    raise ConfigError(f"{flag}: only with --items-source FILE")
+        if self.items_separator is not None and len(self.items_separator) != 1:
+            raise ConfigError(
+                f"--items-separator: must be a single character, got {self.items_separator!r}"
+            )
+        if self.items_id_col is not None and not self.items_id_col.strip():
+            raise ConfigError("--items-id-col: name the column (it can't be empty)")
         if self.memory_mb is not None and self.memory_mb < MIN_MEMORY_MB:
             raise ConfigError(
                 f"--memory-mb: at least {MIN_MEMORY_MB} (the streaming pass and the "
@@ -227,7 +255,13 @@ class ScoreConfig(Options):
     where: str | None = Field(
         None,
         description="Recommend only items this SQL predicate on the items table holds for, "
-        "e.g. \"genres LIKE '%Comedy%'\" (one expression; columns of items).",
+        "e.g. \"genres LIKE '%Comedy%'\" (one expression; columns of items, --items-source "
+        "attributes included; NULL counts as false).",
+    )
+    exclude_where: str | None = Field(
+        None,
+        description="Never recommend items this SQL predicate on the items table holds for, "
+        'e.g. "explicit" or "year < 1990" (NULL counts as false: such items stay).',
     )
     keep_history: int = Field(7, description="Publishes kept in recommendation_history.")
     output: PathValue | None = Field(

@@ -241,7 +241,7 @@ def collect(query: pl.LazyFrame, source: Path) -> pl.DataFrame:
 
 
 def _integral(column: pl.Expr, dtype: pl.DataType) -> pl.Expr | None:
-    """Whether every id is an integer (generic._as_id's test), for the types that ask."""
+    """Whether every id is an integer (tables.as_id's test), for the types that ask."""
     if dtype.is_float():
         return (column == column.round()).all()
     if dtype == pl.String:

@@ -125,7 +125,7 @@ class TableLoader(BaseDataLoader):
                     self._explain_missing(source, row)
                     or f"{source} {self._where(row)}, column {roles[role]}: value is missing{need}"
                 )
-        frame = frame.with_columns(_as_id(frame["user_id"]), _as_id(frame["item_id"]))
+        frame = frame.with_columns(as_id(frame["user_id"]), as_id(frame["item_id"]))
         implicit = "rating" not in roles
         if implicit:
             frame = frame.with_columns(rating=pl.lit(1.0, dtype=pl.Float64))
@@ -228,7 +228,7 @@ def sha256_source(source: Path) -> str:
     return digest.hexdigest()
 
 
-def _as_id(column: pl.Series) -> pl.Series:
+def as_id(column: pl.Series) -> pl.Series:
     # Integer ids stay integers (numeric order); anything else is compared as text.
     if column.dtype.is_integer():
         return column.cast(pl.Int64)

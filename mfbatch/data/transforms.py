@@ -68,6 +68,32 @@ def dense_ids(ids: pl.Series) -> tuple[pl.Series, pl.Series]:
     return index, ids.unique().sort()
 
 
+def map_ids(
+    raw_ids: pl.Series, known: pl.DataFrame, key: str, offset: int
+) -> tuple[pl.Series, pl.DataFrame]:
+    """`preprocess --append`'s ids: (index per row, new ids as an idx/id frame). Ids in
+    `known` keep their index; new ones follow `offset`, in the preprocess's order."""
+    as_text = raw_ids.cast(pl.String)
+    lookup = dict(zip(known[f"{key}_id"].to_list(), known[f"{key}_idx"].to_list(), strict=True))
+    is_new = ~as_text.is_in(known[f"{key}_id"].implode())
+    fresh = raw_ids.filter(is_new)
+    index = as_text.replace_strict(
+        list(lookup), list(lookup.values()), default=None, return_dtype=pl.Int32
+    )
+    if fresh.len() == 0:
+        return index, pl.DataFrame(schema={f"{key}_idx": pl.Int32, f"{key}_id": pl.String})
+    # New ids in sorted order of the raw id (numeric order for integer ids), after the last.
+    fresh_idx, fresh_ids = dense_ids(fresh)
+    index = index.scatter(np.flatnonzero(is_new.to_numpy()), fresh_idx + offset)
+    new = pl.DataFrame(
+        {
+            f"{key}_idx": pl.int_range(offset, offset + len(fresh_ids), dtype=pl.Int32, eager=True),
+            f"{key}_id": fresh_ids.cast(pl.String),
+        }
+    )
+    return index, new
+
+
 def _dense_int_ids(ids: pl.Series) -> tuple[pl.Series, pl.Series] | None:
     """Integer ids within a compact range: a lookup table over the range, no sort, no hash."""
     values = ids.to_numpy()

@@ -11,7 +11,9 @@ append reads the file with the same loaders and column options as a preprocess, 
   keep meaning the split models were trained and measured on;
 - `dataset_sha256` stays the base's and a `dataset_versions` row records the append, so a
   model trained on any version of this lineage is still served (and folded in for what it
-  has not seen), while a re-preprocess that remaps ids is refused as before.
+  has not seen), while a re-preprocess that remaps ids is refused as before;
+- item metadata (`item_metadata`, from --items-source) is updated by the file this append
+  names, if any, and joined onto items again, so new items take their stored attributes.
 """
 
 from __future__ import annotations
@@ -25,20 +27,22 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import numpy as np
 import polars as pl
 
 from mfbatch.config import Config
 from mfbatch.data import DataLoaderFactory
 from mfbatch.data.base import RawData
+from mfbatch.data.itemmeta import ItemMetadata, coverage, merge, with_metadata
 from mfbatch.data.transforms import (
-    dense_ids,
     drop_duplicates,
     infer_scale,
+    map_ids,
     normalise,
     transform_weights,
 )
 from mfbatch.errors import ConfigError, DatabaseError, InputDataError
+from mfbatch.stages.preprocess import item_metadata
+from mfbatch.stages.preprocess_write import describe_items
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 
@@ -58,41 +62,32 @@ class AppendSummary:
     n_users: int
     n_items: int
     seconds: float
+    # --items-source: the file and the catalogue items the stored metadata now describes.
+    items_source: str | None = None
+    items_described: int = 0
+    ratings_changed: bool = True  # False: every rating was stored; only metadata changed
 
     def line(self) -> str:
         stale = f", {self.stale:,} older than the stored rating ignored" if self.stale else ""
+        described = (
+            f"; metadata from {self.items_source}: {self.items_described:,} of "
+            f"{self.n_items:,} items described"
+            if self.items_source
+            else ""
+        )
+        if not self.ratings_changed:
+            return (
+                f"appended no ratings from {self.source} (all {self.rows_in:,} already stored)"
+                f"{described} in {self.seconds:.2f} s -> {self.db}"
+            )
         return (
             f"appended {self.rows_in:,} rows from {self.source} as version {self.version} "
             f"({self.duplicates_dropped:,} duplicate (user, item) dropped): "
             f"{self.rows_added:,} new ratings, {self.replaced:,} replaced{stale}, "
             f"{self.new_users:,} new users, {self.new_items:,} new items; now "
-            f"{self.n_users:,} users, {self.n_items:,} items in {self.seconds:.2f} s -> {self.db}"
+            f"{self.n_users:,} users, {self.n_items:,} items in {self.seconds:.2f} s -> "
+            f"{self.db}{described}"
         )
-
-
-def _map_ids(
-    raw_ids: pl.Series, known: pl.DataFrame, key: str, offset: int
-) -> tuple[pl.Series, pl.DataFrame]:
-    """(index per row, new ids as idx/id frame): known ids keep theirs, new ones follow."""
-    as_text = raw_ids.cast(pl.String)
-    lookup = dict(zip(known[f"{key}_id"].to_list(), known[f"{key}_idx"].to_list(), strict=True))
-    is_new = ~as_text.is_in(known[f"{key}_id"].implode())
-    fresh = raw_ids.filter(is_new)
-    index = as_text.replace_strict(
-        list(lookup), list(lookup.values()), default=None, return_dtype=pl.Int32
-    )
-    if fresh.len() == 0:
-        return index, pl.DataFrame(schema={f"{key}_idx": pl.Int32, f"{key}_id": pl.String})
-    # New ids in sorted order of the raw id (numeric order for integer ids), after the last.
-    fresh_idx, fresh_ids = dense_ids(fresh)
-    index = index.scatter(np.flatnonzero(is_new.to_numpy()), fresh_idx + offset)
-    new = pl.DataFrame(
-        {
-            f"{key}_idx": pl.int_range(offset, offset + len(fresh_ids), dtype=pl.Int32, eager=True),
-            f"{key}_id": fresh_ids.cast(pl.String),
-        }
-    )
-    return index, new
 
 
 def _version_sha(parent_sha: str, raw: RawData, config: Config) -> str:
@@ -113,6 +108,16 @@ class _Staged:
     new_items: pl.DataFrame  # item_idx, item_id, title, genres
 
 
+@dataclass(frozen=True)
+class _Metadata:
+    """The item metadata an append writes: the new file (--items-source) if any, and the
+    stored metadata updated by it (None: the database has none and gets none)."""
+
+    fresh: ItemMetadata | None
+    merged: pl.DataFrame | None
+    config: str | None  # dataset_meta.config naming the new file (None: unchanged)
+
+
 def append(*, config: Config) -> AppendSummary:
     """Add the source's ratings to config.db; raises MfbatchError, leaving the db as it was."""
     started = time.perf_counter()
@@ -129,11 +134,13 @@ def append(*, config: Config) -> AppendSummary:
         config = _stored_reading(con, config, dataset)
         scale = _stored_scale(config, dataset, path)
         _require_times(config, dataset, path)
+        # The metadata file is checked before the ratings are read: a bad one fails fast.
+        metadata = _metadata(con, config)
         raw = _read_source(config)
         _check_feedback(raw, dataset, path)
         lo, hi = _append_scale(raw, scale, path)
         staged = _stage(con, raw, dataset, lo, hi, config)
-        version, counts = _store(con, path, staged, raw, config)
+        version, counts = _store(con, path, staged, raw, config, metadata)
     finally:
         con.close()
     new_users, new_items = staged.new_users.height, staged.new_items.height
@@ -151,7 +158,31 @@ def append(*, config: Config) -> AppendSummary:
         n_users=dataset.n_users + new_users,
         n_items=dataset.n_items + new_items,
         seconds=time.perf_counter() - started,
+        items_source=metadata.fresh.source if metadata.fresh is not None else None,
+        items_described=int(counts.get("described", 0)),
+        ratings_changed=bool(counts["added"] or counts["replaced"] or new_items),
     )
+
+
+def _metadata(con: duckdb.DuckDBPyConnection, config: Config) -> _Metadata:
+    """The new metadata file (its id column: --items-id-col, else the one recorded, else
+    the preprocess's guesses) merged into what item_metadata holds."""
+    stored = db.frame(con, "item_metadata_rows") if db.table_exists(con, "item_metadata") else None
+    if config.preprocess.items_source is None:
+        return _Metadata(None, stored, None)
+    row = db.one(con, "append_stored_config")
+    recorded = json.loads(row[0]) if row and row[0] else {}
+    before = recorded.get("preprocess", {})
+    fresh = item_metadata(config, config.preprocess.items_id_col, before.get("items_id_col"))
+    assert fresh is not None  # items_source is given
+    # dataset_meta.config names the newest metadata file and its id column.
+    recorded["preprocess"] = {
+        **before,
+        "items_source": str(config.preprocess.items_source),
+        "items_id_col": fresh.id_col,
+        "items_separator": config.preprocess.items_separator,
+    }
+    return _Metadata(fresh, merge(stored, fresh), json.dumps(recorded))
 
 
 def _require_times(config: Config, dataset: Dataset, path: Path) -> None:
@@ -253,8 +284,8 @@ def _stage(
     """The source's ratings mapped onto the stored ids, deduplicated and normalised."""
     users = db.frame(con, "append_user_ids")
     items = db.frame(con, "append_item_ids")
-    user_idx, new_users = _map_ids(raw.ratings["user_id"], users, "user", dataset.n_users)
-    item_idx, new_items = _map_ids(raw.ratings["item_id"], items, "item", dataset.n_items)
+    user_idx, new_users = map_ids(raw.ratings["user_id"], users, "user", dataset.n_users)
+    item_idx, new_items = map_ids(raw.ratings["item_id"], items, "item", dataset.n_items)
     n_items = dataset.n_items + new_items.height
     frame = pl.DataFrame(
         {
@@ -284,14 +315,18 @@ def _stage(
 
 
 def _store(
-    con: duckdb.DuckDBPyConnection, path: Path, staged: _Staged, raw: RawData, config: Config
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    staged: _Staged,
+    raw: RawData,
+    config: Config,
+    metadata: _Metadata,
 ) -> tuple[int, dict[str, Any]]:
     """Write the staged append as the lineage's next version, in one transaction:
-    (that version, the added / replaced / stale counts)."""
+    (that version, the added / replaced / stale counts, and the items described)."""
     lineage = db.record(con, "append_lineage")
     assert lineage is not None  # an aggregate always returns a row
     parent = int(lineage["version"])
-    version = parent + 1
     tables = {
         "staged_append": staged.ratings,
         "staged_new_users": staged.new_users,
@@ -302,38 +337,60 @@ def _store(
     try:
         counts = db.record(con, "append_counts")
         assert counts is not None
-        if not counts["added"] and not counts["replaced"] and staged.new_items.height == 0:
+        news = counts["added"] or counts["replaced"] or staged.new_items.height
+        if not news and metadata.fresh is None:
             raise InputDataError(
                 f"{raw.source}: all {int(counts['unchanged']):,} ratings are already in {path} "
                 "as they are (appended before?) or older than stored ones; nothing was changed"
             )
         with db.transaction(con, f"the appended ratings into {path}"):
-            db.run(con, "append_insert_users")
-            db.run(con, "append_insert_items")
-            db.run(con, "append_replace_ratings", version=version)
-            db.run(con, "append_insert_ratings", version=version)
-            db.run(con, "append_recount_users")
-            db.run(con, "append_recount_items")
-            if "held_out" in raw.ratings.columns:
-                for step in ("train_users", "train_items", "cold", "meta"):
-                    db.run(con, f"append_given_{step}")
-            db.run(con, "append_update_meta")
-            db.run(
-                con,
-                "append_insert_version",
-                version=version,
-                parent=parent,
-                sha256=_version_sha(str(lineage["sha256"]), raw, config),
-                source=raw.source,
-                rows_in=raw.ratings.height,
-                rows_added=int(counts["added"]),
-                new_users=staged.new_users.height,
-                new_items=staged.new_items.height,
-                replaced=int(counts["replaced"]),
-                # UTC like training_runs.started_at, which score compares it with.
-                created_at=datetime.now(timezone.utc).replace(tzinfo=None),
-            )
+            if news:
+                _write_version(con, staged, raw, config, parent, str(lineage["sha256"]), counts)
+            if metadata.merged is not None:
+                own = db.frame(con, "items_own_columns")
+                describe_items(con, with_metadata(own, metadata.merged), metadata.merged)
+                counts["described"] = coverage(own["item_id"], metadata.merged)[0]
+            if metadata.config is not None:
+                db.run(con, "append_record_items_source", config=metadata.config)
     finally:
         for name in tables:
             con.unregister(name)
-    return version, counts
+    return (parent + 1 if news else parent), counts
+
+
+def _write_version(
+    con: duckdb.DuckDBPyConnection,
+    staged: _Staged,
+    raw: RawData,
+    config: Config,
+    parent: int,
+    parent_sha: str,
+    counts: dict[str, Any],
+) -> None:
+    """The appended ids and ratings, the recounts and the lineage's next version row."""
+    version = parent + 1
+    db.run(con, "append_insert_users")
+    db.run(con, "append_insert_items")
+    db.run(con, "append_replace_ratings", version=version)
+    db.run(con, "append_insert_ratings", version=version)
+    db.run(con, "append_recount_users")
+    db.run(con, "append_recount_items")
+    if "held_out" in raw.ratings.columns:
+        for step in ("train_users", "train_items", "cold", "meta"):
+            db.run(con, f"append_given_{step}")
+    db.run(con, "append_update_meta")
+    db.run(
+        con,
+        "append_insert_version",
+        version=version,
+        parent=parent,
+        sha256=_version_sha(parent_sha, raw, config),
+        source=raw.source,
+        rows_in=raw.ratings.height,
+        rows_added=int(counts["added"]),
+        new_users=staged.new_users.height,
+        new_items=staged.new_items.height,
+        replaced=int(counts["replaced"]),
+        # UTC like training_runs.started_at, which score compares it with.
+        created_at=datetime.now(timezone.utc).replace(tzinfo=None),
+    )

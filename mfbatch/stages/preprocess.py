@@ -1,7 +1,8 @@
 """Stage 1, `mfbatch preprocess`: source file -> prepared DuckDB tables.
 
 Reads with the loader the config names, prepares (ids, scale, duplicates, split) and
-replaces users / items / ratings / dataset_meta in one transaction. With
+replaces users / items / ratings / dataset_meta in one transaction, with the item metadata
+of `--items-source` (mfbatch.data.itemmeta) joined onto items. With
 `preprocess.memory_mb` (`--memory-mb`) a Parquet source is prepared out of core
 (mfbatch.data.outofcore) into the same tables, its ratings written bucket by bucket
 inside that one transaction.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import polars as pl
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -25,6 +27,7 @@ from mfbatch.config import Config
 from mfbatch.data import DataLoaderFactory, lazyscan, outofcore
 from mfbatch.data.base import BaseDataLoader, PreparedData, PrepStats, RawData
 from mfbatch.data.generic import ParquetLoader
+from mfbatch.data.itemmeta import ItemMetadata, coverage, read_item_metadata
 from mfbatch.data.tables import sha256_source
 from mfbatch.errors import ConfigError
 from mfbatch.progress import log_step
@@ -54,6 +57,11 @@ class PreprocessSummary:
 
     feedback: str = "explicit"
     split_kind: str = "time"
+    # --items-source: the file, the catalogue items it describes, and its rows for items
+    # no rating names (kept in item_metadata, never served).
+    items_source: str | None = None
+    items_described: int = 0
+    items_unrated: int = 0
 
     def line(self) -> str:
         # Implicit duplicates are merged (their weights add up), not dropped.
@@ -67,7 +75,16 @@ class PreprocessSummary:
             f"{self.n_users:,} users, {self.n_items:,} items, "
             f"train {self.n_train:,} / {held} {self.n_val:,} "
             f"({held} with unseen user {self.n_val_cold_user:,}, unseen item "
-            f"{self.n_val_cold_item:,}) in {self.seconds:.2f} s -> {self.db}"
+            f"{self.n_val_cold_item:,}) in {self.seconds:.2f} s -> {self.db}{self._described()}"
+        )
+
+    def _described(self) -> str:
+        if self.items_source is None:
+            return ""
+        return (
+            f"; metadata from {self.items_source}: {self.items_described:,} of "
+            f"{self.n_items:,} items described, {self.items_unrated:,} "
+            f"row{'' if self.items_unrated == 1 else 's'} for unrated items kept aside"
         )
 
 
@@ -137,15 +154,22 @@ def preprocess(
     con = db.connect(path)
     work: Path | None = None
     try:
+        # The metadata file is checked before the ratings are read: a bad one fails fast.
+        metadata = item_metadata(config, config.preprocess.items_id_col)
+        if metadata is not None:
+            # Recorded in dataset_meta.config: the column an --append's file is read by.
+            config = config.override("preprocess", {"items_id_col": metadata.id_col})
         with _progress(console) as progress:
             if memory_mb is not None and isinstance(loader, ParquetLoader):
                 # Buckets a killed run left beside this folder's databases go first.
                 workdirs.remove_stale(path.parent, WORK_PREFIX)
                 work = workdirs.make(path.parent, WORK_PREFIX)
                 rows = bucket_rows or outofcore.bucket_rows(memory_mb)
-                summary = _out_of_core(con, loader, config, memory_mb, rows, work, console, started)
+                summary = _out_of_core(
+                    con, loader, config, memory_mb, rows, work, console, started, metadata
+                )
             else:
-                summary = _in_memory(con, loader, config, console, progress, started)
+                summary = _in_memory(con, loader, config, console, progress, started, metadata)
     except BaseException:
         con.close()
         if not existed:
@@ -168,6 +192,7 @@ def _in_memory(
     console: Console | None,
     progress: Progress,
     started: float,
+    metadata: ItemMetadata | None,
 ) -> PreprocessSummary:
     path = config.db
     what = config.data.source or config.data.dataset
@@ -181,10 +206,11 @@ def _in_memory(
     log_step(console, "preprocess", f"writing {path}", started)
     fingerprint = dataset_fingerprint(raw, prepared, config)
     seconds = time.perf_counter() - started
-    write_dataset(con, path, raw, prepared, config, fingerprint, seconds)
+    frame = metadata.frame if metadata is not None else None
+    write_dataset(con, path, raw, prepared, config, fingerprint, seconds, frame)
     progress.update(task, advance=1)
     origin = Origin(raw.source, raw.source_sha256, raw.loader, raw.layout)
-    return _summary(
+    summary = _summary(
         path,
         origin,
         prepared.stats,
@@ -193,6 +219,7 @@ def _in_memory(
         fingerprint,
         config.split.kind,
     )
+    return _with_coverage(summary, prepared.items, metadata)
 
 
 def _out_of_core(
@@ -204,6 +231,7 @@ def _out_of_core(
     work: Path,
     console: Console | None,
     started: float,
+    metadata: ItemMetadata | None,
 ) -> PreprocessSummary:
     """The Parquet source in buckets of users (mfbatch.data.outofcore), written in one
     transaction with DuckDB held to its share of the budget, spilling into `work`."""
@@ -248,8 +276,9 @@ def _out_of_core(
         fingerprint,
         seconds,
         spool=work,
+        metadata=metadata.frame if metadata is not None else None,
     )
-    return _summary(
+    summary = _summary(
         path,
         origin,
         buckets.stats,
@@ -257,6 +286,34 @@ def _out_of_core(
         buckets.items.height,
         fingerprint,
         config.split.kind,
+    )
+    return _with_coverage(summary, buckets.items, metadata)
+
+
+def item_metadata(
+    config: Config, id_col: str | None, recorded: str | None = None
+) -> ItemMetadata | None:
+    """The --items-source file, read and checked (None without one); its id column is
+    `id_col`, else the first it has of: the one `recorded` by an earlier read, the
+    ratings' item column, item_id, id."""
+    source = config.preprocess.items_source
+    if source is None:
+        return None
+    names = (recorded, config.data.item_col, "item_id", "id")
+    guesses = tuple(dict.fromkeys(n for n in names if n))
+    return read_item_metadata(
+        source, id_col=id_col, guesses=guesses, separator=config.preprocess.items_separator
+    )
+
+
+def _with_coverage(
+    summary: PreprocessSummary, items: pl.DataFrame, metadata: ItemMetadata | None
+) -> PreprocessSummary:
+    if metadata is None:
+        return summary
+    described, unrated = coverage(items["item_id"], metadata.frame)
+    return dataclasses.replace(
+        summary, items_source=metadata.source, items_described=described, items_unrated=unrated
     )
 
 

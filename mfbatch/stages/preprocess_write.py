@@ -14,11 +14,9 @@ import polars as pl
 
 from mfbatch.config import Config
 from mfbatch.data.base import PreparedData, PrepStats, RawData
+from mfbatch.data.itemmeta import storable, with_metadata
 from mfbatch.store import db
 from mfbatch.version import __version__
-
-# Bumped when preprocessing changes what it writes for the same input, so dataset_sha256
-# (which runs and models cite) changes with it.
 
 
 @dataclass(frozen=True)
@@ -39,8 +37,9 @@ def write_dataset(
     config: Config,
     fingerprint: str,
     seconds: float,
+    metadata: pl.DataFrame | None = None,
 ) -> None:
-    """Replace the four dataset tables in one transaction."""
+    """Replace the dataset tables in one transaction."""
     write_tables(
         con,
         path,
@@ -53,6 +52,7 @@ def write_dataset(
         config,
         fingerprint,
         seconds,
+        metadata=metadata,
     )
 
 
@@ -69,20 +69,31 @@ def write_tables(
     fingerprint: str,
     seconds: float,
     spool: Path | None = None,
+    metadata: pl.DataFrame | None = None,
 ) -> None:
     """The dataset tables in one transaction; `ratings` arrive in (user, item) order, in
     one frame or several, each inserted as it comes (through a Parquet file in `spool`
-    when given)."""
+    when given). `metadata` (--items-source) adds its attributes to items and is kept
+    whole in item_metadata; without it, metadata a database held before is dropped."""
     con.register("staged_users", users.to_arrow())
     con.register("staged_items", items.to_arrow())
     try:
         with db.transaction(con, f"the dataset into {path}"):
-            for table in ("ratings", "users", "items", "dataset_meta", "dataset_versions"):
+            for table in (
+                "ratings",
+                "users",
+                "items",
+                "item_metadata",
+                "dataset_meta",
+                "dataset_versions",
+            ):
                 db.run(con, f"drop_{table}")
             for table in ("users", "items", "ratings", "dataset_meta", "dataset_versions"):
                 db.run(con, f"create_{table}")
             db.run(con, "insert_users")
             db.run(con, "insert_items")
+            if metadata is not None:
+                describe_items(con, with_metadata(items, metadata), metadata)
             _insert_ratings(con, ratings, spool)
             _insert_meta(
                 con,
@@ -98,6 +109,33 @@ def write_tables(
     finally:
         con.unregister("staged_users")
         con.unregister("staged_items")
+
+
+def describe_items(
+    con: duckdb.DuckDBPyConnection, described: pl.DataFrame, metadata: pl.DataFrame
+) -> None:
+    """Replace items by `described` (its own columns, then the metadata's attributes) and
+    item_metadata by `metadata`, inside the caller's transaction."""
+    con.register("staged_described_items", storable(described).to_arrow())
+    con.register("staged_item_metadata", storable(metadata).to_arrow())
+    try:
+        for step in (
+            "drop_items",
+            "create_described_items",
+            # NOT NULL first: DuckDB alters no table that an index depends on.
+            "require_item_ids",
+            "require_item_ratings",
+            "require_item_train",
+            "key_items",
+            "unique_item_ids",
+            "drop_item_metadata",
+            "create_item_metadata",
+            "key_item_metadata",
+        ):
+            db.run(con, step)
+    finally:
+        con.unregister("staged_described_items")
+        con.unregister("staged_item_metadata")
 
 
 def _insert_ratings(

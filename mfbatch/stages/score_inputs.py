@@ -51,27 +51,58 @@ class _Stored:
     fresh: dict[str, np.ndarray]  # ratings the run has not seen (appended since)
     user_ids: pa.Array
     item_ids: pa.Array
-    allowed: np.ndarray | None = None  # item_idx --where holds for (None: no --where)
+    allowed: np.ndarray | None = None  # item_idx the attribute filters keep (None: none)
+    notes: tuple[str, ...] = ()  # warnings found while reading
 
 
-def _where(con: Any, predicate: str) -> np.ndarray:
-    """The items `predicate` holds for. Polars parses it as one SQL expression over the
-    items table's columns: no statement, no subquery into other tables, nothing to inject."""
+def _matching(items: Any, predicate: str, flag: str) -> np.ndarray:
+    """The item_idx of the items `predicate` holds for (NULL counts as false). Polars
+    parses it as one SQL expression over the items table's columns: no statement, no
+    subquery into other tables, nothing to inject."""
     import polars as pl
 
-    items = pl.from_arrow(db.arrow(con, "items_table"))
-    assert isinstance(items, pl.DataFrame)
     try:
         chosen = items.filter(pl.sql_expr(predicate))
     except Exception as exc:  # Polars' SQL and column errors have no common base
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        names = ", ".join(items.columns[:30]) + (", ..." if len(items.columns) > 30 else "")
         raise ConfigError(
-            f"--where {predicate!r}: {reason}; write one SQL condition on the items "
-            f"columns ({', '.join(items.columns)})"
+            f"{flag} {predicate!r}: {reason}; write one SQL condition on the items "
+            f"columns ({names})"
         ) from None
-    if chosen.height == 0:
-        raise ConfigError(f"--where {predicate!r}: no item matches; nothing would be listed")
-    return chosen["item_idx"].to_numpy().astype(np.int64)
+    return np.asarray(chosen["item_idx"].to_numpy(), dtype=np.int64)
+
+
+def _attribute_filter(con: Any, settings: ScoreConfig, warnings: list[str]) -> np.ndarray | None:
+    """The item_idx --where holds for less those --exclude-where holds for (None: neither
+    given); refused when it leaves no item, before any scoring."""
+    if settings.where is None and settings.exclude_where is None:
+        return None
+    import polars as pl
+
+    items = pl.from_arrow(db.arrow(con, "items_table"))
+    assert isinstance(items, pl.DataFrame)
+    allowed = np.asarray(items["item_idx"].to_numpy(), dtype=np.int64)
+    if settings.where is not None:
+        allowed = _matching(items, settings.where, "--where")
+        if len(allowed) == 0:
+            raise ConfigError(
+                f"--where {settings.where!r}: no item matches; nothing would be listed"
+            )
+    if settings.exclude_where is not None:
+        excluded = _matching(items, settings.exclude_where, "--exclude-where")
+        if len(excluded) == 0:
+            warnings.append(
+                f"--exclude-where {settings.exclude_where!r}: no item matches; none excluded"
+            )
+        allowed = np.setdiff1d(allowed, excluded)
+        if len(allowed) == 0:
+            given = "--where and --exclude-where" if settings.where else "--exclude-where"
+            raise ConfigError(
+                f"{given}: {len(excluded):,} of {items.height:,} items excluded leaves none "
+                "to recommend; loosen the predicate"
+            )
+    return allowed
 
 
 def read_ids(path: Path, what: str) -> list[str]:
@@ -131,6 +162,7 @@ def _read(config: Config) -> _Stored:
         all_splits = run.data_seen == "train+val"
         version = db.record(con, "run_data_version", run_id=run.run_id)
         assert version is not None  # an aggregate always returns a row
+        notes: list[str] = []
         return _Stored(
             dataset=dataset,
             run=run,
@@ -141,7 +173,8 @@ def _read(config: Config) -> _Stored:
             ),
             fresh=_fresh(con, all_splits, version["version"]),
             user_ids=db.arrow(con, "user_ids").column("user_id").combine_chunks(),
-            allowed=_where(con, settings.where) if settings.where else None,
+            allowed=_attribute_filter(con, settings, notes),
+            notes=tuple(notes),
             item_ids=db.arrow(con, "item_ids").column("item_id").combine_chunks(),
         )
     finally:
@@ -189,6 +222,13 @@ def _item_mask(
     return mask
 
 
+def _filters(settings: ScoreConfig) -> str:
+    flags = ("--where", "--exclude-where", "--include-items", "--exclude-items")
+    values = (settings.where, settings.exclude_where, settings.include_items,
+              settings.exclude_items)  # fmt: skip
+    return "/".join(f for f, v in zip(flags, values, strict=True) if v is not None)
+
+
 def _fold_in(
     fresh: dict[str, np.ndarray], users: np.ndarray, n_users: int, weights: np.ndarray | None
 ) -> FoldIn:
@@ -215,7 +255,7 @@ def load_inputs(config: Config) -> ScoreInputs:
     users = np.arange(dataset.n_users, dtype=np.int64)
     if settings.users is not None:
         users = _lookup(stored.user_ids, settings.users, "users")
-    warnings: list[str] = []
+    warnings = list(stored.notes)
     item_mask = _item_mask(settings, stored.item_ids, dataset.n_items, warnings)
     if stored.allowed is not None:
         kept = np.full_like(item_mask, -np.inf)
@@ -228,6 +268,12 @@ def load_inputs(config: Config) -> ScoreInputs:
     fitted_items[model_items:] = 0
     fitted_users[model_users:] = 0
     item_mask[fitted_items == 0] = -np.inf
+    if stored.allowed is not None and not np.isfinite(item_mask).any():
+        raise ConfigError(
+            f"{_filters(settings)}: of the {len(stored.allowed):,} item(s) the attribute "
+            "filter keeps, none is left (excluded, or unknown to the run); nothing would be "
+            "listed"
+        )
     weights = _fold_weights(stored.fresh, stored.run)
     fold = _fold_in(stored.fresh, users, dataset.n_users, weights)
     fold = dataclasses.replace(
