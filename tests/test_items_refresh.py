@@ -10,8 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import duckdb
+import pytest
 from conftest import Run, assert_user_error, cli, ok, rows
 from test_items_source import METADATA, RATINGS, READ
+
+import mfbatch.store.db
 
 # What a refresh must leave alone: the ratings, ids and lineage.
 UNTOUCHED = (
@@ -137,3 +141,29 @@ def test_every_refusal_leaves_the_database_byte_for_byte(tmp_path: Path) -> None
     missing = tmp_path / "none.duckdb"
     assert_user_error(_refresh(missing, "--items-source", words), 4, "does not exist")
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("step", ["create_described_items", "append_record_items_source"])
+def test_a_refresh_is_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A failure at a write step rolls back items, item_metadata and the recorded file."""
+    db = _prepared(tmp_path, "--items-source", _write(tmp_path / "items.csv", METADATA))
+    update = _write(tmp_path / "update.csv", "item,year,band\nb,1991,PG\n")
+    state = ["SELECT * FROM items ORDER BY ALL", "SELECT * FROM item_metadata ORDER BY ALL",
+             "SELECT config FROM dataset_meta"]  # fmt: skip
+    before = [rows(db, query) for query in state]
+    real = mfbatch.store.db.run
+
+    def failing(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> Any:
+        if name == step:
+            raise duckdb.IOException("disk full (injected)")
+        return real(con, name, **params)
+
+    monkeypatch.setattr(mfbatch.store.db, "run", failing)
+    result = _refresh(db, "--items-source", update)
+    monkeypatch.undo()
+    assert_user_error(result, 4, "rolled back", "disk full (injected)")
+    assert [rows(db, query) for query in state] == before
+    ok(_refresh(db, "--items-source", update))
+    assert _items(db)["b"]["band"] == "PG"
