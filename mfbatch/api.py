@@ -14,19 +14,25 @@
 The stages themselves live in `mfbatch.stages` (one module each).
 
 Each takes `db` (a path) and/or `config` (a TOML path or a loaded `Config`); keywords
-override the config's section for that stage and are type-checked like CLI flags. Errors
-are `mfbatch.errors.MfbatchError` subclasses with a one-line message. Heavy modules
-(torch, onnxruntime) load only when a function needs them. `verbose=True` prints what the
-CLI prints while a stage works (epochs, tenths of the users) on stderr; the default is
-silent. `preprocess(source=...)` also takes a Polars, pandas or Arrow frame.
+override the config's sections for that stage (preprocess and append: [data] and
+[preprocess] fields, each routed to the section that declares it) and are type-checked
+like CLI flags; an unknown one names the close match. Errors are
+`mfbatch.errors.MfbatchError` subclasses with a one-line message. Heavy modules (torch,
+onnxruntime) load only when a function needs them. `verbose=True` prints what the CLI
+prints while a stage works (epochs, tenths of the users) on stderr; the default is silent.
+`preprocess` and `append` take a Polars, pandas or Arrow frame for `source=` and
+`items_source=` as well as a file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mfbatch.config import Config, load_config
 from mfbatch.errors import ConfigError, MfbatchError
@@ -37,6 +43,7 @@ if TYPE_CHECKING:
 
     from mfbatch.model_api import Model
     from mfbatch.stages.append import AppendSummary
+    from mfbatch.stages.append_items import RefreshSummary
     from mfbatch.stages.evaluate import Evaluation
     from mfbatch.stages.preprocess import PreprocessSummary
     from mfbatch.stages.recommend import UserReport
@@ -47,6 +54,7 @@ if TYPE_CHECKING:
     from mfbatch.store.runs import RunListing
 
 PathLike = str | os.PathLike[str]
+T = TypeVar("T")
 
 
 def _path(name: str, value: object) -> Path:
@@ -96,6 +104,49 @@ def _console(verbose: bool) -> Console | None:
     return log_console() if verbose else None
 
 
+# Where a keyword the section fields do not hold is taken (a hint in the error).
+_TAKEN_BY = {"data": "preprocess", "split": "preprocess", "preprocess": "preprocess"}
+
+
+def _route(
+    function: str, keywords: Mapping[str, Any], sections: tuple[str, ...]
+) -> dict[str, dict[str, Any]]:
+    """Each keyword under the section that declares it (the first of `sections`: data's
+    seed before split's); an unknown one a ConfigError naming the close match."""
+    from mfbatch.config.load import SECTIONS
+
+    routed: dict[str, dict[str, Any]] = {section: {} for section in sections}
+    for name, value in keywords.items():
+        home = next((s for s in sections if name in SECTIONS[s].model_fields), None)
+        if home is None:
+            raise ConfigError(_unknown(function, name, sections))
+        routed[home][name] = value
+    return routed
+
+
+def _unknown(function: str, name: str, sections: tuple[str, ...]) -> str:
+    import difflib
+
+    from mfbatch.config.load import SECTIONS
+
+    where = f"{function}({name}=...)"
+    known = sorted({field for s in sections for field in SECTIONS[s].model_fields})
+    close = difflib.get_close_matches(name, known, n=1)
+    if name not in SECTIONS["split"].model_fields and close:
+        return f"{where}: unknown keyword; did you mean {close[0]}=?"
+    # Another stage's keyword (or a near miss of one): name the call that takes it.
+    for section, options in SECTIONS.items():
+        near = difflib.get_close_matches(name, list(options.model_fields), n=1, cutoff=0.8)
+        if section in sections or not near:
+            continue
+        if section == "split":
+            return f"{where}: a split setting; pass split={{{near[0]!r}: ...}} to preprocess"
+        taker = _TAKEN_BY.get(section, section)
+        call = f"mfbatch.{taker}({near[0]}=...)"
+        return f"{where}: not one of {function}'s keywords; did you mean {call}?"
+    return f"{where}: unknown keyword; known: {', '.join(known)}"
+
+
 def _frame_type(source: Any) -> str | None:
     """'polars', 'pandas' or 'arrow' for an in-memory frame, None for anything else."""
     module = type(source).__module__.split(".")[0]
@@ -104,8 +155,8 @@ def _frame_type(source: Any) -> str | None:
     return None
 
 
-def _frame_to_parquet(source: Any, kind: str, folder: Path) -> Path:
-    """An in-memory frame written where the Parquet loader reads it: one code path for
+def _frame_to_parquet(source: Any, kind: str, path: Path) -> Path:
+    """An in-memory frame written where the Parquet reader reads it: one code path for
     files and frames, so ids, scale and split come out the same."""
     import polars as pl
 
@@ -113,9 +164,60 @@ def _frame_to_parquet(source: Any, kind: str, folder: Path) -> Path:
     if frame is None:
         frame = pl.from_arrow(source)
     assert isinstance(frame, pl.DataFrame)
-    path = folder / "source.parquet"
     frame.write_parquet(path)
     return path
+
+
+# The keywords that take a frame as well as a file: (section, field).
+_FRAME_KEYWORDS = (("data", "source"), ("preprocess", "items_source"))
+
+
+@contextmanager
+def _frames(routed: dict[str, dict[str, Any]]) -> Iterator[dict[str, str]]:
+    """Frames given for source= / items_source= written as Parquet files (in `routed`) for
+    the call's duration; yields {file: how the caller passed it} for `_named`."""
+    found = {
+        (section, key): kind
+        for section, key in _FRAME_KEYWORDS
+        if (kind := _frame_type(routed.get(section, {}).get(key))) is not None
+    }
+    if not found:
+        yield {}
+        return
+    data = routed["data"]
+    if ("data", "source") in found and data.setdefault("dataset", "parquet") != "parquet":
+        kind = found["data", "source"]
+        raise ConfigError(f"source: a {kind} frame is read as dataset='parquet', not "
+                          f"{data['dataset']!r}; drop dataset=")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="mfbatch-frame-") as folder:
+        names = {}
+        for (section, key), kind in found.items():
+            path = Path(folder) / f"{key}.parquet"
+            routed[section][key] = _frame_to_parquet(routed[section][key], kind, path)
+            names[str(path)] = f"{key} (a {kind} frame)"
+        yield names
+
+
+def _named(names: Mapping[str, str], call: Callable[[], T]) -> T:
+    """`call()`, its errors and summary naming the frames the caller passed, not the
+    temporary files they were written to."""
+
+    def rename(text: str) -> str:
+        for path, name in names.items():
+            text = text.replace(path, name)
+        return text
+
+    try:
+        result = call()
+    except MfbatchError as exc:
+        if not names:
+            raise
+        raise type(exc)(rename(str(exc))) from None
+    if not names or not dataclasses.is_dataclass(result) or isinstance(result, type):
+        return result
+    texts = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    renamed = {k: rename(v) for k, v in texts.items() if isinstance(v, str) and v in names}
+    return dataclasses.replace(result, **renamed)
 
 
 def preprocess(
@@ -124,14 +226,13 @@ def preprocess(
     config: Config | PathLike | None = None,
     split: Mapping[str, Any] | str | None = None,
     verbose: bool = False,
-    **data: Any,
+    **settings: Any,
 ) -> PreprocessSummary:
-    """Read ratings into the database: `data` are DataConfig fields, `split` SplitConfig's.
+    """Read ratings into the database: `settings` are DataConfig and PreprocessConfig
+    fields (source=, items_source=, memory_mb=, ...), `split` SplitConfig's.
 
-    `source` may be a file/folder path or a Polars, pandas or Arrow frame (its columns
-    named by user_col/item_col/rating_col/time_col like a file's)."""
-    import tempfile
-
+    `source` and `items_source` may be a file/folder path or a Polars, pandas or Arrow
+    frame (its columns named like a file's: user_col/item_col/..., items_id_col)."""
     from mfbatch.stages.preprocess import preprocess as run
 
     if isinstance(split, str):
@@ -141,34 +242,32 @@ def preprocess(
             f"split=: a kind ('random') or a mapping like {{'kind': 'user-time', "
             f"'val_fraction': 0.2}}, got {split!r}"
         )
-    kind = _frame_type(data.get("source"))
-    if kind is None:
-        return run(config=_config(config, db, {"data": data, "split": split or {}}),
-                   console=_console(verbose))  # fmt: skip
-    if data.setdefault("dataset", "parquet") != "parquet":
-        raise ConfigError(f"source: a {kind} frame is read as dataset='parquet', not "
-                          f"{data['dataset']!r}; drop dataset=")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="mfbatch-frame-") as folder:
-        data["source"] = path = _frame_to_parquet(data["source"], kind, Path(folder))
-        resolved = _config(config, db, {"data": data, "split": split or {}})
-        try:
-            return run(config=resolved, console=_console(verbose))
-        except MfbatchError as exc:
-            # Name the frame the caller passed, not the temporary file it was written to.
-            message = str(exc).replace(str(path), f"source (a {kind} frame)")
-            raise type(exc)(message) from None
+    routed = _route("preprocess", settings, ("data", "preprocess"))
+    routed["split"] = dict(split or {})
+    with _frames(routed) as names:
+        return _named(
+            names, lambda: run(config=_config(config, db, routed), console=_console(verbose))
+        )
 
 
 def append(
-    *, db: PathLike | None = None, config: Config | PathLike | None = None, **data: Any
-) -> AppendSummary:
-    """Add new ratings (`source=...`, DataConfig fields) to the dataset; `score` then folds
-    in every user whose ratings the served run has not seen."""
+    *, db: PathLike | None = None, config: Config | PathLike | None = None, **settings: Any
+) -> AppendSummary | RefreshSummary:
+    """Add new ratings (`source=`, a file or a frame, and DataConfig fields) to the
+    dataset, and/or refresh its item metadata (`items_source=`; without `source=` only the
+    metadata: a RefreshSummary). `score` then folds in every user whose ratings the served
+    run has not seen."""
     from mfbatch.stages.append import append as run
 
-    if data.get("source") is None:
-        raise ConfigError("append: name the file of new ratings with source=...")
-    return run(config=_config(config, db, {"data": data}))
+    routed = _route("append", settings, ("data", "preprocess"))
+    with _frames(routed) as names:
+        resolved = _named(names, lambda: _config(config, db, routed))
+        if resolved.data.source is None and resolved.preprocess.items_source is None:
+            raise ConfigError(
+                "append: name new ratings with source=..., or item metadata to refresh "
+                "with items_source=... (or both)"
+            )
+        return _named(names, lambda: run(config=resolved))
 
 
 def train(
@@ -181,7 +280,9 @@ def train(
     """Train (or, with on="all", refit) and export a run; `settings` are TrainConfig fields."""
     from mfbatch.stages.train import train as run
 
-    return run(config=_config(config, db, {"train": settings}), console=_console(verbose))
+    return run(
+        config=_config(config, db, _route("train", settings, ("train",))), console=_console(verbose)
+    )
 
 
 def evaluate(
@@ -194,7 +295,10 @@ def evaluate(
     """Measure the validated run on its own lists; `settings` are EvaluateConfig fields."""
     from mfbatch.stages.evaluate import evaluate as run
 
-    return run(config=_config(config, db, {"evaluate": settings}), console=_console(verbose))
+    return run(
+        config=_config(config, db, _route("evaluate", settings, ("evaluate",))),
+        console=_console(verbose),
+    )
 
 
 def score(
@@ -207,7 +311,9 @@ def score(
     """Publish the served lists; `settings` are ScoreConfig fields (top_k, users, ...)."""
     from mfbatch.stages.score import score as run
 
-    return run(config=_config(config, db, {"score": settings}), console=_console(verbose))
+    return run(
+        config=_config(config, db, _route("score", settings, ("score",))), console=_console(verbose)
+    )
 
 
 def recommend(
@@ -307,4 +413,5 @@ def tune(
     `train` then applies the chosen settings below its own keywords."""
     from mfbatch.stages.tune import tune as run
 
-    return run(config=_config(config, db, {"tune": settings, "train": train or {}}))
+    routed = _route("tune", settings, ("tune",))
+    return run(config=_config(config, db, {**routed, "train": train or {}}))

@@ -75,7 +75,8 @@ def _preprocess_extra(
         typer.Option(
             "--append",
             help="Add --source's ratings to the existing --db (ids kept, new ones appended, "
-            "split left as it was) instead of replacing it.",
+            "split left as it was) instead of replacing it; with --items-source and no "
+            "--source, refresh only the item metadata.",
         ),
     ] = False,
     config: ConfigOpt = None,
@@ -91,8 +92,7 @@ def _preprocess(overrides: dict[str, dict[str, Any]], opts: dict[str, Any]) -> N
 
     def action() -> None:
         if opts["append"]:
-            if overrides["data"].get("source") is None:
-                raise ConfigError("--append: name the file of new ratings with --source FILE")
+            # Neither --source nor --items-source: the stage refuses, naming both.
             if any(v is not None for v in overrides["split"].values()):
                 raise ConfigError(
                     "--append: the split was made at preprocess and stays as it was; "

@@ -157,3 +157,18 @@ def test_an_attribute_added_by_an_append_filters_the_next_publish(db: Path) -> N
     assert rows(db, "SELECT title, year, band FROM items WHERE item_id = '3'") == [
         ("Item 3", 1983, "PG")
     ]
+
+
+def test_a_metadata_only_refresh_filters_the_next_publish_without_fold_in(db: Path) -> None:
+    """No ratings read, no dataset version: the run is served as it was, no user folded in."""
+    ok(_score(db, "--top-k", "5"))
+    awards = db.parent / "awards.csv"
+    awards.write_text("item_id,award\n" + "".join(f"{i},{str(i % 4 == 0).lower()}\n"
+                                                  for i in range(1, 41)))  # fmt: skip
+    line = cli_ok("preprocess", "--append", "--items-source", awards, "--db", db)
+    assert "columns added: award; now 40 of 40 items described (was 36)" in line
+    scored = ok(_score(db, "--top-k", "5", "--where", "award")).stdout
+    assert "folded in" not in scored
+    served = {item for _, item, _, _ in _served(db)}
+    assert served and all(int(item) % 4 == 0 for item in served)
+    assert rows(db, "SELECT count(*) FROM dataset_versions") == [(1,)]

@@ -13,7 +13,9 @@ append reads the file with the same loaders and column options as a preprocess, 
   model trained on any version of this lineage is still served (and folded in for what it
   has not seen), while a re-preprocess that remaps ids is refused as before;
 - item metadata (`item_metadata`, from --items-source) is updated by the file this append
-  names, if any, and joined onto items again, so new items take their stored attributes.
+  names, if any, and joined onto items again, so new items take their stored attributes;
+  with --items-source and no --source only the metadata is refreshed
+  (mfbatch.stages.append_items).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import polars as pl
 from mfbatch.config import Config
 from mfbatch.data import DataLoaderFactory
 from mfbatch.data.base import RawData
-from mfbatch.data.itemmeta import ItemMetadata, coverage, merge, with_metadata
 from mfbatch.data.transforms import (
     drop_duplicates,
     infer_scale,
@@ -41,8 +42,13 @@ from mfbatch.data.transforms import (
     transform_weights,
 )
 from mfbatch.errors import ConfigError, DatabaseError, InputDataError
-from mfbatch.stages.preprocess import item_metadata
-from mfbatch.stages.preprocess_write import describe_items
+from mfbatch.stages.append_items import (
+    Metadata,
+    RefreshSummary,
+    read_metadata,
+    refresh,
+    write_metadata,
+)
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 
@@ -108,20 +114,17 @@ class _Staged:
     new_items: pl.DataFrame  # item_idx, item_id, title, genres
 
 
-@dataclass(frozen=True)
-class _Metadata:
-    """The item metadata an append writes: the new file (--items-source) if any, and the
-    stored metadata updated by it (None: the database has none and gets none)."""
-
-    fresh: ItemMetadata | None
-    merged: pl.DataFrame | None
-    config: str | None  # dataset_meta.config naming the new file (None: unchanged)
-
-
-def append(*, config: Config) -> AppendSummary:
-    """Add the source's ratings to config.db; raises MfbatchError, leaving the db as it was."""
+def append(*, config: Config) -> AppendSummary | RefreshSummary:
+    """Add the source's ratings (and/or item metadata: without a source, a RefreshSummary)
+    to config.db; raises MfbatchError, leaving the db as it was."""
     started = time.perf_counter()
     path = config.db
+    ratings = config.data.source is not None
+    if not ratings and config.preprocess.items_source is None:
+        raise ConfigError(
+            "--append: name the new ratings with --source FILE, or item metadata to refresh "
+            "with --items-source FILE (or both)"
+        )
     if not path.exists():
         raise DatabaseError(
             f"database {path} does not exist; run `mfbatch preprocess --db {path}` first, "
@@ -131,11 +134,14 @@ def append(*, config: Config) -> AppendSummary:
     con = db.connect(path)
     try:
         dataset = Dataset.load(con, path)
+        # The recorded reading names the ratings' item column: a metadata file's default id.
         config = _stored_reading(con, config, dataset)
+        if not ratings:
+            return refresh(con, config, started)
         scale = _stored_scale(config, dataset, path)
         _require_times(config, dataset, path)
         # The metadata file is checked before the ratings are read: a bad one fails fast.
-        metadata = _metadata(con, config)
+        metadata = read_metadata(con, config)
         raw = _read_source(config)
         _check_feedback(raw, dataset, path)
         lo, hi = _append_scale(raw, scale, path)
@@ -162,27 +168,6 @@ def append(*, config: Config) -> AppendSummary:
         items_described=int(counts.get("described", 0)),
         ratings_changed=bool(counts["added"] or counts["replaced"] or new_items),
     )
-
-
-def _metadata(con: duckdb.DuckDBPyConnection, config: Config) -> _Metadata:
-    """The new metadata file (its id column: --items-id-col, else the one recorded, else
-    the preprocess's guesses) merged into what item_metadata holds."""
-    stored = db.frame(con, "item_metadata_rows") if db.table_exists(con, "item_metadata") else None
-    if config.preprocess.items_source is None:
-        return _Metadata(None, stored, None)
-    row = db.one(con, "append_stored_config")
-    recorded = json.loads(row[0]) if row and row[0] else {}
-    before = recorded.get("preprocess", {})
-    fresh = item_metadata(config, config.preprocess.items_id_col, before.get("items_id_col"))
-    assert fresh is not None  # items_source is given
-    # dataset_meta.config names the newest metadata file and its id column.
-    recorded["preprocess"] = {
-        **before,
-        "items_source": str(config.preprocess.items_source),
-        "items_id_col": fresh.id_col,
-        "items_separator": config.preprocess.items_separator,
-    }
-    return _Metadata(fresh, merge(stored, fresh), json.dumps(recorded))
 
 
 def _require_times(config: Config, dataset: Dataset, path: Path) -> None:
@@ -320,7 +305,7 @@ def _store(
     staged: _Staged,
     raw: RawData,
     config: Config,
-    metadata: _Metadata,
+    metadata: Metadata,
 ) -> tuple[int, dict[str, Any]]:
     """Write the staged append as the lineage's next version, in one transaction:
     (that version, the added / replaced / stale counts, and the items described)."""
@@ -346,12 +331,7 @@ def _store(
         with db.transaction(con, f"the appended ratings into {path}"):
             if news:
                 _write_version(con, staged, raw, config, parent, str(lineage["sha256"]), counts)
-            if metadata.merged is not None:
-                own = db.frame(con, "items_own_columns")
-                describe_items(con, with_metadata(own, metadata.merged), metadata.merged)
-                counts["described"] = coverage(own["item_id"], metadata.merged)[0]
-            if metadata.config is not None:
-                db.run(con, "append_record_items_source", config=metadata.config)
+            counts["described"] = write_metadata(con, metadata)
     finally:
         for name in tables:
             con.unregister(name)
