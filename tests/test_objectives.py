@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from mfbatch.config import TrainConfig
+from mfbatch.config import TrainConfig, epochs_for
 from mfbatch.training.loop import EpochData, train_epoch, train_model
 from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.objectives import (
@@ -331,7 +331,7 @@ def test_catalogues_too_wide_for_the_memory_budget_fall_back_to_sampling() -> No
 def test_full_or_sampled_follows_the_cost_rule() -> None:
     """docs/model.md, "Full or sampled": full while epochs x users x items x max(dim, 64)
     x KAPPA fits --time-budget-s (and the rows fit --memory-mb), whatever the catalogue."""
-    config = TrainConfig()  # dim 256, 80 epochs, 600 s, 1 GiB
+    config = TrainConfig(epochs=80)  # dim 256, 600 s, 1 GiB
     # The estimate itself: 0.5 ns per user x item x dim on CPU; dim below 64 costs 64.
     assert full_softmax_seconds(1_000, 2_000, 256, 10) == pytest.approx(
         10 * 1_000 * 2_000 * 256 * KAPPA_CPU_NS * 1e-9
@@ -476,3 +476,27 @@ def test_recency_weighting_ranks_a_users_newer_taste_first() -> None:
     # take 2 of the top 5 (recall 0.6); weighted, the 3 newest (block B) ratings win.
     assert recalls[0.0] < 0.7
     assert recalls[0.05] > 0.85
+
+
+def test_default_epochs_follow_the_step_budget() -> None:
+    """docs/quality.md, "How the defaults were chosen": the softmax/sampled epochs fit
+    1,500 optimizer steps, within 20-80; the rating objective keeps its own 40."""
+    assert epochs_for(943, 128) == 80  # ML-100K: 8 steps an epoch
+    assert epochs_for(2_999, 128) == 62  # ML-1M partial: 24 steps
+    assert epochs_for(6_022, 128) == 31  # ML-1M LCFN: 48 steps
+    assert epochs_for(43_169, 128) == 20  # Amazon-CDs: 338 steps, the floor
+    assert epochs_for(6_022, 512) == 80  # bigger steps, fewer of them
+    assert epochs_for(0, 128) == 80
+    assert TrainConfig().epochs is None and TrainConfig(objective="rating").epochs == 40
+    # The plan's cost estimate and train_model use the same resolved budget.
+    config = TrainConfig()
+    assert plan(config, 3_043, 6_022).full_seconds == pytest.approx(
+        full_softmax_seconds(6_022, 3_043, 256, 31)
+    )
+    users = torch.arange(300).repeat_interleave(2)
+    items = torch.randint(0, 20, (600,), generator=torch.Generator().manual_seed(0))
+    data = Interactions(users, items, torch.ones(600))
+    model = MatrixFactorization(ModelShape(300, 20, 4, 0.0, False))
+    small = config.replace(embedding_dim=4, batch_size=128, eval_every=1)
+    # 300 users at 128 a step: 3 steps an epoch, 500 epochs by the budget, capped at 80.
+    assert len(train_model(model, data, None, small).history) == 80

@@ -13,7 +13,13 @@ from mfbatch.config.sections import (
     SplitConfig,
     dataset_type,
 )
-from mfbatch.config.train import RECENCY_HALF_LIFE, TrainConfig, check_sharding, recency_for
+from mfbatch.config.train import (
+    RECENCY_HALF_LIFE,
+    TrainConfig,
+    check_sharding,
+    epochs_for,
+    recency_for,
+)
 from mfbatch.config.tune import TuneConfig
 
 __all__ = [
@@ -35,6 +41,7 @@ __all__ = [
     "check_sharding",
     "check_threads",
     "dataset_type",
+    "epochs_for",
     "load_config",
     "machine_cores",
     "recency_for",

@@ -30,7 +30,6 @@ TrainOn = Literal["train", "all"]
 # (benchmarks/tune_defaults.py; docs/model.md has the figures).
 _SOFTMAX = {
     "embedding_dim": 256,
-    "epochs": 80,
     "patience": 20,
     "batch_size": 128,
     "lr": 0.005,
@@ -63,7 +62,30 @@ def recency_for(split_kind: str) -> float:
     return RECENCY_HALF_LIFE if split_kind == "user-time" else 0.0
 
 
+# softmax/sampled epochs, when not given: as many as fit STEP_BUDGET optimizer steps of
+# `batch_size` users, within [MIN_EPOCHS, MAX_EPOCHS]. Chosen on inner splits carved
+# from train (docs/quality.md, "How the defaults were chosen"): a set with many users
+# takes many steps an epoch and overfits the item table long before 80 epochs (ML-1M
+# LCFN, 48 steps an epoch: 30 epochs +3.3% Recall@20 over 80, at 0.4x the time), while
+# sets of a few thousand users keep (nearly) all 80 (ML-1M partial at 62: -0.1%).
+STEP_BUDGET = 1_500
+MIN_EPOCHS = 20
+MAX_EPOCHS = 80
+
+
+def epochs_for(n_users: int, batch_size: int) -> int:
+    """The default epochs of a softmax/sampled run over `n_users` users with ratings."""
+    steps = max(1, math.ceil(n_users / max(1, batch_size)))
+    return int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(STEP_BUDGET / steps))))
+
+
 def _by_objective(what: str) -> str:
+    if what == "epochs":
+        rating = BY_OBJECTIVE["rating"]["epochs"]
+        return (
+            f" (default softmax/sampled: what fits {STEP_BUDGET:,} steps of --batch-size "
+            f"users, {MIN_EPOCHS}-{MAX_EPOCHS}; {rating} rating)"
+        )
     rating, softmax = BY_OBJECTIVE["rating"][what], BY_OBJECTIVE["softmax"][what]
     return f" (default {softmax} softmax/sampled, {rating} rating)"
 
@@ -187,6 +209,8 @@ class TrainConfig(Options):
             "--nproc",
         ):
             value = getattr(self, flag[2:].replace("-", "_"))
+            if value is None and flag == "--epochs":
+                continue  # softmax/sampled: resolved from the data (`epochs_for`)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{flag}: must be a whole number >= 1, got {value!r}")
         # Absurd counts are refused like score's; a few more than the cores are capped at

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mfbatch.config import Config, TrainConfig, check_sharding, recency_for
+from mfbatch.config import Config, TrainConfig, check_sharding, epochs_for, recency_for
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.stages.train_inputs import TrainInputs, interactions, read_inputs
 from mfbatch.stages.train_record import TrainSummary, record_run, save_run, summarise
@@ -108,6 +108,19 @@ def _with_recency(settings: TrainConfig, dataset: Dataset) -> tuple[TrainConfig,
     )
 
 
+def _with_epochs(settings: TrainConfig, data: Interactions) -> tuple[TrainConfig, str]:
+    """The resolved epoch budget (recorded, so a refit copies it) and a word on it when
+    the default was taken from the data's size."""
+    if settings.epochs is not None:
+        return settings, ""
+    users = int(torch.unique(data.users).numel())
+    settings = settings.replace(epochs=epochs_for(users, int(settings.batch_size or 1)))
+    return settings, (
+        f"note: {settings.epochs} epochs, the default for {users:,} users with ratings "
+        f"at {settings.batch_size} a step (--epochs to choose)"
+    )
+
+
 def _announce(
     console: Console | None, device: torch.device, shard: distributed.Shard, note: str
 ) -> None:
@@ -133,6 +146,9 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
             "by recency",
             highlight=False,
         )
+    settings, epochs_note = _with_epochs(settings, data)
+    if console and epochs_note:
+        console.print(epochs_note, highlight=False)
     model = new_model(inputs.dataset.n_users, inputs.dataset.n_items, settings, device)
     # Chosen and said before the first step: which loss, and the cost figures behind it.
     run_plan = plan_for(model, data, settings)

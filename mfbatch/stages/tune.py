@@ -21,7 +21,7 @@ import polars as pl
 import torch
 from rich.console import Console
 
-from mfbatch.config import Config, TrainConfig, TuneConfig, recency_for
+from mfbatch.config import Config, TrainConfig, TuneConfig, epochs_for, recency_for
 from mfbatch.config.tune import LOG_UNIFORM
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.stages.train_inputs import TrainInputs, interactions
@@ -118,8 +118,11 @@ def _defaults(base: TrainConfig, tune: TuneConfig, inner: _Inner) -> dict[str, A
         low, high = space[name]
         return float(min(max(value, low), high))
 
+    epochs = base.epochs or epochs_for(
+        int(torch.unique(inner.data.users).numel()), int(base.batch_size or 1)
+    )
     params: dict[str, Any] = {
-        "epochs": int(min(max(int(base.epochs or 1), min(10, tune.epochs)), tune.epochs)),
+        "epochs": int(min(max(int(epochs), min(10, tune.epochs)), tune.epochs)),
         "lr": clip("lr", float(base.lr or 0.0)),
         "l2": clip("l2", float(base.l2 or 0.0)),
     }

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mfbatch.config import TrainConfig
+from mfbatch.config import TrainConfig, epochs_for
 from mfbatch.training import objectives
 from mfbatch.training.distributed import Shard
 from mfbatch.training.model import MatrixFactorization, ModelShape
@@ -332,7 +332,11 @@ def train_model(
     over: a refit copying a validated run stopped at its best epoch passes that run's epoch
     budget, so both see the same rates.
     """
-    max_epochs = int(epochs or config.epochs or 1)
+    max_epochs = int(
+        epochs
+        or config.epochs
+        or epochs_for(int(torch.unique(data.users).numel()), int(config.batch_size or 1))
+    )
     epoch_data, run_plan, optimizers, schedulers, generator = _setup(
         model, data, config, schedule_epochs or max_epochs, run_plan
     )

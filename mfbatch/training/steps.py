@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mfbatch.config import TrainConfig
+from mfbatch.config import TrainConfig, epochs_for
 from mfbatch.training.model import MatrixFactorization
 
 
@@ -91,7 +91,7 @@ def plan(
     budget = config.memory_mb * (1 << 20)
     full_rows = budget // (n_items * BYTES_PER_LOGIT)
     fits = full_rows >= min(batch, MIN_FULL_ROWS)
-    n_epochs = int(epochs or config.epochs or 1)
+    n_epochs = int(epochs or config.epochs or epochs_for(n_users, batch))
     seconds = full_softmax_seconds(
         n_users, n_items, int(config.embedding_dim or 0), n_epochs, device_type
     )
