@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import polars as pl
+import numpy as np
 import torch
 
 from mfbatch.artifact.files import export_model, save_model
@@ -133,23 +133,27 @@ def record_run(
 ) -> None:
     best = _best(outcome)
     metrics = best.metrics if best else None
-    epochs = pl.DataFrame(
-        {
-            "run_id": [summary.run_id] * len(outcome.history),
-            "epoch": [r.epoch for r in outcome.history],
-            "train_loss": [r.train_loss for r in outcome.history],
-            "val_rmse": [r.metrics.rmse if r.metrics else None for r in outcome.history],
-            "val_mae": [r.metrics.mae if r.metrics else None for r in outcome.history],
-            "val_recall": [r.metrics.recall if r.metrics else None for r in outcome.history],
-            "val_ndcg": [r.metrics.ndcg if r.metrics else None for r in outcome.history],
-            "seconds": [r.seconds for r in outcome.history],
-        },
-        schema_overrides={c: pl.Float64 for c in ("val_rmse", "val_mae", "val_recall", "val_ndcg")},
-    )
+    history = outcome.history
+
+    def column(values: list[float | None]) -> np.ndarray:
+        # Object arrays: None goes in as NULL (DuckDB scans numpy columns directly; no
+        # Polars or pandas needed for 80 rows).
+        return np.array(values, dtype=object)
+
+    epochs = {
+        "run_id": np.array([summary.run_id] * len(history), dtype=object),
+        "epoch": np.array([r.epoch for r in history], dtype=np.int64),
+        "train_loss": np.array([r.train_loss for r in history], dtype=np.float64),
+        "val_rmse": column([r.metrics.rmse if r.metrics else None for r in history]),
+        "val_mae": column([r.metrics.mae if r.metrics else None for r in history]),
+        "val_recall": column([r.metrics.recall if r.metrics else None for r in history]),
+        "val_ndcg": column([r.metrics.ndcg if r.metrics else None for r in history]),
+        "seconds": np.array([r.seconds for r in history], dtype=np.float64),
+    }
     resolved = config.model_copy(update={"train": settings}).to_dict()
     con = db.connect(config.db)
     try:
-        con.register("staged_epochs", epochs.to_arrow())
+        con.register("staged_epochs", epochs)
         with db.transaction(con, f"training run {summary.run_id} into {config.db}"):
             db.run(con, "create_training_runs")
             db.run(con, "create_training_epochs")

@@ -1,0 +1,64 @@
+"""`mfbatch train` imports only what it runs: no torch._dynamo (torch.optim's wrappers
+load it on first use; the run's Adam is mfbatch's own FusedAdam), no onnx (export writes
+the graphs' bytes itself) and no polars (the ratings are read as numpy columns).
+
+Each of these cost 0.15-2 s of a default ML-100K run that trains for ~7 s
+(docs/benchmarks.md, "Training's fixed costs").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import rows
+
+SCRIPT = """
+import json, sys
+from mfbatch.config import load_config
+from mfbatch.stages.train import train
+runs = []
+for on, objective in (("train", sys.argv[3]), ("all", sys.argv[3])):
+    config = load_config(db=sys.argv[1], overrides={"train": {
+        "threads": 1, "epochs": 2, "on": on, "objective": objective,
+        "export_dir": sys.argv[2]}})
+    runs.append(train(config=config).run_id)
+print(json.dumps({"runs": runs, "loaded": sorted(
+    m for m in ("torch._dynamo", "onnx", "polars") if m in sys.modules)}))
+"""
+
+
+def _train_in_subprocess(db: Path, export: Path, objective: str) -> dict[str, object]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(db), str(export), objective],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_validated_run_and_its_refit_import_neither_dynamo_nor_onnx_nor_polars(
+    good_db: Path, tmp_path: Path
+) -> None:
+    result = _train_in_subprocess(good_db, tmp_path / "export", "softmax")
+    assert result["loaded"] == []
+    recorded = rows(good_db, "SELECT run_id, epochs_run FROM training_runs ORDER BY started_at")
+    assert recorded == [(run, 2) for run in result["runs"]]  # type: ignore[attr-defined]
+    for run in result["runs"]:  # type: ignore[attr-defined]
+        assert (tmp_path / "export" / run / "model.onnx").is_file()
+        assert (tmp_path / "export" / run / "serving.json").is_file()
+
+
+def test_the_sampled_and_rating_objectives_stay_off_dynamo_too(
+    good_db: Path, tmp_path: Path
+) -> None:
+    for objective in ("sampled", "rating"):
+        result = _train_in_subprocess(good_db, tmp_path / objective, objective)
+        assert result["loaded"] == [], objective
