@@ -159,10 +159,10 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
     summary = summarise(run_id, device, outcome, settings, data, seconds, fit_seconds, export_path)
     if not shard.main:
         return summary  # every rank holds the same weights; rank 0 exports and records them
+    plan_row = {"train_path": run_plan.loss, "reason": run_plan.reason, "warning": warning}
     _save_and_record(
-        config, model, export_path, run_id, inputs, settings, outcome, summary, started_at
+        config, model, export_path, inputs, settings, outcome, summary, started_at, plan_row
     )
-    _record_plan(config, run_id, run_plan, warning)
     if outcome.status == "diverged":
         raise ModelError(
             f"training diverged (loss not finite) in epoch {outcome.diverged_epoch}; the last "
@@ -180,56 +180,37 @@ def _decay(outcome: Outcome, settings: TrainConfig) -> str | None:
     return decay_warning(curve, f"Recall@{settings.top_k}")
 
 
-def _record_plan(config: Config, run_id: str, run_plan: Plan, warning: str | None) -> None:
-    """The loss chosen, why, and the validation warning, on the run's `training_runs` row."""
-    con = db.connect(config.db)
-    try:
-        with db.transaction(con, f"training run {run_id}'s plan into {config.db}"):
-            for query in (
-                "add_training_plan_columns",
-                "add_training_reason_column",
-                "add_training_warning_column",
-            ):
-                db.run(con, query)
-            db.run(
-                con,
-                "record_training_plan",
-                run_id=run_id,
-                train_path=run_plan.loss,
-                reason=run_plan.reason,
-                warning=warning,
-            )
-    finally:
-        con.close()
-
-
 def _save_and_record(
     config: Config,
     model: MatrixFactorization,
     export_path: Path,
-    run_id: str,
     inputs: TrainInputs,
     settings: TrainConfig,
     outcome: Outcome,
     summary: TrainSummary,
     started_at: datetime,
+    plan_row: dict[str, str | None],
 ) -> None:
-    """The run's folder, then its rows; if either fails, the folder goes too: no model is
-    left that no run names (a full disk, or another process taking the write lock while
-    this one trained)."""
-    # The lock was free when training started; refuse before writing files if it is not now.
-    db.check_writable(config.db)
+    """The run's folder, then its rows (with the plan's); if either fails, the folder goes
+    too: no model is left that no run names (a full disk, or another process taking the
+    write lock while this one trained)."""
+    # The lock was free when training started; refuse before writing files if it is not
+    # now, and hold it until the rows are in.
+    con = db.connect(config.db)
     try:
         save_run(
             model,
             export_path,
-            run_id=run_id,
+            run_id=summary.run_id,
             parent=inputs.parent,
             dataset=inputs.dataset,
             settings=settings,
             outcome=outcome,
         )
-        record_run(config, settings, summary, outcome, inputs.dataset, inputs.parent, started_at)
+        record_run(
+            con, config, settings, summary, outcome, inputs.dataset, inputs.parent, started_at,
+            plan_row,
+        )  # fmt: skip
     except ModelError as exc:
         shutil.rmtree(export_path, ignore_errors=True)
         cause = first_line(exc).split("; ")[0]
@@ -240,6 +221,8 @@ def _save_and_record(
     except MfbatchError:
         shutil.rmtree(export_path, ignore_errors=True)
         raise
+    finally:
+        con.close()
 
 
 def _fit(
