@@ -24,7 +24,13 @@ from mfbatch.stages.train_record import TrainSummary, record_run, save_run, summ
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training import distributed
-from mfbatch.training.device import describe, resolve_device, resolve_threads, usable_cores
+from mfbatch.training.device import (
+    IdleWindow,
+    describe,
+    resolve_device,
+    resolve_threads,
+    usable_cores,
+)
 from mfbatch.training.loop import EpochRecord, Outcome, new_model, plan_for, train_model
 from mfbatch.training.model import MatrixFactorization
 from mfbatch.training.steps import Plan
@@ -68,7 +74,7 @@ def _rank(config: Config) -> None:
 def _place(
     config: Config, console: Console | None, checked: bool
 ) -> tuple[torch.device, distributed.Shard, Console | None]:
-    """The device and threads this rank trains with; only the main rank keeps a console."""
+    """The device this rank trains on; only the main rank keeps a console."""
     settings = config.train
     shard = distributed.from_env()
     if shard.active:
@@ -83,15 +89,26 @@ def _place(
     if shard.main and not checked:
         db.check_writable(config.db)
     shard.barrier()
-    if device.type == "cpu":
-        threads, note = resolve_threads(settings.threads)
-        if shard.active and settings.threads is None:
-            # Ranks start together and each would count the same idle cores: split them.
-            threads = max(1, usable_cores() // shard.world)
-        torch.set_num_threads(threads)
-        if note and console:
-            console.print(f"note: {note}", highlight=False)
     return device, shard, console
+
+
+def _set_threads(
+    settings: TrainConfig,
+    device: torch.device,
+    shard: distributed.Shard,
+    console: Console | None,
+    window: IdleWindow,
+) -> None:
+    """The CPU threads to train with: `--threads`, else the cores idle over `window`."""
+    if device.type != "cpu":
+        return
+    threads, note = resolve_threads(settings.threads, window)
+    if shard.active and settings.threads is None:
+        # Ranks start together and each would count the same idle cores: split them.
+        threads = max(1, usable_cores() // shard.world)
+    torch.set_num_threads(threads)
+    if note and console:
+        console.print(f"note: {note}", highlight=False)
 
 
 def _with_recency(settings: TrainConfig, dataset: Dataset) -> tuple[TrainConfig, str]:
@@ -122,11 +139,15 @@ def _announce(
 def _train(*, config: Config, console: Console | None, checked: bool = False) -> TrainSummary:
     started_at = datetime.now(timezone.utc).replace(tzinfo=None)
     started = time.perf_counter()
+    # Opened first: reading the ratings and building the tensors overlap the 0.2 s the
+    # default thread count watches the machine for.
+    window = IdleWindow()
     device, shard, console = _place(config, console, checked)
     inputs = read_inputs(config)
     settings, note = _with_recency(inputs.settings, inputs.dataset)
-    _announce(console, device, shard, inputs.tuned + note)
     data, val = interactions(inputs, device, config.db)
+    _set_threads(config.train, device, shard, console, window)
+    _announce(console, device, shard, inputs.tuned + note)
     if settings.recency_half_life and data.ts is None and console:
         console.print(
             "note: --recency-half-life: some ratings have no timestamp, so none is weighted "

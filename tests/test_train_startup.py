@@ -1,9 +1,10 @@
-"""`mfbatch train` imports only what it runs: no torch._dynamo (torch.optim's wrappers
-load it on first use; the run's Adam is mfbatch's own FusedAdam), no onnx (export writes
-the graphs' bytes itself) and no polars (the ratings are read as numpy columns).
+"""What `mfbatch train` costs outside its loop.
 
-Each of these cost 0.15-2 s of a default ML-100K run that trains for ~7 s
-(docs/benchmarks.md, "Training's fixed costs").
+It imports only what it runs: no torch._dynamo (torch.optim's wrappers load it on first
+use; the run's Adam is mfbatch's own FusedAdam), no onnx (export writes the graphs' bytes
+itself) and no polars (the ratings are read as numpy columns). Each of these cost
+0.15-2 s of a default ML-100K run that trains for ~7 s (docs/benchmarks.md, "Training's
+fixed costs"). The default thread count's look at the machine overlaps the reading.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import rows
+
+from mfbatch.training.device import IdleWindow
 
 SCRIPT = """
 import json, sys
@@ -62,3 +66,25 @@ def test_the_sampled_and_rating_objectives_stay_off_dynamo_too(
     for objective in ("sampled", "rating"):
         result = _train_in_subprocess(good_db, tmp_path / objective, objective)
         assert result["loaded"] == [], objective
+
+
+def test_the_idle_window_overlaps_work_done_in_it_and_counts_that_work_as_idle() -> None:
+    cpu, opened = time.process_time(), time.monotonic()
+    window = IdleWindow()
+    busy_until = time.monotonic() + 0.3
+    while time.monotonic() < busy_until:  # this process's own start-up work
+        pass
+    started = time.monotonic()
+    idle = window.idle(cores=os.cpu_count() or 1, window_s=0.2)
+    # Already 0.3 s open: no further wait for the 0.2 s window.
+    assert time.monotonic() - started < 0.1
+    # The core this process kept busy is free for training: counted as idle, whatever
+    # other jobs hold of the rest.
+    own = (time.process_time() - cpu) / (time.monotonic() - opened)
+    assert 0.9 * own <= idle <= (os.cpu_count() or 1)
+
+
+def test_a_fresh_idle_window_waits_its_length() -> None:
+    started = time.monotonic()
+    IdleWindow().idle(cores=1, window_s=0.15)
+    assert time.monotonic() - started >= 0.15
