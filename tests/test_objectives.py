@@ -277,12 +277,24 @@ def test_lazy_adam_takes_sparse_adams_steps() -> None:
 
 
 @pytest.mark.parametrize("decoupled", [False, True])
-def test_fused_adam_takes_torchs_fused_adam_steps_bit_for_bit(decoupled: bool) -> None:
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ),
+    ],
+)
+def test_fused_adam_takes_torchs_fused_adam_steps_bit_for_bit(decoupled: bool, device: str) -> None:
     """FusedAdam is torch.optim.Adam / AdamW(fused=True) without torch._dynamo: the same
     weights to the bit under the cosine schedule train uses, so saved runs do not move.
     One parameter gets no gradient in some steps (its moments and step count wait)."""
     torch.manual_seed(0)
-    models = [torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3)) for _ in "ab"]
+    models = [
+        torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3)).to(device) for _ in "ab"
+    ]
     models[1].load_state_dict(models[0].state_dict())
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     optimizers = [
@@ -293,6 +305,7 @@ def test_fused_adam_takes_torchs_fused_adam_steps_bit_for_bit(decoupled: bool) -
     gen = torch.Generator().manual_seed(0)
     for step in range(12):
         x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
+        x, y = x.to(device), y.to(device)
         for model, opt, schedule in zip(models, optimizers, schedules, strict=True):
             opt.zero_grad(set_to_none=True)
             ((model(x) - y) ** 2).mean().backward()
