@@ -95,10 +95,10 @@ def _topk(scores: str) -> bytes:
     return wire.node("TopK", [scores, "k"], list(OUTPUTS), axis=1, largest=1, sorted=1)
 
 
-def _whole(tables: list[bytes], n_items: int, *, rows: int | None = None) -> bytes:
-    """The whole graph over user indices, or over user rows of width `rows` (no Gather,
-    no U_aug: the fold-in variant on CUDA). `tables`: U_aug (unless `rows`), V_aug_t."""
-    mask = [
+def _whole(tables: list[bytes], n_items: int) -> bytes:
+    """The whole graph (the module's docstring); `tables`: U_aug, V_aug_t."""
+    nodes = [
+        _gather(),
         _matmul(),
         wire.node("Add", ["scores", "item_mask"], ["allowed"]),
         wire.node("Shape", ["seen"], ["seen_shape"]),
@@ -113,7 +113,7 @@ def _whole(tables: list[bytes], n_items: int, *, rows: int | None = None) -> byt
         _topk("masked"),
     ]
     inputs = [
-        _users() if rows is None else _rows(rows),
+        _users(),
         wire.value_info("seen", wire.INT64, ["n_seen", 2]),
         wire.value_info("item_mask", wire.FLOAT, [n_items]),
         _k(),
@@ -122,13 +122,7 @@ def _whole(tables: list[bytes], n_items: int, *, rows: int | None = None) -> byt
         wire.tensor("zero", np.array([0], dtype=np.int64)),
         wire.tensor("one", np.array([1], dtype=np.int64)),
     ]
-    return wire.graph(
-        mask if rows is not None else [_gather(), *mask],
-        "mfbatch_vectors" if rows is not None else "mfbatch_topk",
-        inputs,
-        _top(),
-        [*tables, *constants],
-    )
+    return wire.graph(nodes, "mfbatch_topk", inputs, _top(), [*tables, *constants])
 
 
 def model_bytes(tables: tuple[bytes, bytes], n_items: int, metadata: dict[str, Any]) -> bytes:
@@ -152,7 +146,7 @@ def part_bytes(
     width, n_items = shape
     graphs = {
         "vectors": wire.graph(
-            [wire.node("MatMul", ["user_rows", V_AUG_T], ["scores"])],
+            [_matmul()],
             "mfbatch_vectors",
             [_rows(width)],
             [_scores(n_items)],
