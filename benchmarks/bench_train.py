@@ -5,7 +5,7 @@ and the wall time of one epoch at 100k users x 20k items.
     python benchmarks/bench_train.py --epoch [--users 100000] [--items 20000]
                                       [--ratings-per-user 89] [--full-steps 20]
     python benchmarks/bench_train.py --fixed-costs ../shared/data/ml-100k.zip [--repeats 3]
-                                      [--threads 1] [--baseline OTHER_TREE ...]
+                                      [--threads 1 (0: the default)] [--baseline TREE]
 
 Default mode: both loops train the same MatrixFactorization with the same batch size,
 optimizer and MSE loss, in the same process, so the ratio is apples to apples; the softmax
@@ -325,16 +325,10 @@ def _als_fit_seconds(db: Path, threads: int, seed: int) -> float | None:
 
 
 def _train_once(tree: Path, db: Path, work: Path, threads: int) -> dict[str, float]:
+    # --threads 0 here: leave the flag out, so train picks from the idle cores.
+    flags = ["--threads", str(threads)] if threads else []
     done, wall, cpu = _mfbatch(
-        tree,
-        "train",
-        "--db",
-        str(db),
-        "--threads",
-        str(threads),
-        "--export-dir",
-        str(work / "export"),
-        "--json",
+        tree, "train", "--db", str(db), *flags, "--export-dir", str(work / "export"), "--json"
     )
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     # examples/s is examples over the epochs' own seconds: that sum is the loop's time.
@@ -358,7 +352,8 @@ def fixed_costs(args: argparse.Namespace) -> dict[str, object]:
     """`--fixed-costs`: the whole train process vs its recorded seconds vs ALS's fit."""
     source = Path(args.fixed_costs).resolve()
     trees = [("this tree", ROOT)] + [(f"baseline {b}", Path(b).resolve()) for b in args.baseline]
-    threads = args.threads or 1
+    # 0: train's default (the idle cores) and implicit's (every core).
+    threads = 1 if args.threads is None else args.threads
     results: dict[str, object] = {"threads": threads, "repeats": args.repeats}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:
         work = Path(scratch)
@@ -404,7 +399,7 @@ def fixed_costs(args: argparse.Namespace) -> dict[str, object]:
         print(line)
     if als_median:
         results["als_fit"] = als_median
-        print(f"ALS fit (128 factors, reg 10, alpha 1, 15 iterations, {threads} thread(s)): "
+        print(f"ALS fit (128 factors, reg 10, alpha 1, 15 iterations, threads {threads or 'all'}): "
               f"median {als_median:.3f} s")  # fmt: skip
     else:
         print("implicit is not installed: ALS skipped (pip install implicit)")
