@@ -4,6 +4,8 @@ and the wall time of one epoch at 100k users x 20k items.
     python benchmarks/bench_train.py [--ratings 1000000] [--device cpu|cuda] [--out FILE]
     python benchmarks/bench_train.py --epoch [--users 100000] [--items 20000]
                                       [--ratings-per-user 89] [--full-steps 20]
+    python benchmarks/bench_train.py --fixed-costs ../shared/data/ml-100k.zip [--repeats 3]
+                                      [--threads 1 (0: the default)] [--baseline TREE]
 
 Default mode: both loops train the same MatrixFactorization with the same batch size,
 optimizer and MSE loss, in the same process, so the ratio is apples to apples; the softmax
@@ -16,6 +18,16 @@ users a step, and the full softmax forced (timed over --full-steps steps and sca
 the epoch, labelled as such, unless --full-steps 0). `--breakdown` adds where the default
 plan's epoch goes: batch building, forward, backward, optimizer (timers around each
 phase of the same step `train_epoch` runs, over --breakdown-steps steps, scaled).
+
+`--fixed-costs ZIP`: the whole `mfbatch train` process on ML-100K (user-time split, 0.2
+held out; the default settings), --repeats times as a subprocess: wall and CPU seconds of
+the process, the seconds the run records (`--json`: from the stage's start to the end of
+the loop) and the loop's own (the epochs' sum), so what lies outside the loop (start-up,
+imports, reads, export, writes) shows as the gap; beside it implicit's ALS fit on the same
+train rows (128 factors, reg 10, alpha 1, 15 iterations: bench_quality's best on this
+split; skipped when implicit is not installed). `--baseline TREE` (a checkout of another
+commit, e.g. `git archive main | tar -x -C /tmp/base`) runs the same command from that
+tree, alternating with this one in each repeat. Medians; the load average beside each run.
 """
 
 from __future__ import annotations
@@ -24,7 +36,11 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -246,6 +262,150 @@ def epoch_bench(args: argparse.Namespace, device: torch.device) -> dict[str, flo
     return results
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _mfbatch(tree: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], float, float]:
+    """`python -m mfbatch ARGS` run from `tree`: the result, wall and CPU seconds (user +
+    system, of the child alone)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "mfbatch", *args],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if done.returncode != 0:
+        raise SystemExit(f"mfbatch {args[0]} failed in {tree}:\n{done.stderr}")
+    return done, wall, cpu
+
+
+def _als_fit_seconds(db: Path, threads: int, seed: int) -> float | None:
+    """implicit's ALS fit on the database's train rows (binary), at bench_quality's best
+    point on this split; None when implicit is not installed."""
+    try:
+        import scipy.sparse as sp
+        from implicit.cpu.als import AlternatingLeastSquares
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        rows = con.sql("SELECT user_idx, item_idx FROM ratings WHERE split = 'train'").fetchnumpy()
+        ((n_users, n_items),) = con.sql(
+            "SELECT max(user_idx) + 1, max(item_idx) + 1 FROM ratings"
+        ).fetchall()
+    finally:
+        con.close()
+    user_items = sp.csr_matrix(
+        (np.ones(rows["user_idx"].size, dtype=np.float32), (rows["user_idx"], rows["item_idx"])),
+        shape=(n_users, n_items),
+    )
+    with threadpool_limits(1, "blas"):  # implicit's advice: its threads, not BLAS's
+        model = AlternatingLeastSquares(
+            factors=128,
+            regularization=10.0,
+            alpha=1.0,
+            iterations=15,
+            random_state=seed,
+            num_threads=threads,
+        )
+        started = time.perf_counter()
+        model.fit(user_items, show_progress=False)
+    return time.perf_counter() - started
+
+
+def _train_once(tree: Path, db: Path, work: Path, threads: int) -> dict[str, float]:
+    # --threads 0 here: leave the flag out, so train picks from the idle cores.
+    flags = ["--threads", str(threads)] if threads else []
+    done, wall, cpu = _mfbatch(
+        tree, "train", "--db", str(db), *flags, "--export-dir", str(work / "export"), "--json"
+    )
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    # examples/s is examples over the epochs' own seconds: that sum is the loop's time.
+    loop = summary["n_train"] * summary["epochs_run"] / summary["examples_per_second"]
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "recorded": summary["seconds"],
+        "loop": loop,
+        "load": os.getloadavg()[0],
+        # Per run, so other jobs slowing one run's loop and its start alike cancel out.
+        "wall_per_recorded": wall / summary["seconds"],
+        "wall_per_loop": wall / loop,
+        "recall": summary["val"]["Recall@20"],
+        "ndcg": summary["val"]["NDCG@20"],
+        "best_epoch": summary["best_epoch"],
+    }
+
+
+def fixed_costs(args: argparse.Namespace) -> dict[str, object]:
+    """`--fixed-costs`: the whole train process vs its recorded seconds vs ALS's fit."""
+    source = Path(args.fixed_costs).resolve()
+    trees = [("this tree", ROOT)] + [(f"baseline {b}", Path(b).resolve()) for b in args.baseline]
+    # 0: train's default (the idle cores) and implicit's (every core).
+    threads = 1 if args.threads is None else args.threads
+    results: dict[str, object] = {"threads": threads, "repeats": args.repeats}
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:
+        work = Path(scratch)
+        db = work / "ml100k.duckdb"
+        _mfbatch(
+            ROOT, "preprocess", "--dataset", "ml-100k", "--source", str(source),
+            "--split", "user-time", "--val-fraction", "0.2", "--db", str(db),
+        )  # fmt: skip
+        runs: dict[str, list[dict[str, float]]] = {label: [] for label, _ in trees}
+        als: list[float] = []
+        for repeat in range(args.repeats):
+            for label, tree in trees:
+                run = _train_once(tree, db, work, threads)
+                runs[label].append(run)
+                print(
+                    f"  {label:<20} run {repeat + 1}: wall {run['wall']:5.2f} s, CPU "
+                    f"{run['cpu']:5.2f} s, recorded {run['recorded']:5.2f} s, loop "
+                    f"{run['loop']:5.2f} s, wall/loop {run['wall_per_loop']:.2f}x "
+                    f"(Recall@20 {run['recall']:.4f}, NDCG@20 "
+                    f"{run['ndcg']:.4f}, best epoch {run['best_epoch']}; load avg "
+                    f"{run['load']:.1f})",
+                    flush=True,
+                )
+            fit = _als_fit_seconds(db, threads, repeat)
+            if fit is not None:
+                als.append(fit)
+                print(f"  ALS fit {fit:.3f} s (load avg {os.getloadavg()[0]:.1f})", flush=True)
+    als_median = statistics.median(als) if als else None
+    for label, _ in trees:
+        med = {k: statistics.median(r[k] for r in runs[label]) for k in runs[label][0]}
+        results[label] = med
+        line = (
+            f"{label}: median wall {med['wall']:.2f} s, CPU {med['cpu']:.2f} s, recorded "
+            f"{med['recorded']:.2f} s, loop {med['loop']:.2f} s; wall / recorded "
+            f"{med['wall_per_recorded']:.2f}x, wall / loop {med['wall_per_loop']:.2f}x "
+            "(medians of the runs' own ratios)"
+        )
+        if als_median:
+            line += (
+                f"; wall / ALS fit {med['wall'] / als_median:.0f}x, recorded / ALS fit "
+                f"{med['recorded'] / als_median:.0f}x"
+            )
+        print(line)
+    if als_median:
+        results["als_fit"] = als_median
+        print(f"ALS fit (128 factors, reg 10, alpha 1, 15 iterations, threads {threads or 'all'}): "
+              f"median {als_median:.3f} s")  # fmt: skip
+    else:
+        print("implicit is not installed: ALS skipped (pip install implicit)")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ratings", type=int, default=1_000_000)
@@ -261,7 +421,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--breakdown-steps", type=int, default=30)
+    parser.add_argument("--fixed-costs", metavar="ZIP", help="ml-100k.zip: the whole process")
+    parser.add_argument("--baseline", action="append", default=[], metavar="TREE")
     args = parser.parse_args()
+    if args.fixed_costs:
+        results = fixed_costs(args)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
+        return
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

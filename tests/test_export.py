@@ -16,10 +16,18 @@ import pytest
 import torch
 
 from mfbatch.artifact.files import export_model, read_metadata
-from mfbatch.artifact.graph import INPUTS, OPSET, OUTPUTS
+from mfbatch.artifact.graph import (
+    INPUTS,
+    OPSET,
+    OUTPUTS,
+    augmented_tables,
+    split_stages,
+    vectors_graph,
+)
 from mfbatch.artifact.parts import serving_parts
 from mfbatch.errors import ModelError
 from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.version import __version__
 
 N_USERS, N_ITEMS, DIM = 11, 17, 6
 
@@ -222,3 +230,98 @@ def test_read_metadata_of_missing_or_unreadable_files(tmp_path: Path) -> None:
     garbage.write_bytes(b"\xff\xfe this is not a protobuf \x00\x01" * 8)
     with pytest.raises(ModelError, match="not a readable ONNX model"):
         read_metadata(garbage)
+
+
+def _helper_graphs(users_aug: np.ndarray, items_t: np.ndarray, meta: dict[str, Any]) -> Any:
+    """The oracle: model.onnx and its parts built with onnx.helper / numpy_helper, the
+    way export built them before it wrote the bytes itself (mfbatch.artifact.wire)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    width, n_items = items_t.shape
+    info = helper.make_tensor_value_info
+    users = info("users", TensorProto.INT64, ["batch"])
+    scores = info("scores", TensorProto.FLOAT, ["batch", n_items])
+    k = info("k", TensorProto.INT64, [1])
+    top = [
+        info("top_scores", TensorProto.FLOAT, ["batch", "k"]),
+        info("top_items", TensorProto.INT64, ["batch", "k"]),
+    ]
+    u_t, v_t = (
+        numpy_helper.from_array(users_aug, "U_aug"),
+        numpy_helper.from_array(items_t, "V_aug_t"),
+    )
+    gather = helper.make_node("Gather", ["U_aug", "users"], ["user_rows"], axis=0)
+    matmul = helper.make_node("MatMul", ["user_rows", "V_aug_t"], ["scores"])
+
+    def topk(source: str) -> Any:
+        return helper.make_node("TopK", [source, "k"], list(OUTPUTS), axis=1, largest=1, sorted=1)
+
+    minus_inf = numpy_helper.from_array(np.array([-np.inf], dtype=np.float32))
+    whole = helper.make_graph(
+        [
+            gather,
+            matmul,
+            helper.make_node("Add", ["scores", "item_mask"], ["allowed"]),
+            helper.make_node("Shape", ["seen"], ["seen_shape"]),
+            helper.make_node("Slice", ["seen_shape", "zero", "one"], ["n_seen"]),
+            helper.make_node("ConstantOfShape", ["n_seen"], ["minus_inf"], value=minus_inf),
+            helper.make_node("ScatterND", ["allowed", "seen", "minus_inf"], ["masked"]),
+            topk("masked"),
+        ],
+        "mfbatch_topk",
+        [
+            users,
+            info("seen", TensorProto.INT64, ["n_seen", 2]),
+            info("item_mask", TensorProto.FLOAT, [n_items]),
+            k,
+        ],
+        top,
+        initializer=[
+            u_t,
+            v_t,
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+        ],
+    )
+    parts = {
+        "scores.onnx": helper.make_graph(
+            [gather, matmul], "mfbatch_scores", [users], [scores], [u_t, v_t]
+        ),
+        "topk.onnx": helper.make_graph([topk("scores")], "mfbatch_topk_only", [scores, k], top),
+        "vectors.onnx": helper.make_graph(
+            [matmul],
+            "mfbatch_vectors",
+            [info("user_rows", TensorProto.FLOAT, ["batch", width])],
+            [scores],
+            [v_t],
+        ),
+    }
+    models = {}
+    opset = [helper.make_opsetid("", OPSET)]
+    for name, graph in {"model.onnx": whole, **parts}.items():
+        models[name] = helper.make_model(graph, opset_imports=opset)
+        models[name].ir_version = 9
+    whole_model = models["model.onnx"]
+    whole_model.producer_name, whole_model.producer_version = "mfbatch", __version__
+    helper.set_model_props(whole_model, {key: json.dumps(v) for key, v in meta.items()})
+    return models
+
+
+def test_export_writes_the_bytes_onnx_helper_writes(
+    bn_model: MatrixFactorization, tmp_path: Path
+) -> None:
+    """Export writes the graphs as protobuf bytes itself (no onnx import): the files are
+    byte for byte what onnx.helper builds for the same graphs, and every one passes the
+    full checker."""
+    path = export_model(bn_model, _manifest(), tmp_path)
+    users_aug, items_t = augmented_tables(bn_model)
+    models = _helper_graphs(users_aug, items_t, read_metadata(path))
+    for name, expected in models.items():
+        onnx.checker.check_model(expected, full_check=True)
+        assert (tmp_path / name).read_bytes() == expected.SerializeToString(), name
+    # The cuts serving makes of an older export's model.onnx: the same bytes again.
+    scores, topk = split_stages(onnx.load_model(str(path)))
+    vectors = vectors_graph(onnx.load_model(str(path)), whole=False)
+    for name, cut in (("scores.onnx", scores), ("topk.onnx", topk), ("vectors.onnx", vectors)):
+        assert cut.SerializeToString() == models[name].SerializeToString(), name
+    onnx.checker.check_model(vectors_graph(onnx.load_model(str(path)), whole=True), full_check=True)

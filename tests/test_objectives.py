@@ -22,6 +22,7 @@ from mfbatch.training.objectives import (
 )
 from mfbatch.training.steps import (
     KAPPA_CPU_NS,
+    FusedAdam,
     LazyAdam,
     full_softmax_seconds,
     make_optimizers,
@@ -273,6 +274,48 @@ def test_lazy_adam_takes_sparse_adams_steps() -> None:
             opt.step()
     assert torch.allclose(tables[0].weight, tables[1].weight, atol=1e-6)
     assert torch.equal(tables[1].weight[11], untouched)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ),
+    ],
+)
+def test_fused_adam_takes_torchs_fused_adam_steps_bit_for_bit(decoupled: bool, device: str) -> None:
+    """FusedAdam is torch.optim.Adam / AdamW(fused=True) without torch._dynamo: the same
+    weights to the bit under the cosine schedule train uses, so saved runs do not move.
+    One parameter gets no gradient in some steps (its moments and step count wait)."""
+    torch.manual_seed(0)
+    models = [
+        torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3)).to(device) for _ in "ab"
+    ]
+    models[1].load_state_dict(models[0].state_dict())
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    optimizers = [
+        cls(models[0].parameters(), lr=0.05, weight_decay=0.01, fused=True),
+        FusedAdam(models[1].parameters(), lr=0.05, weight_decay=0.01, decoupled=decoupled),
+    ]
+    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5) for o in optimizers]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(12):
+        x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
+        x, y = x.to(device), y.to(device)
+        for model, opt, schedule in zip(models, optimizers, schedules, strict=True):
+            opt.zero_grad(set_to_none=True)
+            ((model(x) - y) ** 2).mean().backward()
+            if step % 3 == 0:
+                model[1].bias.grad = None
+            opt.step()
+            schedule.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(models[0][0].weight, models[0][0].weight.new_zeros(4, 6))
 
 
 def test_in_batch_samples_use_the_batch_items_with_their_frequency() -> None:

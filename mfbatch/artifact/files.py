@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from mfbatch.artifact.parts import mark_complete, remove_parts, serving_parts, write_parts
 from mfbatch.errors import ModelError, first_line
 from mfbatch.store.datasets import Dataset
@@ -27,10 +29,13 @@ __all__ = ["MANIFEST_FILE", "ONNX_FILE", "STATE_FILE"]
 
 def export_model(model: MatrixFactorization, manifest: dict[str, Any], folder: Path) -> Path:
     """Write folder/model.onnx (atomically) with the run's identity in its metadata, and
-    the parts serving reads (`mfbatch.artifact.parts`), cut from the same graph."""
-    import onnx
+    the parts serving reads (`mfbatch.artifact.parts`), cut from the same tables.
 
-    from mfbatch.artifact.graph import OPSET, augmented_tables, build_graph
+    Written as bytes (mfbatch.artifact.wire): importing onnx to write them cost more than
+    the rest of the export.
+    """
+    from mfbatch.artifact import wire
+    from mfbatch.artifact.graph import OPSET, U_AUG, V_AUG_T, augmented_tables, model_bytes
 
     users_aug, items_aug_t = augmented_tables(model)
     metadata = {
@@ -46,19 +51,23 @@ def export_model(model: MatrixFactorization, manifest: dict[str, Any], folder: P
         "opset": OPSET,
         "mfbatch_version": __version__,
     }
-    graph = build_graph(users_aug, items_aug_t, metadata)
+    tables = (wire.tensor(U_AUG, users_aug), wire.tensor(V_AUG_T, items_aug_t))
     target = folder / ONNX_FILE
     partial = folder / (ONNX_FILE + ".part")
     try:
         # Parts first, model.onnx, then serving.json marking the set complete: a crash
         # anywhere leaves either the new set or a model.onnx served as an older export.
         (folder / "serving.json").unlink(missing_ok=True)
-        parts, non_finite = write_parts(graph, folder)
-        onnx.save_model(graph, str(partial))
+        parts = write_parts(tables, items_aug_t, folder)
+        partial.write_bytes(model_bytes(tables, items_aug_t.shape[1], metadata))
         for part in parts:
             part.replace(part.with_name(part.name.removesuffix(".part")))
         partial.replace(target)
-        mark_complete(graph, non_finite, target)
+        non_finite = {
+            name: int((~np.isfinite(table)).sum())
+            for name, table in ((U_AUG, users_aug), (V_AUG_T, items_aug_t))
+        }
+        mark_complete(metadata, non_finite, target)
     except OSError as exc:
         partial.unlink(missing_ok=True)
         remove_parts(folder)

@@ -1,7 +1,9 @@
-"""Model artifacts: the state dict + manifest of a run, and its compiled ONNX scoring graph.
+"""A run's ONNX scoring graph and the variants cut from it.
 
-torch is imported inside the functions that need it, so scoring (which reads only the
-graph) never loads it.
+Export writes them as bytes (`model_bytes`, `part_bytes`; mfbatch.artifact.wire), with
+neither onnx nor torch imported; the functions on parsed graphs (`build_graph`,
+`split_stages`, `vectors_graph`, `load_graph`: tests, and serving an older export) import
+onnx when called.
 
 The compiled inference core is the trained model as one ONNX scoring graph.
 
@@ -27,16 +29,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
+from mfbatch.artifact import wire
 from mfbatch.errors import ModelError
 from mfbatch.version import __version__
 
-if TYPE_CHECKING:  # scoring reads the graph without torch; only export needs the module
+if TYPE_CHECKING:  # export needs neither; parsing graphs imports onnx when called
+    import onnx
+
     from mfbatch.training.model import MatrixFactorization
 
 OPSET = 17
+# ORT 1.x reads IR version 10 at most; keep the file loadable by a range of runtimes.
+IR_VERSION = 9
 INPUTS = ("users", "seen", "item_mask", "k")
 OUTPUTS = ("top_scores", "top_items")
 # The two tables every variant of the graph shares.
@@ -55,58 +60,120 @@ def augmented_tables(model: MatrixFactorization) -> tuple[np.ndarray, np.ndarray
     return users.astype(np.float32), np.ascontiguousarray(items.T.astype(np.float32))
 
 
-def build_graph(
-    users_aug: np.ndarray, items_aug_t: np.ndarray, metadata: dict[str, Any]
-) -> onnx.ModelProto:
-    n_items = items_aug_t.shape[1]
+def _users() -> bytes:
+    return wire.value_info("users", wire.INT64, ["batch"])
+
+
+def _rows(width: int) -> bytes:
+    return wire.value_info("user_rows", wire.FLOAT, ["batch", width])
+
+
+def _scores(n_items: int) -> bytes:
+    return wire.value_info("scores", wire.FLOAT, ["batch", n_items])
+
+
+def _k() -> bytes:
+    return wire.value_info("k", wire.INT64, [1])
+
+
+def _top() -> list[bytes]:
+    return [
+        wire.value_info("top_scores", wire.FLOAT, ["batch", "k"]),
+        wire.value_info("top_items", wire.INT64, ["batch", "k"]),
+    ]
+
+
+def _gather() -> bytes:
+    return wire.node("Gather", [U_AUG, "users"], ["user_rows"], axis=0)
+
+
+def _matmul() -> bytes:
+    return wire.node("MatMul", ["user_rows", V_AUG_T], ["scores"])
+
+
+def _topk(scores: str) -> bytes:
+    return wire.node("TopK", [scores, "k"], list(OUTPUTS), axis=1, largest=1, sorted=1)
+
+
+def _whole(tables: list[bytes], n_items: int) -> bytes:
+    """The whole graph (the module's docstring); `tables`: U_aug, V_aug_t."""
     nodes = [
-        helper.make_node("Gather", [U_AUG, "users"], ["user_rows"], axis=0),
-        helper.make_node("MatMul", ["user_rows", V_AUG_T], ["scores"]),
-        helper.make_node("Add", ["scores", "item_mask"], ["allowed"]),
-        helper.make_node("Shape", ["seen"], ["seen_shape"]),
-        helper.make_node("Slice", ["seen_shape", "zero", "one"], ["n_seen"]),
-        helper.make_node(
+        _gather(),
+        _matmul(),
+        wire.node("Add", ["scores", "item_mask"], ["allowed"]),
+        wire.node("Shape", ["seen"], ["seen_shape"]),
+        wire.node("Slice", ["seen_shape", "zero", "one"], ["n_seen"]),
+        wire.node(
             "ConstantOfShape",
             ["n_seen"],
             ["minus_inf"],
-            value=numpy_helper.from_array(np.array([-np.inf], dtype=np.float32)),
+            value=np.array([-np.inf], dtype=np.float32),
         ),
-        helper.make_node("ScatterND", ["allowed", "seen", "minus_inf"], ["masked"]),
-        helper.make_node(
-            "TopK", ["masked", "k"], ["top_scores", "top_items"], axis=1, largest=1, sorted=1
-        ),
+        wire.node("ScatterND", ["allowed", "seen", "minus_inf"], ["masked"]),
+        _topk("masked"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "mfbatch_topk",
-        inputs=[
-            helper.make_tensor_value_info("users", TensorProto.INT64, ["batch"]),
-            helper.make_tensor_value_info("seen", TensorProto.INT64, ["n_seen", 2]),
-            helper.make_tensor_value_info("item_mask", TensorProto.FLOAT, [n_items]),
-            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
-        ],
-        outputs=[
-            helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["batch", "k"]),
-            helper.make_tensor_value_info("top_items", TensorProto.INT64, ["batch", "k"]),
-        ],
-        initializer=[
-            numpy_helper.from_array(users_aug, U_AUG),
-            numpy_helper.from_array(items_aug_t, V_AUG_T),
-            numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
-            numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
-        ],
+    inputs = [
+        _users(),
+        wire.value_info("seen", wire.INT64, ["n_seen", 2]),
+        wire.value_info("item_mask", wire.FLOAT, [n_items]),
+        _k(),
+    ]
+    constants = [
+        wire.tensor("zero", np.array([0], dtype=np.int64)),
+        wire.tensor("one", np.array([1], dtype=np.int64)),
+    ]
+    return wire.graph(nodes, "mfbatch_topk", inputs, _top(), [*tables, *constants])
+
+
+def model_bytes(tables: tuple[bytes, bytes], n_items: int, metadata: dict[str, Any]) -> bytes:
+    """model.onnx: the whole scoring graph, with the run's metadata (values as JSON).
+    `tables`: `wire.tensor(U_AUG, ...)`, `wire.tensor(V_AUG_T, ...)`."""
+    return wire.model(
+        _whole(list(tables), n_items),
+        ir_version=IR_VERSION,
+        opset=OPSET,
+        producer=("mfbatch", __version__),
+        metadata={k: json.dumps(v) for k, v in metadata.items()},
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="mfbatch",
-        producer_version=__version__,
-    )
-    # ORT 1.x reads IR version 10 at most; keep the file loadable by a range of runtimes.
-    model.ir_version = min(model.ir_version, 9)
-    helper.set_model_props(model, {k: json.dumps(v) for k, v in metadata.items()})
-    onnx.checker.check_model(model, full_check=True)
-    return model
+
+
+def part_bytes(
+    u_table: bytes | None, v_table: bytes, shape: tuple[int, int], ir_version: int
+) -> dict[str, bytes]:
+    """The halves and the fold-in variant (`split_stages`, `vectors_graph`), keyed
+    scores / topk / vectors; `shape`: V_aug_t's (width, n_items). Without `u_table`, the
+    vectors variant only."""
+    width, n_items = shape
+    graphs = {
+        "vectors": wire.graph(
+            [_matmul()],
+            "mfbatch_vectors",
+            [_rows(width)],
+            [_scores(n_items)],
+            [v_table],
+        )
+    }
+    if u_table is not None:
+        graphs["scores"] = wire.graph(
+            [_gather(), _matmul()], "mfbatch_scores", [_users()], [_scores(n_items)],
+            [u_table, v_table],
+        )  # fmt: skip
+        graphs["topk"] = wire.graph(
+            [_topk("scores")], "mfbatch_topk_only", [_scores(n_items), _k()], _top()
+        )
+    return {
+        name: wire.model(body, ir_version=ir_version, opset=OPSET) for name, body in graphs.items()
+    }
+
+
+def build_graph(
+    users_aug: np.ndarray, items_aug_t: np.ndarray, metadata: dict[str, Any]
+) -> onnx.ModelProto:
+    """model.onnx's graph for these tables, parsed (tests, benchmarks)."""
+    import onnx
+
+    tables = (wire.tensor(U_AUG, users_aug), wire.tensor(V_AUG_T, items_aug_t))
+    return onnx.ModelProto.FromString(model_bytes(tables, items_aug_t.shape[1], metadata))
 
 
 def load_graph(path: Path) -> onnx.ModelProto:
@@ -119,16 +186,22 @@ def load_graph(path: Path) -> onnx.ModelProto:
 
 @functools.lru_cache(maxsize=1)
 def _load_graph(path: str, mtime_ns: int, size: int) -> onnx.ModelProto:
+    import onnx
+
     return onnx.load_model(path, load_external_data=False)
 
 
 def item_table(proto: onnx.ModelProto) -> np.ndarray:
     """The graph's frozen item table V_aug_t [d+2, n_items]: what fold-in solves against."""
+    from onnx import numpy_helper
+
     return next(numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == V_AUG_T)
 
 
 def check_finite(proto: onnx.ModelProto, path: Path) -> None:
     """A model whose tables hold NaN or inf would publish nonsense lists: refuse it."""
+    from onnx import numpy_helper
+
     for table in proto.graph.initializer:
         values = numpy_helper.to_array(table)
         if values.dtype.kind == "f" and not bool(np.isfinite(values).all()):
@@ -139,6 +212,10 @@ def check_finite(proto: onnx.ModelProto, path: Path) -> None:
             )
 
 
+def _tables(proto: onnx.ModelProto) -> dict[str, Any]:
+    return {t.name: t for t in proto.graph.initializer}
+
+
 def vectors_graph(proto: onnx.ModelProto, *, whole: bool) -> onnx.ModelProto:
     """model.onnx with user rows as the input instead of user indices: same V_aug_t.
 
@@ -147,24 +224,24 @@ def vectors_graph(proto: onnx.ModelProto, *, whole: bool) -> onnx.ModelProto:
     the masking and TopK too (the CUDA path); else the scores half only (the CPU path masks
     in place and runs the TopK half `split_stages` makes).
     """
-    tables = {t.name: t for t in proto.graph.initializer}
-    v_aug_t = numpy_helper.to_array(tables[V_AUG_T])
-    width, n_items = v_aug_t.shape
-    rows = helper.make_tensor_value_info("user_rows", TensorProto.FLOAT, ["batch", width])
-    if whole:
-        nodes = [n for n in proto.graph.node if n.op_type != "Gather"]
-        inputs = [rows, *(i for i in proto.graph.input if i.name != "users")]
-        outputs = list(proto.graph.output)
-        kept = [t for t in proto.graph.initializer if t.name != U_AUG]
-    else:
-        nodes = [helper.make_node("MatMul", ["user_rows", V_AUG_T], ["scores"])]
-        inputs = [rows]
-        outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_items])]
-        kept = [tables[V_AUG_T]]
-    graph = helper.make_graph(nodes, "mfbatch_vectors", inputs, outputs, initializer=kept)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = proto.ir_version
-    return model
+    import onnx
+
+    tables = _tables(proto)
+    width, n_items = (int(d) for d in tables[V_AUG_T].dims)
+    if not whole:
+        parts = part_bytes(
+            None, tables[V_AUG_T].SerializeToString(), (width, n_items), proto.ir_version
+        )
+        return onnx.ModelProto.FromString(parts["vectors"])
+    # This model.onnx's own nodes and inputs, less the Gather: an older export's too.
+    body = wire.graph(
+        [n.SerializeToString() for n in proto.graph.node if n.op_type != "Gather"],
+        "mfbatch_vectors",
+        [_rows(width), *(i.SerializeToString() for i in proto.graph.input if i.name != "users")],
+        [o.SerializeToString() for o in proto.graph.output],
+        [t.SerializeToString() for t in proto.graph.initializer if t.name != U_AUG],
+    )
+    return onnx.ModelProto.FromString(wire.model(body, ir_version=proto.ir_version, opset=OPSET))
 
 
 def split_stages(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -175,33 +252,14 @@ def split_stages(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelPro
     between the two halves does the same work without either (README, "The inference
     core", has the measurement).
     """
-    tables = {t.name: t for t in proto.graph.initializer}
-    n_items = numpy_helper.to_array(tables[V_AUG_T]).shape[1]
-    scores = helper.make_graph(
-        [
-            helper.make_node("Gather", [U_AUG, "users"], ["user_rows"], axis=0),
-            helper.make_node("MatMul", ["user_rows", V_AUG_T], ["scores"]),
-        ],
-        "mfbatch_scores",
-        inputs=[helper.make_tensor_value_info("users", TensorProto.INT64, ["batch"])],
-        outputs=[helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_items])],
-        initializer=[tables[U_AUG], tables[V_AUG_T]],
+    import onnx
+
+    tables = _tables(proto)
+    shape = tuple(int(d) for d in tables[V_AUG_T].dims)
+    parts = part_bytes(
+        tables[U_AUG].SerializeToString(),
+        tables[V_AUG_T].SerializeToString(),
+        (shape[0], shape[1]),
+        proto.ir_version,
     )
-    topk = helper.make_graph(
-        [helper.make_node("TopK", ["scores", "k"], list(OUTPUTS), axis=1, largest=1, sorted=1)],
-        "mfbatch_topk_only",
-        inputs=[
-            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_items]),
-            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
-        ],
-        outputs=[
-            helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["batch", "k"]),
-            helper.make_tensor_value_info("top_items", TensorProto.INT64, ["batch", "k"]),
-        ],
-    )
-    models = []
-    for graph in (scores, topk):
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-        model.ir_version = proto.ir_version
-        models.append(model)
-    return models[0], models[1]
+    return onnx.ModelProto.FromString(parts["scores"]), onnx.ModelProto.FromString(parts["topk"])

@@ -1,6 +1,7 @@
 """What serving reads from a run's folder, prepared at export so serving never imports onnx.
 
-`export` writes, beside model.onnx and from the same graph:
+`export` writes, beside model.onnx and from the same tables (as bytes, mfbatch.artifact.wire:
+export imports no onnx either):
 
 - scores.onnx   users -> scores [B, I]: Gather + MatMul (the CPU path's first half)
 - topk.onnx     scores, k -> top_scores, top_items (the second half)
@@ -22,12 +23,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:  # only export (and an older export's serve) parses graphs
-    import onnx
 
 SCORES_FILE = "scores.onnx"
 TOPK_FILE = "topk.onnx"
@@ -84,40 +82,27 @@ def load_item_table(model_path: Path) -> np.ndarray:
     return item_table(load_graph(model_path))
 
 
-def write_parts(proto: onnx.ModelProto, folder: Path) -> tuple[list[Path], dict[str, int]]:
-    """The graphs and the item table, each written to a `.part` file, for the caller to
-    rename into place before model.onnx; and the NaN/inf count of every table."""
-    import onnx
-    from onnx import numpy_helper
+def write_parts(tables: tuple[bytes, bytes], items_aug_t: np.ndarray, folder: Path) -> list[Path]:
+    """The graphs (`tables`: U_aug and V_aug_t as `wire.tensor` bytes) and the item
+    table, each written to a `.part` file, for the caller to rename into place before
+    model.onnx."""
+    from mfbatch.artifact.graph import IR_VERSION, part_bytes
 
-    from mfbatch.artifact.graph import V_AUG_T, split_stages, vectors_graph
-
-    scores, topk = split_stages(proto)
+    graphs = part_bytes(tables[0], tables[1], items_aug_t.shape, IR_VERSION)
     written: list[Path] = []
-    for name, graph in (
-        (SCORES_FILE, scores),
-        (TOPK_FILE, topk),
-        (VECTORS_FILE, vectors_graph(proto, whole=False)),
-    ):
+    for name, key in ((SCORES_FILE, "scores"), (TOPK_FILE, "topk"), (VECTORS_FILE, "vectors")):
         partial = folder / (name + ".part")
-        onnx.save_model(graph, str(partial))
+        partial.write_bytes(graphs[key])
         written.append(partial)
-    non_finite: dict[str, int] = {}
-    for table in proto.graph.initializer:
-        values = numpy_helper.to_array(table)
-        if values.dtype.kind == "f":
-            non_finite[table.name] = int((~np.isfinite(values)).sum())
-        if table.name == V_AUG_T:
-            partial = folder / (ITEMS_FILE + ".part")
-            with partial.open("wb") as out:
-                np.save(out, values)
-            written.append(partial)
-    return written, non_finite
+    partial = folder / (ITEMS_FILE + ".part")
+    with partial.open("wb") as out:
+        np.save(out, items_aug_t)
+    written.append(partial)
+    return written
 
 
-def mark_complete(proto: onnx.ModelProto, non_finite: dict[str, int], model_path: Path) -> None:
+def mark_complete(metadata: dict[str, Any], non_finite: dict[str, int], model_path: Path) -> None:
     """serving.json, once model.onnx is in place: the parts are this model.onnx's."""
-    metadata = {p.key: json.loads(p.value) for p in proto.metadata_props}
     stat = model_path.stat()
     stored = {
         "metadata": metadata,

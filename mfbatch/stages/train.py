@@ -24,7 +24,13 @@ from mfbatch.stages.train_record import TrainSummary, record_run, save_run, summ
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training import distributed
-from mfbatch.training.device import describe, resolve_device, resolve_threads, usable_cores
+from mfbatch.training.device import (
+    IdleWindow,
+    describe,
+    resolve_device,
+    resolve_threads,
+    usable_cores,
+)
 from mfbatch.training.loop import EpochRecord, Outcome, new_model, plan_for, train_model
 from mfbatch.training.model import MatrixFactorization
 from mfbatch.training.steps import Plan
@@ -68,7 +74,7 @@ def _rank(config: Config) -> None:
 def _place(
     config: Config, console: Console | None, checked: bool
 ) -> tuple[torch.device, distributed.Shard, Console | None]:
-    """The device and threads this rank trains with; only the main rank keeps a console."""
+    """The device this rank trains on; only the main rank keeps a console."""
     settings = config.train
     shard = distributed.from_env()
     if shard.active:
@@ -83,15 +89,26 @@ def _place(
     if shard.main and not checked:
         db.check_writable(config.db)
     shard.barrier()
-    if device.type == "cpu":
-        threads, note = resolve_threads(settings.threads)
-        if shard.active and settings.threads is None:
-            # Ranks start together and each would count the same idle cores: split them.
-            threads = max(1, usable_cores() // shard.world)
-        torch.set_num_threads(threads)
-        if note and console:
-            console.print(f"note: {note}", highlight=False)
     return device, shard, console
+
+
+def _set_threads(
+    settings: TrainConfig,
+    device: torch.device,
+    shard: distributed.Shard,
+    console: Console | None,
+    window: IdleWindow,
+) -> None:
+    """The CPU threads to train with: `--threads`, else the cores idle over `window`."""
+    if device.type != "cpu":
+        return
+    threads, note = resolve_threads(settings.threads, window)
+    if shard.active and settings.threads is None:
+        # Ranks start together and each would count the same idle cores: split them.
+        threads = max(1, usable_cores() // shard.world)
+    torch.set_num_threads(threads)
+    if note and console:
+        console.print(f"note: {note}", highlight=False)
 
 
 def _with_recency(settings: TrainConfig, dataset: Dataset) -> tuple[TrainConfig, str]:
@@ -135,11 +152,19 @@ def _announce(
 def _train(*, config: Config, console: Console | None, checked: bool = False) -> TrainSummary:
     started_at = datetime.now(timezone.utc).replace(tzinfo=None)
     started = time.perf_counter()
+    # Opened first: reading the ratings and building the tensors overlap the 0.2 s the
+    # default thread count watches the machine for.
+    window = IdleWindow()
     device, shard, console = _place(config, console, checked)
+    if device.type == "cpu":
+        # Until then one thread: the start-up's tensor work is small, and two threads on
+        # a busy machine took 0.3 s for what one does in 0.03 s.
+        torch.set_num_threads(1)
     inputs = read_inputs(config)
     settings, note = _with_recency(inputs.settings, inputs.dataset)
-    _announce(console, device, shard, inputs.tuned + note)
     data, val = interactions(inputs, device, config.db)
+    _set_threads(config.train, device, shard, console, window)
+    _announce(console, device, shard, inputs.tuned + note)
     if settings.recency_half_life and data.ts is None and console:
         console.print(
             "note: --recency-half-life: some ratings have no timestamp, so none is weighted "
@@ -175,10 +200,10 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
     summary = summarise(run_id, device, outcome, settings, data, seconds, fit_seconds, export_path)
     if not shard.main:
         return summary  # every rank holds the same weights; rank 0 exports and records them
+    plan_row = {"train_path": run_plan.loss, "reason": run_plan.reason, "warning": warning}
     _save_and_record(
-        config, model, export_path, run_id, inputs, settings, outcome, summary, started_at
+        config, model, export_path, inputs, settings, outcome, summary, started_at, plan_row
     )
-    _record_plan(config, run_id, run_plan, warning)
     if outcome.status == "diverged":
         raise ModelError(
             f"training diverged (loss not finite) in epoch {outcome.diverged_epoch}; the last "
@@ -196,56 +221,37 @@ def _decay(outcome: Outcome, settings: TrainConfig) -> str | None:
     return decay_warning(curve, f"Recall@{settings.top_k}")
 
 
-def _record_plan(config: Config, run_id: str, run_plan: Plan, warning: str | None) -> None:
-    """The loss chosen, why, and the validation warning, on the run's `training_runs` row."""
-    con = db.connect(config.db)
-    try:
-        with db.transaction(con, f"training run {run_id}'s plan into {config.db}"):
-            for query in (
-                "add_training_plan_columns",
-                "add_training_reason_column",
-                "add_training_warning_column",
-            ):
-                db.run(con, query)
-            db.run(
-                con,
-                "record_training_plan",
-                run_id=run_id,
-                train_path=run_plan.loss,
-                reason=run_plan.reason,
-                warning=warning,
-            )
-    finally:
-        con.close()
-
-
 def _save_and_record(
     config: Config,
     model: MatrixFactorization,
     export_path: Path,
-    run_id: str,
     inputs: TrainInputs,
     settings: TrainConfig,
     outcome: Outcome,
     summary: TrainSummary,
     started_at: datetime,
+    plan_row: dict[str, str | None],
 ) -> None:
-    """The run's folder, then its rows; if either fails, the folder goes too: no model is
-    left that no run names (a full disk, or another process taking the write lock while
-    this one trained)."""
-    # The lock was free when training started; refuse before writing files if it is not now.
-    db.check_writable(config.db)
+    """The run's folder, then its rows (with the plan's); if either fails, the folder goes
+    too: no model is left that no run names (a full disk, or another process taking the
+    write lock while this one trained)."""
+    # The lock was free when training started; refuse before writing files if it is not
+    # now, and hold it until the rows are in.
+    con = db.connect(config.db)
     try:
         save_run(
             model,
             export_path,
-            run_id=run_id,
+            run_id=summary.run_id,
             parent=inputs.parent,
             dataset=inputs.dataset,
             settings=settings,
             outcome=outcome,
         )
-        record_run(config, settings, summary, outcome, inputs.dataset, inputs.parent, started_at)
+        record_run(
+            con, config, settings, summary, outcome, inputs.dataset, inputs.parent, started_at,
+            plan_row,
+        )  # fmt: skip
     except ModelError as exc:
         shutil.rmtree(export_path, ignore_errors=True)
         cause = first_line(exc).split("; ")[0]
@@ -256,6 +262,8 @@ def _save_and_record(
     except MfbatchError:
         shutil.rmtree(export_path, ignore_errors=True)
         raise
+    finally:
+        con.close()
 
 
 def _fit(

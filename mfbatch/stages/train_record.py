@@ -8,8 +8,9 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import polars as pl
+import numpy as np
 import torch
 
 from mfbatch.artifact.files import export_model, save_model
@@ -21,6 +22,9 @@ from mfbatch.training.loop import EpochRecord, Outcome
 from mfbatch.training.model import MatrixFactorization
 from mfbatch.training.tensors import Interactions
 from mfbatch.version import __version__
+
+if TYPE_CHECKING:
+    import duckdb
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ def _best(outcome: Outcome) -> EpochRecord | None:
 
 
 def record_run(
+    con: duckdb.DuckDBPyConnection,
     config: Config,
     settings: TrainConfig,
     summary: TrainSummary,
@@ -130,55 +135,66 @@ def record_run(
     dataset: Dataset,
     parent: str | None,
     started_at: datetime,
+    plan_row: dict[str, str | None],
 ) -> None:
+    """The run's `training_runs` row (with the loss chosen, why, and the validation
+    warning: `plan_row`) and its `training_epochs`, in one transaction on `con`."""
     best = _best(outcome)
     metrics = best.metrics if best else None
-    epochs = pl.DataFrame(
-        {
-            "run_id": [summary.run_id] * len(outcome.history),
-            "epoch": [r.epoch for r in outcome.history],
-            "train_loss": [r.train_loss for r in outcome.history],
-            "val_rmse": [r.metrics.rmse if r.metrics else None for r in outcome.history],
-            "val_mae": [r.metrics.mae if r.metrics else None for r in outcome.history],
-            "val_recall": [r.metrics.recall if r.metrics else None for r in outcome.history],
-            "val_ndcg": [r.metrics.ndcg if r.metrics else None for r in outcome.history],
-            "seconds": [r.seconds for r in outcome.history],
-        },
-        schema_overrides={c: pl.Float64 for c in ("val_rmse", "val_mae", "val_recall", "val_ndcg")},
-    )
+    history = outcome.history
+
+    def column(values: list[float | None]) -> np.ndarray:
+        # Object arrays: None goes in as NULL (DuckDB scans numpy columns directly; no
+        # Polars or pandas needed for 80 rows).
+        return np.array(values, dtype=object)
+
+    epochs = {
+        "run_id": np.array([summary.run_id] * len(history), dtype=object),
+        "epoch": np.array([r.epoch for r in history], dtype=np.int64),
+        "train_loss": np.array([r.train_loss for r in history], dtype=np.float64),
+        "val_rmse": column([r.metrics.rmse if r.metrics else None for r in history]),
+        "val_mae": column([r.metrics.mae if r.metrics else None for r in history]),
+        "val_recall": column([r.metrics.recall if r.metrics else None for r in history]),
+        "val_ndcg": column([r.metrics.ndcg if r.metrics else None for r in history]),
+        "seconds": np.array([r.seconds for r in history], dtype=np.float64),
+    }
     resolved = config.model_copy(update={"train": settings}).to_dict()
-    con = db.connect(config.db)
-    try:
-        con.register("staged_epochs", epochs.to_arrow())
-        with db.transaction(con, f"training run {summary.run_id} into {config.db}"):
-            db.run(con, "create_training_runs")
-            db.run(con, "create_training_epochs")
-            db.run(
-                con,
-                "insert_training_run",
-                run_id=summary.run_id,
-                parent_run_id=parent,
-                started_at=started_at,
-                finished_at=datetime.now(timezone.utc).replace(tzinfo=None),
-                status=outcome.status,
-                config=json.dumps(resolved),
-                dataset_sha256=dataset.sha256,
-                data_seen=summary.data_seen,
-                device=summary.device,
-                objective=settings.objective,
-                epochs_run=summary.epochs_run,
-                best_epoch=summary.best_epoch,
-                train_loss=best.train_loss if best else None,
-                val_rmse=metrics.rmse if metrics else None,
-                val_mae=metrics.mae if metrics else None,
-                val_recall=metrics.recall if metrics else None,
-                val_ndcg=metrics.ndcg if metrics else None,
-                top_k=settings.top_k,
-                n_train=summary.n_train,
-                seconds=summary.seconds,
-                examples_per_second=summary.examples_per_second,
-                export_path=stored_export_path(summary.export_path, config.db),
-            )
-            db.run(con, "insert_training_epochs")
-    finally:
-        con.close()
+    con.register("staged_epochs", epochs)
+    with db.transaction(con, f"training run {summary.run_id} into {config.db}"):
+        db.run(con, "create_training_runs")
+        db.run(con, "create_training_epochs")
+        for query in (
+            "add_training_plan_columns",
+            "add_training_reason_column",
+            "add_training_warning_column",
+        ):
+            db.run(con, query)
+        db.run(
+            con,
+            "insert_training_run",
+            run_id=summary.run_id,
+            parent_run_id=parent,
+            started_at=started_at,
+            finished_at=datetime.now(timezone.utc).replace(tzinfo=None),
+            status=outcome.status,
+            config=json.dumps(resolved),
+            dataset_sha256=dataset.sha256,
+            data_seen=summary.data_seen,
+            device=summary.device,
+            objective=settings.objective,
+            epochs_run=summary.epochs_run,
+            best_epoch=summary.best_epoch,
+            train_loss=best.train_loss if best else None,
+            val_rmse=metrics.rmse if metrics else None,
+            val_mae=metrics.mae if metrics else None,
+            val_recall=metrics.recall if metrics else None,
+            val_ndcg=metrics.ndcg if metrics else None,
+            top_k=settings.top_k,
+            n_train=summary.n_train,
+            seconds=summary.seconds,
+            examples_per_second=summary.examples_per_second,
+            export_path=stored_export_path(summary.export_path, config.db),
+        )
+        db.run(con, "insert_training_epochs")
+        db.run(con, "record_training_plan", run_id=summary.run_id, **plan_row)
+    con.unregister("staged_epochs")

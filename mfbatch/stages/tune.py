@@ -24,7 +24,7 @@ from rich.console import Console
 from mfbatch.config import Config, TrainConfig, TuneConfig, epochs_for, recency_for
 from mfbatch.config.tune import LOG_UNIFORM
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
-from mfbatch.stages.train_inputs import TrainInputs, interactions
+from mfbatch.stages.train_inputs import Ratings, TrainInputs, interactions
 from mfbatch.stages.tune_record import finished, hold, journal_path, open_study, record
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
@@ -170,7 +170,9 @@ def _read_inner(config: Config, device: torch.device) -> _Inner:
         )
     inner = train.with_columns(is_val=pl.Series(held))
     settings = config.train.replace(on="train", eval_users=config.train.eval_users)
-    data, val = interactions(TrainInputs(dataset, inner, settings, None, None), device, config.db)
+    data, val = interactions(
+        TrainInputs(dataset, Ratings.from_frame(inner), settings, None, None), device, config.db
+    )
     assert val is not None
     timed = train["ts_ms"].null_count() == 0
     return _Inner(dataset, data, val, kind, timed)

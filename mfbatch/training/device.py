@@ -37,32 +37,59 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def idle_cores(cores: int, window_s: float = 0.2) -> float:
-    """How many of the machine's cores sat idle over a short window (/proc/stat)."""
-
-    def sample() -> tuple[int, int]:
+def _cpu_sample() -> tuple[int, int] | None:
+    """(idle + iowait, total) jiffies of the whole machine, from /proc/stat."""
+    try:
         with open("/proc/stat", encoding="ascii") as fh:
             fields = [int(v) for v in fh.readline().split()[1:]]
-        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
-
-    try:
-        idle_a, total_a = sample()
-        time.sleep(window_s)
-        idle_b, total_b = sample()
+        return fields[3] + fields[4], sum(fields)
     except (OSError, ValueError, IndexError):
-        return float(cores)
-    machine = os.cpu_count() or cores
-    return machine * (idle_b - idle_a) / max(total_b - total_a, 1)
+        return None
 
 
-def resolve_threads(requested: int | None) -> tuple[int, str | None]:
+class IdleWindow:
+    """How many cores sit idle over a window that opens here and closes at `idle()`.
+
+    Opened before a run's own start-up (reading the ratings, building tensors), so the
+    window mostly overlaps that work instead of being a wait of its own; this process's
+    CPU time in the window is counted back as idle, since those cores are free for the
+    training that follows.
+    """
+
+    def __init__(self) -> None:
+        self._start = _cpu_sample()
+        self._cpu = time.process_time()
+        self._wall = time.monotonic()
+
+    def idle(self, cores: int, window_s: float = 0.2) -> float:
+        wait = window_s - (time.monotonic() - self._wall)
+        if wait > 0:
+            time.sleep(wait)
+        end = _cpu_sample()
+        if self._start is None or end is None:
+            return float(cores)
+        machine = os.cpu_count() or cores
+        others_idle = machine * (end[0] - self._start[0]) / max(end[1] - self._start[1], 1)
+        own = (time.process_time() - self._cpu) / max(time.monotonic() - self._wall, 1e-9)
+        return min(float(machine), others_idle + own)
+
+
+def idle_cores(cores: int, window_s: float = 0.2) -> float:
+    """How many of the machine's cores sat idle over a short window (/proc/stat)."""
+    return IdleWindow().idle(cores, window_s)
+
+
+def resolve_threads(
+    requested: int | None, window: IdleWindow | None = None
+) -> tuple[int, str | None]:
     """(threads, note). Never more than the cores this process may run on; by default
-    only the cores that are idle now, because torch's threads wait for each other at
-    every op: with one of two cores busy, two threads ran ~9x slower than one
-    (README, "The model")."""
+    only the cores that are idle now (over `window`, opened earlier, or 0.2 s from now),
+    because torch's threads wait for each other at every op: with one of two cores busy,
+    two threads ran ~9x slower than one (README, "The model")."""
     cores = usable_cores()
     if requested is not None:
         if requested > cores:
             return cores, f"--threads {requested}: capped at the {cores} cores available"
         return requested, None
-    return max(1, min(cores, math.floor(idle_cores(cores) + 0.5))), None
+    idle = (window or IdleWindow()).idle(cores)
+    return max(1, min(cores, math.floor(idle + 0.5))), None

@@ -7,7 +7,9 @@ first step; `train_epoch` (mfbatch.training.loop) then only follows it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -158,10 +160,14 @@ def make_optimizers(
         model.user_emb.sparse = model.user_bias.sparse = True
         users = [model.user_emb.weight, model.user_bias.weight]
         rest = [p for p in model.parameters() if all(p is not u for u in users)]
-        return [LazyAdam(users, lr=lr), torch.optim.Adam(rest, lr=lr, fused=True)]
+        return [LazyAdam(users, lr=lr), FusedAdam(rest, lr=lr)]
     if config.optimizer in ("adam", "adamw"):
-        cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        return [cls(model.parameters(), lr=lr, weight_decay=config.weight_decay, fused=True)]
+        decoupled = config.optimizer == "adamw"
+        return [
+            FusedAdam(
+                model.parameters(), lr=lr, weight_decay=config.weight_decay, decoupled=decoupled
+            )
+        ]
     sparse = [p for n, p in model.named_parameters() if n.endswith(("_emb.weight", "_bias.weight"))]
     dense = [
         p for n, p in model.named_parameters() if not n.endswith(("_emb.weight", "_bias.weight"))
@@ -171,7 +177,96 @@ def make_optimizers(
     return [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr)]
 
 
-class LazyAdam(torch.optim.Optimizer):
+class _Eager(torch.optim.Optimizer):
+    """An optimizer that never imports torch._dynamo.
+
+    torch.optim.Optimizer wraps `add_param_group`, `zero_grad` and every built-in `step`
+    to keep torch.compile out of them, and the first call of each imports torch._dynamo:
+    1-2 s on this machine, as long as `import torch` itself and a fifth of a default
+    ML-100K run. Nothing here is compiled, so these are the plain versions.
+    """
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        for name, default in self.defaults.items():
+            param_group.setdefault(name, default)
+        self.param_groups.append(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
+
+class FusedAdam(_Eager):
+    """torch.optim.Adam(fused=True) (AdamW's decoupled decay with `decoupled`): the same
+    fused kernel on the same moments and step counts, so the same weights bit for bit
+    (tests/test_objectives.py holds it to torch's), without torch._dynamo (`_Eager`)."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "decoupled": decoupled,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self._state(p) for p in params]
+            steps = [state["step"] for state in states]
+            torch._foreach_add_(steps, 1)
+            kernel = torch._fused_adamw_ if group["decoupled"] else torch._fused_adam_
+            beta1, beta2 = group["betas"]
+            kernel(
+                params,
+                [p.grad for p in params],
+                [state["exp_avg"] for state in states],
+                [state["exp_avg_sq"] for state in states],
+                [],
+                steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                amsgrad=False,
+                maximize=False,
+            )
+
+    def _state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.state[p]
+        if not state:
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError("FusedAdam takes dense gradients (see DenseGrads)")
+            # As torch.optim.Adam(fused=True) starts them: a float32 step on p's device.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+
+class LazyAdam(_Eager):
     """torch.optim.SparseAdam's update (Adam on the rows a sparse gradient touches, the
     others and their moments left as they are), in a handful of row-wise ops: SparseAdam
     builds a sparse tensor per moment update and took twice as long (33 vs 16 ms for
@@ -221,7 +316,7 @@ class DenseGrads:
         self.params = [
             p
             for opt in optimizers
-            if isinstance(opt, torch.optim.Adam | torch.optim.AdamW)
+            if isinstance(opt, FusedAdam | torch.optim.Adam)
             for group in opt.param_groups
             for p in group["params"]
         ]
