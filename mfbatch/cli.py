@@ -7,8 +7,10 @@ maps errors to exit codes (`guard`).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -393,8 +395,31 @@ def report(
     emit(summary, as_json)
 
 
-def main() -> None:  # pragma: no cover - console-script shim
-    app(prog_name="mfbatch")
+def main() -> None:
+    """The console script and `python -m mfbatch`: the command, then a prompt exit.
+
+    When a command returns, its database is closed and its result printed; the
+    interpreter's teardown after that (clearing every module, the native libraries'
+    destructors) measured 0.2-0.3 s of each `mfbatch score` on top of the work. The exit
+    handlers still run (Ray's shutdown, temporary files), the streams are flushed, and
+    the process ends with the command's exit code.
+    """
+    try:
+        app(prog_name="mfbatch")
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:  # sys.exit("message"): printed, status 1, as the interpreter would
+            print(exc.code, file=sys.stderr)
+            code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`): nothing more to say
+            code = code or 1
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
