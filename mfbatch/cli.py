@@ -7,10 +7,8 @@ maps errors to exit codes (`guard`).
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,12 +21,12 @@ from mfbatch.cli_options import (
     QuietOpt,
     config_command,
     emit,
+    exit_promptly,
     guard,
     plain,
     progress_console,
     result_console,
 )
-from mfbatch.cli_render import evaluation_table, recommendation_tables, runs_table
 
 # Typer labels every flag `<bool>` in --help; a flag takes no value, so show none.
 _display_type = typer.core.TyperOption.display_type_rich
@@ -134,6 +132,8 @@ def _run_stage(stage: str, section: str) -> Any:
 
         summary = guard(action)
         if stage == "evaluate" and not (opts["as_json"] or opts["quiet"]):
+            from mfbatch.cli_render import evaluation_table
+
             result_console().print(evaluation_table(summary))
         if stage == "evaluate" and opts["as_json"]:
             typer.echo(summary.to_json())
@@ -252,6 +252,8 @@ def recommend(
     if as_json:
         typer.echo(json.dumps(plain(reports[0] if len(reports) == 1 else {"users": reports})))
         return
+    from mfbatch.cli_render import recommendation_tables
+
     out = result_console()
     for report in reports:
         if not quiet:
@@ -279,6 +281,8 @@ def runs(
         typer.echo(json.dumps(plain(listing)))
         return
     if not quiet:
+        from mfbatch.cli_render import runs_table
+
         result_console().print(runs_table(listing))
     typer.echo(f"{len(listing)} runs in {path}")
 
@@ -396,30 +400,8 @@ def report(
 
 
 def main() -> None:
-    """The console script and `python -m mfbatch`: the command, then a prompt exit.
-
-    When a command returns, its database is closed and its result printed; the
-    interpreter's teardown after that (clearing every module, the native libraries'
-    destructors) measured 0.2-0.3 s of each `mfbatch score` on top of the work. The exit
-    handlers still run (Ray's shutdown, temporary files), the streams are flushed, and
-    the process ends with the command's exit code.
-    """
-    try:
-        app(prog_name="mfbatch")
-        code = 0
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            code = exc.code or 0
-        else:  # sys.exit("message"): printed, status 1, as the interpreter would
-            print(exc.code, file=sys.stderr)
-            code = 1
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`| head`): nothing more to say
-            code = code or 1
-    os._exit(code)
+    """The console script and `python -m mfbatch` (see `exit_promptly`)."""
+    exit_promptly(app, "mfbatch")
 
 
 if __name__ == "__main__":  # pragma: no cover
