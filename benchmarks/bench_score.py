@@ -531,7 +531,7 @@ def main() -> None:
                         str(n): {"s": w, "cpu_s": c} for n, (w, c) in floors.items()
                     },
                     "core_vs_floor": core_vs_floor,
-                    "numpy_vs_core": numpy_vs_core,
+                    "numpy_vs_core": None if args.no_numpy else numpy_vs_core,
                     "e2e_vs_floor": e2e_vs_floor,
                     "e2e_vs_floor_cpu": e2e_vs_floor_cpu,
                     "e2e_vs_whole_floor": e2e_vs_whole,
