@@ -1,18 +1,22 @@
 """Scoring speed: the `mfbatch score` core vs numpy and vs a bare ONNX Runtime floor.
 
     python benchmarks/bench_score.py [--users 100000] [--items 20000] [--dim 64]
-                                      [--seen 100] [--repeats 3] [--out FILE]
+                                      [--ratings-per-user 100] [--repeats 3] [--out FILE]
+                                      [--floor-sizes 256,1024,...] [--no-numpy]
 
-One synthetic model (random weights; speed does not depend on them), ~`--seen` rated items
-per user (popularity-skewed), measured in one run:
+The scale point: `--users 1000000 --ratings-per-user 20 --floor-sizes 1024,2048 --no-numpy`.
+
+One synthetic model (random weights; speed does not depend on them), ~`--ratings-per-user`
+rated items per user (popularity-skewed), measured in one run:
   (a) numpy: U @ V.T, mask the rated items, argpartition + sort of the top K (one run:
       it is the slowest by far and only a sanity baseline);
   (b) floor: an ONNX Runtime graph of Gather + MatMul + TopK with no masking at all, at
       each of several batch sizes; the floor is the fastest of them (all are reported);
   core:      mfbatch's exported graph driven by mfbatch.serving.session.Scorer (masking included),
              at the batch size the Scorer picks;
-  e2e:       `mfbatch score` as a subprocess on a DuckDB file holding the same shapes,
-             including start-up, reading the db and writing the recommendations;
+  e2e:       `mfbatch score --db FILE --memory-mb M --quiet`, the command line itself, in a
+             fresh interpreter on a DuckDB file holding the same shapes: start-up, the
+             CLI's imports, config, reading the db, scoring, the publish, the summary;
   the job's whole floor, each part bare, in the same round robin:
     read:    DuckDB read of the rated (user_idx, item_idx) pairs, fresh connection;
     write:   the lists as (publish_id, user_idx, item_idx, rank, score) ints + float32
@@ -338,7 +342,15 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--seen", type=int, default=100)
+    parser.add_argument("--ratings-per-user", "--seen", dest="seen", type=int, default=100)
+    parser.add_argument(
+        "--floor-sizes",
+        help="comma-separated batch sizes for the floor (default: 256 ... 4096, the scorer's "
+        "pick and the memory budget's)",
+    )
+    parser.add_argument(
+        "--no-numpy", action="store_true", help="skip the numpy baseline (minutes at 1M users)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-mb", type=int, default=512)
     parser.add_argument("--out", type=Path)
@@ -396,7 +408,11 @@ def main() -> None:
         scorer = Scorer(onnx_path, provider="cpu", threads=threads)
         batch = scorer.auto_batch_size(args.items, args.memory_mb)
         budget_batch = int((args.memory_mb << 20) // (args.items * 4))
-        sizes = sorted({256, 512, 1024, 2048, 4096, batch, min(budget_batch, 16384)})
+        sizes = sorted(
+            {int(n) for n in args.floor_sizes.split(",")}
+            if args.floor_sizes
+            else {256, 512, 1024, 2048, 4096, batch, min(budget_batch, 16384)}
+        )
         print(f"load average {load_before[0]:.2f}; the scorer picks {batch} users/batch")
 
         def core() -> None:
@@ -406,15 +422,19 @@ def main() -> None:
         rss: list[float] = []
 
         def e2e_run() -> None:
+            command = ["score", "--db", str(db_path), "--memory-mb", str(args.memory_mb), "-q"]
             proc = subprocess.run(
-                [sys.executable, "-c", _E2E, str(db_path), str(args.memory_mb)],
+                [sys.executable, "-c", _E2E, *command],
                 capture_output=True,
                 text=True,
                 check=False,
             )
             if proc.returncode != 0:
                 raise SystemExit(f"mfbatch score failed:\n{proc.stdout}\n{proc.stderr}")
-            rss.append(int(proc.stdout.strip().splitlines()[-1]) / 1024)
+            peak_kib, loaded = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+            if loaded != "[]":
+                raise SystemExit(f"mfbatch score imported {loaded}: the serving path must not")
+            rss.append(int(peak_kib) / 1024)
 
         # Round robin: each repeat runs every floor size, the core and e2e back to back, so
         # a change in what else the machine runs shifts all of them, not one.
@@ -453,8 +473,9 @@ def main() -> None:
         }
         results["core"], results["core_cpu"] = median["core"]
         print(f"  core @ {batch:>5}  {results['core']:7.2f} s  {results['core_cpu']:6.2f} cpu-s")
-        results["numpy"], results["numpy_cpu"] = timed(numpy_baseline, 1)
-        print(f"  numpy        {results['numpy']:7.2f} s  {results['numpy_cpu']:6.2f} cpu-s")
+        if not args.no_numpy:
+            results["numpy"], results["numpy_cpu"] = timed(numpy_baseline, 1)
+            print(f"  numpy        {results['numpy']:7.2f} s  {results['numpy_cpu']:6.2f} cpu-s")
         results["e2e"], results["e2e_cpu"] = median["e2e"]
         results["e2e_peak_rss_mb"] = max(rss)
         results["publish_mb"] = (db_path.stat().st_size - size_before) / args.repeats / 1e6
@@ -478,7 +499,7 @@ def main() -> None:
     )
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     core_vs_floor = results["core"] / results["floor"]
-    numpy_vs_core = results["numpy"] / results["core"]
+    numpy_vs_core = results["numpy"] / results["core"] if "numpy" in results else float("nan")
     e2e_vs_floor = results["e2e"] / results["floor"]
     e2e_vs_floor_cpu = results["e2e_cpu"] / results["floor_cpu"]
     e2e_vs_whole = results["e2e"] / results["whole_floor"]
@@ -489,7 +510,11 @@ def main() -> None:
         ("  same, cpu-s", e2e_vs_whole_cpu, "x", "<= 1.3", e2e_vs_whole_cpu <= 1.3),
         ("import gap s", import_gap, "", "<= 0.15", import_gap <= 0.15),
         ("core / floor", core_vs_floor, "x", "<= 1.5", core_vs_floor <= 1.5),
-        ("numpy / core", numpy_vs_core, "x", ">= 3", numpy_vs_core >= 3),
+        *(
+            ()
+            if args.no_numpy
+            else (("numpy / core", numpy_vs_core, "x", ">= 3", numpy_vs_core >= 3),)
+        ),
         ("e2e / floor", e2e_vs_floor, "x", "<= 1.3", e2e_vs_floor <= 1.3),
         ("e2e / floor, cpu-s", e2e_vs_floor_cpu, "x", "<= 1.3", e2e_vs_floor_cpu <= 1.3),
         ("peak RSS MB", max(rss), "", "< 1536", max(rss) < 1536),
@@ -506,7 +531,7 @@ def main() -> None:
                         str(n): {"s": w, "cpu_s": c} for n, (w, c) in floors.items()
                     },
                     "core_vs_floor": core_vs_floor,
-                    "numpy_vs_core": numpy_vs_core,
+                    "numpy_vs_core": None if args.no_numpy else numpy_vs_core,
                     "e2e_vs_floor": e2e_vs_floor,
                     "e2e_vs_floor_cpu": e2e_vs_floor_cpu,
                     "e2e_vs_whole_floor": e2e_vs_whole,
@@ -522,17 +547,18 @@ def main() -> None:
         )
 
 
-# Runs `mfbatch score` in a fresh process and prints its peak RSS (KiB) last. VmHWM, not
-# ru_maxrss: the latter carries the parent's high-water mark across fork + exec.
+# `mfbatch score ARGS` exactly as the console script runs it (mfbatch.cli.main), in a fresh
+# process; at exit it prints its peak RSS (KiB) and which of onnx/torch/polars it imported.
+# VmHWM, not ru_maxrss: the latter carries the parent's high-water mark across fork + exec.
 _E2E = """
-import resource, sys
-from pathlib import Path
-from mfbatch.config import load_config
-from mfbatch.stages.score import score
-overrides = {"score": {"memory_mb": int(sys.argv[2])}}
-config = load_config(None, db=Path(sys.argv[1]), overrides=overrides)
-print(score(config=config).line())
-print(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+import atexit, sys
+def _last():
+    peak = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
+    print(peak, sorted(m for m in ("onnx", "torch", "polars") if m in sys.modules), flush=True)
+atexit.register(_last)
+sys.argv = ["mfbatch", *sys.argv[1:]]
+from mfbatch.cli import main
+main()
 """
 
 if __name__ == "__main__":

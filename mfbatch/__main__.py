@@ -1,3 +1,3 @@
-from mfbatch.cli import app
+from mfbatch.cli import main
 
-app(prog_name="mfbatch")
+main()

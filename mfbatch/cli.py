@@ -23,12 +23,12 @@ from mfbatch.cli_options import (
     QuietOpt,
     config_command,
     emit,
+    exit_promptly,
     guard,
     plain,
     progress_console,
     result_console,
 )
-from mfbatch.cli_render import evaluation_table, recommendation_tables, runs_table
 
 # Typer labels every flag `<bool>` in --help; a flag takes no value, so show none.
 _display_type = typer.core.TyperOption.display_type_rich
@@ -139,6 +139,8 @@ def _run_stage(stage: str, section: str) -> Any:
 
         summary = guard(action)
         if stage == "evaluate" and not (opts["as_json"] or opts["quiet"]):
+            from mfbatch.cli_render import evaluation_table
+
             result_console().print(evaluation_table(summary))
         if stage == "evaluate" and opts["as_json"]:
             typer.echo(summary.to_json())
@@ -257,6 +259,8 @@ def recommend(
     if as_json:
         typer.echo(json.dumps(plain(reports[0] if len(reports) == 1 else {"users": reports})))
         return
+    from mfbatch.cli_render import recommendation_tables
+
     out = result_console()
     for report in reports:
         if not quiet:
@@ -284,6 +288,8 @@ def runs(
         typer.echo(json.dumps(plain(listing)))
         return
     if not quiet:
+        from mfbatch.cli_render import runs_table
+
         result_console().print(runs_table(listing))
     typer.echo(f"{len(listing)} runs in {path}")
 
@@ -400,8 +406,9 @@ def report(
     emit(summary, as_json)
 
 
-def main() -> None:  # pragma: no cover - console-script shim
-    app(prog_name="mfbatch")
+def main() -> None:
+    """The console script and `python -m mfbatch` (see `exit_promptly`)."""
+    exit_promptly(app, "mfbatch")
 
 
 if __name__ == "__main__":  # pragma: no cover

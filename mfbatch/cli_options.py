@@ -8,14 +8,17 @@ the help), so an option is declared once, in `mfbatch.config`. Library code rais
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import inspect
 import json
+import os
+import sys
 import types
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, NoReturn, TypeVar, Union, get_args, get_origin
 
 import typer
 from pydantic_core import PydanticUndefined
@@ -185,3 +188,29 @@ def guard(action: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/bold red] nothing was changed", highlight=False)
         raise typer.Exit(130) from None
+
+
+def exit_promptly(app: typer.Typer, name: str) -> NoReturn:
+    """Run the command line, then end the process with the command's exit code.
+
+    When a command returns, its database is closed and its result printed; the
+    interpreter's teardown after that (clearing every module, the native libraries'
+    destructors) measured 0.2-0.3 s of each `mfbatch score` on top of the work. The exit
+    handlers still run (Ray's shutdown, temporary files) and the streams are flushed.
+    """
+    try:
+        app(prog_name=name)
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:  # sys.exit("message"): printed, status 1, as the interpreter would
+            print(exc.code, file=sys.stderr)
+            code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`): nothing more to say
+            code = code or 1
+    os._exit(code)

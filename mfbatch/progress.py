@@ -12,10 +12,12 @@ import sys
 import time
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console, ConsoleDimensions
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:  # the bar is drawn on a terminal only: logs and --quiet never import it
+    from rich.progress import Progress
 
 # Off a terminal rich would wrap at 80 columns ("obje ctiv e" in a log): lay out as if
 # the line were this wide instead, which no line or table of ours reaches.
@@ -96,6 +98,14 @@ class Steps:
         self._next_line = 0.1
         self._bar: Progress | None = None
         if console is not None and console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             self._bar = Progress(
                 TextColumn(label, markup=False, style="bold"),
                 BarColumn(),

@@ -45,19 +45,15 @@ SELECT coalesce(max(v.version), 0) AS version
 FROM dataset_versions v, training_runs r
 WHERE r.run_id = $run_id AND v.created_at <= r.started_at;
 
--- name: trained_counts_versioned
--- trained_counts on a database with a lineage: a 'train' row was fitted by every run
--- (replaced or not, it was there at version 0); 'val' rows by a refit; appended rows by a
--- refit that started after they were added.
-SELECT 'user' AS kind, user_idx AS idx, count(*) AS n
+-- name: untrained_versioned
+-- The ratings a run was NOT fitted on, on a database with a lineage: a 'train' row was
+-- fitted by every run (replaced or not, it was there at version 0); 'val' rows by a refit;
+-- appended rows by a refit that started after they were added. `score` counts what the
+-- run was fitted on as every rating (seen_all, read anyway) less these: usually none or
+-- few, where grouping every rating by user and by item cost 0.2 s of a 100k-user score.
+SELECT user_idx, item_idx
 FROM ratings
-WHERE split = 'train' OR ($all_splits AND (split = 'val' OR version <= $version))
-GROUP BY user_idx
-UNION ALL
-SELECT 'item' AS kind, item_idx AS idx, count(*) AS n
-FROM ratings
-WHERE split = 'train' OR ($all_splits AND (split = 'val' OR version <= $version))
-GROUP BY item_idx;
+WHERE NOT (split = 'train' OR ($all_splits AND (split = 'val' OR version <= $version)));
 
 -- name: fold_in_ratings
 -- Every rating of the users the run has not seen all of: ratings added or replaced after

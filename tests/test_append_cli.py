@@ -494,3 +494,58 @@ def test_score_users_and_a_validated_run_fold_in_appended_users_too(
     assert _rows(
         db, "SELECT DISTINCT source, run_id FROM recommendations WHERE user_id = 'newcomer'"
     ) == [("fold-in", validated)]
+
+
+# What `score` counted as each run's fitted ratings before it read them as every rating
+# less the untrained rows: the GROUP BY it ran until then, kept here as the reference.
+_GROUPED = """
+SELECT 'user' AS kind, user_idx AS idx, count(*) AS n FROM ratings
+WHERE split = 'train' OR ($all_splits AND (split = 'val' OR version <= $version))
+GROUP BY user_idx
+UNION ALL
+SELECT 'item' AS kind, item_idx AS idx, count(*) AS n FROM ratings
+WHERE split = 'train' OR ($all_splits AND (split = 'val' OR version <= $version))
+GROUP BY item_idx
+"""
+
+
+def test_fitted_counts_equal_the_group_by_for_every_run_after_an_append(
+    db: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from mfbatch.serving.csr import SeenItems
+    from mfbatch.serving.lists import fitted_counts, fitted_counts_less
+
+    items = sorted(_mapping(db, "items"))
+    known_user = sorted(_mapping(db, "users"))[0]
+    rows = [("newcomer", item, 5, 2_000_000_000 + n) for n, item in enumerate(items[:6])]
+    rows += [(known_user, item, 4, 2_000_000_100 + n) for n, item in enumerate(items[-3:])]
+    assert _append(db, _csv(tmp_path / "day1.csv", rows)).exit_code == 0
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        ((n_users, n_items),) = con.execute(
+            "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM items)"
+        ).fetchall()
+        pairs = mfbatch.store.db.arrays(con, "seen_all")
+        seen = SeenItems.from_pairs(pairs["user_idx"], pairs["item_idx"], n_users)
+        popularity = np.bincount(pairs["item_idx"], minlength=n_items)
+        untrained_rows = 0
+        for run_id, data_seen in con.execute(
+            "SELECT run_id, data_seen FROM training_runs"
+        ).fetchall():
+            all_splits = data_seen == "train+val"
+            version = mfbatch.store.db.record(con, "run_data_version", run_id=run_id)
+            params = {"all_splits": all_splits, "version": version["version"]}  # type: ignore[index]
+            untrained = mfbatch.store.db.arrays(con, "untrained_versioned", **params)
+            untrained_rows += len(untrained["user_idx"])
+            got = fitted_counts_less(seen, popularity, untrained, n_users, n_items)
+            grouped = con.sql(_GROUPED, params=params).fetchnumpy()
+            expected = fitted_counts(grouped, n_users, n_items)
+            for mine, theirs in zip(got, expected, strict=True):
+                assert np.array_equal(mine, theirs), run_id
+    finally:
+        con.close()
+    # Both kinds of untrained rows occur (val under the validated run, the append under
+    # both), so the subtraction is really exercised.
+    assert untrained_rows > len(rows)

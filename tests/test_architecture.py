@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mfbatch"
 FLOORS = {
     "mfbatch.errors": 0,
     "mfbatch.version": 0,
+    "mfbatch.cores": 0,
     "mfbatch.config": 1,
     "mfbatch.progress": 1,
     "mfbatch.store": 2,
@@ -132,6 +133,6 @@ def test_modules_and_functions_stay_readable() -> None:
 def test_the_checks_can_fail() -> None:
     """The graph is read for real: known arrows are there."""
     graph = _graph()
-    assert "mfbatch.store.db" in graph["mfbatch.stages.score"]
+    assert "mfbatch.store.db" in graph["mfbatch.stages.score_inputs"]
     assert "mfbatch.errors" in graph["mfbatch.config.base"]
     assert _floor("mfbatch.serving.engines") > _floor("mfbatch.artifact.graph")

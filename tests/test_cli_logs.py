@@ -107,3 +107,26 @@ def test_shell_completion_is_offered() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "complete" in done.stdout and "_MFBATCH_COMPLETE" in done.stdout, done.stdout
+
+
+def test_the_prompt_exit_keeps_the_exit_code_and_every_line(tmp_path: Path) -> None:
+    """`main` ends the process without the interpreter's teardown: the command's exit code
+    and its last lines (stdout and stderr, both pipes) still come out."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    missing = tmp_path / "missing.duckdb"
+    bad = subprocess.run(
+        [sys.executable, "-m", "mfbatch", "score", "--db", str(missing)],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 4, bad.stderr
+    assert bad.stderr.startswith(f"error: database {missing} does not exist"), bad.stderr
+    usage = subprocess.run(
+        [sys.executable, "-m", "mfbatch", "score", "--no-such-flag"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert usage.returncode == 2 and "--no-such-flag" in usage.stderr
+    version = subprocess.run(
+        [sys.executable, "-m", "mfbatch", "--version"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert version.returncode == 0 and version.stdout.startswith("mfbatch "), version

@@ -9,7 +9,6 @@ the command line) or the file's table and key.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from mfbatch.cores import machine_cores as machine_cores  # where the config rooms ask
 from mfbatch.errors import ConfigError
 
 
@@ -108,13 +108,6 @@ def _describe(error: Any, value: Any) -> str:
         return f"{value!r} is not one of {allowed.replace(' or ', ', ').replace(chr(39), '')}"
     message = str(error.get("msg", "invalid value"))
     return message.removeprefix("Value error, ")
-
-
-def machine_cores() -> int:
-    """Cores this process may run on (cgroup/affinity aware where the OS says)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 def check_threads(flag: str, value: int | None) -> None:

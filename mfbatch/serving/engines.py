@@ -9,22 +9,26 @@ the stage publishes it in one transaction.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-from rich.console import Console
 
 from mfbatch.errors import ConfigError, InputDataError
-from mfbatch.progress import Steps
 from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.foldin import fold_in, method_for
 from mfbatch.serving.lists import ListPlan, build_lists, to_lean_arrow
 from mfbatch.serving.session import Scorer
 from mfbatch.serving.spool import SPOOL_FILE, Spooler, read_spool
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from mfbatch.progress import Steps
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,15 @@ def empty_lists_note(result: EngineResult, user_ids: pa.Array, n_users: int, nar
     )
 
 
+def _steps(console: Console | None, users: int) -> Steps | None:
+    """Progress when there is a console to show it on; none (and no rich) when quiet."""
+    if console is None:
+        return None
+    from mfbatch.progress import Steps
+
+    return Steps(console, "score", users, "users")
+
+
 def score_in_process(job: ScoreJob, spool_dir: Path, console: Console | None) -> EngineResult:
     """Score in this process, spooling each batch's lists to `spool_dir` as it goes."""
     scorer = Scorer(job.model_path, provider=job.provider, threads=job.threads)
@@ -139,15 +152,17 @@ def score_in_process(job: ScoreJob, spool_dir: Path, console: Console | None) ->
     empty_users = 0
     # The spool is in the history's own integers: the publish copies it without a join.
     spooler = Spooler(spool, to_lean_arrow)
+    progress = _steps(console, len(job.plan.users))
     try:
-        with Steps(console, "score", len(job.plan.users), "users") as progress:
+        with progress or contextlib.nullcontext():
             for lists in build_lists(scorer, job.plan, batch):
                 nothing = lists.empty_users()
                 empty.extend(nothing[: 5 - len(empty)].tolist())
                 empty_users += int(nothing.size)
                 popularity_users += int((~lists.from_model).sum())
                 spooler.put(lists)
-                progress.advance(len(lists.users))
+                if progress is not None:
+                    progress.advance(len(lists.users))
         rows = spooler.close()
     finally:
         spooler.stop()

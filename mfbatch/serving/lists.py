@@ -96,6 +96,23 @@ def fitted_counts(
     return counts["user"], counts["item"]
 
 
+def fitted_counts_less(
+    seen: SeenItems,
+    popularity: np.ndarray,
+    untrained: Mapping[str, np.ndarray],
+    n_users: int,
+    n_items: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`fitted_counts` from every rating (`seen` per user, `popularity` per item) less the
+    (user_idx, item_idx) rows the run was not fitted on: two bincounts of what is read
+    anyway instead of a GROUP BY over every rating."""
+    users = np.asarray(untrained["user_idx"], dtype=np.int64)
+    items = np.asarray(untrained["item_idx"], dtype=np.int64)
+    per_user = np.diff(seen.indptr)[:n_users] - np.bincount(users, minlength=n_users)
+    per_item = popularity[:n_items] - np.bincount(items, minlength=n_items)
+    return per_user, per_item
+
+
 def numpy_view(column: pa.ChunkedArray, dtype: type[np.generic]) -> np.ndarray:
     """A numeric (or dictionary-encoded: its indices) column without nulls as numpy.
 

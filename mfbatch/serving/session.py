@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mfbatch.artifact.parts import ServingParts, serving_parts
-from mfbatch.config import machine_cores
+from mfbatch.cores import machine_cores
 from mfbatch.errors import ConfigError, ModelError, first_line
 from mfbatch.serving.csr import SeenItems
 

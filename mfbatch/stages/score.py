@@ -22,11 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-
-from rich.console import Console
+from typing import TYPE_CHECKING
 
 from mfbatch.artifact.parts import load_item_table
-from mfbatch.config import Config, ScoreConfig
 from mfbatch.errors import DatabaseError
 from mfbatch.serving.engines import (
     EngineResult,
@@ -37,7 +35,7 @@ from mfbatch.serving.engines import (
 )
 from mfbatch.serving.spool import SPOOL_PREFIX
 from mfbatch.stages.score_inputs import ScoreInputs, load_inputs
-from mfbatch.store import db, outputs, workdirs
+from mfbatch.store import outputs, workdirs
 from mfbatch.store.history import (
     Scale,
     check_publishable,
@@ -45,6 +43,11 @@ from mfbatch.store.history import (
     list_target,
     publish_lists,
 )
+
+if TYPE_CHECKING:  # the serving path imports neither pydantic nor rich to run
+    from rich.console import Console
+
+    from mfbatch.config import Config, ScoreConfig
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,6 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
         )
     if settings.publish:
         # Publishing needs the write lock: refuse a locked or read-only database first.
-        db.check_writable(config.db)
         check_publishable(config.db)
     workdirs.remove_stale(config.db.parent, SPOOL_PREFIX)
     inputs = load_inputs(config)

@@ -10,21 +10,23 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from mfbatch.artifact.files import check_model
-from mfbatch.config import Config, ScoreConfig
 from mfbatch.errors import ConfigError, InputDataError
 from mfbatch.serving.csr import SeenItems
 from mfbatch.serving.engines import FoldIn
 from mfbatch.serving.foldin import recency_weights
-from mfbatch.serving.lists import ListPlan, fitted_counts
+from mfbatch.serving.lists import ListPlan, fitted_counts_less
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.store.runs import Run, find_run
+
+if TYPE_CHECKING:  # annotations only: scoring does not import pydantic
+    from mfbatch.config import Config, ScoreConfig
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class _Stored:
     run: Run
     metadata: dict[str, Any]
     seen: dict[str, np.ndarray]  # every (user, item) rated in any split
-    trained: dict[str, np.ndarray]  # what the run trained on: counts per user and item
+    untrained: dict[str, np.ndarray]  # (user, item) rows of `seen` the run was not fitted on
     fresh: dict[str, np.ndarray]  # ratings the run has not seen (appended since)
     user_ids: pa.Array
     item_ids: pa.Array
@@ -168,8 +170,8 @@ def _read(config: Config) -> _Stored:
             run=run,
             metadata=metadata,
             seen=db.arrays(con, "seen_all"),
-            trained=db.arrays(
-                con, "trained_counts_versioned", all_splits=all_splits, version=version["version"]
+            untrained=db.arrays(
+                con, "untrained_versioned", all_splits=all_splits, version=version["version"]
             ),
             fresh=_fresh(con, all_splits, version["version"]),
             user_ids=db.arrow(con, "user_ids").column("user_id").combine_chunks(),
@@ -261,7 +263,11 @@ def load_inputs(config: Config) -> ScoreInputs:
         kept = np.full_like(item_mask, -np.inf)
         kept[stored.allowed] = item_mask[stored.allowed]
         item_mask = kept
-    fitted_users, fitted_items = fitted_counts(stored.trained, dataset.n_users, dataset.n_items)
+    seen = SeenItems.from_pairs(stored.seen["user_idx"], stored.seen["item_idx"], dataset.n_users)
+    popularity = np.bincount(stored.seen["item_idx"], minlength=dataset.n_items)
+    fitted_users, fitted_items = fitted_counts_less(
+        seen, popularity, stored.untrained, dataset.n_users, dataset.n_items
+    )
     # The model knows nothing of items it never trained on (or appended after it was
     # trained, beyond its tables): it can't rank them.
     model_users, model_items = int(stored.metadata["n_users"]), int(stored.metadata["n_items"])
@@ -283,13 +289,12 @@ def load_inputs(config: Config) -> ScoreInputs:
     )
     folded = np.full(dataset.n_users, -1, dtype=np.int64)
     folded[fold.users] = np.arange(len(fold.users))
-    seen = stored.seen
     plan = ListPlan(
         users=users,
-        seen=SeenItems.from_pairs(seen["user_idx"], seen["item_idx"], dataset.n_users),
+        seen=seen,
         item_mask=item_mask,
         cold=(fitted_users == 0) & (folded < 0),
-        popularity=np.bincount(seen["item_idx"], minlength=dataset.n_items),
+        popularity=popularity,
         k=settings.top_k,
         folded=folded,
     )
