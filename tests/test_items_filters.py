@@ -10,7 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST, SMALL, Run, assert_user_error, cli, cli_ok, ok, rows
+from conftest import (
+    FAST,
+    SMALL,
+    Run,
+    assert_error_last,
+    assert_user_error,
+    cli,
+    cli_ok,
+    ok,
+    rows,
+)
 
 N_ITEMS = 40
 
@@ -132,6 +142,24 @@ def test_a_filter_that_leaves_nothing_is_refused_before_scoring(
     assert message.startswith(f"error: {args[0]}")
     assert _served(db) == before and _publishes(db) == published
     assert rows(db, "SELECT count(*) FROM items") == [(N_ITEMS,)]
+
+
+def test_a_user_left_with_nothing_by_an_attribute_filter_refuses_the_publish(db: Path) -> None:
+    """As with --include-items: a user who rated every item --where keeps is the filter's
+    doing (not an appended heavy rater), so nothing is published and the line says which
+    filter to widen."""
+    ok(_score(db, "--top-k", "5"))
+    before, published = _served(db), _publishes(db)
+    ((_item, year),) = rows(
+        db,
+        "SELECT i.item_id, i.year FROM items i JOIN ratings r USING (item_idx) "
+        "WHERE i.year IS NOT NULL GROUP BY ALL ORDER BY count(*) DESC, 1 LIMIT 1",
+    )
+    message = assert_error_last(
+        _score(db, "--top-k", "5", "--where", f"year = {year}"), 2, "empty list", "--where"
+    )
+    assert "nothing was published" in message and "--include-items" not in message
+    assert _served(db) == before and _publishes(db) == published
 
 
 def test_an_exclude_where_that_matches_nothing_is_a_warning(db: Path) -> None:

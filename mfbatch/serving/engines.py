@@ -97,11 +97,12 @@ def apply_fold_in(
     return dataclasses.replace(plan, folded_rows=rows)
 
 
-def empty_lists_note(result: EngineResult, user_ids: pa.Array, n_users: int, narrowed: bool) -> str:
+def empty_lists_note(result: EngineResult, user_ids: pa.Array, n_users: int, narrowed: str) -> str:
     """What the summary says of users left with nothing, or a refusal.
 
-    With --include-items/--exclude-items, a user left with nothing is the list's doing and
-    the publish is refused (widen the list). Without them, the user rated the whole
+    `narrowed` names the item filters in force (--include-items, --exclude-items, --where,
+    --exclude-where), if any: a user left with nothing is then the filters' doing and the
+    publish is refused (widen them). Without them, the user rated the whole
     catalogue (an appended heavy rater): they get an empty list, noted in the summary,
     and everyone else is served; only when nobody would get a list is it refused.
     """
@@ -111,8 +112,8 @@ def empty_lists_note(result: EngineResult, user_ids: pa.Array, n_users: int, nar
     if narrowed:
         raise ConfigError(
             f"{result.empty_users:,} user(s) would get an empty list (e.g. user {shown}): "
-            "they rated every item left after --include-items/--exclude-items; widen the "
-            "allow list; nothing was published"
+            f"they rated every item left after {narrowed}; widen the filter; nothing was "
+            "published"
         )
     if result.empty_users >= n_users:
         raise ConfigError(

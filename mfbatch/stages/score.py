@@ -196,7 +196,16 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
     with _scratch(config) as folder:
         try:
             result = _run_engine(settings, job, folder, console)
-            narrowed = settings.include_items is not None or settings.exclude_items is not None
+            narrowed = ", ".join(
+                flag
+                for flag, value in (
+                    ("--include-items", settings.include_items),
+                    ("--exclude-items", settings.exclude_items),
+                    ("--where", settings.where),
+                    ("--exclude-where", settings.exclude_where),
+                )
+                if value is not None
+            )
             empty_note = empty_lists_note(result, inputs.user_ids, len(job.plan.users), narrowed)
             if settings.publish:
                 publish_id = publish_lists(
