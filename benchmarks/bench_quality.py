@@ -43,10 +43,11 @@ import duckdb
 import numpy as np
 import torch
 
-from mfbatch.config import TrainConfig, epochs_for, recency_for
+from mfbatch.config import TrainConfig, recency_for
 from mfbatch.training.loop import train_model
 from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.objectives import recency_weights
+from mfbatch.training.steps import default_epochs
 from mfbatch.training.tensors import Csr, Interactions
 from mfbatch.training.validation import Validation, rank_metrics
 
@@ -307,7 +308,7 @@ def mfbatch_fit(
         config = config.replace(recency_half_life=recency_for(split.split_kind))
     if config.epochs is None:
         users = int(np.unique(split.train_u).size)
-        config = config.replace(epochs=epochs_for(users, int(config.batch_size or 1)))
+        config = config.replace(epochs=default_epochs(config, split.n_items, users))
     data, val = tensors(split)
     torch.manual_seed(config.seed)
     model = MatrixFactorization(

@@ -24,6 +24,7 @@ from mfbatch.training.steps import (
     KAPPA_CPU_NS,
     FusedAdam,
     LazyAdam,
+    default_epochs,
     full_softmax_seconds,
     make_optimizers,
     plan,
@@ -527,15 +528,22 @@ def test_default_epochs_follow_the_step_budget() -> None:
     assert epochs_for(943, 128) == 80  # ML-100K: 8 steps an epoch
     assert epochs_for(2_999, 128) == 62  # ML-1M partial: 24 steps
     assert epochs_for(6_022, 128) == 31  # ML-1M LCFN: 48 steps
-    assert epochs_for(43_169, 128) == 20  # Amazon-CDs: 338 steps, the floor
+    assert epochs_for(43_169, 128) == 20  # 338 steps, the floor
     assert epochs_for(6_022, 512) == 80  # bigger steps, fewer of them
     assert epochs_for(0, 128) == 80
     assert TrainConfig().epochs is None and TrainConfig(objective="rating").epochs == 40
-    # The plan's cost estimate and train_model use the same resolved budget.
+    # The plan's cost estimate and train_model use the same resolved budget: ML-1M LCFN's
+    # size trains the full softmax for 31 epochs, Amazon-CDs' samples and keeps 80 (the
+    # budget is for the exact loss: 20 sampled epochs lost 27% Recall@20 there).
     config = TrainConfig()
+    assert default_epochs(config, 3_043, 6_022) == 31
     assert plan(config, 3_043, 6_022).full_seconds == pytest.approx(
         full_softmax_seconds(6_022, 3_043, 256, 31)
     )
+    assert default_epochs(config, 35_648, 43_169) == 80
+    assert plan(config, 35_648, 43_169).loss == "sampled"
+    assert default_epochs(config.replace(objective="sampled"), 3_043, 6_022) == 80
+    assert default_epochs(config.replace(epochs=7), 35_648, 43_169) == 7
     users = torch.arange(300).repeat_interleave(2)
     items = torch.randint(0, 20, (600,), generator=torch.Generator().manual_seed(0))
     data = Interactions(users, items, torch.ones(600))

@@ -62,12 +62,13 @@ def recency_for(split_kind: str) -> float:
     return RECENCY_HALF_LIFE if split_kind == "user-time" else 0.0
 
 
-# softmax/sampled epochs, when not given: as many as fit STEP_BUDGET optimizer steps of
-# `batch_size` users, within [MIN_EPOCHS, MAX_EPOCHS]. Chosen on inner splits carved
-# from train (docs/quality.md, "How the defaults were chosen"): a set with many users
-# takes many steps an epoch and overfits the item table long before 80 epochs (ML-1M
-# LCFN, 48 steps an epoch: 30 epochs +3.3% Recall@20 over 80, at 0.4x the time), while
-# sets of a few thousand users keep (nearly) all 80 (ML-1M partial at 62: -0.1%).
+# Full-softmax epochs, when not given: as many as fit STEP_BUDGET optimizer steps of
+# `batch_size` users, within [MIN_EPOCHS, MAX_EPOCHS] (the sampled softmax keeps
+# MAX_EPOCHS: `mfbatch.training.steps.default_epochs`). Chosen on inner splits carved
+# from train (docs/model.md, "Defaults"): a set with many users takes many steps an
+# epoch and overfits the item table long before 80 epochs (ML-1M LCFN, 48 steps an
+# epoch: 30 epochs +3.3% Recall@20 over 80, at 0.4x the time), while sets of a few
+# thousand users keep (nearly) all 80 (ML-1M partial at 62: -0.1%).
 STEP_BUDGET = 1_500
 MIN_EPOCHS = 20
 MAX_EPOCHS = 80
@@ -83,8 +84,8 @@ def _by_objective(what: str) -> str:
     if what == "epochs":
         rating = BY_OBJECTIVE["rating"]["epochs"]
         return (
-            f" (default softmax/sampled: what fits {STEP_BUDGET:,} steps of --batch-size "
-            f"users, {MIN_EPOCHS}-{MAX_EPOCHS}; {rating} rating)"
+            f" (default: full softmax, what fits {STEP_BUDGET:,} steps of --batch-size "
+            f"users, {MIN_EPOCHS}-{MAX_EPOCHS}; sampled {MAX_EPOCHS}; {rating} rating)"
         )
     rating, softmax = BY_OBJECTIVE["rating"][what], BY_OBJECTIVE["softmax"][what]
     return f" (default {softmax} softmax/sampled, {rating} rating)"

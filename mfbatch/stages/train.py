@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mfbatch.config import Config, TrainConfig, check_sharding, epochs_for, recency_for
+from mfbatch.config import Config, TrainConfig, check_sharding, recency_for
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.stages.train_inputs import TrainInputs, interactions, read_inputs
 from mfbatch.stages.train_record import TrainSummary, record_run, save_run, summarise
@@ -33,7 +33,7 @@ from mfbatch.training.device import (
 )
 from mfbatch.training.loop import EpochRecord, Outcome, new_model, plan_for, train_model
 from mfbatch.training.model import MatrixFactorization
-from mfbatch.training.steps import Plan
+from mfbatch.training.steps import Plan, default_epochs
 from mfbatch.training.tensors import Interactions
 from mfbatch.training.validation import Validation, decay_warning
 
@@ -125,16 +125,19 @@ def _with_recency(settings: TrainConfig, dataset: Dataset) -> tuple[TrainConfig,
     )
 
 
-def _with_epochs(settings: TrainConfig, data: Interactions) -> tuple[TrainConfig, str]:
+def _with_epochs(
+    settings: TrainConfig, data: Interactions, n_items: int
+) -> tuple[TrainConfig, str]:
     """The resolved epoch budget (recorded, so a refit copies it) and a word on it when
     the default was taken from the data's size."""
     if settings.epochs is not None:
         return settings, ""
     users = int(torch.unique(data.users).numel())
-    settings = settings.replace(epochs=epochs_for(users, int(settings.batch_size or 1)))
+    epochs = default_epochs(settings, n_items, users, data.users.device.type)
+    settings = settings.replace(epochs=epochs)
     return settings, (
-        f"note: {settings.epochs} epochs, the default for {users:,} users with ratings "
-        f"at {settings.batch_size} a step (--epochs to choose)"
+        f"note: {epochs} epochs, the default for {users:,} users with ratings at "
+        f"{settings.batch_size} a step (--epochs to choose)"
     )
 
 
@@ -171,7 +174,7 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
             "by recency",
             highlight=False,
         )
-    settings, epochs_note = _with_epochs(settings, data)
+    settings, epochs_note = _with_epochs(settings, data, inputs.dataset.n_items)
     if console and epochs_note:
         console.print(epochs_note, highlight=False)
     model = new_model(inputs.dataset.n_users, inputs.dataset.n_items, settings, device)

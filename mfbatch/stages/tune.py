@@ -21,7 +21,7 @@ import polars as pl
 import torch
 from rich.console import Console
 
-from mfbatch.config import Config, TrainConfig, TuneConfig, epochs_for, recency_for
+from mfbatch.config import Config, TrainConfig, TuneConfig, recency_for
 from mfbatch.config.tune import LOG_UNIFORM
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.stages.train_inputs import Ratings, TrainInputs, interactions
@@ -30,6 +30,7 @@ from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training.device import resolve_device, resolve_threads
 from mfbatch.training.loop import EpochRecord, new_model, train_model
+from mfbatch.training.steps import default_epochs
 from mfbatch.training.tensors import Interactions
 from mfbatch.training.validation import Validation, score_of
 
@@ -118,8 +119,11 @@ def _defaults(base: TrainConfig, tune: TuneConfig, inner: _Inner) -> dict[str, A
         low, high = space[name]
         return float(min(max(value, low), high))
 
-    epochs = base.epochs or epochs_for(
-        int(torch.unique(inner.data.users).numel()), int(base.batch_size or 1)
+    epochs = default_epochs(
+        base,
+        inner.dataset.n_items,
+        int(torch.unique(inner.data.users).numel()),
+        inner.data.users.device.type,
     )
     params: dict[str, Any] = {
         "epochs": int(min(max(int(epochs), min(10, tune.epochs)), tune.epochs)),

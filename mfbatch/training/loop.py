@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mfbatch.config import TrainConfig, epochs_for
+from mfbatch.config import TrainConfig
 from mfbatch.training import objectives
 from mfbatch.training.distributed import Shard
 from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.objectives import UserBatch
-from mfbatch.training.steps import DenseGrads, Plan, make_optimizers, plan
+from mfbatch.training.steps import DenseGrads, Plan, default_epochs, make_optimizers, plan
 from mfbatch.training.tensors import Csr, Interactions
 from mfbatch.training.validation import Metrics, Validation, score_of, validate
 
@@ -254,6 +254,12 @@ def train_epoch(
     return float(total.item()) / max(n_batches, 1)
 
 
+def _epoch_budget(model: MatrixFactorization, data: Interactions, config: TrainConfig) -> int:
+    """`config.epochs`, or the default for this model's catalogue and these users."""
+    users = int(torch.unique(data.users).numel())
+    return default_epochs(config, model.shape.n_items, users, data.users.device.type)
+
+
 def plan_for(model: MatrixFactorization, data: Interactions, config: TrainConfig) -> Plan:
     """`plan` for this model and data (its users with ratings) on their device."""
     active = int(torch.unique(data.users).numel())
@@ -332,11 +338,7 @@ def train_model(
     over: a refit copying a validated run stopped at its best epoch passes that run's epoch
     budget, so both see the same rates.
     """
-    max_epochs = int(
-        epochs
-        or config.epochs
-        or epochs_for(int(torch.unique(data.users).numel()), int(config.batch_size or 1))
-    )
+    max_epochs = int(epochs or _epoch_budget(model, data, config))
     epoch_data, run_plan, optimizers, schedulers, generator = _setup(
         model, data, config, schedule_epochs or max_epochs, run_plan
     )
