@@ -7,8 +7,6 @@ maps errors to exit codes (`guard`).
 
 from __future__ import annotations
 
-import atexit
-import gc
 import json
 import os
 from pathlib import Path
@@ -39,11 +37,6 @@ def _flag_display_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
 
 
 typer.core.TyperOption.display_type_rich = _flag_display_type  # type: ignore[method-assign]
-
-# A command's process ends right after it: the interpreter's last collections would walk
-# every object torch and the rest created (~165k) only to free memory the exit frees
-# anyway, 0.3-1 s of a `train` (docs/benchmarks.md). Frozen objects are not walked.
-atexit.register(gc.freeze)
 
 app = typer.Typer(
     name="mfbatch",
