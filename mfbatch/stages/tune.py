@@ -29,8 +29,7 @@ from mfbatch.stages.tune_record import finished, hold, journal_path, open_study,
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training.device import resolve_device, resolve_threads
-from mfbatch.training.loop import EpochRecord, new_model, train_model
-from mfbatch.training.steps import default_epochs
+from mfbatch.training.loop import EpochRecord, epoch_budget, new_model, train_model
 from mfbatch.training.tensors import Interactions
 from mfbatch.training.validation import Validation, score_of
 
@@ -119,12 +118,7 @@ def _defaults(base: TrainConfig, tune: TuneConfig, inner: _Inner) -> dict[str, A
         low, high = space[name]
         return float(min(max(value, low), high))
 
-    epochs = default_epochs(
-        base,
-        inner.dataset.n_items,
-        int(torch.unique(inner.data.users).numel()),
-        inner.data.users.device.type,
-    )
+    epochs = epoch_budget(inner.dataset.n_items, inner.data, base)
     params: dict[str, Any] = {
         "epochs": int(min(max(int(epochs), min(10, tune.epochs)), tune.epochs)),
         "lr": clip("lr", float(base.lr or 0.0)),

@@ -254,10 +254,10 @@ def train_epoch(
     return float(total.item()) / max(n_batches, 1)
 
 
-def _epoch_budget(model: MatrixFactorization, data: Interactions, config: TrainConfig) -> int:
-    """`config.epochs`, or the default for this model's catalogue and these users."""
+def epoch_budget(n_items: int, data: Interactions, config: TrainConfig) -> int:
+    """`config.epochs`, or the default for this catalogue and these users with ratings."""
     users = int(torch.unique(data.users).numel())
-    return default_epochs(config, model.shape.n_items, users, data.users.device.type)
+    return default_epochs(config, n_items, users, data.users.device.type)
 
 
 def plan_for(model: MatrixFactorization, data: Interactions, config: TrainConfig) -> Plan:
@@ -338,7 +338,7 @@ def train_model(
     over: a refit copying a validated run stopped at its best epoch passes that run's epoch
     budget, so both see the same rates.
     """
-    max_epochs = int(epochs or _epoch_budget(model, data, config))
+    max_epochs = int(epochs or epoch_budget(model.shape.n_items, data, config))
     epoch_data, run_plan, optimizers, schedulers, generator = _setup(
         model, data, config, schedule_epochs or max_epochs, run_plan
     )
