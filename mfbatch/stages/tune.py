@@ -165,7 +165,7 @@ def _neighbours(start: dict[str, Any], tune: TuneConfig) -> list[dict[str, Any]]
     ]
     unique: list[dict[str, Any]] = []
     for point in candidates:
-        if point is not None and point != start and point not in unique:
+        if point is not None and point not in unique:
             unique.append(point)
     return unique
 
