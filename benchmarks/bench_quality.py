@@ -480,6 +480,7 @@ def _peers(split: Split, k: int, lambdas: list[float], quick: bool) -> list[dict
     rows: list[dict[str, Any]] = [
         {"method": "popularity", **_measured(split, popularity(split), k)}
     ]
+    weighted = split.train_w is not None and bool(np.ptp(split.train_w) > 0)
     if split.n_items <= 20_000:
         best: dict[str, Any] | None = None
         for lam in lambdas:
@@ -489,18 +490,16 @@ def _peers(split: Split, k: int, lambdas: list[float], quick: bool) -> list[dict
                 best = row
         assert best is not None
         rows.append({**best, "method": f"EASE (best of λ grid: {best['method'][5:]})"})
+        lam = float(best["method"].split("=")[1])
         if split.train_ts.any():
-            lam = float(best["method"].split("=")[1])
             for h in (0.1, 0.2, 0.5):
                 scores, secs = ease(split, lam, recency(split, h))
                 rows.append({"method": f"EASE+recency λ={lam:g} h={h:g}",
                              **_measured(split, scores, k), "seconds": secs})  # fmt: skip
-    weighted = split.train_w is not None and bool(np.ptp(split.train_w) > 0)
-    if weighted and split.n_items <= 20_000:  # the same signal mfbatch's --weight-col gives
-        lam = float(rows[1]["method"].split("=")[1].rstrip(")"))
-        scores, secs = ease(split, lam, split.train_w)
-        rows.append({"method": f"EASE+weights λ={lam:g}", **_measured(split, scores, k),
-                     "seconds": secs})  # fmt: skip
+        if weighted:  # the same signal mfbatch's --weight-col gives
+            scores, secs = ease(split, lam, split.train_w)
+            rows.append({"method": f"EASE+weights λ={lam:g}", **_measured(split, scores, k),
+                         "seconds": secs})  # fmt: skip
     try:
         import implicit  # noqa: F401
     except ImportError:
