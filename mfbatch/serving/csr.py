@@ -12,6 +12,23 @@ from dataclasses import dataclass
 import numpy as np
 
 
+# Values per bincount call in `counts`: its int64 copy (8 MB) is reused from the heap.
+_COUNT_CHUNK = 1 << 20
+
+
+def counts(values: np.ndarray, n: int) -> np.ndarray:
+    """How often each of 0..n-1 occurs in `values` (int64 [n]), in chunks.
+
+    np.bincount converts int32 input to int64 first: over every rating that is a fresh
+    74 MB (9.3M ratings) whose page faults measured 0.06-0.23 s of a score's start-up,
+    against ~0.03 s for the same counts taken a chunk at a time.
+    """
+    total = np.zeros(n, dtype=np.int64)
+    for start in range(0, len(values), _COUNT_CHUNK):
+        total += np.bincount(values[start : start + _COUNT_CHUNK], minlength=n)[:n]
+    return total
+
+
 @dataclass(frozen=True)
 class SeenItems:
     """Items each user must not be recommended, as CSR over user_idx (integer indices)."""
@@ -30,9 +47,13 @@ class SeenItems:
     @staticmethod
     def from_sorted(users: np.ndarray, items: np.ndarray, n_users: int) -> SeenItems:
         """From (user, item) pairs sorted by user."""
-        counts = np.bincount(users, minlength=n_users)
-        indptr = np.zeros(n_users + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
+        # Each user's first row, by binary search over the sorted users: n_users searches
+        # instead of a pass over every rating (see `counts`).
+        users = np.asarray(users)
+        # Searched in the users' own integer type: a mixed one would copy every rating.
+        kind = users.dtype if users.dtype in (np.int32, np.int64) else np.dtype(np.int64)
+        bounds = np.arange(n_users + 1, dtype=kind)
+        indptr = np.searchsorted(users, bounds).astype(np.int64, copy=False)
         # Integer items are kept as they come (int32 from the database): an int64 copy of
         # every rating is ~75 MB of fresh pages at 100k users for nothing the masks need.
         items = np.asarray(items)

@@ -38,7 +38,6 @@ from mfbatch.stages.score_inputs import ScoreInputs, load_inputs
 from mfbatch.store import outputs, workdirs
 from mfbatch.store.history import (
     Scale,
-    check_publishable,
     export_lists,
     list_target,
     publish_lists,
@@ -181,11 +180,10 @@ def score(*, config: Config, console: Console | None = None) -> ScoreSummary:
             db_path=config.db,
             export_dir=config.train.export_dir,
         )
-    if settings.publish:
-        # Publishing needs the write lock: refuse a locked or read-only database first.
-        check_publishable(config.db)
+    # Publishing needs the write lock: a locked or read-only database is refused as the
+    # inputs are read, before any scoring.
+    inputs = load_inputs(config, writable=settings.publish)
     workdirs.remove_stale(config.db.parent, SPOOL_PREFIX)
-    inputs = load_inputs(config)
     if console:
         for warning in inputs.warnings:
             # The library's console takes no markup: an id in the warning prints as written.

@@ -1,6 +1,7 @@
 """What `mfbatch score` reads before it scores: the run, the plan, the raw ids, fold-in.
 
-The database is opened read-only once and closed again before any scoring; every check
+The database is opened once (read-only, or for writing when the score will publish: the
+write lock is checked then) and closed again before any scoring; every check
 that can fail on the inputs (a stale model, an unknown id in a file, K above the catalogue)
 fails here, before work starts.
 """
@@ -17,12 +18,13 @@ import pyarrow as pa
 
 from mfbatch.artifact.files import check_model
 from mfbatch.errors import ConfigError, InputDataError
-from mfbatch.serving.csr import SeenItems
+from mfbatch.serving.csr import SeenItems, counts
 from mfbatch.serving.engines import FoldIn
 from mfbatch.serving.foldin import recency_weights
 from mfbatch.serving.lists import ListPlan, fitted_counts_less
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
+from mfbatch.store.history import open_for_publish
 from mfbatch.store.runs import Run, find_run
 
 if TYPE_CHECKING:  # annotations only: scoring does not import pydantic
@@ -150,9 +152,9 @@ def _lookup(
     return np.unique(np.array([index[w] for w in wanted], dtype=np.int64))
 
 
-def _read(config: Config) -> _Stored:
+def _read(config: Config, writable: bool) -> _Stored:
     settings = config.score
-    con = db.connect(config.db, read_only=True)
+    con = open_for_publish(config.db) if writable else db.connect(config.db, read_only=True)
     try:
         dataset = Dataset.load(con, config.db)
         run = find_run(con, config.db, dataset, settings.run_id, role="serve")
@@ -249,10 +251,14 @@ def _fold_in(
     )
 
 
-def load_inputs(config: Config) -> ScoreInputs:
-    """Read and check everything a score needs; the database is closed again on return."""
+def load_inputs(config: Config, *, writable: bool = False) -> ScoreInputs:
+    """Read and check everything a score needs; the database is closed again on return.
+
+    `writable`: read through a write connection, refusing first a database the lists
+    can't be published to (`open_for_publish`).
+    """
     settings = config.score
-    stored = _read(config)
+    stored = _read(config, writable)
     dataset = stored.dataset
     users = np.arange(dataset.n_users, dtype=np.int64)
     if settings.users is not None:
@@ -264,7 +270,7 @@ def load_inputs(config: Config) -> ScoreInputs:
         kept[stored.allowed] = item_mask[stored.allowed]
         item_mask = kept
     seen = SeenItems.from_pairs(stored.seen["user_idx"], stored.seen["item_idx"], dataset.n_users)
-    popularity = np.bincount(stored.seen["item_idx"], minlength=dataset.n_items)
+    popularity = counts(stored.seen["item_idx"], dataset.n_items)
     fitted_users, fitted_items = fitted_counts_less(
         seen, popularity, stored.untrained, dataset.n_users, dataset.n_items
     )
