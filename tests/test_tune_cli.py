@@ -132,7 +132,8 @@ def test_train_applies_the_tuned_settings_below_its_flags(prepared: Path, tmp_pa
     # The first trial is what train would do untuned (its epochs capped by --epochs 3).
     first = json.loads(_trials(path)[0][1])
     defaults = {"embedding_dim": 256, "epochs": 3, "lr": 0.005, "l2": 0.05}
-    assert first == {**defaults, "temperature": 1.0, "user_exponent": 0.3, "recency_half_life": 0.125}
+    untuned = {"temperature": 1.0, "user_exponent": 0.3, "recency_half_life": 0.125}
+    assert first == {**defaults, **untuned}
     # Then its neighbours, one setting changed each, as many as leave the sampler one
     # trial (3 trials: one neighbour, the recency half-life a step shorter).
     assert json.loads(_trials(path)[1][1]) == {**first, "recency_half_life": 0.09375}

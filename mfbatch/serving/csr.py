@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 # Values per bincount call in `counts`: its int64 copy (8 MB) is reused from the heap.
 _COUNT_CHUNK = 1 << 20
 
