@@ -105,6 +105,17 @@ def test_a_csv_of_metadata_fills_items_and_keeps_unrated_rows_aside(tmp_path: Pa
     assert recorded["items_source"] == str(meta) and recorded["items_id_col"] == "item"
 
 
+@pytest.mark.parametrize("newline", ["\r\n", "\r"], ids=["crlf", "lone-cr"])
+def test_windows_and_old_mac_line_ends_read_like_lf(tmp_path: Path, newline: str) -> None:
+    """The ratings reader relines a lone-CR file; the metadata reader does the same."""
+    lf, other = tmp_path / "lf.duckdb", tmp_path / "other.duckdb"
+    ok(_preprocess(lf, tmp_path, "--items-source", _write(tmp_path / "lf.csv", METADATA)))
+    meta = _write(tmp_path / "other.csv", METADATA.replace("\n", newline).encode())
+    ok(_preprocess(other, tmp_path, "--items-source", meta))
+    assert _items(other) == _items(lf)
+    assert _items(other)["7"]["title"] == "Seven"
+
+
 def test_any_attribute_name_but_items_own(tmp_path: Path) -> None:
     """Spaces, quotes, a pandas index column and SQL words are column names like others."""
     db = tmp_path / "mf.duckdb"

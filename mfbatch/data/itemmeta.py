@@ -121,6 +121,10 @@ class _CsvFile:
         data = path.read_bytes()
         if data.startswith(b"\xef\xbb\xbf"):
             data = data[3:]  # a UTF-8 byte-order mark is not part of the first column's name
+        if b"\r" in data and b"\n" not in data:
+            # An old-Mac file (lone CRs): Polars splits lines on LF only and would read one
+            # long header line. One CR for one LF: every line keeps its number.
+            data = data.replace(b"\r", b"\n")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
