@@ -256,6 +256,9 @@ def train_epoch(
 
 def epoch_budget(n_items: int, data: Interactions, config: TrainConfig) -> int:
     """`config.epochs`, or the default for this catalogue and these users with ratings."""
+    if config.epochs:
+        # Resolved already (train records it, a refit copies it): no pass over the users.
+        return int(config.epochs)
     users = int(torch.unique(data.users).numel())
     return default_epochs(config, n_items, users, data.users.device.type)
 
