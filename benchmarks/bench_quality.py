@@ -483,14 +483,13 @@ def _peers(split: Split, k: int, lambdas: list[float], quick: bool) -> list[dict
     weighted = split.train_w is not None and bool(np.ptp(split.train_w) > 0)
     if split.n_items <= 20_000:
         best: dict[str, Any] | None = None
-        for lam in lambdas:
-            scores, secs = ease(split, lam)
-            row = {"method": f"EASE λ={lam:g}", **_measured(split, scores, k), "seconds": secs}
+        for each in lambdas:
+            scores, secs = ease(split, each)
+            row = {"method": f"EASE λ={each:g}", **_measured(split, scores, k), "seconds": secs}
             if best is None or row["recall"] + row["ndcg"] > best["recall"] + best["ndcg"]:
-                best = row
+                best, lam = row, each
         assert best is not None
         rows.append({**best, "method": f"EASE (best of λ grid: {best['method'][5:]})"})
-        lam = float(best["method"].split("=")[1])
         if split.train_ts.any():
             for h in (0.1, 0.2, 0.5):
                 scores, secs = ease(split, lam, recency(split, h))

@@ -110,13 +110,18 @@ def _suggest(trial: Any, base: TrainConfig, tune: TuneConfig, timed: bool) -> di
     return params
 
 
+def _clip(space: dict[str, Any], name: str, value: float) -> float:
+    """`value` within the search's range for `name`."""
+    low, high = space[name]
+    return float(min(max(value, low), high))
+
+
 def _defaults(base: TrainConfig, tune: TuneConfig, inner: _Inner) -> dict[str, Any]:
     """The search's own parameters for `train`'s defaults, clipped to the ranges."""
     space = tune.ranges()
 
     def clip(name: str, value: float) -> float:
-        low, high = space[name]
-        return float(min(max(value, low), high))
+        return _clip(space, name, value)
 
     epochs = epoch_budget(inner.dataset.n_items, inner.data, base)
     params: dict[str, Any] = {
@@ -151,8 +156,7 @@ def _neighbours(start: dict[str, Any], tune: TuneConfig) -> list[dict[str, Any]]
     def scaled(name: str, factor: float) -> dict[str, Any] | None:
         if name not in start:
             return None
-        low, high = space[name]
-        value = float(min(max(start[name] * factor, low), high))
+        value = _clip(space, name, start[name] * factor)
         return {**start, name: value} if value != start[name] else None
 
     half = max(min(10, tune.epochs), int(start["epochs"]) // 2)
