@@ -92,7 +92,7 @@ def test_a_cut_off_search_resumes_without_rerunning_finished_trials(
     )
     assert proc.stdout is not None
     for line in proc.stdout:
-        if STAMP.sub("", line, count=1).startswith("trial 1/4"):
+        if STAMP.sub("", line, count=1).startswith("trial 0 (1 of 4)"):
             proc.send_signal(signal.SIGKILL)  # cut off mid-search, as a lost machine would
             break
     proc.wait(timeout=60)

@@ -269,7 +269,12 @@ def _line(trial: Any, total: int, best: Any, metric: str) -> str:
     if trial.user_attrs.get("error"):
         what += f" ({trial.user_attrs['error']})"
     tail = f"; best {best['value']:.4f} (trial {best['trial']})" if best else ""
-    return f"trial {trial.number + 1}/{total}: {what}  {shown}  {seconds:.1f} s{tail}"
+    # Numbered as Optuna, tuning_trials and the summary number them (from 0), with the
+    # count beside it.
+    return (
+        f"trial {trial.number} ({trial.number + 1} of {total}): {what}  {shown}  "
+        f"{seconds:.1f} s{tail}"
+    )
 
 
 def tune(*, config: Config, console: Console | None = None) -> TuneSummary:
