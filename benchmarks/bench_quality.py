@@ -43,7 +43,7 @@ import duckdb
 import numpy as np
 import torch
 
-from mfbatch.config import TrainConfig, recency_for
+from mfbatch.config import TrainConfig, recency_for, user_half_life_for
 from mfbatch.training.loop import train_model
 from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.objectives import recency_weights
@@ -306,6 +306,9 @@ def mfbatch_fit(
     config's epochs (`early_stop=False`: validation never looked at)."""
     if config.recency_half_life is None:  # as the train stage resolves it
         config = config.replace(recency_half_life=recency_for(split.split_kind))
+    if config.user_half_life is None:
+        solve = 0.0 if config.batch_norm else user_half_life_for(split.split_kind)
+        config = config.replace(user_half_life=solve)
     if config.epochs is None:
         users = int(np.unique(split.train_u).size)
         config = config.replace(epochs=default_epochs(config, split.n_items, users))

@@ -9,9 +9,9 @@ point trains on the rest for its full epoch budget without early stopping, and i
 once (Recall/NDCG@20 with bench_quality's metric function; RMSE for `--objective rating`).
 `--grid` is a JSON list of TrainConfig overrides applied on top of the objective's
 defaults; the default grid is the one README, "The model" reports. The recency half-life
-resolves from the inner split's kind as `mfbatch train` resolves it from the database
-(on for user-time, off for random); the grid rows measured before it existed need
-`"recency_half_life": 0` to be reproduced.
+and the user solve's half-life resolve from the inner split's kind as `mfbatch train`
+resolves them from the database (on for user-time, off for random); the grid rows measured
+before they existed need `"recency_half_life": 0` (`"user_half_life": 0`) to be reproduced.
 """
 
 from __future__ import annotations

@@ -187,9 +187,9 @@ class Model:
     def _history_weights(self, owners: np.ndarray) -> np.ndarray | None:
         """The run's recency weights, as `score` gives a folded-in user's ratings: a
         history is listed oldest first, and its order stands in for the times."""
-        from mfbatch.serving.foldin import recency_weights
+        from mfbatch.serving.foldin import fold_in_half_life, recency_weights
 
-        half_life = float(self._train_settings.get("recency_half_life") or 0.0)
+        half_life = fold_in_half_life(self._train_settings)
         if half_life <= 0 or self.objective == "rating":
             return None
         return recency_weights(owners, np.arange(len(owners), dtype=np.int64), half_life)

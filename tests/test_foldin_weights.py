@@ -9,7 +9,7 @@ import numpy as np
 from conftest import cli_ok, rows
 
 from mfbatch.config import load_config
-from mfbatch.serving.foldin import recency_weights
+from mfbatch.serving.foldin import fold_in_half_life, recency_weights
 from mfbatch.stages.score_inputs import load_inputs
 
 
@@ -25,8 +25,11 @@ def test_score_weighs_a_folded_users_ratings_by_the_runs_recency(tmp_path: Path)
     ):  # fmt: skip
         cli_ok(*args, "--db", db)
     (config,) = rows(db, "SELECT config FROM training_runs WHERE data_seen = 'train+val'")[0]
-    half_life = json.loads(config)["train"]["recency_half_life"]
-    assert half_life > 0  # the default on a user-time split
+    train = json.loads(config)["train"]
+    # The half-life the run's users were last fitted with: the user solve's (the default
+    # on a user-time split), not training's.
+    half_life = fold_in_half_life(train)
+    assert half_life == train["user_half_life"] > 0
     items = [i for (i,) in rows(db, "SELECT item_id FROM items ORDER BY item_idx LIMIT 6")]
     (lo, hi), *_ = rows(db, "SELECT rating_min, rating_max FROM dataset_meta")
     new = tmp_path / "new.csv"

@@ -213,7 +213,7 @@ def test_refit_on_all_uses_the_validated_epoch_count(dataset: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("split", "expected"), [("user-time", 0.125), ("time", 0.0), ("random", 0.0)]
+    ("split", "expected"), [("user-time", 0.3), ("time", 0.0), ("random", 0.0)]
 )
 def test_recency_default_follows_the_split_and_is_recorded(
     tmp_path: Path, split: str, expected: float

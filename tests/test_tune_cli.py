@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mfbatch.config.train import RECENCY_HALF_LIFE, USER_HALF_LIFE
 from tests.conftest import STAMP, cli, cli_ok, ok, rows
 
 TUNE = ["--trials", "3", "--epochs", "3", "--threads", "1", "--seed", "0"]
@@ -132,11 +133,17 @@ def test_train_applies_the_tuned_settings_below_its_flags(prepared: Path, tmp_pa
     # The first trial is what train would do untuned (its epochs capped by --epochs 3).
     first = json.loads(_trials(path)[0][1])
     defaults = {"embedding_dim": 256, "epochs": 3, "lr": 0.005, "l2": 0.05}
-    untuned = {"temperature": 1.0, "user_exponent": 0.3, "recency_half_life": 0.125}
+    untuned = {
+        "temperature": 1.0,
+        "user_exponent": 0.3,
+        "recency_half_life": RECENCY_HALF_LIFE,
+        "user_half_life": USER_HALF_LIFE,
+    }
     assert first == {**defaults, **untuned}
     # Then its neighbours, one setting changed each, as many as leave the sampler one
     # trial (3 trials: one neighbour, the recency half-life a step shorter).
-    assert json.loads(_trials(path)[1][1]) == {**first, "recency_half_life": 0.09375}
+    shorter = {**first, "recency_half_life": RECENCY_HALF_LIFE * 0.75}
+    assert json.loads(_trials(path)[1][1]) == pytest.approx(shorter)
     assert len(_trials(path)) == 3
     run = ok(cli("train", "--db", path, "--threads", "1", "--lr", "0.01", "--export-dir", tmp_path))
     # The first line of the log says where the settings came from.

@@ -19,6 +19,7 @@ from mfbatch.config.train import (
     check_sharding,
     epochs_for,
     recency_for,
+    user_half_life_for,
 )
 from mfbatch.config.tune import TuneConfig
 
@@ -45,4 +46,5 @@ __all__ = [
     "load_config",
     "machine_cores",
     "recency_for",
+    "user_half_life_for",
 ]

@@ -21,6 +21,7 @@ SPACE: dict[str, list[float]] = {
     "temperature": [0.5, 2.0],
     "user_exponent": [0.0, 0.6],
     "recency_half_life": [0.05, 1.0],
+    "user_half_life": [0.02, 0.5],
 }
 LOG_UNIFORM = frozenset({"lr", "l2", "temperature"})
 

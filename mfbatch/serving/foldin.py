@@ -26,7 +26,8 @@ shared-Hessian steps and 50x slower, and well below, respectively.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 
@@ -40,6 +41,15 @@ def item_tables(items_aug_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(q [I, d], b [I]) from the graph's V_aug_t [d+2, I]."""
     d = items_aug_t.shape[0] - 2
     return np.ascontiguousarray(items_aug_t[:d].T), np.ascontiguousarray(items_aug_t[d])
+
+
+def fold_in_half_life(train: Mapping[str, Any]) -> float:
+    """The recency half-life a run's user vectors were last fitted with (its recorded
+    `[train]` settings): the user solve's when the run ended with one, else training's.
+    A folded-in user is weighted the same way, so they rank as the run's own users do."""
+    if train.get("objective") == "rating":
+        return 0.0
+    return float(train.get("user_half_life") or train.get("recency_half_life") or 0.0)
 
 
 def recency_weights(users: np.ndarray, ts: np.ndarray, half_life: float) -> np.ndarray:

@@ -20,7 +20,7 @@ from mfbatch.artifact.files import check_model
 from mfbatch.errors import ConfigError, InputDataError
 from mfbatch.serving.csr import SeenItems, counts
 from mfbatch.serving.engines import FoldIn
-from mfbatch.serving.foldin import recency_weights
+from mfbatch.serving.foldin import fold_in_half_life, recency_weights
 from mfbatch.serving.lists import ListPlan, fitted_counts_less
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
@@ -196,10 +196,11 @@ def _fresh(con: Any, all_splits: bool, version: int) -> dict[str, np.ndarray]:
 
 
 def _fold_weights(fresh: dict[str, np.ndarray], run: Run) -> np.ndarray | None:
-    """Per fold-in rating, the weight training gave it: the run's recency weights over each
-    user's ratings (softmax objectives, every rating timed) times the weight column."""
+    """Per fold-in rating, the weight the run fitted its users with: recency weights at
+    `fold_in_half_life` over each user's ratings (softmax objectives, every rating timed)
+    times the weight column."""
     settings = run.config.get("train", {})
-    half_life = float(settings.get("recency_half_life") or 0.0)
+    half_life = fold_in_half_life(settings)
     weights = None
     ts = fresh.get("ts_ms")
     # As in training: without a time for every rating there is no order to weigh by.

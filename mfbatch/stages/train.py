@@ -17,13 +17,20 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mfbatch.config import Config, TrainConfig, check_sharding, recency_for
+from mfbatch.config import (
+    Config,
+    TrainConfig,
+    check_sharding,
+    recency_for,
+    user_half_life_for,
+)
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.stages.train_inputs import TrainInputs, interactions, read_inputs
 from mfbatch.stages.train_record import TrainSummary, record_run, save_run, summarise
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training import distributed
+from mfbatch.training.build import new_model, plan_for
 from mfbatch.training.device import (
     IdleWindow,
     describe,
@@ -31,7 +38,7 @@ from mfbatch.training.device import (
     resolve_threads,
     usable_cores,
 )
-from mfbatch.training.loop import EpochRecord, Outcome, new_model, plan_for, train_model
+from mfbatch.training.loop import USER_SOLVE_EPOCHS, EpochRecord, Outcome, train_model
 from mfbatch.training.model import MatrixFactorization
 from mfbatch.training.steps import Plan, default_epochs
 from mfbatch.training.tensors import Interactions
@@ -112,16 +119,24 @@ def _set_threads(
 
 
 def _with_recency(settings: TrainConfig, dataset: Dataset) -> tuple[TrainConfig, str]:
-    """The resolved recency half-life (recorded, so a refit copies it), and a word on it
-    when it is a default that depends on the data."""
+    """The resolved recency and user-solve half-lives (recorded, so a refit copies them),
+    and a word on them when they are defaults that depend on the data."""
+    if settings.user_half_life is None:
+        solve = 0.0 if settings.batch_norm else user_half_life_for(dataset.split_kind)
+        settings = settings.replace(user_half_life=solve)
     if settings.recency_half_life is not None:
         return settings, ""
     settings = settings.replace(recency_half_life=recency_for(dataset.split_kind))
     if not settings.recency_half_life or settings.objective == "rating":
         return settings, ""
+    solve_note = (
+        f", then each user solved again at half-life {settings.user_half_life:g}"
+        if settings.user_half_life
+        else ""
+    )
     return settings, (
-        f", recency half-life {settings.recency_half_life:g} (the default for a "
-        f"{dataset.split_kind} split; --recency-half-life 0 turns it off)"
+        f", recency half-life {settings.recency_half_life:g}{solve_note} (the defaults for a "
+        f"{dataset.split_kind} split; --recency-half-life 0 --user-half-life 0 turn them off)"
     )
 
 
@@ -199,7 +214,8 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
     run_id = shard.from_main(new_run_id())
     export_path = settings.export_dir / run_id
     seconds = time.perf_counter() - started
-    fit_seconds = sum(r.seconds for r in outcome.history) or seconds
+    solved = outcome.solved.seconds if outcome.solved else 0.0
+    fit_seconds = sum(r.seconds for r in outcome.history) + solved or seconds
     summary = summarise(run_id, device, outcome, settings, data, seconds, fit_seconds, export_path)
     if not shard.main:
         return summary  # every rank holds the same weights; rank 0 exports and records them
@@ -299,13 +315,7 @@ def _fit(
         return lambda done: progress.advance(tasks[epoch], done)
 
     def end(record: EpochRecord) -> None:
-        status = f"loss {record.train_loss:.4f}"
-        if record.metrics is not None:
-            if record.metrics.rmse is not None:
-                status += f"  val RMSE {record.metrics.rmse:.4f}"
-            if record.metrics.recall is not None:
-                status += f"  Recall@{settings.top_k} {record.metrics.recall:.4f}"
-                status += f"  NDCG@{settings.top_k} {record.metrics.ndcg or 0.0:.4f}"
+        status = _status(record, settings.top_k)
         progress.update(tasks[record.epoch], status=status)
         if log_lines and console is not None:
             console.print(
@@ -315,7 +325,7 @@ def _fit(
             )
 
     with progress:
-        return train_model(
+        outcome = train_model(
             model,
             data,
             val,
@@ -329,3 +339,23 @@ def _fit(
             run_plan=run_plan,
             select=select,
         )
+    if outcome.solved is not None and console is not None:
+        console.print(
+            f"users solved again ({USER_SOLVE_EPOCHS} epochs, user half-life "
+            f"{settings.user_half_life:g}, item tables fixed): "
+            f"{_status(outcome.solved, settings.top_k)}  {outcome.solved.seconds:.2f} s",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return outcome
+
+
+def _status(record: EpochRecord, top_k: int) -> str:
+    status = f"loss {record.train_loss:.4f}"
+    if record.metrics is not None:
+        if record.metrics.rmse is not None:
+            status += f"  val RMSE {record.metrics.rmse:.4f}"
+        if record.metrics.recall is not None:
+            status += f"  Recall@{top_k} {record.metrics.recall:.4f}"
+            status += f"  NDCG@{top_k} {record.metrics.ndcg or 0.0:.4f}"
+    return status

@@ -134,8 +134,9 @@ def _tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torc
 def _refit_config(run: Run, config: TrainConfig) -> TrainConfig:
     """The validated run's own settings, so the refit differs from it only in its data."""
     values = {k: v for k, v in run.config["train"].items() if k in TrainConfig.model_fields}
-    # Runs recorded before --recency-half-life existed trained without it.
+    # Runs recorded before --recency-half-life / --user-half-life existed trained without.
     values.setdefault("recency_half_life", 0.0)
+    values.setdefault("user_half_life", 0.0)
     values.update(on="all", device=config.device, export_dir=config.export_dir, nproc=config.nproc)
     try:
         return load_config(overrides={"train": values}).train

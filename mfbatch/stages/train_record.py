@@ -18,7 +18,7 @@ from mfbatch.config import Config, TrainConfig
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.store.runs import stored_export_path
-from mfbatch.training.loop import EpochRecord, Outcome
+from mfbatch.training.loop import USER_SOLVE_EPOCHS, EpochRecord, Outcome
 from mfbatch.training.model import MatrixFactorization
 from mfbatch.training.tensors import Interactions
 from mfbatch.version import __version__
@@ -99,7 +99,8 @@ def summarise(
     fit_seconds: float,
     export_path: Path,
 ) -> TrainSummary:
-    examples = len(data) * max(len(outcome.history), 1)
+    solve = USER_SOLVE_EPOCHS if outcome.solved else 0
+    examples = len(data) * max(len(outcome.history) + solve, 1)
     best = _best(outcome)
     return TrainSummary(
         run_id=run_id,
@@ -123,6 +124,9 @@ def summarise(
 
 
 def _best(outcome: Outcome) -> EpochRecord | None:
+    """The returned model's validation: the user solve's when it ran, else the best epoch's."""
+    if outcome.solved is not None and outcome.solved.metrics is not None:
+        return outcome.solved
     return next((r for r in outcome.history if r.epoch == outcome.best_epoch), None)
 
 

@@ -21,15 +21,16 @@ import polars as pl
 import torch
 from rich.console import Console
 
-from mfbatch.config import Config, TrainConfig, TuneConfig, recency_for
+from mfbatch.config import Config, TrainConfig, TuneConfig, recency_for, user_half_life_for
 from mfbatch.config.tune import LOG_UNIFORM
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.stages.train_inputs import Ratings, TrainInputs, interactions
 from mfbatch.stages.tune_record import finished, hold, journal_path, open_study, record
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
+from mfbatch.training.build import epoch_budget, new_model
 from mfbatch.training.device import resolve_device, resolve_threads
-from mfbatch.training.loop import EpochRecord, epoch_budget, new_model, train_model
+from mfbatch.training.loop import EpochRecord, train_model
 from mfbatch.training.tensors import Interactions
 from mfbatch.training.validation import Validation, score_of
 
@@ -107,6 +108,10 @@ def _suggest(trial: Any, base: TrainConfig, tune: TuneConfig, timed: bool) -> di
         params["recency_half_life"] = (
             trial.suggest_float("recency_half_life", low, high) if recency else 0.0
         )
+        low, high = space["user_half_life"]
+        params["user_half_life"] = (
+            trial.suggest_float("user_half_life", low, high) if recency else 0.0
+        )
     return params
 
 
@@ -137,10 +142,14 @@ def _defaults(base: TrainConfig, tune: TuneConfig, inner: _Inner) -> dict[str, A
         half_life = base.recency_half_life
         if half_life is None:
             half_life = recency_for(inner.dataset.split_kind)
+        solve = base.user_half_life
+        if solve is None:
+            solve = 0.0 if base.batch_norm else user_half_life_for(inner.dataset.split_kind)
         if inner.timed:
             params["recency"] = bool(half_life)
             if half_life:
                 params["recency_half_life"] = clip("recency_half_life", half_life)
+                params["user_half_life"] = clip("user_half_life", solve) if solve else 0.0
     return params
 
 
@@ -160,11 +169,13 @@ def _neighbours(start: dict[str, Any], tune: TuneConfig) -> list[dict[str, Any]]
         return {**start, name: value} if value != start[name] else None
 
     half = max(min(10, tune.epochs), int(start["epochs"]) // 2)
-    # The default half-life is the best worst case between sets that want less (ML-1M
-    # partial: 0.8x) and more (ML-100K: 1.6x): a step each way comes first.
+    # The default half-lives are the best worst case between sets whose own best lies on
+    # either side (docs/model.md): a step each way on training's, then on the user solve's.
     candidates = [
         scaled("recency_half_life", 0.75),
         scaled("recency_half_life", 1.5),
+        scaled("user_half_life", 0.5),
+        scaled("user_half_life", 2.0),
         {**start, "epochs": half} if half != start["epochs"] else None,
         scaled("l2", 2.0),
         scaled("l2", 0.5),
@@ -241,7 +252,9 @@ def _objective(inner: _Inner, base: TrainConfig, tune: TuneConfig, device: torch
             outcome = train_model(model, inner.data, inner.val, settings, on_epoch_end=report)
             if outcome.status == "diverged":
                 raise ModelError(f"training diverged in epoch {outcome.diverged_epoch}")
-            return best
+            solved = outcome.solved.metrics if outcome.solved is not None else None
+            # With the user solve, the trained model is the solved one: that is its figure.
+            return score_of(solved, settings.objective) if solved is not None else best
         except (MfbatchError, RuntimeError, ValueError) as exc:
             trial.set_user_attr("error", first_line(exc))
             raise

@@ -20,11 +20,19 @@ from torch import nn
 
 from mfbatch.config import TrainConfig
 from mfbatch.training import objectives
+from mfbatch.training.build import epoch_budget, plan_for
 from mfbatch.training.distributed import Shard
-from mfbatch.training.model import MatrixFactorization, ModelShape
+from mfbatch.training.epoch_data import EpochData
+from mfbatch.training.model import MatrixFactorization
 from mfbatch.training.objectives import UserBatch
-from mfbatch.training.steps import DenseGrads, Plan, default_epochs, make_optimizers, plan
-from mfbatch.training.tensors import Csr, Interactions
+from mfbatch.training.steps import (
+    DenseGrads,
+    FusedAdam,
+    LazyAdam,
+    Plan,
+    make_optimizers,
+)
+from mfbatch.training.tensors import Interactions
 from mfbatch.training.validation import Metrics, Validation, score_of, validate
 
 
@@ -44,61 +52,15 @@ class Outcome:
     status: str = "completed"  # completed | early_stopped | diverged
     diverged_epoch: int | None = None
     plan: Plan | None = None
+    # The user solve after the last epoch (`solve_users`): its loss and validation, which
+    # are the returned model's.
+    solved: EpochRecord | None = None
 
 
 def _autocast(device: torch.device, config: TrainConfig) -> torch.autocast | nullcontext[None]:
     if device.type == "cuda" and config.amp:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
-
-@dataclass(frozen=True)
-class EpochData:
-    """What every step needs, built once per run on the training device."""
-
-    data: Interactions
-    by_user: Csr
-    active_users: torch.Tensor  # users with at least one rating: the softmax epoch
-    log_q: torch.Tensor  # log sampling probability per item (sampled softmax)
-    all_items: torch.Tensor
-    # Per rating, in `by_user.indices` order: its weight within its user (softmax losses).
-    weights: torch.Tensor | None = None
-    # Per rating, in the same order: its interaction weight (UserBatch.counts); None: ones.
-    counts: torch.Tensor | None = None
-
-    @staticmethod
-    def build(
-        data: Interactions,
-        n_users: int,
-        n_items: int,
-        sampler: str,
-        recency_half_life: float = 0.0,
-    ) -> EpochData:
-        device = data.users.device
-        counts = torch.bincount(data.items, minlength=n_items).double()
-        if sampler == "uniform":
-            q = torch.full((n_items,), 1.0 / n_items, device=device, dtype=torch.float64)
-        elif sampler == "popularity":
-            # +1: every item can be drawn, so no logit goes uncorrected by an infinite log q.
-            q = (counts + 1.0) / (counts.sum() + n_items)
-        else:  # in-batch, mixed: (some) items come from the batch, with frequency q
-            q = counts / counts.sum().clamp(min=1.0)
-        user_counts = torch.bincount(data.users, minlength=n_users)
-        weights = None
-        if recency_half_life > 0.0 and data.ts is not None:
-            weights = objectives.recency_weights(data.users, data.ts, n_users, recency_half_life)
-            weights = weights[Csr.order(data.users, data.items)]
-        return EpochData(
-            data=data,
-            by_user=Csr.build(data.users, data.items, n_users),
-            active_users=torch.nonzero(user_counts).squeeze(1),
-            log_q=q.log().float(),
-            all_items=torch.arange(n_items, device=device),
-            weights=weights,
-            counts=None
-            if data.weights is None
-            else data.weights[Csr.order(data.users, data.items)],
-        )
 
 
 def step_loss(
@@ -254,37 +216,6 @@ def train_epoch(
     return float(total.item()) / max(n_batches, 1)
 
 
-def epoch_budget(n_items: int, data: Interactions, config: TrainConfig) -> int:
-    """`config.epochs`, or the default for this catalogue and these users with ratings."""
-    if config.epochs:
-        # Resolved already (train records it, a refit copies it): no pass over the users.
-        return int(config.epochs)
-    users = int(torch.unique(data.users).numel())
-    return default_epochs(config, n_items, users, data.users.device.type)
-
-
-def plan_for(model: MatrixFactorization, data: Interactions, config: TrainConfig) -> Plan:
-    """`plan` for this model and data (its users with ratings) on their device."""
-    active = int(torch.unique(data.users).numel())
-    return plan(config, model.shape.n_items, active, device_type=data.users.device.type)
-
-
-def new_model(
-    n_users: int, n_items: int, config: TrainConfig, device: torch.device
-) -> MatrixFactorization:
-    """The untrained model `config` asks for, seeded: what train and each tune trial fit."""
-    torch.manual_seed(config.seed)
-    shape = ModelShape(
-        n_users=n_users,
-        n_items=n_items,
-        dim=int(config.embedding_dim or 0),
-        dropout=config.dropout,
-        batch_norm=config.batch_norm,
-        sparse=config.optimizer in ("sparse_adam", "adagrad"),
-    )
-    return MatrixFactorization(shape).to(device)
-
-
 def _setup(
     model: MatrixFactorization,
     data: Interactions,
@@ -387,8 +318,68 @@ def train_model(
             outcome.status = "early_stopped"
             break
     model.load_state_dict(best_state)
+    if outcome.status != "diverged" and solves_users(config, data):
+        started = time.perf_counter()
+        loss = solve_users(model, data, config, run_plan, shard)
+        metrics = validate(model, val, config) if val is not None else None
+        outcome.solved = EpochRecord(
+            outcome.best_epoch, loss, metrics, time.perf_counter() - started
+        )
     model.eval()
     return outcome
+
+
+# Epochs of the user solve: every user's row takes this many Adam steps against the
+# trained item tables (docs/model.md, "Defaults": 5, 10 and 20 measured).
+USER_SOLVE_EPOCHS = 10
+
+
+def solves_users(config: TrainConfig, data: Interactions) -> bool:
+    """Whether `train_model` ends with `solve_users`: a softmax objective, a user
+    half-life, and a time on every rating to weigh by."""
+    return bool(config.user_half_life) and config.objective != "rating" and data.ts is not None
+
+
+def solve_users(
+    model: MatrixFactorization,
+    data: Interactions,
+    config: TrainConfig,
+    run_plan: Plan,
+    shard: Shard | None = None,
+) -> float:
+    """Each user's vector fitted again against the trained item tables, frozen, with their
+    ratings weighted by `config.user_half_life` instead of `recency_half_life`: the items
+    learned from the whole history, a user's vector now from their recent taste (the
+    signal EASE weighs its history row by). The same loss, a fresh Adam on the user
+    tables at the run's learning rate; returns the last epoch's mean loss."""
+    users = [model.user_emb.weight, model.user_bias.weight]
+    frozen = [p for p in model.parameters() if all(p is not u for u in users)]
+    epoch_data = EpochData.build(
+        data,
+        model.shape.n_users,
+        model.shape.n_items,
+        config.sampler,
+        float(config.user_half_life or 0.0),
+    )
+    lr = float(config.lr or 0.0)
+    solver = LazyAdam(users, lr=lr) if model.user_emb.sparse else FusedAdam(users, lr=lr)
+    generator = torch.Generator(device=data.users.device)
+    generator.manual_seed(config.seed + 1)
+    loss = 0.0
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for _ in range(USER_SOLVE_EPOCHS):
+            loss = train_epoch(
+                model, [solver], epoch_data, config, run_plan, generator, None, shard
+            )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    if shard is not None and shard.active:
+        shard.gather_users(model)
+    zero_untrained(model, data)
+    return loss
 
 
 @torch.no_grad()
