@@ -33,6 +33,7 @@ import numpy as np
 import polars as pl
 
 from mfbatch.artifact.files import ONNX_FILE
+from mfbatch.serving.foldin import fold_in_half_life
 
 HOLDOUT = 0.1
 KEEP = 0.8
@@ -185,7 +186,8 @@ def main() -> None:
         "SELECT export_path, config FROM training_runs WHERE data_seen = 'train+val' "
         "ORDER BY finished_at DESC LIMIT 1"
     ).fetchone()
-    half_life = float(json.loads(run_config)["train"].get("recency_half_life") or 0.0)
+    train = json.loads(run_config)["train"]
+    half_life = fold_in_half_life(train)  # what score weighs a new user's ratings by
     con.close()
     index = {u: i for i, u in enumerate(user_ids)}
     users = sorted(users, key=index.__getitem__)  # by user_idx, the CSR's row order
@@ -227,7 +229,7 @@ def main() -> None:
     trained_items = np.zeros(n_items, dtype=bool)
     trained_items[r["item_idx"][r["version"] == 0]] = True
     usable = trained_items[:model_items]
-    # What score does (the run's recency weights), and the same solve unweighted.
+    # What score does (the run's fold-in half-life), and the same solve unweighted.
     weights = recency_weights(r["user_idx"][pick], r["ts_ms"][pick], half_life)
     variants = [(m, weights, f"fold-in method={m}") for m in METHODS]
     variants.append(("softmax", None, "fold-in method=softmax, no recency weights"))

@@ -26,10 +26,11 @@ def test_score_weighs_a_folded_users_ratings_by_the_runs_recency(tmp_path: Path)
         cli_ok(*args, "--db", db)
     (config,) = rows(db, "SELECT config FROM training_runs WHERE data_seen = 'train+val'")[0]
     train = json.loads(config)["train"]
-    # The half-life the run's users were last fitted with: the user solve's (the default
-    # on a user-time split), not training's.
+    # The half-life the run calibrated on its own users after the user solve (the default
+    # on a user-time split), between the solve's and training's.
     half_life = fold_in_half_life(train)
-    assert half_life == train["user_half_life"] > 0
+    assert half_life == train["fold_in_half_life"]
+    assert train["user_half_life"] <= half_life <= train["recency_half_life"]
     items = [i for (i,) in rows(db, "SELECT item_id FROM items ORDER BY item_idx LIMIT 6")]
     (lo, hi), *_ = rows(db, "SELECT rating_min, rating_max FROM dataset_meta")
     new = tmp_path / "new.csv"

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_user_error, cli, cli_ok, rows, tables
 from test_objectives import _drifting_users
 
 from mfbatch.config import TrainConfig
-from mfbatch.serving.foldin import fold_in_half_life
+from mfbatch.serving.calibrate import calibrated_half_life, candidates
+from mfbatch.serving.foldin import fold_in, fold_in_half_life, recency_weights
 from mfbatch.training.build import plan_for
 from mfbatch.training.epoch_data import EpochData
 from mfbatch.training.loop import solve_users, solves_users, train_model
@@ -112,6 +114,9 @@ def test_no_solve_without_a_half_life_a_time_or_a_softmax_objective() -> None:
 
 
 def test_fold_in_weighs_by_the_half_life_the_users_were_last_fitted_with() -> None:
+    calibrated = {"recency_half_life": 0.3, "user_half_life": 0.05, "fold_in_half_life": 0.12}
+    assert fold_in_half_life(calibrated) == 0.12
+    assert fold_in_half_life({**calibrated, "fold_in_half_life": 0.0}) == 0.0  # given: off
     assert fold_in_half_life({"recency_half_life": 0.3, "user_half_life": 0.05}) == 0.05
     assert fold_in_half_life({"recency_half_life": 0.3, "user_half_life": 0.0}) == 0.3
     assert fold_in_half_life({"recency_half_life": 0.3}) == 0.3  # a run from before
@@ -139,6 +144,7 @@ def test_the_default_follows_the_split_is_recorded_and_the_refit_copies_it(
     (["--user-half-life", "-0.1"], "--user-half-life: must be >= 0"),
     (["--user-half-life", "nan"], "--user-half-life: must be >= 0"),
     (["--user-half-life", "0.1", "--batch-norm"], "--user-half-life 0 with --batch-norm"),
+    (["--fold-in-half-life", "-1"], "--fold-in-half-life: must be >= 0"),
 ])  # fmt: skip
 def test_bad_user_half_lives_are_refused_in_one_line(
     tmp_path: Path, flags: list[str], fragment: str
@@ -148,3 +154,46 @@ def test_bad_user_half_lives_are_refused_in_one_line(
            "--ratings-per-user", "5", "--split", "user-time", "--db", db)  # fmt: skip
     assert_user_error(cli("train", "--db", db, *flags), 2, fragment)
     assert "training_runs" not in tables(db)  # refused before any run was started
+
+
+def test_calibration_candidates_run_between_the_two_half_lives() -> None:
+    assert candidates(0.05, 0.3) == pytest.approx([0.05, 0.0783, 0.1225, 0.1917, 0.3], abs=1e-4)
+    assert candidates(0.3, 0.05) == candidates(0.05, 0.3)
+    assert candidates(0.0, 0.3) == [0.3] and candidates(0.2, 0.2) == [0.2]
+
+
+def test_calibration_finds_the_half_life_the_users_were_fitted_at() -> None:
+    """Known answer: users whose vectors *are* the fold-in of their ratings at 0.12 fold
+    back in to the same lists at 0.12 and to other lists elsewhere."""
+    rng = np.random.default_rng(3)
+    n_users, n_items, d = 120, 300, 16
+    items_aug_t = np.concatenate(
+        [rng.normal(0, 1, (d, n_items)), rng.normal(0, 0.3, (1, n_items)), np.ones((1, n_items))]
+    ).astype(np.float32)
+    users = np.repeat(np.arange(n_users), 25)
+    items = np.concatenate([rng.choice(n_items, 25, replace=False) for _ in range(n_users)])
+    ts = np.tile(np.arange(25), n_users)
+    order = np.lexsort((items, users))
+    indptr = np.arange(0, users.size + 1, 25)
+    truth = fold_in(indptr, items[order], np.ones(users.size, np.float32), items_aug_t,
+                    weights=recency_weights(users[order], ts[order], 0.12))  # fmt: skip
+    users_aug = np.concatenate([truth[:, : d + 1], np.zeros((n_users, 1))], axis=1)
+    best, overlap = calibrated_half_life(
+        users_aug, items_aug_t, (users, items, ts), [0.03, 0.12, 0.5, 1.0]
+    )
+    assert best == 0.12 and overlap[0.12] == pytest.approx(1.0)
+    assert max(overlap[h] for h in (0.03, 0.5, 1.0)) < 0.95
+
+
+def test_train_records_the_calibrated_fold_in_half_life_unless_given(tmp_path: Path) -> None:
+    db = tmp_path / "mf.duckdb"
+    cli_ok("preprocess", "--dataset", "synthetic", "--users", "60", "--items", "40",
+           "--ratings-per-user", "10", "--split", "user-time", "--db", db)  # fmt: skip
+    common = ("--db", db, "--epochs", "2", "--embedding-dim", "4", "--threads", "1",
+              "--export-dir", tmp_path / "export")  # fmt: skip
+    cli_ok("train", *common)
+    cli_ok("train", *common, "--fold-in-half-life", "0.2")
+    configs = rows(db, "SELECT config FROM training_runs ORDER BY finished_at")
+    calibrated, given = (json.loads(c)["train"] for (c,) in configs)
+    assert calibrated["fold_in_half_life"] in [round(h, 4) for h in candidates(0.05, 0.3)]
+    assert given["fold_in_half_life"] == 0.2

@@ -167,6 +167,13 @@ class TrainConfig(Options):
         "half-life (as --recency-half-life: a share of the user's history); default 0.05 on "
         "user-time splits, off otherwise; 0 = off.",
     )
+    fold_in_half_life: float | None = Field(
+        None,
+        description="Fold-in (score, Model.recommend): the recency half-life a new user's "
+        "ratings are weighted by (default: after the user solve, the one between "
+        "--user-half-life and --recency-half-life at which the run's own users fold back "
+        "in closest to their lists; else --recency-half-life).",
+    )
     memory_mb: int = Field(
         1024,
         description="Budget for one step's logits; with --time-budget-s decides full vs "
@@ -273,6 +280,9 @@ class TrainConfig(Options):
         recency = self.recency_half_life
         if recency is not None and not (math.isfinite(recency) and recency >= 0.0):
             raise ConfigError(f"--recency-half-life: must be >= 0 (0 turns it off), got {recency}")
+        fold = self.fold_in_half_life
+        if fold is not None and not (math.isfinite(fold) and fold >= 0.0):
+            raise ConfigError(f"--fold-in-half-life: must be >= 0 (0 turns it off), got {fold}")
         solve = self.user_half_life
         if solve is not None and not (math.isfinite(solve) and solve >= 0.0):
             raise ConfigError(f"--user-half-life: must be >= 0 (0 turns it off), got {solve}")

@@ -44,11 +44,14 @@ def item_tables(items_aug_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fold_in_half_life(train: Mapping[str, Any]) -> float:
-    """The recency half-life a run's user vectors were last fitted with (its recorded
-    `[train]` settings): the user solve's when the run ended with one, else training's.
-    A folded-in user is weighted the same way, so they rank as the run's own users do."""
+    """The recency half-life a new user's ratings are weighted by, from the run's recorded
+    `[train]` settings: the one the run calibrated on its own users after the user solve
+    (mfbatch.serving.calibrate), else the solve's, else training's; so a folded-in user
+    ranks as the run's own users do."""
     if train.get("objective") == "rating":
         return 0.0
+    if train.get("fold_in_half_life") is not None:  # calibrated or given (0: unweighted)
+        return float(train["fold_in_half_life"])
     return float(train.get("user_half_life") or train.get("recency_half_life") or 0.0)
 
 

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mfbatch.artifact.graph import augmented_tables
 from mfbatch.config import (
     Config,
     TrainConfig,
@@ -25,6 +26,7 @@ from mfbatch.config import (
     user_half_life_for,
 )
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
+from mfbatch.serving.calibrate import calibrated_half_life, candidates
 from mfbatch.stages.train_inputs import TrainInputs, interactions, read_inputs
 from mfbatch.stages.train_record import TrainSummary, record_run, save_run, summarise
 from mfbatch.store import db
@@ -208,6 +210,7 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
     outcome = _fit(
         model, data, val, settings, inputs.epochs, console, shard, run_plan, select=not given
     )
+    settings = _with_fold_in(settings, model, data, outcome, console)
     warning = _decay(outcome, settings)
     if console and warning:
         console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
@@ -230,6 +233,36 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
             "or raise --l2"
         )
     return summary
+
+
+def _with_fold_in(
+    settings: TrainConfig,
+    model: MatrixFactorization,
+    data: Interactions,
+    outcome: Outcome,
+    console: Console | None,
+) -> TrainConfig:
+    """After the user solve, the fold-in half-life calibrated on the run's own users
+    (mfbatch.serving.calibrate), recorded so score and the refit use it; unless given."""
+    if outcome.solved is None or settings.fold_in_half_life is not None or data.ts is None:
+        return settings
+    users_aug, items_aug_t = augmented_tables(model)
+    ratings = (data.users.cpu().numpy(), data.items.cpu().numpy(), data.ts.cpu().numpy())
+    half_lives = candidates(
+        float(settings.user_half_life or 0.0), float(settings.recency_half_life or 0.0)
+    )
+    best, overlap = calibrated_half_life(
+        users_aug, items_aug_t, ratings, half_lives, seed=settings.seed
+    )
+    if console:
+        shown = ", ".join(f"{h:.3g}: {overlap[h]:.3f}" for h in half_lives)
+        console.print(
+            f"fold-in half-life {best:.3g}: the run's own users fold back in closest to their "
+            f"lists there (top-20 overlap {shown})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return settings.replace(fold_in_half_life=round(best, 4))
 
 
 def _decay(outcome: Outcome, settings: TrainConfig) -> str | None:
