@@ -43,7 +43,7 @@ import duckdb
 import numpy as np
 import torch
 
-from mfbatch.config import TrainConfig, recency_for, user_half_life_for
+from mfbatch.config import TrainConfig, recency_for, with_half_lives
 from mfbatch.training.loop import train_model
 from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.objectives import recency_weights
@@ -312,11 +312,7 @@ def mfbatch_fit(
 ) -> tuple[MatrixFactorization, float, Any]:
     """Train as `mfbatch train` does (early stopping on split.val) or blind for the
     config's epochs (`early_stop=False`: validation never looked at)."""
-    if config.recency_half_life is None:  # as the train stage resolves it
-        config = config.replace(recency_half_life=recency_for(split.split_kind))
-    if config.user_half_life is None:
-        solve = 0.0 if config.batch_norm else user_half_life_for(split.split_kind)
-        config = config.replace(user_half_life=solve)
+    config = with_half_lives(config, split.split_kind)  # as the train stage resolves them
     if config.epochs is None:
         users = int(np.unique(split.train_u).size)
         config = config.replace(epochs=default_epochs(config, split.n_items, users))

@@ -123,15 +123,20 @@ def test_fold_in_weighs_by_the_half_life_the_users_were_last_fitted_with() -> No
     assert fold_in_half_life({"recency_half_life": 0.3, "objective": "rating"}) == 0.0
 
 
-@pytest.mark.parametrize(("split", "expected"), [("user-time", 0.05), ("random", 0.0)])
+@pytest.mark.parametrize(("split", "flags", "expected"), [
+    ("user-time", [], 0.05),
+    ("user-time", ["--recency-half-life", "0"], 0.0),  # no recency at all: no solve either
+    ("user-time", ["--objective", "rating"], 0.0),
+    ("random", [], 0.0),
+])  # fmt: skip
 def test_the_default_follows_the_split_is_recorded_and_the_refit_copies_it(
-    tmp_path: Path, split: str, expected: float
+    tmp_path: Path, split: str, flags: list[str], expected: float
 ) -> None:
     db = tmp_path / "mf.duckdb"
     cli_ok("preprocess", "--dataset", "synthetic", "--users", "40", "--items", "25",
            "--ratings-per-user", "8", "--split", split, "--db", db)  # fmt: skip
     log = cli("train", "--db", db, "--epochs", "2", "--embedding-dim", "4", "--threads", "1",
-              "--export-dir", tmp_path / "export")  # fmt: skip
+              "--export-dir", tmp_path / "export", *flags)  # fmt: skip
     assert log.exit_code == 0, log.stderr
     assert ("users solved again" in log.stderr) == bool(expected)
     cli_ok("train", "--db", db, "--on", "all", "--threads", "1",

@@ -20,6 +20,7 @@ from mfbatch.config.train import (
     epochs_for,
     recency_for,
     user_half_life_for,
+    with_half_lives,
 )
 from mfbatch.config.tune import TuneConfig
 
@@ -47,4 +48,5 @@ __all__ = [
     "machine_cores",
     "recency_for",
     "user_half_life_for",
+    "with_half_lives",
 ]

@@ -74,9 +74,27 @@ def recency_for(split_kind: str) -> float:
     return RECENCY_HALF_LIFE if split_kind == "user-time" else 0.0
 
 
-def user_half_life_for(split_kind: str) -> float:
-    """The default `user_half_life` for a database whose validation split is `split_kind`."""
-    return USER_HALF_LIFE if split_kind == "user-time" else 0.0
+def user_half_life_for(
+    split_kind: str, recency_half_life: float, objective: str = "softmax", batch_norm: bool = False
+) -> float:
+    """The default `user_half_life`: on a user-time split, where training weighs by
+    recency at all (`--recency-half-life 0` turns both off), for the softmax objectives,
+    and not with BatchNorm (whose running statistics a solve would move)."""
+    if split_kind != "user-time" or not recency_half_life or objective == "rating":
+        return 0.0
+    return 0.0 if batch_norm else USER_HALF_LIFE
+
+
+def with_half_lives(config: TrainConfig, split_kind: str) -> TrainConfig:
+    """`config` with its recency and user-solve half-lives resolved for `split_kind` (what
+    is set stays): what train records, so a refit copies them, and tune starts from."""
+    recency = config.recency_half_life
+    if recency is None:
+        recency = recency_for(split_kind)
+    solve = config.user_half_life
+    if solve is None:
+        solve = user_half_life_for(split_kind, recency, config.objective, config.batch_norm)
+    return config.replace(recency_half_life=recency, user_half_life=solve)
 
 
 # Full-softmax epochs, when not given: as many as fit STEP_BUDGET optimizer steps of

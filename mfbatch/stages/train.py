@@ -18,13 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mfbatch.artifact.graph import augmented_tables
-from mfbatch.config import (
-    Config,
-    TrainConfig,
-    check_sharding,
-    recency_for,
-    user_half_life_for,
-)
+from mfbatch.config import Config, TrainConfig, check_sharding, with_half_lives
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.serving.calibrate import calibrated_half_life, candidates
 from mfbatch.stages.train_inputs import TrainInputs, interactions, read_inputs
@@ -123,13 +117,9 @@ def _set_threads(
 def _with_recency(settings: TrainConfig, dataset: Dataset) -> tuple[TrainConfig, str]:
     """The resolved recency and user-solve half-lives (recorded, so a refit copies them),
     and a word on them when they are defaults that depend on the data."""
-    if settings.user_half_life is None:
-        solve = 0.0 if settings.batch_norm else user_half_life_for(dataset.split_kind)
-        settings = settings.replace(user_half_life=solve)
-    if settings.recency_half_life is not None:
-        return settings, ""
-    settings = settings.replace(recency_half_life=recency_for(dataset.split_kind))
-    if not settings.recency_half_life or settings.objective == "rating":
+    given = settings.recency_half_life is not None
+    settings = with_half_lives(settings, dataset.split_kind)
+    if given or not settings.recency_half_life or settings.objective == "rating":
         return settings, ""
     solve_note = (
         f", then each user solved again at half-life {settings.user_half_life:g}"
@@ -138,7 +128,7 @@ def _with_recency(settings: TrainConfig, dataset: Dataset) -> tuple[TrainConfig,
     )
     return settings, (
         f", recency half-life {settings.recency_half_life:g}{solve_note} (the defaults for a "
-        f"{dataset.split_kind} split; --recency-half-life 0 --user-half-life 0 turn them off)"
+        f"{dataset.split_kind} split; --recency-half-life 0 turns both off)"
     )
 
 

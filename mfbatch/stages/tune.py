@@ -21,7 +21,7 @@ import polars as pl
 import torch
 from rich.console import Console
 
-from mfbatch.config import Config, TrainConfig, TuneConfig, recency_for, user_half_life_for
+from mfbatch.config import Config, TrainConfig, TuneConfig, with_half_lives
 from mfbatch.config.tune import LOG_UNIFORM
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.stages.train_inputs import Ratings, TrainInputs, interactions
@@ -139,12 +139,9 @@ def _defaults(base: TrainConfig, tune: TuneConfig, inner: _Inner) -> dict[str, A
     if base.objective != "rating":
         params["temperature"] = clip("temperature", base.temperature)
         params["user_exponent"] = clip("user_exponent", base.user_exponent)
-        half_life = base.recency_half_life
-        if half_life is None:
-            half_life = recency_for(inner.dataset.split_kind)
-        solve = base.user_half_life
-        if solve is None:
-            solve = 0.0 if base.batch_norm else user_half_life_for(inner.dataset.split_kind)
+        resolved = with_half_lives(base, inner.dataset.split_kind)
+        half_life = float(resolved.recency_half_life or 0.0)
+        solve = float(resolved.user_half_life or 0.0)
         if inner.timed:
             params["recency"] = bool(half_life)
             if half_life:
