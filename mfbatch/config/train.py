@@ -183,7 +183,7 @@ class TrainConfig(Options):
         description="Softmax: after the last epoch, each user's vector is solved again "
         "against the trained item tables with their ratings weighted by this recency "
         "half-life (as --recency-half-life: a share of the user's history); default 0.05 on "
-        "user-time splits, off otherwise; 0 = off.",
+        "user-time splits while --recency-half-life is on, off otherwise; 0 = off.",
     )
     fold_in_half_life: float | None = Field(
         None,
