@@ -13,6 +13,7 @@ from conftest import assert_user_error, cli, cli_ok, rows, tables
 from test_objectives import _drifting_users
 
 from mfbatch.config import TrainConfig
+from mfbatch.serving import calibrate
 from mfbatch.serving.calibrate import calibrated_half_life, candidates
 from mfbatch.serving.foldin import fold_in, fold_in_half_life, recency_weights
 from mfbatch.training.build import plan_for
@@ -167,9 +168,14 @@ def test_calibration_candidates_run_between_the_two_half_lives() -> None:
     assert candidates(0.0, 0.3) == [0.3] and candidates(0.2, 0.2) == [0.2]
 
 
-def test_calibration_finds_the_half_life_the_users_were_fitted_at() -> None:
+@pytest.mark.parametrize("block", [calibrate.SCORE_BLOCK, 7 * 300])  # one block; 7 users
+def test_calibration_finds_the_half_life_the_users_were_fitted_at(
+    block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Known answer: users whose vectors *are* the fold-in of their ratings at 0.12 fold
-    back in to the same lists at 0.12 and to other lists elsewhere."""
+    back in to the same lists at 0.12 and to other lists elsewhere (ranked in one score
+    block or in blocks of 7 users)."""
+    monkeypatch.setattr(calibrate, "SCORE_BLOCK", block)
     rng = np.random.default_rng(3)
     n_users, n_items, d = 120, 300, 16
     items_aug_t = np.concatenate(

@@ -19,6 +19,8 @@ from mfbatch.serving.foldin import fold_in, recency_weights
 SAMPLE_USERS = 300
 CANDIDATES = 5
 K = 20
+# Scores held at once while ranking ([users x items] float32, ~128 MB), whatever the catalogue.
+SCORE_BLOCK = 32 << 20
 
 
 def candidates(user_half_life: float, recency_half_life: float) -> list[float]:
@@ -55,10 +57,17 @@ def calibrated_half_life(
     indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=picked.size))])
     k = min(K, n_items - 1)
 
+    block = max(1, SCORE_BLOCK // n_items)
+
     def top(vectors: np.ndarray) -> np.ndarray:
-        scores = vectors.astype(np.float32) @ items_aug_t
-        scores[row, i] = -np.inf  # what a list never shows: the user's own items
-        return np.argpartition(-scores, k, axis=1)[:, :k]
+        lists = np.empty((len(vectors), k), dtype=np.int64)
+        for lo in range(0, len(vectors), block):
+            hi = min(lo + block, len(vectors))
+            scores = vectors[lo:hi].astype(np.float32) @ items_aug_t
+            mine = (row >= lo) & (row < hi)
+            scores[row[mine] - lo, i[mine]] = -np.inf  # a list never shows the user's items
+            lists[lo:hi] = np.argpartition(-scores, k, axis=1)[:, :k]
+        return lists
 
     own = top(users_aug[picked])
     overlap: dict[float, float] = {}
