@@ -321,10 +321,13 @@ def train_model(
     if outcome.status != "diverged" and solves_users(config, data):
         started = time.perf_counter()
         loss = solve_users(model, data, config, run_plan, shard)
-        metrics = validate(model, val, config) if val is not None else None
-        outcome.solved = EpochRecord(
-            outcome.best_epoch, loss, metrics, time.perf_counter() - started
-        )
+        if math.isfinite(loss) and _finite(model):
+            metrics = validate(model, val, config) if val is not None else None
+            outcome.solved = EpochRecord(
+                outcome.best_epoch, loss, metrics, time.perf_counter() - started
+            )
+        else:  # a solve that diverged leaves training's vectors, as an epoch would
+            model.load_state_dict(best_state)
     model.eval()
     return outcome
 
