@@ -208,3 +208,17 @@ def test_train_records_the_calibrated_fold_in_half_life_unless_given(tmp_path: P
     calibrated, given = (json.loads(c)["train"] for (c,) in configs)
     assert calibrated["fold_in_half_life"] in [round(h, 4) for h in candidates(0.05, 0.3)]
     assert given["fold_in_half_life"] == 0.2
+
+
+def test_an_explicit_solve_without_timestamps_is_said_and_skipped(tmp_path: Path) -> None:
+    source = tmp_path / "ratings.csv"
+    lines = [f"{u},{i},{1 + (u * i) % 5}" for u in range(30) for i in range(u % 7, 40, 3)]
+    source.write_text("user_id,item_id,rating\n" + "\n".join(lines) + "\n")
+    db = tmp_path / "mf.duckdb"
+    cli_ok("preprocess", "--dataset", "csv", "--source", source, "--split", "random",
+           "--db", db)  # fmt: skip
+    log = cli("train", "--db", db, "--epochs", "2", "--embedding-dim", "4", "--threads", "1",
+              "--user-half-life", "0.1", "--export-dir", tmp_path / "export")  # fmt: skip
+    assert log.exit_code == 0, log.stderr
+    assert "users are not solved again" in log.stderr
+    assert "users solved again" not in log.stderr

@@ -175,10 +175,10 @@ def _train(*, config: Config, console: Console | None, checked: bool = False) ->
     data, val = interactions(inputs, device, config.db)
     _set_threads(config.train, device, shard, console, window)
     _announce(console, device, shard, inputs.tuned + note)
-    if settings.recency_half_life and data.ts is None and console:
+    if (settings.recency_half_life or settings.user_half_life) and data.ts is None and console:
         console.print(
-            "note: --recency-half-life: some ratings have no timestamp, so none is weighted "
-            "by recency",
+            "note: --recency-half-life / --user-half-life: some ratings have no timestamp, so "
+            "none is weighted by recency and users are not solved again",
             highlight=False,
         )
     settings, epochs_note = _with_epochs(settings, data, inputs.dataset.n_items)
