@@ -319,17 +319,29 @@ def train_model(
             break
     model.load_state_dict(best_state)
     if outcome.status != "diverged" and solves_users(config, data):
-        started = time.perf_counter()
-        loss = solve_users(model, data, config, run_plan, shard)
-        if math.isfinite(loss) and _finite(model):
-            metrics = validate(model, val, config) if val is not None else None
-            outcome.solved = EpochRecord(
-                outcome.best_epoch, loss, metrics, time.perf_counter() - started
-            )
-        else:  # a solve that diverged leaves training's vectors, as an epoch would
+        outcome.solved = _solve(model, data, val, config, run_plan, shard, outcome.best_epoch)
+        if outcome.solved is None:  # a solve that diverged leaves training's vectors
             model.load_state_dict(best_state)
     model.eval()
     return outcome
+
+
+def _solve(
+    model: MatrixFactorization,
+    data: Interactions,
+    val: Validation | None,
+    config: TrainConfig,
+    run_plan: Plan,
+    shard: Shard | None,
+    epoch: int,
+) -> EpochRecord | None:
+    """`solve_users`, then the solved model's validation; None if it did not stay finite."""
+    started = time.perf_counter()
+    loss = solve_users(model, data, config, run_plan, shard)
+    if not (math.isfinite(loss) and _finite(model)):
+        return None
+    metrics = validate(model, val, config) if val is not None else None
+    return EpochRecord(epoch, loss, metrics, time.perf_counter() - started)
 
 
 # Epochs of the user solve: every user's row takes this many Adam steps against the
