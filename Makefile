@@ -75,7 +75,7 @@ bench: $(INSTALL_STAMP) ## Benchmarks (not part of the test run); results in ben
 	$(BIN)/python benchmarks/bench_train.py --out bench-results/train.json
 	$(BIN)/python benchmarks/bench_score.py --out bench-results/score.json
 
-bench-quality: $(INSTALL_STAMP) ## Quality on every data set of ../shared/data -> docs/quality.md + .json
+bench-quality: $(INSTALL_STAMP) ## Quality on every data set of ../shared/data -> docs/quality-table.md + .json
 	$(BIN)/python benchmarks/bench_quality.py --all --data $(or $(DATA),../shared/data)
 
 gpu-check: ## GPU tests (marker gpu) + GPU benchmarks, < 5 min; figures in bench-results/gpu.json

@@ -2,6 +2,11 @@
 
     python benchmarks/bench_quality.py DB [--k 20] [--seeds 0,1,2] [--lambdas ...]
                                         [--recency-peers 0.03,0.05,0.1,0.2,0.3,0.5] [--out FILE]
+    python benchmarks/bench_quality.py --all [--only ml-100k,...] [--out docs/quality-table.md]
+
+`--all` writes one Markdown table (and its JSON beside it) for every data set of --data;
+with `--only` it updates those data sets' rows and keeps the others already there. It
+never replaces a file it did not write (docs/quality.md, the narrative, is hand-written).
 
 DB is a database made by `mfbatch preprocess` (e.g. ML-100K with `--split user-time
 --val-fraction 0.2`). Every method ranks the same train/val split, and every method's
@@ -605,10 +610,37 @@ def _mean(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
+# The first line of every report this script writes: a Markdown file without it (the
+# hand-written docs/quality.md, say) is never replaced.
+REPORT_MARK = "<!-- written by benchmarks/bench_quality.py --all; rerun it, do not edit -->"
+
+
+def check_report(out: Path) -> None:
+    """Refuse, before any work, a report path holding a file this script did not write."""
+    if out.suffix != ".md":
+        raise SystemExit(f"error: --out/--report {out}: give a .md path (the JSON goes beside it)")
+    if out.exists() and not out.read_text(encoding="utf-8").startswith(REPORT_MARK):
+        raise SystemExit(
+            f"error: --out/--report {out} exists and was not written by this script; "
+            "give another path (the default is docs/quality-table.md)"
+        )
+
+
+def earlier_results(out: Path, running: set[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The report's data sets this run does not measure, and the commands that made them:
+    an `--only` run updates its rows and keeps the rest."""
+    path = out.with_suffix(".json")
+    if not out.exists() or not path.exists():
+        return [], []
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    kept = [r for r in earlier.get("results", []) if r.get("dataset") not in running]
+    return kept, [earlier["command"]] if kept and earlier.get("command") else []
+
+
 def write_report(results: list[dict[str, Any]], command: str, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results},
                                                    indent=2) + "\n")  # fmt: skip
-    lines = ["# Quality on real data", "", f"Produced by `{command}`", ""]
+    lines = [REPORT_MARK, "", "# Quality on real data", "", f"Produced by `{command}`", ""]
     for res in results:
         lines.append(f"## {res['dataset']}")
         if "error" in res:
@@ -638,17 +670,33 @@ def write_report(results: list[dict[str, Any]], command: str, out: Path) -> None
 def main_all(args: argparse.Namespace) -> None:
     command = "python benchmarks/bench_quality.py --all " + " ".join(sys.argv[2:])
     torch.set_num_threads(args.threads or 1)
-    results = []
-    for name, flags in datasets(args.data).items():
-        if args.only and name not in args.only.split(","):
-            continue
+    chosen = {
+        name: flags
+        for name, flags in datasets(args.data).items()
+        if not args.only or name in args.only.split(",")
+    }
+    unknown = set(args.only.split(",")) - set(datasets(args.data)) if args.only else set()
+    if unknown:
+        raise SystemExit(
+            f"error: --only {','.join(sorted(unknown))}: no such data set; "
+            f"use {','.join(datasets(args.data))}"
+        )
+    kept, commands = earlier_results(args.out, set(chosen))
+    command = "` and `".join([*commands, command])
+    results: list[dict[str, Any]] = []
+    for name, flags in chosen.items():
         print(f"{name}:", flush=True)
         try:
             results.append(run_dataset(name, flags, args.work / name, args))
         except (RuntimeError, OSError) as exc:
             results.append({"dataset": name, "error": str(exc).splitlines()[-1][:300]})
         print(json.dumps(results[-1])[:2000], flush=True)
-        write_report(results, command, args.out)
+        order = list(datasets(args.data))
+        merged = sorted(
+            [*kept, *results],
+            key=lambda r: order.index(r["dataset"]) if r["dataset"] in order else len(order),
+        )
+        write_report(merged, command, args.out)
 
 
 def main() -> None:
@@ -657,7 +705,12 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="every data set of --data")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--work", type=Path, default=Path("bench-quality"))
-    parser.add_argument("--report", type=Path, default=Path("docs/quality.md"))
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=Path("docs/quality-table.md"),
+        help="--all: the Markdown table (JSON beside it); --out overrides it",
+    )
     parser.add_argument("--only", default="", help="--all: these data sets (comma list)")
     parser.add_argument("--trials", type=int, default=20, help="--all: tune trials (0: none)")
     parser.add_argument("--tune-timeout", type=float, default=600.0)
@@ -682,7 +735,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.all:
-        args.out = args.report
+        args.out = args.out or args.report
+        check_report(args.out)
         main_all(args)
         return
     if args.db is None:
