@@ -84,7 +84,12 @@ def test_help_shows_defaults_and_no_bool_placeholder() -> None:
     text = ok(cli("train", "--help")).stdout
     assert "<bool>" not in text
     flat = re.sub(r"[│\s]+", " ", text)  # the help table's cells, joined again
-    for default in ("1,500 steps of --batch-size", "default 0.005 softmax", "default 0.05 softmax"):
+    defaults = (
+        "1,500 steps of --batch-size",
+        "default 0.005 softmax",
+        "softmax/sampled 0.05, raised",
+    )
+    for default in defaults:
         assert default in flat, default  # --epochs, --lr, --l2
     assert "[default: off]" in flat  # --batch-norm
 

@@ -170,7 +170,7 @@ def test_the_loss_and_its_reason_come_before_training_and_are_recorded(dataset: 
         )
         # The users with train ratings (of 60), the catalogue, the epoch budget, the dim.
         assert re.search(r" \d\d users x 40 items x 2 epochs at dim 8 ", lines[said]), lines[said]
-        assert "note:" not in out
+        assert "epochs, the default" not in out  # --epochs given
     with duckdb.connect(str(dataset), read_only=True) as con:
         recorded = con.sql(
             "SELECT train_path, train_path_reason, validation_warning FROM training_runs "

@@ -10,9 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 
-from mfbatch.config.train import RECENCY_HALF_LIFE, USER_HALF_LIFE
+from mfbatch.config import TuneConfig, l2_for
+from mfbatch.config.train import L2_BASE, RECENCY_HALF_LIFE, USER_HALF_LIFE
+from mfbatch.stages.tune import carve_inner
+from mfbatch.store import db
 from tests.conftest import STAMP, cli, cli_ok, ok, rows
 
 TUNE = ["--trials", "3", "--epochs", "3", "--threads", "1", "--seed", "0"]
@@ -126,13 +130,30 @@ def test_a_failing_trial_is_recorded_and_skipped(prepared: Path, tmp_path: Path)
     assert _chosen(path)["embedding_dim"] == 8
 
 
+def _inner_train(path: Path) -> pl.DataFrame:
+    """The rows tune trains its trials on: train less the inner split (tune's defaults)."""
+    con = db.connect(path, read_only=True)
+    try:
+        frame = db.frame(con, "training_ratings", all_splits=False)
+    finally:
+        con.close()
+    train = frame.filter(~pl.col("is_val"))
+    held, _ = carve_inner(train, TuneConfig().inner_fraction, TuneConfig().seed)
+    return train.filter(~pl.Series(held))
+
+
 def test_train_applies_the_tuned_settings_below_its_flags(prepared: Path, tmp_path: Path) -> None:
     path = _copy(prepared, tmp_path, "apply.duckdb")
     ok(cli("tune", "--db", path, *TUNE))
     chosen = _chosen(path)
     # The first trial is what train would do untuned (its epochs capped by --epochs 3).
     first = json.loads(_trials(path)[0][1])
-    defaults = {"embedding_dim": 256, "epochs": 3, "lr": 0.005, "l2": 0.05}
+    # Trial 0 takes train's L2 rule on the inner split's own train rows (this sparse data
+    # is above the base value).
+    inner = _inner_train(path)
+    per_item = inner.height / inner["item_idx"].n_unique()
+    assert l2_for(per_item) > L2_BASE
+    defaults = {"embedding_dim": 256, "epochs": 3, "lr": 0.005, "l2": l2_for(per_item)}
     untuned = {
         "temperature": 1.0,
         "user_exponent": 0.3,

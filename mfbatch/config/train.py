@@ -33,7 +33,6 @@ _SOFTMAX = {
     "patience": 20,
     "batch_size": 128,
     "lr": 0.005,
-    "l2": 0.05,
     "eval_every": 5,
 }
 BY_OBJECTIVE: dict[str, dict[str, Any]] = {
@@ -109,6 +108,26 @@ MIN_EPOCHS = 20
 MAX_EPOCHS = 80
 
 
+# Softmax/sampled L2, when not given: L2_BASE, raised on sparse data to L2_BASE *
+# L2_DENSE / (train interactions per item), at most L2_MAX. Chosen on inner splits carved
+# from train across the five sets of ../shared/data (docs/model.md, "Defaults"): the sets
+# with 40-210 interactions per item were best at 0.05 of {0.05, 0.1, 0.2} (0.1 lost
+# 3-14%); the two sparse ones wanted more: LastFM (7.5 per item) 0.2, +12% Recall@20 over
+# 0.05, and 0.3 collapsed; Amazon-CDs (13.6 per item) 0.1, +8% (0.2: +5.5%). Per user
+# the two sparse sets are in the other order (18 and 11), so the rule counts per item; it
+# is not extended past the sparsest set measured (L2_MAX).
+L2_BASE = 0.05
+L2_DENSE = 30.0
+L2_MAX = 0.2
+
+
+def l2_for(interactions_per_item: float) -> float:
+    """The default softmax/sampled L2 for data with this many train interactions (rows,
+    not their weights) per item with ratings."""
+    scale = L2_DENSE / max(float(interactions_per_item), 1e-9)
+    return float(min(L2_MAX, L2_BASE * max(1.0, scale)))
+
+
 def epochs_for(n_users: int, batch_size: int) -> int:
     """The default epochs of a softmax/sampled run over `n_users` users with ratings."""
     steps = max(1, math.ceil(n_users / max(1, batch_size)))
@@ -116,6 +135,12 @@ def epochs_for(n_users: int, batch_size: int) -> int:
 
 
 def _by_objective(what: str) -> str:
+    if what == "l2":
+        return (
+            f" (default: softmax/sampled {L2_BASE}, raised on sparse data to {L2_BASE} x "
+            f"{L2_DENSE:.0f} / train interactions per item, at most {L2_MAX}; "
+            f"{BY_OBJECTIVE['rating']['l2']} rating)"
+        )
     if what == "epochs":
         rating = BY_OBJECTIVE["rating"]["epochs"]
         return (

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mfbatch.artifact.graph import augmented_tables
 from mfbatch.config import Config, TrainConfig, check_sharding, with_half_lives
+from mfbatch.config.train import L2_BASE
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.serving.calibrate import calibrated_half_life, candidates
 from mfbatch.stages.train_inputs import TrainInputs, interactions, read_inputs
@@ -26,7 +27,7 @@ from mfbatch.stages.train_record import TrainSummary, record_run, save_run, summ
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training import distributed
-from mfbatch.training.build import new_model, plan_for
+from mfbatch.training.build import l2_strength, new_model, plan_for
 from mfbatch.training.device import (
     IdleWindow,
     describe,
@@ -135,17 +136,31 @@ def _with_recency(settings: TrainConfig, dataset: Dataset) -> tuple[TrainConfig,
 def _with_epochs(
     settings: TrainConfig, data: Interactions, n_items: int
 ) -> tuple[TrainConfig, str]:
-    """The resolved epoch budget (recorded, so a refit copies it) and a word on it when
-    the default was taken from the data's size."""
-    if settings.epochs is not None:
-        return settings, ""
-    users = int(torch.unique(data.users).numel())
-    epochs = default_epochs(settings, n_items, users, data.users.device.type)
-    settings = settings.replace(epochs=epochs)
-    return settings, (
-        f"note: {epochs} epochs, the default for {users:,} users with ratings at "
-        f"{settings.batch_size} a step (--epochs to choose)"
-    )
+    """The resolved epoch budget and L2 (recorded, so a refit copies them) and a word on
+    each default taken from the data's size."""
+    notes = []
+    if settings.l2 is None:
+        l2 = l2_strength(data, settings)
+        settings = settings.replace(l2=l2)
+        if l2 != L2_BASE:
+            per_item = len(data) / max(1, int(torch.unique(data.items).numel()))
+            notes.append(
+                f"note: L2 {l2:.3g}, the default for {per_item:.1f} train interactions per "
+                "item (sparse data; --l2 to choose)"
+            )
+    if settings.epochs is None:
+        users = _users(data)
+        epochs = default_epochs(settings, n_items, users, data.users.device.type)
+        settings = settings.replace(epochs=epochs)
+        notes.append(
+            f"note: {epochs} epochs, the default for {users:,} users with ratings at "
+            f"{settings.batch_size} a step (--epochs to choose)"
+        )
+    return settings, "\n".join(notes)
+
+
+def _users(data: Interactions) -> int:
+    return max(1, int(torch.unique(data.users).numel()))
 
 
 def _announce(

@@ -28,7 +28,7 @@ from mfbatch.stages.train_inputs import Ratings, TrainInputs, interactions
 from mfbatch.stages.tune_record import finished, hold, journal_path, open_study, record
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
-from mfbatch.training.build import epoch_budget, new_model
+from mfbatch.training.build import epoch_budget, l2_strength, new_model
 from mfbatch.training.device import resolve_device, resolve_threads
 from mfbatch.training.loop import EpochRecord, train_model
 from mfbatch.training.tensors import Interactions
@@ -132,7 +132,7 @@ def _defaults(base: TrainConfig, tune: TuneConfig, inner: _Inner) -> dict[str, A
     params: dict[str, Any] = {
         "epochs": int(min(max(int(epochs), min(10, tune.epochs)), tune.epochs)),
         "lr": clip("lr", float(base.lr or 0.0)),
-        "l2": clip("l2", float(base.l2 or 0.0)),
+        "l2": clip("l2", l2_strength(inner.data, base)),
     }
     if base.embedding_dim in space["embedding_dim"]:
         params["embedding_dim"] = int(base.embedding_dim or 0)

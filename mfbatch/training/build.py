@@ -1,12 +1,12 @@
-"""What a run is built from before its first step: the epoch budget, the step plan and
-the seeded, untrained model (`train_model` in mfbatch.training.loop uses all three; the
-train and tune stages ask for them first, to say what will happen)."""
+"""What a run is built from before its first step: the epoch budget, the L2 strength, the
+step plan and the seeded, untrained model (`train_model` in mfbatch.training.loop uses them
+all; the train and tune stages ask for them first, to say what will happen)."""
 
 from __future__ import annotations
 
 import torch
 
-from mfbatch.config import TrainConfig
+from mfbatch.config import TrainConfig, l2_for
 from mfbatch.training.model import MatrixFactorization, ModelShape
 from mfbatch.training.steps import Plan, default_epochs, plan
 from mfbatch.training.tensors import Interactions
@@ -19,6 +19,15 @@ def epoch_budget(n_items: int, data: Interactions, config: TrainConfig) -> int:
         return int(config.epochs)
     users = int(torch.unique(data.users).numel())
     return default_epochs(config, n_items, users, data.users.device.type)
+
+
+def l2_strength(data: Interactions, config: TrainConfig) -> float:
+    """`config.l2`, or the default for these train interactions (`l2_for`): their rows,
+    not their weights, per item with ratings."""
+    if config.l2 is not None:
+        return float(config.l2)
+    items = max(1, int(torch.unique(data.items).numel()))
+    return l2_for(len(data) / items)
 
 
 def plan_for(model: MatrixFactorization, data: Interactions, config: TrainConfig) -> Plan:

@@ -20,7 +20,7 @@ from torch import nn
 
 from mfbatch.config import TrainConfig
 from mfbatch.training import objectives
-from mfbatch.training.build import epoch_budget, plan_for
+from mfbatch.training.build import epoch_budget, l2_strength, plan_for
 from mfbatch.training.distributed import Shard
 from mfbatch.training.epoch_data import EpochData
 from mfbatch.training.model import MatrixFactorization
@@ -273,6 +273,8 @@ def train_model(
     budget, so both see the same rates.
     """
     max_epochs = int(epochs or epoch_budget(model.shape.n_items, data, config))
+    if config.l2 is None:  # the train stage resolves (and records) it; other callers here
+        config = config.replace(l2=l2_strength(data, config))
     epoch_data, run_plan, optimizers, schedulers, generator = _setup(
         model, data, config, schedule_epochs or max_epochs, run_plan
     )
