@@ -175,6 +175,17 @@ def test_train_applies_the_tuned_settings_below_its_flags(prepared: Path, tmp_pa
     assert config["lr"] == 0.01  # the flag wins
     assert config["embedding_dim"] == chosen["embedding_dim"]
     assert config["temperature"] == pytest.approx(chosen["temperature"])
+    # A chosen trial at the data's default L2 (trial 0, or a neighbour that keeps it) leaves
+    # the L2 to train's rule on its own rows, which differ from the inner split's.
+    best = json.loads(_trials(path)[int(rows(path, "SELECT trial FROM tuned_settings")[0][0])][1])
+    ((n, items),) = rows(
+        path, "SELECT count(*), count(DISTINCT item_idx) FROM ratings WHERE split = 'train'"
+    )
+    if best["l2"] == defaults["l2"]:
+        assert "l2" not in chosen
+        assert config["l2"] == pytest.approx(l2_for(n / items)) != defaults["l2"]
+    else:
+        assert config["l2"] == chosen["l2"] == best["l2"]
 
 
 def test_the_api_tunes_like_the_command(prepared: Path, tmp_path: Path) -> None:

@@ -25,7 +25,14 @@ from mfbatch.config import Config, TrainConfig, TuneConfig, with_half_lives
 from mfbatch.config.tune import LOG_UNIFORM
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.stages.train_inputs import Ratings, TrainInputs, interactions
-from mfbatch.stages.tune_record import finished, hold, journal_path, open_study, record
+from mfbatch.stages.tune_record import (
+    chosen_settings,
+    finished,
+    hold,
+    journal_path,
+    open_study,
+    record,
+)
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training.build import epoch_budget, l2_strength, new_model
@@ -224,10 +231,16 @@ def _read_inner(config: Config, device: torch.device) -> _Inner:
 def _objective(inner: _Inner, base: TrainConfig, tune: TuneConfig, device: torch.device) -> Any:
     import optuna
 
+    # train's own L2 for the inner rows: a trial at it has the data's default, which a
+    # train on all of train resolves again from its own (denser) rows.
+    data_l2 = _clip(tune.ranges(), "l2", l2_strength(inner.data, base)) if base.l2 is None else None
+
     def run(trial: optuna.Trial) -> float:
         try:
             params = _suggest(trial, base, tune, inner.timed)
             trial.set_user_attr("settings", params)
+            if params.get("l2") == data_l2:
+                trial.set_user_attr("from_data", ["l2"])
             # Validated every epoch (pruning reads each), patience wide enough not to stop a
             # trial that pruning would keep; the figure is the trial's best epoch.
             settings = base.replace(
@@ -355,7 +368,7 @@ def _search(
             callbacks=[after],
         )
     best = record(config, study, metric, inner.dataset.sha256)
-    chosen = study.trials[best["trial"]].user_attrs["settings"] if best else {}
+    chosen = chosen_settings(study.trials[best["trial"]]) if best else {}
     return TuneSummary(
         study=settings.study,
         trials_run=finished(study) - done_before,

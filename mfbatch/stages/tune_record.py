@@ -75,6 +75,13 @@ def finished(study: Any) -> int:
     )
 
 
+def chosen_settings(trial: Any) -> dict[str, Any]:
+    """What `train` applies from a trial: its settings less those it took from the data
+    (the L2 rule on the inner rows), which `train` resolves again from its own rows."""
+    derived = set(trial.user_attrs.get("from_data", []))
+    return {k: v for k, v in trial.user_attrs["settings"].items() if k not in derived}
+
+
 def record(config: Config, study: Any, metric: str, sha: str) -> dict[str, Any] | None:
     """Mirror the study into `tuning_trials`; the best complete trial into `tuned_settings`."""
     import optuna
@@ -116,7 +123,7 @@ def record(config: Config, study: Any, metric: str, sha: str) -> dict[str, Any] 
                     trial=best.number,
                     value=best.value,
                     metric=metric,
-                    settings=json.dumps(best.user_attrs["settings"]),
+                    settings=json.dumps(chosen_settings(best)),
                     dataset_sha256=sha,
                 )
     finally:
