@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mfbatch.artifact.graph import augmented_tables
 from mfbatch.config import Config, TrainConfig, check_sharding, with_half_lives
-from mfbatch.config.train import L2_BASE
+from mfbatch.config.train import L2_BASE, l2_for
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.serving.calibrate import calibrated_half_life, candidates
 from mfbatch.stages.train_inputs import TrainInputs, interactions, read_inputs
@@ -27,7 +27,7 @@ from mfbatch.stages.train_record import TrainSummary, record_run, save_run, summ
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
 from mfbatch.training import distributed
-from mfbatch.training.build import l2_strength, new_model, plan_for
+from mfbatch.training.build import interactions_per_item, new_model, plan_for
 from mfbatch.training.device import (
     IdleWindow,
     describe,
@@ -140,10 +140,10 @@ def _with_epochs(
     each default taken from the data's size."""
     notes = []
     if settings.l2 is None:
-        l2 = l2_strength(data, settings)
+        per_item = interactions_per_item(data)
+        l2 = l2_for(per_item)
         settings = settings.replace(l2=l2)
         if l2 != L2_BASE:
-            per_item = len(data) / max(1, int(torch.unique(data.items).numel()))
             notes.append(
                 f"note: L2 {l2:.3g}, the default for {per_item:.1f} train interactions per "
                 "item (sparse data; --l2 to choose)"

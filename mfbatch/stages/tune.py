@@ -128,7 +128,18 @@ def _clip(space: dict[str, Any], name: str, value: float) -> float:
     return float(min(max(value, low), high))
 
 
-def _defaults(base: TrainConfig, tune: TuneConfig, inner: _Inner) -> dict[str, Any]:
+def _data_l2(base: TrainConfig, tune: TuneConfig, inner: _Inner) -> float | None:
+    """train's L2 rule on the inner rows, clipped to the range; None when `--l2` is set.
+    A trial at it has the data's default, which a train on all of train resolves again
+    from its own (denser) rows."""
+    if base.l2 is not None:
+        return None
+    return _clip(tune.ranges(), "l2", l2_strength(inner.data, base))
+
+
+def _defaults(
+    base: TrainConfig, tune: TuneConfig, inner: _Inner, data_l2: float | None
+) -> dict[str, Any]:
     """The search's own parameters for `train`'s defaults, clipped to the ranges."""
     space = tune.ranges()
 
@@ -139,7 +150,7 @@ def _defaults(base: TrainConfig, tune: TuneConfig, inner: _Inner) -> dict[str, A
     params: dict[str, Any] = {
         "epochs": int(min(max(int(epochs), min(10, tune.epochs)), tune.epochs)),
         "lr": clip("lr", float(base.lr or 0.0)),
-        "l2": clip("l2", l2_strength(inner.data, base)),
+        "l2": data_l2 if data_l2 is not None else clip("l2", float(base.l2 or 0.0)),
     }
     if base.embedding_dim in space["embedding_dim"]:
         params["embedding_dim"] = int(base.embedding_dim or 0)
@@ -228,18 +239,20 @@ def _read_inner(config: Config, device: torch.device) -> _Inner:
     return _Inner(dataset, data, val, kind, timed)
 
 
-def _objective(inner: _Inner, base: TrainConfig, tune: TuneConfig, device: torch.device) -> Any:
+def _objective(
+    inner: _Inner,
+    base: TrainConfig,
+    tune: TuneConfig,
+    device: torch.device,
+    data_l2: float | None,
+) -> Any:
     import optuna
-
-    # train's own L2 for the inner rows: a trial at it has the data's default, which a
-    # train on all of train resolves again from its own (denser) rows.
-    data_l2 = _clip(tune.ranges(), "l2", l2_strength(inner.data, base)) if base.l2 is None else None
 
     def run(trial: optuna.Trial) -> float:
         try:
             params = _suggest(trial, base, tune, inner.timed)
             trial.set_user_attr("settings", params)
-            if params.get("l2") == data_l2:
+            if data_l2 is not None and params.get("l2") == data_l2:
                 trial.set_user_attr("from_data", ["l2"])
             # Validated every epoch (pruning reads each), patience wide enough not to stop a
             # trial that pruning would keep; the figure is the trial's best epoch.
@@ -351,17 +364,18 @@ def _search(
             console.print(_line(trial, settings.trials, best, metric), highlight=False)
 
     base = config.train.replace(on="train")
+    data_l2 = _data_l2(base, settings, inner)
     if not study.trials:
         # The first trial is the defaults (within the ranges): the choice can only match
         # or beat what `train` would do untuned, on the same inner split.
-        start = _defaults(base, settings, inner)
+        start = _defaults(base, settings, inner, data_l2)
         study.enqueue_trial(start, skip_if_exists=True)
         # Then its neighbours, leaving at least one trial to the sampler.
         for point in _neighbours(start, settings)[: max(0, settings.trials - 2)]:
             study.enqueue_trial(point, skip_if_exists=True)
     if remaining:
         study.optimize(
-            _objective(inner, base, settings, device),
+            _objective(inner, base, settings, device, data_l2),
             n_trials=remaining,
             timeout=settings.timeout,
             catch=(MfbatchError, RuntimeError, ValueError),

@@ -21,13 +21,17 @@ def epoch_budget(n_items: int, data: Interactions, config: TrainConfig) -> int:
     return default_epochs(config, n_items, users, data.users.device.type)
 
 
+def interactions_per_item(data: Interactions) -> float:
+    """Train interactions (rows, not their weights) per item with ratings: what the L2
+    default follows (`l2_for`)."""
+    return len(data) / max(1, int(torch.unique(data.items).numel()))
+
+
 def l2_strength(data: Interactions, config: TrainConfig) -> float:
-    """`config.l2`, or the default for these train interactions (`l2_for`): their rows,
-    not their weights, per item with ratings."""
+    """`config.l2`, or the default for these train interactions (`l2_for`)."""
     if config.l2 is not None:
         return float(config.l2)
-    items = max(1, int(torch.unique(data.items).numel()))
-    return l2_for(len(data) / items)
+    return l2_for(interactions_per_item(data))
 
 
 def plan_for(model: MatrixFactorization, data: Interactions, config: TrainConfig) -> Plan:
