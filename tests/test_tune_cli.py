@@ -196,3 +196,31 @@ def test_the_api_tunes_like_the_command(prepared: Path, tmp_path: Path) -> None:
     assert summary.trials_finished == 2 and summary.best_trial is not None
     assert _chosen(path) == summary.settings
     assert len(_trials(path)) == 2
+
+
+def test_a_sampled_search_also_tries_more_negatives(prepared: Path, tmp_path: Path) -> None:
+    """Where train's defaults take the sampled softmax the search sets --negatives too:
+    trial 0 at train's value, the first neighbour at 4x (the setting that measured better on
+    a sampled set's inner split), every trial within the range; train takes the chosen
+    value. A full-softmax search never sets it (the test above: trial 0 has no such key)."""
+    import mfbatch
+
+    path = _copy(prepared, tmp_path, "sampled.duckdb")
+    train = {"objective": "sampled", "embedding_dim": 32, "negatives": 300}
+    summary = mfbatch.tune(db=path, trials=3, epochs=2, threads=1, train=train)
+    trials = [json.loads(params) for _, params, _, _ in _trials(path)]
+    assert [t["negatives"] for t in trials[:2]] == [300, 1200]
+    assert trials[1] == {**trials[0], "negatives": 1200}
+    assert all(256 <= t["negatives"] <= 8192 for t in trials)
+    assert summary.settings["negatives"] == trials[summary.best_trial]["negatives"]
+    mfbatch.train(db=path, threads=1, export_dir=tmp_path, objective="sampled", embedding_dim=32)
+    config = json.loads(rows(path, "SELECT config FROM training_runs")[0][0])["train"]
+    assert config["negatives"] == summary.settings["negatives"]
+
+
+@pytest.mark.parametrize("bounds", [[0, 100], [64.5, 100], [512, 256]])
+def test_a_negatives_range_of_anything_but_whole_counts_is_refused(bounds: list[float]) -> None:
+    from mfbatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\[tune\] space negatives"):
+        TuneConfig(space={"negatives": bounds})

@@ -22,6 +22,8 @@ SPACE: dict[str, list[float]] = {
     "user_exponent": [0.0, 0.6],
     "recency_half_life": [0.05, 1.0],
     "user_half_life": [0.02, 0.5],
+    # Searched only where train's defaults take the sampled softmax (log-uniform, whole).
+    "negatives": [256, 8192],
 }
 LOG_UNIFORM = frozenset({"lr", "l2", "temperature"})
 
@@ -86,5 +88,7 @@ def _check_range(name: str, bounds: list[float]) -> None:
         return
     if len(bounds) != 2 or not bounds[0] <= bounds[1]:
         raise ConfigError(f"{where}: give [low, high] with low <= high, got {bounds}")
+    if name == "negatives" and (bounds[0] < 1 or any(int(b) != b for b in bounds)):
+        raise ConfigError(f"{where}: give whole numbers of items >= 1, got {bounds}")
     if name in LOG_UNIFORM and bounds[0] <= 0:
         raise ConfigError(f"{where}: searched on a log scale, so low must be > 0, got {bounds}")
