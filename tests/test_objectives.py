@@ -225,14 +225,25 @@ def test_sampled_softmax_equals_its_per_rating_definition(sparse: bool) -> None:
         assert torch.allclose(g.to_dense(), e.to_dense(), atol=1e-6)
 
 
-def test_sampled_steps_with_sparse_item_rows_update_like_dense_ones() -> None:
+@pytest.mark.parametrize(("optimizer", "decay"), [("adam", 0.0), ("adam", 0.01), ("adamw", 0.01)])
+def test_sampled_steps_with_sparse_item_rows_update_like_dense_ones(
+    optimizer: str, decay: float
+) -> None:
     """The trainer gives a sampled plan's item table sparse gradients summed into one
-    persistent dense buffer: the same Adam steps as dense gradients."""
+    persistent dense buffer, re-zeroed only where the last step filled it: the same Adam
+    steps as dense gradients (weight decay, which Adam adds to the gradient, included)."""
     gen = torch.Generator().manual_seed(1)
     users = torch.randint(0, 40, (400,), generator=gen)
     items = torch.randint(0, 30, (400,), generator=gen)
     data = Interactions(users, items, torch.rand(400, generator=gen))
-    config = TrainConfig(objective="sampled", embedding_dim=4, batch_size=8, negatives=16)
+    config = TrainConfig(
+        objective="sampled",
+        embedding_dim=4,
+        batch_size=8,
+        negatives=16,
+        optimizer=optimizer,
+        weight_decay=decay,
+    )
     weights = []
     for sampled_plan in (None, plan(config, 30, 40)):
         torch.manual_seed(0)
