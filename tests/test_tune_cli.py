@@ -224,3 +224,14 @@ def test_a_negatives_range_of_anything_but_whole_counts_is_refused(bounds: list[
 
     with pytest.raises(ConfigError, match=r"\[tune\] space negatives"):
         TuneConfig(space={"negatives": bounds})
+
+
+def test_the_log_says_when_the_negatives_are_searched(prepared: Path, tmp_path: Path) -> None:
+    path = _copy(prepared, tmp_path, "says.duckdb")
+    config = tmp_path / "mf.toml"
+    config.write_text('[train]\nobjective = "sampled"\nembedding_dim = 32\n')
+    args = ["--trials", "1", "--epochs", "1", "--threads", "1"]
+    sampled = ok(cli("tune", "--db", path, "--config", config, *args)).stderr
+    assert "tuning the sampled softmax (--negatives searched too) on an inner" in sampled
+    full = ok(cli("tune", "--db", path, "--study", "full", *args)).stderr
+    assert "tuning softmax on an inner" in full and "negatives" not in full

@@ -359,9 +359,12 @@ def _search(
     done_before = finished(study)
     remaining = max(0, settings.trials - done_before)
     metric = _metric(config.train)
+    what = str(config.train.objective)
+    if inner.sampled:
+        what = "the sampled softmax (--negatives searched too)"
     if console:
         console.print(
-            f"tuning {config.train.objective} on an inner {inner.kind} split of the train "
+            f"tuning {what} on an inner {inner.kind} split of the train "
             f"ratings ({len(inner.data)} train / {len(inner.val.pairs)} inner val; the outer "
             f"val split is not read): study {settings.study!r}, {done_before} trial(s) done, "
             f"{remaining} to run",
