@@ -194,8 +194,8 @@ def _neighbours(start: dict[str, Any], tune: TuneConfig) -> list[dict[str, Any]]
     # The default half-lives are the best worst case between sets whose own best lies on
     # either side (docs/model.md): a step each way on training's, then on the user solve's.
     # A sampled run first tries more negatives: the one setting that measured better on
-    # the sampled set's inner split (Amazon-CDs: 4x as many, +2.6% Recall@20, at 1.5x the
-    # time; docs/quality.md), where a full softmax has no such knob.
+    # the sampled set's inner split (Amazon-CDs: 4x as many, +3.7% Recall@20 at 1.7x the
+    # time; docs/model.md, "Tuning"), where a full softmax has no such knob.
     candidates = [
         {**start, "negatives": more} if more not in (None, start.get("negatives")) else None,
         scaled("recency_half_life", 0.75),
