@@ -35,10 +35,9 @@ from mfbatch.stages.tune_record import (
 )
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
-from mfbatch.training.build import epoch_budget, l2_strength, new_model
+from mfbatch.training.build import data_plan, epoch_budget, l2_strength, new_model
 from mfbatch.training.device import resolve_device, resolve_threads
 from mfbatch.training.loop import EpochRecord, train_model
-from mfbatch.training.steps import plan
 from mfbatch.training.tensors import Interactions
 from mfbatch.training.validation import Validation, score_of
 
@@ -186,18 +185,19 @@ def _neighbours(start: dict[str, Any], tune: TuneConfig) -> list[dict[str, Any]]
     def scaled(name: str, factor: float) -> dict[str, Any] | None:
         if name not in start:
             return None
-        value = _clip(space, name, start[name] * factor)
+        value: float = _clip(space, name, start[name] * factor)
+        if isinstance(start[name], int):  # a count (negatives) stays whole
+            value = int(value)
         return {**start, name: value} if value != start[name] else None
 
     half = max(min(10, tune.epochs), int(start["epochs"]) // 2)
-    more = int(_clip(space, "negatives", start["negatives"] * 4)) if "negatives" in start else None
     # The default half-lives are the best worst case between sets whose own best lies on
     # either side (docs/model.md): a step each way on training's, then on the user solve's.
     # A sampled run first tries more negatives: the one setting that measured better on
     # the sampled set's inner split (Amazon-CDs: 4x as many, +3.7% Recall@20 at 1.7x the
     # time; docs/model.md, "Tuning"), where a full softmax has no such knob.
     candidates = [
-        {**start, "negatives": more} if more not in (None, start.get("negatives")) else None,
+        scaled("negatives", 4.0),
         scaled("recency_half_life", 0.75),
         scaled("recency_half_life", 1.5),
         scaled("user_half_life", 0.5),
@@ -250,8 +250,7 @@ def _read_inner(config: Config, device: torch.device) -> _Inner:
     )
     assert val is not None
     timed = train["ts_ms"].null_count() == 0
-    active = int(torch.unique(data.users).numel())
-    sampled = plan(settings, dataset.n_items, active, device_type=device.type).loss == "sampled"
+    sampled = data_plan(dataset.n_items, data, settings).loss == "sampled"
     return _Inner(dataset, data, val, kind, timed, sampled)
 
 

@@ -36,8 +36,14 @@ def l2_strength(data: Interactions, config: TrainConfig) -> float:
 
 def plan_for(model: MatrixFactorization, data: Interactions, config: TrainConfig) -> Plan:
     """`plan` for this model and data (its users with ratings) on their device."""
+    return data_plan(model.shape.n_items, data, config)
+
+
+def data_plan(n_items: int, data: Interactions, config: TrainConfig) -> Plan:
+    """`plan` for a catalogue of `n_items` and this data (its users with ratings), before
+    there is a model (tune asks whether its trials will be sampled)."""
     active = int(torch.unique(data.users).numel())
-    return plan(config, model.shape.n_items, active, device_type=data.users.device.type)
+    return plan(config, n_items, active, device_type=data.users.device.type)
 
 
 def new_model(
