@@ -28,6 +28,10 @@ class EpochData:
     # Per rating, in the same order: its interaction weight (UserBatch.counts); None: ones.
     counts: torch.Tensor | None = None
 
+    def steps(self, users_a_step: int) -> int:
+        """A softmax epoch's steps: the users with ratings in batches of `users_a_step`."""
+        return -(-self.active_users.numel() // max(1, users_a_step))
+
     @staticmethod
     def build(
         data: Interactions,

@@ -25,13 +25,7 @@ from mfbatch.training.distributed import Shard
 from mfbatch.training.epoch_data import EpochData
 from mfbatch.training.model import MatrixFactorization
 from mfbatch.training.objectives import UserBatch
-from mfbatch.training.steps import (
-    DenseGrads,
-    FusedAdam,
-    LazyAdam,
-    Plan,
-    make_optimizers,
-)
+from mfbatch.training.steps import DenseGrads, Plan, make_optimizers, user_optimizer
 from mfbatch.training.tensors import Interactions
 from mfbatch.training.validation import Metrics, Validation, score_of, validate
 
@@ -238,7 +232,8 @@ def _setup(
     )
     if run_plan is None:
         run_plan = plan_for(model, data, config)
-    optimizers = make_optimizers(model, config, run_plan)
+    steps = epoch_data.steps(run_plan.batch_size)
+    optimizers = make_optimizers(model, config, run_plan, steps_per_epoch=steps)
     schedulers = [
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule_epochs)
         for opt in optimizers
@@ -378,8 +373,7 @@ def solve_users(
         config.sampler,
         float(config.user_half_life or 0.0),
     )
-    lr = float(config.lr or 0.0)
-    solver = LazyAdam(users, lr=lr) if model.user_emb.sparse else FusedAdam(users, lr=lr)
+    solver = user_optimizer(model, config, epoch_data.steps(run_plan.batch_size))
     generator = torch.Generator(device=data.users.device)
     generator.manual_seed(config.seed + 1)
     loss = 0.0

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mfbatch.config import TrainConfig, epochs_for
-from mfbatch.config.train import MAX_EPOCHS
+from mfbatch.config.train import SAMPLED_MIN_EPOCHS
 from mfbatch.training.model import MatrixFactorization
 
 
@@ -78,15 +78,15 @@ def default_epochs(
     config: TrainConfig, n_items: int, n_users: int, device_type: str = "cpu"
 ) -> int:
     """`config.epochs`, or the default for this data: the step budget (`epochs_for`) when
-    the full softmax is what `plan` picks at that budget, else `MAX_EPOCHS`. The budget
-    is for the exact loss only: the sampled softmax learns less a step, and on Amazon-CDs
-    (the set that samples here) 20 epochs reached 0.1119 / 0.0752 against 0.1532 / 0.1014
-    at 80 on the published split (docs/quality.md)."""
+    the full softmax is what `plan` picks at that budget; for the sampled softmax, the
+    same budget over the sampled plan's steps, at least `SAMPLED_MIN_EPOCHS`."""
     if config.epochs:
         return int(config.epochs)
     full = epochs_for(n_users, int(config.batch_size or 1))
     chosen = plan(config.replace(epochs=full), n_items, n_users, device_type=device_type)
-    return full if chosen.loss == "softmax" else MAX_EPOCHS
+    if chosen.loss == "softmax":
+        return full
+    return epochs_for(n_users, chosen.batch_size, SAMPLED_MIN_EPOCHS)
 
 
 def plan(
@@ -157,8 +157,15 @@ SPARSE_USERS_FROM = 4_000_000
 
 
 def make_optimizers(
-    model: MatrixFactorization, config: TrainConfig, run_plan: Plan | None = None
+    model: MatrixFactorization,
+    config: TrainConfig,
+    run_plan: Plan | None = None,
+    *,
+    steps_per_epoch: int | None = None,
 ) -> list[torch.optim.Optimizer]:
+    """The run's optimizers. `steps_per_epoch` (default: every user of the table in
+    batches of the plan's size) is how long a lazily updated user row waits between its
+    steps (`LazyAdam`)."""
     lr = float(config.lr or 0.0)  # resolved per objective by TrainConfig
     if run_plan is not None and run_plan.loss == "sampled" and config.optimizer != "sparse_adam":
         # A sampled step reads a few thousand item rows; a dense lookup's gradient is a
@@ -171,12 +178,15 @@ def make_optimizers(
         # A softmax step reads every item but only its batch's users: a dense Adam
         # rewrites the whole user table every step, so an epoch costs O(users^2): at 100k
         # users x 256 that was ~90% of it. Those rows get sparse gradients and a lazy Adam
-        # instead (the item side stays dense). Not for small tables: lazy Adam moves a
-        # user only on the one step an epoch that sees them, and measured worse there.
+        # instead (the item side stays dense), which moves a row on its one step an epoch
+        # as far as dense Adam's momentum would over the epoch (`LazyAdam`).
         model.user_emb.sparse = model.user_bias.sparse = True
         users = [model.user_emb.weight, model.user_bias.weight]
         rest = [p for p in model.parameters() if all(p is not u for u in users)]
-        return [LazyAdam(users, lr=lr), FusedAdam(rest, lr=lr)]
+        if steps_per_epoch is None:
+            batch = run_plan.batch_size if run_plan is not None else int(config.batch_size or 1)
+            steps_per_epoch = -(-model.shape.n_users // max(1, batch))
+        return [LazyAdam(users, lr=lr, tail_steps=steps_per_epoch), FusedAdam(rest, lr=lr)]
     if config.optimizer in ("adam", "adamw"):
         decoupled = config.optimizer == "adamw"
         return [
@@ -191,6 +201,18 @@ def make_optimizers(
     if config.optimizer == "adagrad":
         return [torch.optim.Adagrad(model.parameters(), lr=lr)]
     return [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr)]
+
+
+def user_optimizer(
+    model: MatrixFactorization, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.Optimizer:
+    """The user solve's optimizer (mfbatch.training.loop.solve_users): a fresh Adam on the
+    user tables at the run's learning rate, lazy where training's was."""
+    users = [model.user_emb.weight, model.user_bias.weight]
+    lr = float(config.lr or 0.0)
+    if model.user_emb.sparse:
+        return LazyAdam(users, lr=lr, tail_steps=steps_per_epoch)
+    return FusedAdam(users, lr=lr)
 
 
 class _Eager(torch.optim.Optimizer):
@@ -283,10 +305,20 @@ class FusedAdam(_Eager):
 
 
 class LazyAdam(_Eager):
-    """torch.optim.SparseAdam's update (Adam on the rows a sparse gradient touches, the
-    others and their moments left as they are), in a handful of row-wise ops: SparseAdam
-    builds a sparse tensor per moment update and took twice as long (33 vs 16 ms for
-    2,048 rows x 256 on one thread)."""
+    """Adam on the rows a sparse gradient touches, the others left as they are, for tables
+    a step reads a few rows of (big user tables: each user is in one batch an epoch).
+
+    Each touched row moves as far as dense Adam would move it until its next touch, in
+    one step: dense Adam keeps moving a row on momentum for the steps after its gradient,
+    about 1 / (1 - beta1) = 10 times as far as that first step, where torch.optim.SparseAdam
+    moves it once and then not until the next epoch (an epoch's users then moved a tenth
+    of what small tables' users do: on Amazon-CDs' inner split, 20 epochs reached 0.0972
+    Recall@20 against 0.1287 with this step). So the step is scaled by that tail's sum,
+    sum over j < `tail_steps` of (beta1 / sqrt(beta2))^j, and the moments first decay by
+    the steps since the row's last touch, as dense Adam's do. tests/test_objectives.py
+    holds a row to dense Adam's path. Row-wise ops: SparseAdam builds a sparse tensor per
+    moment update and took twice as long (33 vs 16 ms for 2,048 rows x 256, one thread).
+    """
 
     def __init__(
         self,
@@ -294,8 +326,11 @@ class LazyAdam(_Eager):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        tail_steps: int = 1,
     ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        ratio = betas[0] / math.sqrt(betas[1])
+        self.tail = (1 - ratio ** max(1, tail_steps)) / (1 - ratio)
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -311,14 +346,18 @@ class LazyAdam(_Eager):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["touched"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
                 state["step"] += 1
-                exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
+                t = state["step"]
+                idle = (t - 1 - state["touched"].index_select(0, rows)).to(p.dtype).unsqueeze(1)
+                state["touched"].index_fill_(0, rows, t)
+                exp_avg = state["exp_avg"].index_select(0, rows).mul_(beta1**idle)
+                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2**idle)
+                exp_avg.lerp_(values, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(values, values, value=1 - beta2)
                 state["exp_avg"].index_copy_(0, rows, exp_avg)
                 state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
-                t = state["step"]
-                step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                step_size = group["lr"] * self.tail * math.sqrt(1 - beta2**t) / (1 - beta1**t)
                 update = exp_avg.div_(exp_avg_sq.sqrt_().add_(group["eps"]))
                 p.index_add_(0, rows, update, alpha=-step_size)
 
