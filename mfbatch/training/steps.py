@@ -331,9 +331,14 @@ class LazyAdam(_Eager):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
         ratio = betas[0] / math.sqrt(betas[1])
         self.tail = (1 - ratio ** max(1, tail_steps)) / (1 - ratio)
+        # Steps taken, with or without gradients (a distributed rank that owns none of a
+        # batch's users still steps): dense Adam's clock, for the decay and bias correction.
+        self.clock = 0
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
+        self.clock += 1
+        t = self.clock
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -343,12 +348,9 @@ class LazyAdam(_Eager):
                 rows, values = grad.indices()[0], grad.values()
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                     state["touched"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
-                state["step"] += 1
-                t = state["step"]
                 idle = (t - 1 - state["touched"].index_select(0, rows)).to(p.dtype).unsqueeze(1)
                 state["touched"].index_fill_(0, rows, t)
                 exp_avg = state["exp_avg"].index_select(0, rows).mul_(beta1**idle)
