@@ -109,8 +109,8 @@ MAX_EPOCHS = 80
 # A sampled step learns less than a full one, so the sampled softmax's floor is higher.
 # Chosen as the best worst case, on inner random splits carved from train, of the two
 # sets where the floor decides (Amazon-CDs, which samples, and ML-1M LCFN trained
-# sampled; the others reach 80 by the budget): floors 20 / 40 / 80 kept 0.955 / 0.986 /
-# 0.965 of each set's best Recall@20 (docs/model.md, "Defaults").
+# sampled; the others reach 80 by the budget), seeds 0-1: floors 20 / 40 / 80 kept at
+# worst 0.953 / 0.984 / 0.969 of a set's best Recall@20 (docs/model.md, "Defaults").
 SAMPLED_MIN_EPOCHS = 40
 
 
