@@ -364,7 +364,7 @@ def solve_users(
     learned from the whole history, a user's vector now from their recent taste (the
     signal EASE weighs its history row by). The same loss, a fresh Adam on the user
     tables at the run's learning rate; returns the last epoch's mean loss."""
-    users = [model.user_emb.weight, model.user_bias.weight]
+    users = model.user_parameters()
     frozen = [p for p in model.parameters() if all(p is not u for u in users)]
     epoch_data = EpochData.build(
         data,

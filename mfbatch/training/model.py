@@ -45,6 +45,11 @@ class MatrixFactorization(nn.Module):
         self.item_norm: nn.Module = nn.BatchNorm1d(shape.dim) if shape.batch_norm else nn.Identity()
         self.dropout = nn.Dropout(shape.dropout)
 
+    def user_parameters(self) -> list[torch.Tensor]:
+        """The user tables (vectors and biases): what the lazy user update and the user
+        solve step, apart from the rest."""
+        return [self.user_emb.weight, self.user_bias.weight]
+
     def user_vectors(self, users: torch.Tensor) -> torch.Tensor:
         return self.user_rows(users)[1]
 

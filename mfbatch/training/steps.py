@@ -181,7 +181,7 @@ def make_optimizers(
         # instead (the item side stays dense), which moves a row on its one step an epoch
         # as far as dense Adam's momentum would over the epoch (`LazyAdam`).
         model.user_emb.sparse = model.user_bias.sparse = True
-        users = [model.user_emb.weight, model.user_bias.weight]
+        users = model.user_parameters()
         rest = [p for p in model.parameters() if all(p is not u for u in users)]
         if steps_per_epoch is None:
             batch = run_plan.batch_size if run_plan is not None else int(config.batch_size or 1)
@@ -208,7 +208,7 @@ def user_optimizer(
 ) -> torch.optim.Optimizer:
     """The user solve's optimizer (mfbatch.training.loop.solve_users): a fresh Adam on the
     user tables at the run's learning rate, lazy where training's was."""
-    users = [model.user_emb.weight, model.user_bias.weight]
+    users = model.user_parameters()
     lr = float(config.lr or 0.0)
     if model.user_emb.sparse:
         return LazyAdam(users, lr=lr, tail_steps=steps_per_epoch)
