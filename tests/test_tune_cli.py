@@ -201,16 +201,20 @@ def test_the_api_tunes_like_the_command(prepared: Path, tmp_path: Path) -> None:
 def test_a_sampled_search_also_tries_more_negatives(prepared: Path, tmp_path: Path) -> None:
     """Where train's defaults take the sampled softmax the search sets --negatives too:
     trial 0 at train's value, the first neighbour at 4x (the setting that measured better on
-    a sampled set's inner split), every trial within the range; train takes the chosen
+    a sampled set's inner split), the second at twice the epochs, every trial within the
+    range; train takes the chosen
     value. A full-softmax search never sets it (the test above: trial 0 has no such key)."""
     import mfbatch
 
     path = _copy(prepared, tmp_path, "sampled.duckdb")
-    train = {"objective": "sampled", "embedding_dim": 32, "negatives": 300}
-    summary = mfbatch.tune(db=path, trials=3, epochs=2, threads=1, train=train)
+    # The search's fewest epochs are 10: train's 10 leaves room to double within 20.
+    train = {"objective": "sampled", "embedding_dim": 32, "negatives": 300, "epochs": 10}
+    summary = mfbatch.tune(db=path, trials=4, epochs=20, threads=1, train=train)
     trials = [json.loads(params) for _, params, _, _ in _trials(path)]
     assert [t["negatives"] for t in trials[:2]] == [300, 1200]
     assert trials[1] == {**trials[0], "negatives": 1200}
+    # Then twice the epochs: the side of the sampled floor train gives up for time.
+    assert trials[0]["epochs"] == 10 and trials[2] == {**trials[0], "epochs": 20}
     assert all(256 <= t["negatives"] <= 8192 for t in trials)
     assert summary.settings["negatives"] == trials[summary.best_trial]["negatives"]
     mfbatch.train(db=path, threads=1, export_dir=tmp_path, objective="sampled", embedding_dim=32)

@@ -191,13 +191,18 @@ def _neighbours(start: dict[str, Any], tune: TuneConfig) -> list[dict[str, Any]]
         return {**start, name: value} if value != start[name] else None
 
     half = max(min(10, tune.epochs), int(start["epochs"]) // 2)
+    double = min(tune.epochs, 2 * int(start["epochs"]))
     # The default half-lives are the best worst case between sets whose own best lies on
     # either side (docs/model.md): a step each way on training's, then on the user solve's.
     # A sampled run first tries more negatives: the one setting that measured better on
     # the sampled set's inner split (Amazon-CDs: 4x as many, +3.7% Recall@20 at 1.7x the
-    # time; docs/model.md, "Tuning"), where a full softmax has no such knob.
+    # time; docs/model.md, "Tuning"), where a full softmax has no such knob; then twice
+    # the epochs, the side of the sampled floor that train's default gives up for time
+    # (Amazon-CDs' inner split: 80 epochs +1.0% over 40; docs/model.md, "Defaults").
+    sampled = "negatives" in start
     candidates = [
         scaled("negatives", 4.0),
+        {**start, "epochs": double} if sampled and double != start["epochs"] else None,
         scaled("recency_half_life", 0.75),
         scaled("recency_half_life", 1.5),
         scaled("user_half_life", 0.5),
