@@ -202,8 +202,8 @@ def test_a_sampled_search_also_tries_more_negatives(prepared: Path, tmp_path: Pa
     """Where train's defaults take the sampled softmax the search sets --negatives too:
     trial 0 at train's value, the first neighbour at 4x (the setting that measured better on
     a sampled set's inner split), the second at twice the epochs, every trial within the
-    range; train takes the chosen
-    value. A full-softmax search never sets it (the test above: trial 0 has no such key)."""
+    range; train takes the chosen value. A full-softmax search never sets it (the test
+    above: trial 0 has no such key)."""
     import mfbatch
 
     path = _copy(prepared, tmp_path, "sampled.duckdb")

@@ -329,8 +329,7 @@ class LazyAdam(_Eager):
         tail_steps: int = 1,
     ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-        ratio = betas[0] / math.sqrt(betas[1])
-        self.tail = (1 - ratio ** max(1, tail_steps)) / (1 - ratio)
+        self.tail_steps = max(1, tail_steps)
         # Steps taken, with or without gradients (a distributed rank that owns none of a
         # batch's users still steps): dense Adam's clock, for the decay and bias correction.
         self.clock = 0
@@ -341,6 +340,8 @@ class LazyAdam(_Eager):
         t = self.clock
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            ratio = beta1 / math.sqrt(beta2)
+            tail = (1 - ratio**self.tail_steps) / (1 - ratio)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -359,7 +360,7 @@ class LazyAdam(_Eager):
                 exp_avg_sq.mul_(beta2).addcmul_(values, values, value=1 - beta2)
                 state["exp_avg"].index_copy_(0, rows, exp_avg)
                 state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
-                step_size = group["lr"] * self.tail * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                step_size = group["lr"] * tail * math.sqrt(1 - beta2**t) / (1 - beta1**t)
                 update = exp_avg.div_(exp_avg_sq.sqrt_().add_(group["eps"]))
                 p.index_add_(0, rows, update, alpha=-step_size)
 
