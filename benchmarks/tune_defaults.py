@@ -1,10 +1,12 @@
 """How the training defaults were chosen: a grid on an INNER split carved from train.
 
-    python benchmarks/tune_defaults.py DB [--inner user-time|random] [--fraction 0.2]
+    python benchmarks/tune_defaults.py DB [--inner user-time|random] [--fraction F]
                                         [--grid JSON] [--seeds 0] [--objective softmax]
 
-The outer validation split of DB is never read: each user's newest `--fraction` of their
-train ratings (or a random share, `--inner random`) becomes the validation set, every grid
+The outer validation split of DB is never read (only its size: `--fraction` defaults to
+its share of the rows, as `mfbatch tune`'s does; figures before session 8 used 0.2): each
+user's newest `--fraction` of their train ratings (or a random share of the rows, `--inner
+random`) becomes the validation set, every grid
 point trains on the rest for its full epoch budget without early stopping, and is scored
 once (Recall/NDCG@20 with bench_quality's metric function; RMSE for `--objective rating`).
 `--grid` is a JSON list of TrainConfig overrides applied on top of the objective's
@@ -37,6 +39,7 @@ from bench_quality import (
 )
 
 from mfbatch.config import TrainConfig
+from mfbatch.data.transforms import inner_share
 
 SOFTMAX_GRID = [
     {"l2": l2, "batch_size": b, "epochs": e}
@@ -68,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("db")
     parser.add_argument("--inner", default="user-time", choices=["user-time", "random"])
-    parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument("--fraction", type=float, default=None, help="default: the outer share")
     parser.add_argument("--objective", default="softmax")
     parser.add_argument("--grid", default=None)
     parser.add_argument("--seeds", default="0")
@@ -80,7 +83,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     grid = json.loads(args.grid) if args.grid else [{}, *SOFTMAX_GRID, *RECENCY_GRID]
     seeds = [int(s) for s in args.seeds.split(",")]
-    inner = inner_split(load(args.db), args.fraction, args.inner)
+    outer = load(args.db)
+    if args.fraction is None:
+        args.fraction = inner_share(outer.val_u.size, outer.val_u.size + outer.train_u.size)
+    inner = inner_split(outer, args.fraction, args.inner)
     print(
         f"inner split ({args.inner}, {args.fraction}) of {args.db}: train {inner.train_u.size:,}"
         f", inner val {inner.val_u.size:,}; torch threads {torch.get_num_threads()}",

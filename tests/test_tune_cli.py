@@ -15,9 +15,9 @@ import pytest
 
 from mfbatch.config import TuneConfig, l2_for
 from mfbatch.config.train import L2_BASE, RECENCY_HALF_LIFE, USER_HALF_LIFE
-from mfbatch.stages.tune import carve_inner
+from mfbatch.data.transforms import carve_inner, inner_share
 from mfbatch.store import db
-from tests.conftest import STAMP, cli, cli_ok, ok, rows
+from tests.conftest import STAMP, assert_user_error, cli, cli_ok, ok, rows
 
 TUNE = ["--trials", "3", "--epochs", "3", "--threads", "1", "--seed", "0"]
 
@@ -131,14 +131,16 @@ def test_a_failing_trial_is_recorded_and_skipped(prepared: Path, tmp_path: Path)
 
 
 def _inner_train(path: Path) -> pl.DataFrame:
-    """The rows tune trains its trials on: train less the inner split (tune's defaults)."""
+    """The rows tune trains its trials on: train less the inner split (tune's defaults: the
+    outer split's own share)."""
     con = db.connect(path, read_only=True)
     try:
         frame = db.frame(con, "training_ratings", all_splits=False)
     finally:
         con.close()
     train = frame.filter(~pl.col("is_val"))
-    held, _ = carve_inner(train, TuneConfig().inner_fraction, TuneConfig().seed)
+    share = inner_share(int(frame["is_val"].sum()), frame.height)
+    held, _ = carve_inner(train, share, TuneConfig().seed)
     return train.filter(~pl.Series(held))
 
 
@@ -239,3 +241,34 @@ def test_the_log_says_when_the_negatives_are_searched(prepared: Path, tmp_path: 
     assert "tuning the sampled softmax (--negatives searched too) on an inner" in sampled
     full = ok(cli("tune", "--db", path, "--study", "full", *args)).stderr
     assert "tuning softmax on an inner" in full and "negatives" not in full
+
+
+@pytest.mark.parametrize(
+    ("n_val", "n_rows", "share"),
+    [(11, 100, 0.11), (20, 100, 0.2), (1, 100, 0.05), (90, 100, 0.5), (0, 100, 0.2), (5, 5, 0.2)],
+)
+def test_the_inner_share_is_the_outer_splits_own_within_bounds(
+    n_val: int, n_rows: int, share: float
+) -> None:
+    assert inner_share(n_val, n_rows) == pytest.approx(share)
+
+
+def test_the_inner_split_mirrors_the_outer_share_and_a_resume_keeps_it(tmp_path: Path) -> None:
+    path = tmp_path / "tenth.duckdb"
+    cli_ok(
+        "preprocess", "--dataset", "synthetic", "--users", "60", "--items", "40",
+        "--ratings-per-user", "20", "--split", "user-time", "--val-fraction", "0.1", "--db", path,
+    )  # fmt: skip
+    args = ["--db", path, "--epochs", "1", "--threads", "1"]
+    log = " ".join(ok(cli("tune", *args, "--trials", "1")).stderr.split())
+    n_val, n_rows = rows(path, "SELECT sum((split = 'val')::INT), count(*) FROM ratings")[0]
+    share = inner_share(n_val, n_rows)
+    assert 0.09 < share < 0.12  # the outer split's 0.1 (duplicates dropped), not 0.2
+    assert f"({share:g} of each user's: {_inner_train(path).height} train /" in log
+    # Resumed with another share, the study's trials would not compare: refused, kept.
+    before = _trials(path)
+    run = cli("tune", *args, "--trials", "2", "--inner-fraction", "0.3")
+    assert_user_error(run, 2, f"inner split of {share:g}", f"pass --inner-fraction {share:g}")
+    assert _trials(path) == before
+    ok(cli("tune", *args, "--trials", "2", "--inner-fraction", f"{share:g}"))
+    assert len(_trials(path)) == 2

@@ -40,10 +40,11 @@ class TuneConfig(Options):
         description="Most epochs a trial trains; the search picks epochs up to this "
         "(the first trial is train's defaults).",
     )
-    inner_fraction: float = Field(
-        0.2,
+    inner_fraction: float | None = Field(
+        None,
         description="Share of each user's train ratings held out as the inner validation "
-        "(the newest when every rating has a time, else at random).",
+        "(the newest when every rating has a time, else at random; default: the outer "
+        "split's own share, within 0.05-0.5, else 0.2).",
     )
     study: str = Field("default", description="Study name: the same name resumes the search.")
     seed: int = Field(0, description="Seed of the sampler, the inner split and every trial.")
@@ -64,7 +65,7 @@ class TuneConfig(Options):
                 raise ConfigError(f"{flag}: must be a whole number >= 1, got {value!r}")
         if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ConfigError(f"--timeout: must be > 0 seconds, got {self.timeout}")
-        if not 0.0 < self.inner_fraction < 1.0:
+        if self.inner_fraction is not None and not 0.0 < self.inner_fraction < 1.0:
             raise ConfigError(f"--inner-fraction: must be in (0, 1), got {self.inner_fraction}")
         if not self.study.strip():
             raise ConfigError("--study: give the study a name")

@@ -200,6 +200,45 @@ def split_mask(frame: pl.DataFrame, split: SplitConfig, *, origin: str) -> np.nd
     return np.asarray(ranked["newest"].to_numpy() <= take)
 
 
+def carve_inner(train: pl.DataFrame, fraction: float, seed: int) -> tuple[np.ndarray, str]:
+    """A mask over `train`'s rows (sorted by user): the inner validation ratings.
+
+    Per user, round(fraction * n_u) ratings, at least one left to train on: the newest
+    when every rating has a time (like `preprocess --split user-time`), else a seeded random
+    choice. Returns (mask, 'user-time' | 'random')."""
+    users = train["user_idx"].to_numpy()
+    n = users.size
+    timed = train["ts_ms"].null_count() == 0
+    # Newest first within each user (ties broken by item, so the carve is reproducible),
+    # or a seeded random order when some rating has no time.
+    key = -train["ts_ms"].to_numpy() if timed else np.random.default_rng(seed).random(n)
+    order = np.lexsort((train["item_idx"].to_numpy(), key, users))
+    u_sorted = users[order]
+    rank = np.arange(n) - np.searchsorted(u_sorted, u_sorted, side="left")
+    counts = np.bincount(users)[u_sorted]
+    take = np.minimum(np.rint(fraction * counts).astype(np.int64), counts - 1)
+    held = np.zeros(n, dtype=bool)
+    held[order[rank < take]] = True
+    return held, "user-time" if timed else "random"
+
+
+# Inner validation shares (tune, tune_defaults) outside this range say more about a
+# tiny or odd outer split than about the data: a search still needs rows on both sides.
+INNER_SHARE = (0.05, 0.5)
+
+
+def inner_share(n_val: int, n_rows: int, default: float = 0.2) -> float:
+    """The share of rows the outer split holds out, within INNER_SHARE (`default` without
+    one): an inner split carved at it looks like the split that is measured. Carved at 20%
+    where ML-1M LCFN's given split holds out 11% a user, the inner split preferred a per-
+    rating loss by +1.9% that the measured split then lost by 1.3% (docs/model.md)."""
+    if n_val <= 0 or n_rows <= n_val:
+        return default
+    low, high = INNER_SHARE
+    # Three decimals: what the log prints is what `--inner-fraction` takes to resume.
+    return round(min(max(n_val / n_rows, low), high), 3)
+
+
 def val_count(n: int, fraction: float) -> int:
     n_val = int(n * fraction + 0.5)
     # Always leave at least one training row, and give tiny sets one validation row.

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import torch
 from rich.console import Console
 
 from mfbatch.config import Config, TrainConfig, TuneConfig, with_half_lives
 from mfbatch.config.tune import LOG_UNIFORM
+from mfbatch.data.transforms import carve_inner, inner_share
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.stages.train_inputs import Ratings, TrainInputs, interactions
 from mfbatch.stages.tune_record import (
@@ -41,7 +41,7 @@ from mfbatch.training.loop import EpochRecord, train_model
 from mfbatch.training.tensors import Interactions
 from mfbatch.training.validation import Validation, score_of
 
-__all__ = ["TuneSummary", "carve_inner", "journal_path", "tune"]
+__all__ = ["TuneSummary", "journal_path", "tune"]
 
 
 @dataclass(frozen=True)
@@ -72,28 +72,6 @@ class TuneSummary:
             f"{self.trials_finished}, {self.trials_run} run now in {self.seconds:.1f} s: "
             f"{shown}; `mfbatch train` applies these below its flags"
         )
-
-
-def carve_inner(train: pl.DataFrame, fraction: float, seed: int) -> tuple[np.ndarray, str]:
-    """A mask over `train`'s rows (sorted by user): the inner validation ratings.
-
-    Per user, round(fraction * n_u) ratings, at least one left to train on: the newest
-    when every rating has a time (like `preprocess --split user-time`), else a seeded random
-    choice. Returns (mask, 'user-time' | 'random')."""
-    users = train["user_idx"].to_numpy()
-    n = users.size
-    timed = train["ts_ms"].null_count() == 0
-    # Newest first within each user (ties broken by item, so the carve is reproducible),
-    # or a seeded random order when some rating has no time.
-    key = -train["ts_ms"].to_numpy() if timed else np.random.default_rng(seed).random(n)
-    order = np.lexsort((train["item_idx"].to_numpy(), key, users))
-    u_sorted = users[order]
-    rank = np.arange(n) - np.searchsorted(u_sorted, u_sorted, side="left")
-    counts = np.bincount(users)[u_sorted]
-    take = np.minimum(np.rint(fraction * counts).astype(np.int64), counts - 1)
-    held = np.zeros(n, dtype=bool)
-    held[order[rank < take]] = True
-    return held, "user-time" if timed else "random"
 
 
 def _suggest(trial: Any, base: TrainConfig, tune: TuneConfig, inner: _Inner) -> dict[str, Any]:
@@ -224,6 +202,7 @@ class _Inner:
     data: Interactions
     val: Validation
     kind: str
+    fraction: float  # of each user's train ratings held out
     timed: bool
     # Whether train's defaults would take the sampled softmax on these rows (the search
     # then also sets --negatives).
@@ -242,10 +221,12 @@ def _read_inner(config: Config, device: torch.device) -> _Inner:
     train = frame.filter(~pl.col("is_val")).drop("is_val")
     if train.height == 0:
         raise ConfigError(f"{config.db}: the ratings table has no train rows; run preprocess")
-    held, kind = carve_inner(train, config.tune.inner_fraction, config.tune.seed)
+    # The outer split's size (never its rows) sets the inner share when none is given.
+    fraction = config.tune.inner_fraction or inner_share(int(frame["is_val"].sum()), frame.height)
+    held, kind = carve_inner(train, fraction, config.tune.seed)
     if not held.any():
         raise ConfigError(
-            f"--inner-fraction: {config.tune.inner_fraction} holds out no rating of "
+            f"--inner-fraction: {fraction:.3g} holds out no rating of "
             f"{config.db}'s train split (too few ratings per user); raise it"
         )
     inner = train.with_columns(is_val=pl.Series(held))
@@ -256,7 +237,7 @@ def _read_inner(config: Config, device: torch.device) -> _Inner:
     assert val is not None
     timed = train["ts_ms"].null_count() == 0
     sampled = data_plan(dataset.n_items, data, settings).loss == "sampled"
-    return _Inner(dataset, data, val, kind, timed, sampled)
+    return _Inner(dataset, data, val, kind, fraction, timed, sampled)
 
 
 def _objective(
@@ -359,7 +340,7 @@ def _search(
     import optuna
 
     settings = config.tune
-    study = open_study(config, inner.dataset.sha256)
+    study = open_study(config, inner.dataset.sha256, inner.fraction)
     done_before = finished(study)
     remaining = max(0, settings.trials - done_before)
     metric = _metric(config.train)
@@ -368,10 +349,10 @@ def _search(
         what = "the sampled softmax (--negatives searched too)"
     if console:
         console.print(
-            f"tuning {what} on an inner {inner.kind} split of the train "
-            f"ratings ({len(inner.data)} train / {len(inner.val.pairs)} inner val; the outer "
-            f"val split is not read): study {settings.study!r}, {done_before} trial(s) done, "
-            f"{remaining} to run",
+            f"tuning {what} on an inner {inner.kind} split of the train ratings "
+            f"({inner.fraction:g} of each user's: {len(inner.data)} train / "
+            f"{len(inner.val.pairs)} inner val; the outer val split is not read): "
+            f"study {settings.study!r}, {done_before} trial(s) done, {remaining} to run",
             highlight=False,
             soft_wrap=True,
         )

@@ -34,7 +34,7 @@ def hold(config: Config) -> IO[str]:
     return held
 
 
-def open_study(config: Config, sha: str) -> Any:
+def open_study(config: Config, sha: str, inner_fraction: float) -> Any:
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -50,10 +50,20 @@ def open_study(config: Config, sha: str) -> Any:
     if known is None:
         study.set_user_attr("dataset_sha256", sha)
         study.set_user_attr("objective", config.train.objective)
+        study.set_user_attr("inner_fraction", inner_fraction)
     elif known != sha or study.user_attrs.get("objective") != config.train.objective:
         raise ConfigError(
             f"--study: {config.tune.study!r} was searched on other data or another objective "
             f"({journal_path(config.db)}); pass a new --study name"
+        )
+    # Trials scored on different inner splits do not compare (studies from before the
+    # share was recorded were carved at 0.2, the default then).
+    earlier = float(study.user_attrs.get("inner_fraction", 0.2))
+    if abs(earlier - inner_fraction) > 1e-9:
+        raise ConfigError(
+            f"--inner-fraction: study {config.tune.study!r} was searched on an inner split of "
+            f"{earlier:g}, this run's is {inner_fraction:g}; pass --inner-fraction "
+            f"{earlier:g} to resume it, or a new --study name"
         )
     # A trial left RUNNING was cut off with its process: failed, and not counted.
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
