@@ -33,7 +33,7 @@ import numpy as np
 import polars as pl
 
 from mfbatch.artifact.files import ONNX_FILE
-from mfbatch.serving.foldin import fold_in_half_life
+from mfbatch.serving.foldin import fold_in_half_life, fold_in_prior
 
 HOLDOUT = 0.1
 KEEP = 0.8
@@ -229,11 +229,15 @@ def main() -> None:
     trained_items = np.zeros(n_items, dtype=bool)
     trained_items[r["item_idx"][r["version"] == 0]] = True
     usable = trained_items[:model_items]
-    # What score does (the run's fold-in half-life), and the same solve unweighted.
+    # What score does (the run's fold-in half-life and prior), then the same solve with the
+    # constant prior it had before session 8, and unweighted.
     weights = recency_weights(r["user_idx"][pick], r["ts_ms"][pick], half_life)
-    variants = [(m, weights, f"fold-in method={m}") for m in METHODS]
-    variants.append(("softmax", None, "fold-in method=softmax, no recency weights"))
-    for method, w, name in variants:
+    l2, prior_half_life = fold_in_prior(train)
+    prior = recency_weights(r["user_idx"][pick], r["ts_ms"][pick], prior_half_life)
+    variants = [(m, weights, f"fold-in method={m}", l2) for m in METHODS]
+    variants.append(("softmax", weights, "fold-in method=softmax, constant prior 10", None))
+    variants.append(("softmax", None, "fold-in method=softmax, no recency weights", None))
+    for method, w, name, lam in variants:
         started = time.perf_counter()
         vectors = fold_in(
             indptr,
@@ -243,6 +247,8 @@ def main() -> None:
             method=method,
             usable=usable,
             weights=w,
+            frequency_l2=lam,
+            prior_weights=prior if lam is not None else None,
         )
         seconds = time.perf_counter() - started
         scores = np.full((len(users), n_items), -np.inf)

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from mfbatch.artifact.graph import build_graph
 from mfbatch.serving.csr import SeenItems
-from mfbatch.serving.foldin import fold_in, item_tables, method_for
+from mfbatch.serving.foldin import fold_in, fold_in_prior, item_tables, method_for
 from mfbatch.serving.session import Scorer
 
 
@@ -74,6 +74,53 @@ def test_the_fast_solve_reaches_the_weighted_softmax_optimum(weighted: bool) -> 
     if weighted:  # the weights move the solution: they are not ignored
         plain = fold_in(indptr, items, ones, v, method="softmax", l2=2.0, steps=60)
         assert np.abs(plain[:, :6] - fast[:, :6]).max() > 1e-2
+
+
+def test_the_prior_is_trainings_frequency_l2_on_the_users_row() -> None:
+    # Training's L2 on a user's row is λ Σ w_i² (the weights it was last fitted under) in a
+    # per-rating loss: the fold-in's half-scaled solve must land on the optimum at
+    # l2 = 2 λ Σ pw_i², per user, not on one constant for everyone.
+    rng = np.random.default_rng(1)
+    v = _tables(rng, 200, 6)
+    lists = [np.sort(rng.choice(200, size=n, replace=False)) for n in (1, 5, 30, 80)]
+    indptr, items = _csr(lists)
+    ones = np.ones(len(items), dtype=np.float32)
+    w = rng.uniform(0.2, 3.0, len(items)).astype(np.float32)
+    pw = rng.uniform(0.1, 4.0, len(items)).astype(np.float32)
+    fast = fold_in(indptr, items, ones, v, steps=60, weights=w, frequency_l2=0.05, prior_weights=pw)
+    priors = []
+    for row, chosen, lo, hi in zip(fast, lists, indptr[:-1], indptr[1:], strict=True):
+        prior = 2 * 0.05 * float(np.square(pw[lo:hi].astype(np.float64)).sum())
+        priors.append(prior)
+        exact = _newton(chosen, v, prior, w[lo:hi].astype(np.float64))
+        np.testing.assert_allclose(row[:6], exact, atol=2e-3)
+    assert max(priors) / min(priors) > 50  # the users' priors differ: one constant can't pass
+    # Without prior weights the data's own weights count; a user with nothing usable keeps
+    # a zero vector (no 0/0).
+    usable = np.ones(200, dtype=bool)
+    usable[lists[0]] = False
+    own = fold_in(indptr, items, ones, v, steps=60, weights=w, frequency_l2=0.05, usable=usable)
+    assert np.isfinite(own).all() and not own[0, :6].any()
+    lo, hi = indptr[2], indptr[3]
+    exact = _newton(lists[2], v, 0.1 * float(np.square(w[lo:hi]).sum()), w[lo:hi])
+    np.testing.assert_allclose(own[2, :6], exact, atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("train", "prior"),
+    [
+        ({"l2": 0.05, "l2_mode": "frequency", "user_half_life": 0.05, "recency_half_life": 0.3},
+         (0.05, 0.05)),
+        ({"l2": 0.16, "user_half_life": 0.0, "recency_half_life": 0.0}, (0.16, 0.0)),
+        ({"l2": 0.05, "recency_half_life": 0.3}, (0.05, 0.3)),
+        ({"l2": 0.05, "l2_mode": "plain"}, (None, 0.0)),
+        ({"l2": 0.03, "objective": "rating"}, (None, 0.0)),
+        ({"l2": None}, (None, 0.0)),
+        ({"l2": True}, (None, 0.0)),
+    ],
+)  # fmt: skip
+def test_the_prior_follows_the_runs_recorded_l2(train: dict, prior: tuple) -> None:
+    assert fold_in_prior(train) == prior
 
 
 def test_serving_recency_weights_equal_trainings() -> None:

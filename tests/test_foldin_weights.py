@@ -1,4 +1,5 @@
-"""`score` folds a new user in with the weights training gave their ratings (recency)."""
+"""`score` folds a new user in with the weights training gave their ratings (recency), and
+the prior training put on a user's row."""
 
 from __future__ import annotations
 
@@ -49,4 +50,9 @@ def test_score_weighs_a_folded_users_ratings_by_the_runs_recency(tmp_path: Path)
     expected = recency_weights(np.zeros(len(ts), dtype=np.int64), ts, half_life)
     np.testing.assert_allclose(inputs.fold.weights, expected, rtol=1e-6)
     assert inputs.fold.weights.max() / inputs.fold.weights.min() > 1.5
+    # The prior: training's L2 on the user's row, weighed as the user solve weighed it.
+    assert inputs.fold.frequency_l2 == train["l2"] > 0
+    solve = recency_weights(np.zeros(len(ts), dtype=np.int64), ts, train["user_half_life"])
+    assert inputs.fold.prior_weights is not None
+    np.testing.assert_allclose(inputs.fold.prior_weights, solve, rtol=1e-6)
     cli_ok("score", "--db", db, "--threads", "1")

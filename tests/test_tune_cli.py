@@ -158,7 +158,7 @@ def test_train_applies_the_tuned_settings_below_its_flags(prepared: Path, tmp_pa
     defaults = {"embedding_dim": 256, "epochs": 3, "lr": 0.005, "l2": l2_for(per_item)}
     untuned = {
         "temperature": 1.0,
-        "user_exponent": 0.0,
+        "user_exponent": 0.075,
         "recency_half_life": RECENCY_HALF_LIFE,
         "user_half_life": USER_HALF_LIFE,
     }

@@ -38,12 +38,14 @@ def calibrated_half_life(
     half_lives: list[float],
     *,
     seed: int = 0,
+    prior: tuple[float | None, float] = (None, 0.0),
 ) -> tuple[float, dict[float, float]]:
     """The half-life among `half_lives` at which refolding a sample of trained users
     reproduces their own top-K lists best (mean overlap), and each one's overlap.
 
     `ratings`: (user, item, time) of every train rating; `users_aug` [n_users, d+2] and
-    `items_aug_t` [d+2, n_items] are the run's export tables.
+    `items_aug_t` [d+2, n_items] are the run's export tables; `prior`: the (λ, half-life)
+    of `foldin.fold_in_prior`, the prior score's fold-in gives each user.
     """
     users, items, ts = (np.asarray(a) for a in ratings)
     n_items = items_aug_t.shape[1]
@@ -70,10 +72,20 @@ def calibrated_half_life(
         return lists
 
     own = top(users_aug[picked])
+    l2, prior_half_life = prior
+    prior_weights = recency_weights(u, t, prior_half_life) if l2 is not None else None
     overlap: dict[float, float] = {}
     for half_life in half_lives:
         weights = recency_weights(u, t, half_life)
-        folded = fold_in(indptr, i, np.ones(len(i), np.float32), items_aug_t, weights=weights)
+        folded = fold_in(
+            indptr,
+            i,
+            np.ones(len(i), np.float32),
+            items_aug_t,
+            weights=weights,
+            frequency_l2=l2,
+            prior_weights=prior_weights,
+        )
         got = top(folded)
         shared = [
             np.intersect1d(a, b, assume_unique=True).size for a, b in zip(own, got, strict=True)

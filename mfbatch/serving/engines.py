@@ -42,6 +42,10 @@ class FoldIn:
     # Per rating, as training weighed it (recency x the ratings' weight column); None: 1.
     weights: np.ndarray | None = None
     temperature: float = 1.0  # the run's softmax temperature: its loss divides logits by it
+    # The prior training put on a user's row (foldin.fold_in_prior): its frequency-scaled
+    # λ and, per rating, the weights the row was last fitted under; None: the constant.
+    frequency_l2: float | None = None
+    prior_weights: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ def apply_fold_in(
         method=method_for(objective),
         usable=fold.item_usable,
         weights=fold.weights,
+        frequency_l2=fold.frequency_l2,
+        prior_weights=fold.prior_weights,
     )
     return dataclasses.replace(plan, folded_rows=rows)
 

@@ -20,7 +20,7 @@ from mfbatch.artifact.files import check_model
 from mfbatch.errors import ConfigError, InputDataError
 from mfbatch.serving.csr import SeenItems, counts
 from mfbatch.serving.engines import FoldIn
-from mfbatch.serving.foldin import fold_in_half_life, recency_weights
+from mfbatch.serving.foldin import fold_in_half_life, fold_in_prior, recency_weights
 from mfbatch.serving.lists import ListPlan, fitted_counts_less
 from mfbatch.store import db
 from mfbatch.store.datasets import Dataset
@@ -195,12 +195,12 @@ def _fresh(con: Any, all_splits: bool, version: int) -> dict[str, np.ndarray]:
     return fresh
 
 
-def _fold_weights(fresh: dict[str, np.ndarray], run: Run) -> np.ndarray | None:
-    """Per fold-in rating, the weight the run fitted its users with: recency weights at
-    `fold_in_half_life` over each user's ratings (softmax objectives, every rating timed)
-    times the weight column."""
-    settings = run.config.get("train", {})
-    half_life = fold_in_half_life(settings)
+def _fold_weights(
+    fresh: dict[str, np.ndarray], settings: dict[str, Any], half_life: float
+) -> np.ndarray | None:
+    """Per fold-in rating, a weight as the run weighed its users' ratings: recency weights
+    at `half_life` over each user's ratings (softmax objectives, every rating timed) times
+    the weight column."""
     weights = None
     ts = fresh.get("ts_ms")
     # As in training: without a time for every rating there is no order to weigh by.
@@ -235,7 +235,11 @@ def _filters(settings: ScoreConfig) -> str:
 
 
 def _fold_in(
-    fresh: dict[str, np.ndarray], users: np.ndarray, n_users: int, weights: np.ndarray | None
+    fresh: dict[str, np.ndarray],
+    users: np.ndarray,
+    n_users: int,
+    weights: np.ndarray | None,
+    prior: np.ndarray | None,
 ) -> FoldIn:
     """The unseen ratings of the users being scored, grouped by user (CSR)."""
     wanted = np.zeros(n_users, dtype=bool)
@@ -249,6 +253,7 @@ def _fold_in(
         ratings=fresh["rating_norm"][keep].astype(np.float32),
         item_usable=np.zeros(0, dtype=bool),
         weights=None if weights is None else weights[keep],
+        prior_weights=None if prior is None else prior[keep],
     )
 
 
@@ -287,12 +292,16 @@ def load_inputs(config: Config, *, writable: bool = False) -> ScoreInputs:
             "filter keeps, none is left (excluded, or unknown to the run); nothing would be "
             "listed"
         )
-    weights = _fold_weights(stored.fresh, stored.run)
-    fold = _fold_in(stored.fresh, users, dataset.n_users, weights)
+    recorded = stored.run.config.get("train", {})
+    weights = _fold_weights(stored.fresh, recorded, fold_in_half_life(recorded))
+    l2, prior_half_life = fold_in_prior(recorded)
+    prior = _fold_weights(stored.fresh, recorded, prior_half_life) if l2 is not None else None
+    fold = _fold_in(stored.fresh, users, dataset.n_users, weights, prior)
     fold = dataclasses.replace(
         fold,
         item_usable=fitted_items[:model_items] > 0,
-        temperature=float(stored.run.config.get("train", {}).get("temperature") or 1.0),
+        temperature=float(recorded.get("temperature") or 1.0),
+        frequency_l2=l2,
     )
     folded = np.full(dataset.n_users, -1, dtype=np.int64)
     folded[fold.users] = np.arange(len(fold.users))

@@ -22,6 +22,7 @@ from mfbatch.config import Config, TrainConfig, check_sharding, with_half_lives
 from mfbatch.config.train import L2_BASE, l2_for
 from mfbatch.errors import ConfigError, MfbatchError, ModelError, first_line
 from mfbatch.serving.calibrate import calibrated_half_life, candidates
+from mfbatch.serving.foldin import fold_in_prior
 from mfbatch.stages.train_inputs import TrainInputs, interactions, read_inputs
 from mfbatch.stages.train_record import TrainSummary, record_run, save_run, summarise
 from mfbatch.store import db
@@ -256,8 +257,9 @@ def _with_fold_in(
     half_lives = candidates(
         float(settings.user_half_life or 0.0), float(settings.recency_half_life or 0.0)
     )
+    prior = fold_in_prior(settings.model_dump())
     best, overlap = calibrated_half_life(
-        users_aug, items_aug_t, ratings, half_lives, seed=settings.seed
+        users_aug, items_aug_t, ratings, half_lives, seed=settings.seed, prior=prior
     )
     if console:
         shown = ", ".join(f"{h:.3g}: {overlap[h]:.3f}" for h in half_lives)
