@@ -85,7 +85,7 @@ def test_help_shows_defaults_and_no_bool_placeholder() -> None:
     assert "<bool>" not in text
     flat = re.sub(r"[│\s]+", " ", text)  # the help table's cells, joined again
     defaults = (
-        "1,500 steps of --batch-size",
+        "2,160 steps of --batch-size",
         "default 0.005 softmax",
         "softmax/sampled 0.05, raised",
     )
