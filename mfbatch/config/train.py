@@ -102,7 +102,7 @@ def with_half_lives(config: TrainConfig, split_kind: str) -> TrainConfig:
 # from train (docs/model.md, "Defaults"): a set with many users takes many steps an
 # epoch and overfits the item table long before 80 epochs (ML-1M LCFN, 48 steps an
 # epoch: 30 epochs +3.3% Recall@20 over 80 at a 20% inner split; at its given split's own
-# 11%, session 8, 45 epochs +0.7% / +0.9% over 31 and over 60), while sets of a few
+# 11%, session 8, 45 epochs +0.7% / +0.9% over 31, +0.3% / +0.5% over 60), while sets of a few
 # thousand users keep all 80 (ML-1M partial: 80 and 62 tie).
 STEP_BUDGET = 2_160
 MIN_EPOCHS = 20
