@@ -226,7 +226,7 @@ def _read_inner(config: Config, device: torch.device) -> _Inner:
     held, kind = carve_inner(train, fraction, config.tune.seed)
     if not held.any():
         raise ConfigError(
-            f"--inner-fraction: {fraction:.3g} holds out no rating of "
+            f"--inner-fraction: {fraction:g} holds out no rating of "
             f"{config.db}'s train split (too few ratings per user); raise it"
         )
     inner = train.with_columns(is_val=pl.Series(held))
