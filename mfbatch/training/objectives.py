@@ -110,8 +110,9 @@ def user_weights(batch: UserBatch, exponent: float) -> tuple[torch.Tensor, torch
     batch's ratings still sum to their count.
 
     The ranking metrics average over users, while a summed per-rating loss lets the
-    heaviest raters dominate; a partial down-weighting (exponent 0.3) measured better on
-    the inner split (README, "The model"). 0 is the plain per-rating sum.
+    heaviest raters dominate; a slight down-weighting (exponent 0.075, the default) is the
+    best worst case over the five sets' inner splits (docs/model.md, "Defaults"). 0 is the
+    plain per-rating sum.
     """
     if batch.counts is None:
         counts = torch.bincount(batch.rows, minlength=batch.users.numel()).float()
