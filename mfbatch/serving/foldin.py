@@ -141,20 +141,20 @@ def fold_in(
         if weights is None
         else np.asarray(weights, dtype=np.float32)
     )
-    counts = np.square(weights if prior_weights is None else prior_weights, dtype=np.float32)
+    counts = _prior_counts(weights, prior_weights, frequency_l2)
     keep = items < n_items
     if usable is not None:
         keep &= usable[np.minimum(items, n_items - 1)]
     if not keep.all():
         lengths = _segment_sums(keep, indptr)
         items, ratings, weights = items[keep], ratings[keep], weights[keep]
-        counts = counts[keep]
+        counts = None if counts is None else counts[keep]
         indptr = np.concatenate([[0], np.cumsum(lengths)])
     if l2 is None:
         # Measured: softmax on ML-100K strong generalization (README); ridge as the
         # overlap of refolded trained users' lists with their own (tests/test_foldin.py).
         l2 = {"softmax": 10.0, "ridge": 1.0}[method]
-    prior = _priors(indptr, counts, l2, frequency_l2)
+    prior = _priors(indptr, counts, l2)
     n_users = len(indptr) - 1
     rows = np.zeros((n_users, d + 2), dtype=np.float32)
     rows[:, d] = 1.0
@@ -190,23 +190,33 @@ def fold_in(
     return rows
 
 
-def _priors(
-    indptr: np.ndarray, counts: np.ndarray, l2: float, frequency_l2: float | None
-) -> np.ndarray:
-    """[F] float64, each user's prior: `l2`, or training's frequency-scaled L2 on the row.
+def _prior_counts(
+    weights: np.ndarray, prior_weights: np.ndarray | None, frequency_l2: float | None
+) -> np.ndarray | None:
+    """[R] each rating's part of training's frequency-scaled prior, 2 λ w_i² (`_priors`),
+    w the prior's own weights where given; None without a frequency prior."""
+    if frequency_l2 is None:
+        return None
+    shares = weights if prior_weights is None else prior_weights
+    return 2.0 * frequency_l2 * np.square(shares, dtype=np.float32)
 
-    Training's L2 on a user's row is λ Σ w_i² against its per-rating loss (`counts`: w_i²,
-    the weights the row was last fitted under: the user solve's recency weights), so 2 λ
-    Σ w_i² against fold-in's half-scaled one. Training's user exponent (a per-user
-    constant on the data term, 0.075 by default) is left out. Against the constant 10 on
-    ML-100K strong generalization: 0.98x / 0.99x of a retrain where the constant, after
-    the user exponent moved to 0.075, fell to 0.96x / 0.94x (docs/model.md, "Fold-in").
+
+def _priors(indptr: np.ndarray, counts: np.ndarray | None, l2: float) -> np.ndarray:
+    """[F] float64, each user's prior: `l2`, or the sum of the user's `counts`.
+
+    Training's L2 on a user's row is λ Σ w_i² against its per-rating loss (w: the weights
+    the row was last fitted under, the user solve's recency weights), so 2 λ Σ w_i² against
+    fold-in's half-scaled one: `counts` holds 2 λ w_i² per rating. Training's user
+    exponent (a per-user constant on the data term, 0.075 by default) is left out. Against
+    the constant 10 on ML-100K strong generalization: 0.98x / 0.99x of a retrain where the
+    constant, after the user exponent moved to 0.075, fell to 0.96x / 0.94x (docs/model.md,
+    "Fold-in").
     """
     constant = np.full(len(indptr) - 1, l2, dtype=np.float64)
-    if frequency_l2 is None:
+    if counts is None:
         return constant
     total = np.concatenate([[0.0], np.cumsum(counts, dtype=np.float64)])
-    counted = 2.0 * frequency_l2 * (total[indptr[1:]] - total[indptr[:-1]])
+    counted = total[indptr[1:]] - total[indptr[:-1]]
     # A user with no usable rating keeps the constant: a zero prior and no data is 0/0.
     return np.where(counted > 0.0, counted, constant)
 
