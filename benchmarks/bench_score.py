@@ -13,7 +13,7 @@ rated items per user (popularity-skewed), measured in one run:
   (b) floor: an ONNX Runtime graph of Gather + MatMul + TopK with no masking at all, at
       each of several batch sizes; the floor is the fastest of them (all are reported);
   core:      mfbatch's exported graph driven by mfbatch.serving.session.Scorer (masking included),
-             at the batch size the Scorer picks;
+             at the batch size the Scorer picks, one batch queued ahead (as build_lists);
   e2e:       `mfbatch score --db FILE --memory-mb M --quiet`, the command line itself, in a
              fresh interpreter on a DuckDB file holding the same shapes: start-up, the
              CLI's imports, config, reading the db, scoring, the publish, the summary;
@@ -416,8 +416,15 @@ def main() -> None:
         print(f"load average {load_before[0]:.2f}; the scorer picks {batch} users/batch")
 
         def core() -> None:
+            # One batch queued ahead of the one collected, as build_lists runs it.
+            ahead = None
             for start in range(0, args.users, batch):
-                scorer.top_k(all_users[start : start + batch], seen, no_mask, K)
+                pending = scorer.submit_top_k(all_users[start : start + batch], seen, no_mask, K)
+                if ahead is not None:
+                    ahead()
+                ahead = pending
+            if ahead is not None:
+                ahead()
 
         rss: list[float] = []
 

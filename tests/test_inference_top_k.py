@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from inference_oracle import PROPERTY, _mask, _scorer, _seen, _tables
 
 from mfbatch.artifact.graph import build_graph
+from mfbatch.errors import ModelError
 from mfbatch.serving.lists import ListBatch, ListPlan, build_lists, to_arrow
 from mfbatch.serving.session import FAST_CPU_BATCH_MB, Scorer
 from mfbatch.serving.spool import Spooler
@@ -275,6 +276,59 @@ def test_a_batch_split_across_workers_equals_one_worker_and_the_oracle(
     rows_items, rows_scores = many.top_k_rows(users, rows, seen, mask, k)
     np.testing.assert_array_equal(rows_items, items)
     np.testing.assert_allclose(rows_scores, scores, atol=1e-6)
+
+
+def test_queued_batches_on_two_workers_equal_one_worker_and_fail_in_one_line(
+    graphs: Path,
+) -> None:
+    """build_lists queues a batch before collecting the one before it: with two workers
+    (slices of a batch, batches overlapping) the lists equal one worker's, batch by batch,
+    trained, folded-in and cold users mixed; a failure on a worker is one ModelError."""
+    rng = np.random.default_rng(17)
+    n_users, n_items, k = 1500, 60, 5
+    users_aug, items_aug_t = _tables(rng, n_users, n_items, 5)
+    per_user = [
+        sorted(rng.choice(n_items, rng.integers(0, 40), replace=False).tolist())
+        for _ in range(n_users)
+    ]
+    folded = np.full(n_users, -1, dtype=np.int64)
+    folded[::7] = np.arange(len(folded[::7]))
+    plan = ListPlan(
+        users=rng.permutation(n_users),
+        seen=_seen(per_user),
+        item_mask=_mask((rng.random(n_items) > 0.1).tolist()),
+        cold=rng.random(n_users) < 0.05,
+        popularity=rng.integers(1, 50, n_items),
+        k=k,
+        folded=folded,
+        folded_rows=np.ascontiguousarray(users_aug[::7] * 0.5),
+    )
+    path = graphs / "queued.onnx"
+    onnx.save_model(build_graph(users_aug, items_aug_t, {"n_users": n_users}), str(path))
+    one = Scorer(path, provider="cpu", threads=1)
+    two = Scorer(path, provider="cpu", threads=2)
+    for batch in (517, 600, n_users):  # two slices a batch, and one batch for everyone
+        alone = list(build_lists(one, plan, batch))
+        queued = list(build_lists(two, plan, batch))
+        assert len(queued) == len(alone) == -(-n_users // batch)
+        for a, b in zip(alone, queued, strict=True):
+            np.testing.assert_array_equal(a.users, b.users)
+            np.testing.assert_array_equal(a.items, b.items)
+            np.testing.assert_array_equal(a.scores, b.scores)
+            np.testing.assert_array_equal(a.from_model, b.from_model)
+    # Several queued at once, collected out of order: each is still its own batch's lists.
+    parts = [plan.users[i : i + 300] for i in range(0, 1200, 300)]
+    pending = [two.submit_top_k(u, plan.seen, plan.item_mask, k) for u in parts]
+    for users, wait in reversed(list(zip(parts, pending, strict=True))):
+        items, scores = wait()
+        want_items, want_scores = one.top_k(users, plan.seen, plan.item_mask, k)
+        np.testing.assert_array_equal(items, want_items)
+        np.testing.assert_array_equal(scores, want_scores)
+    # A user index past the model's table fails inside ORT, on a worker: the caller gets
+    # the one-line error when it collects, not a traceback from another thread.
+    broken = two.submit_top_k(np.arange(n_users, n_users + 600), plan.seen, plan.item_mask, k)
+    with pytest.raises(ModelError, match="ONNX Runtime failed on a batch of 600 users"):
+        broken()
 
 
 def test_a_failure_on_the_writer_thread_reaches_the_caller(graphs: Path, tmp_path: Path) -> None:

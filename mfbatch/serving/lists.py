@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from mfbatch.serving.csr import SeenItems
-from mfbatch.serving.session import Scorer
+from mfbatch.serving.session import Pending, Scorer
 
 MODEL = "model"
 POPULARITY = "popularity"
@@ -165,34 +165,64 @@ def popularity_top_k(
     return items, scores
 
 
-def build_lists(scorer: Scorer, plan: ListPlan, batch_size: int) -> Iterator[ListBatch]:
-    """The plan's users in batches: the graph for trained users, popularity for cold ones."""
-    k = plan.k
-    for start in range(0, len(plan.users), batch_size):
-        users = plan.users[start : start + batch_size]
-        cold = plan.cold[users]
-        folded = np.zeros(len(users), dtype=bool)
-        if plan.folded is not None:
-            folded = (plan.folded[users] >= 0) & ~cold
+@dataclass(frozen=True)
+class _Started:
+    """A batch whose trained users are queued on the scorer."""
+
+    users: np.ndarray
+    cold: np.ndarray
+    folded: np.ndarray
+    warm: Pending | None
+
+
+def _start(scorer: Scorer, plan: ListPlan, users: np.ndarray) -> _Started:
+    cold = plan.cold[users]
+    folded = np.zeros(len(users), dtype=bool)
+    if plan.folded is not None:
+        folded = (plan.folded[users] >= 0) & ~cold
+    warm = ~cold & ~folded
+    pending = (
+        scorer.submit_top_k(users[warm], plan.seen, plan.item_mask, plan.k) if warm.any() else None
+    )
+    return _Started(users, cold, folded, pending)
+
+
+def _finish(scorer: Scorer, plan: ListPlan, batch: _Started) -> ListBatch:
+    users, cold, folded, k = batch.users, batch.cold, batch.folded, plan.k
+    items = np.full((len(users), k), -1, dtype=np.int64)
+    scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+    if batch.warm is not None:
         warm = ~cold & ~folded
-        items = np.full((len(users), k), -1, dtype=np.int64)
-        scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-        if warm.any():
-            warm_items, warm_scores = scorer.top_k(users[warm], plan.seen, plan.item_mask, k)
-            items[warm], scores[warm] = warm_items, warm_scores
-        if folded.any():
-            assert plan.folded is not None and plan.folded_rows is not None
-            rows = plan.folded_rows[plan.folded[users[folded]]]
-            fold_items, fold_scores = scorer.top_k_rows(
-                users[folded], rows, plan.seen, plan.item_mask, k
-            )
-            items[folded], scores[folded] = fold_items, fold_scores
-        if cold.any():
-            cold_items, cold_scores = popularity_top_k(
-                users[cold], plan.seen, plan.item_mask, plan.popularity, k
-            )
-            items[cold], scores[cold] = cold_items, cold_scores
-        yield ListBatch(users, items, scores, ~cold, folded)
+        items[warm], scores[warm] = batch.warm()
+    if folded.any():
+        assert plan.folded is not None and plan.folded_rows is not None
+        rows = plan.folded_rows[plan.folded[users[folded]]]
+        fold_items, fold_scores = scorer.top_k_rows(
+            users[folded], rows, plan.seen, plan.item_mask, k
+        )
+        items[folded], scores[folded] = fold_items, fold_scores
+    if cold.any():
+        cold_items, cold_scores = popularity_top_k(
+            users[cold], plan.seen, plan.item_mask, plan.popularity, k
+        )
+        items[cold], scores[cold] = cold_items, cold_scores
+    return ListBatch(users, items, scores, ~cold, folded)
+
+
+def build_lists(scorer: Scorer, plan: ListPlan, batch_size: int) -> Iterator[ListBatch]:
+    """The plan's users in batches: the graph for trained users, popularity for cold ones.
+
+    Each batch's trained users are queued before the one before it is assembled and
+    handed on, so the scorer's workers never wait for the caller.
+    """
+    ahead: _Started | None = None
+    for start in range(0, len(plan.users), batch_size):
+        started = _start(scorer, plan, plan.users[start : start + batch_size])
+        if ahead is not None:
+            yield _finish(scorer, plan, ahead)
+        ahead = started
+    if ahead is not None:
+        yield _finish(scorer, plan, ahead)
 
 
 def to_arrow(batch: ListBatch, user_ids: pa.Array, item_ids: pa.Array) -> pa.Table:
