@@ -250,10 +250,13 @@ class Scorer:
         # overhead than a second core gives back.
         slices = int(np.clip(len(users) // 256, 1, self._workers))
         bounds = np.linspace(0, len(users), slices + 1).astype(np.int64)
+        # Each worker's buffer is sized for the batch's largest slice, whichever it gets:
+        # slices one row apart would otherwise make it again.
+        rows = int(np.diff(bounds).max())
         name, values = feed
 
         def run(lo: int, hi: int) -> list[np.ndarray]:
-            scores = self._buffer(hi - lo, n_items)
+            scores = self._buffer(rows, n_items)[: hi - lo]
             return self._top_k_slice(
                 session, (name, values[lo:hi]), users[lo:hi], scores, seen, denied, k
             )
