@@ -221,8 +221,9 @@ class Scorer:
         return int(np.clip(budget // per_user, 1, 16384))
 
     def _buffer(self, rows: int, n_items: int) -> np.ndarray:
-        """This thread's [rows, n_items] score buffer: each worker scores into its own, so
-        no slice writes where another does, however many batches are in flight."""
+        """This thread's [rows, n_items] score buffer (one per thread that scores: the
+        workers, or the caller with one thread): no slice writes where another does,
+        however many batches are in flight."""
         key = threading.get_ident()
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != n_items:
@@ -331,29 +332,43 @@ class Scorer:
         """Like top_k, for users given as rows [B, d+2] (folded in) instead of indices."""
         users = np.ascontiguousarray(users, dtype=np.int64)
         rows = np.ascontiguousarray(rows, dtype=np.float32)
+        return self._queue(self._vectors_session, ("user_rows", rows), users, seen, item_mask, k)()
+
+    def _scores_session(self) -> ort.InferenceSession:
+        """What `users` go through: the split graph's first half, or the whole graph."""
+        session = self._split[0] if self._split is not None else self.session
+        assert session is not None
+        return session
+
+    def _queue(
+        self,
+        session: Callable[[], ort.InferenceSession],
+        feed: tuple[str, np.ndarray],
+        users: np.ndarray,
+        seen: SeenItems,
+        item_mask: np.ndarray,
+        k: int,
+    ) -> Pending:
+        """`feed` through `session()`: sliced on the workers (the split graph, CPU), or the
+        whole graph at once (CUDA, the oracle variant); a call that collects the lists."""
         item_mask = np.ascontiguousarray(item_mask[: self.n_items], dtype=np.float32)
         if self._split is not None:
             return self._guarded(
                 len(users),
-                lambda: self._submit_split(
-                    self._vectors_session(), ("user_rows", rows), users, seen, item_mask, k
-                ),
-            )()
-        feed = {"user_rows": rows, "seen": self._known_pairs(seen, users)}
-        return self._guarded(len(users), self._whole(self._vectors_session(), feed, item_mask, k))()
+                lambda: self._submit_split(session(), feed, users, seen, item_mask, k),
+            )
 
-    @staticmethod
-    def _whole(
-        session: ort.InferenceSession, feed: dict[str, np.ndarray], item_mask: np.ndarray, k: int
-    ) -> Callable[[], Pending]:
-        """The whole graph (CUDA, or the oracle variant) over one batch, run when collected."""
-
-        def run() -> Pending:
-            inputs = {**feed, "item_mask": item_mask, "k": np.array([k], dtype=np.int64)}
-            items, scores = session.run(["top_items", "top_scores"], inputs)
+        def whole() -> Pending:
+            inputs = {
+                feed[0]: feed[1],
+                "seen": self._known_pairs(seen, users),
+                "item_mask": item_mask,
+                "k": np.array([k], dtype=np.int64),
+            }
+            items, scores = session().run(["top_items", "top_scores"], inputs)
             return lambda: (items, scores)
 
-        return run
+        return self._guarded(len(users), whole)
 
     @staticmethod
     def _guarded(n: int, start: Callable[[], Pending]) -> Pending:
@@ -388,19 +403,7 @@ class Scorer:
         over the next batch, assembles the last one); elsewhere the batch runs here.
         """
         users = np.ascontiguousarray(users, dtype=np.int64)
-        item_mask = np.ascontiguousarray(item_mask[: self.n_items], dtype=np.float32)
-        if self._split is not None:
-            scores_session = self._split[0]
-            return self._guarded(
-                len(users),
-                lambda: self._submit_split(
-                    scores_session, ("users", users), users, seen, item_mask, k
-                ),
-            )
-        session = self.session
-        assert session is not None
-        feed = {"users": users, "seen": self._known_pairs(seen, users)}
-        return self._guarded(len(users), self._whole(session, feed, item_mask, k))
+        return self._queue(self._scores_session, ("users", users), users, seen, item_mask, k)
 
     def top_k(
         self, users: np.ndarray, seen: SeenItems, item_mask: np.ndarray, k: int
