@@ -331,6 +331,30 @@ def test_queued_batches_on_two_workers_equal_one_worker_and_fail_in_one_line(
         broken()
 
 
+def test_workers_hold_no_more_score_rows_than_one_batch(graphs: Path) -> None:
+    """Batches queued ahead and workers that take turns at them: together the workers' score
+    buffers hold one batch's rows (what --memory-mb sizes), never one per slice in flight."""
+    rng = np.random.default_rng(19)
+    n_users, n_items, workers, batch = 4000, 40, 4, 600
+    users_aug, items_aug_t = _tables(rng, n_users, n_items, 4)
+    path = graphs / "budget.onnx"
+    onnx.save_model(build_graph(users_aug, items_aug_t, {"n_users": n_users}), str(path))
+    scorer = Scorer(path, provider="cpu", threads=workers)
+    plan = ListPlan(
+        users=np.arange(n_users),
+        seen=_seen([[u % n_items] for u in range(n_users)]),
+        item_mask=np.zeros(n_items, dtype=np.float32),
+        cold=np.zeros(n_users, dtype=bool),
+        popularity=np.ones(n_items, dtype=np.int64),
+        k=3,
+    )
+    for _ in range(3):
+        assert sum(len(b.users) for b in build_lists(scorer, plan, batch)) == n_users
+    held = [buffer.shape[0] for buffer in scorer._buffers.values()]
+    assert len(held) <= workers
+    assert sum(held) <= batch + workers  # one batch, give or take a row a slice
+
+
 def test_a_failure_on_the_writer_thread_reaches_the_caller(graphs: Path, tmp_path: Path) -> None:
     calls = 0
     error = OSError(28, "No space left on device")
