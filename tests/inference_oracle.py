@@ -38,6 +38,14 @@ def _scorer(
     return Scorer(path, provider="cpu", threads=1, graph=graph)
 
 
+def _rated(rng: np.random.Generator, n_users: int, n_items: int, below: int) -> list[list[int]]:
+    """Per user, a random sorted set of fewer than `below` distinct items."""
+    return [
+        sorted(rng.choice(n_items, rng.integers(0, below), replace=False).tolist())
+        for _ in range(n_users)
+    ]
+
+
 def _seen(per_user: list[list[int]]) -> SeenItems:
     """CSR from per-user item lists, the way score.py builds it from DuckDB (int32 columns)."""
     users = np.array([u for u, items in enumerate(per_user) for _ in items], dtype=np.int32)

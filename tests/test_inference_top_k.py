@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from inference_oracle import PROPERTY, _mask, _scorer, _seen, _tables
+from inference_oracle import PROPERTY, _mask, _rated, _scorer, _seen, _tables
 
 from mfbatch.artifact.graph import build_graph
 from mfbatch.errors import ModelError
@@ -117,10 +117,7 @@ def test_top_k_equals_a_numpy_argsort(
     rng = np.random.default_rng(seed)
     n_users, n_items = 9, 23
     users_aug, items_aug_t = _tables(rng, n_users, n_items, 5)
-    per_user = [
-        sorted(rng.choice(n_items, rng.integers(0, 12), replace=False).tolist())
-        for _ in range(n_users)
-    ]
+    per_user = _rated(rng, n_users, n_items, 12)
     per_user[0] = list(range(n_items - 2))  # fewer than k candidates for most k
     mask = _mask((rng.random(n_items) >= deny).tolist())
     batch = rng.permutation(n_users)
@@ -154,10 +151,7 @@ def test_batch_equals_one_user_at_a_time(graphs: Path, graph: str) -> None:
     rng = np.random.default_rng(11)
     n_users, n_items, k = 20, 31, 8
     users_aug, items_aug_t = _tables(rng, n_users, n_items, 7)
-    per_user = [
-        sorted(rng.choice(n_items, rng.integers(0, 26), replace=False).tolist())
-        for _ in range(n_users)
-    ]
+    per_user = _rated(rng, n_users, n_items, 26)
     seen = _seen(per_user)
     mask = _mask((rng.random(n_items) > 0.2).tolist())
     scorer = _scorer(graphs, users_aug, items_aug_t, graph)
@@ -208,10 +202,7 @@ def test_every_path_through_the_spool_equals_the_oracle(
     rng = np.random.default_rng(5)
     n_users, n_items, k = 41, 57, 7
     users_aug, items_aug_t = _tables(rng, n_users, n_items, 6)
-    per_user = [
-        sorted(rng.choice(n_items, rng.integers(0, 30), replace=False).tolist())
-        for _ in range(n_users)
-    ]
+    per_user = _rated(rng, n_users, n_items, 30)
     per_user[3] = list(range(36))  # fewer than k allowed items left
     allowed = (rng.random(n_items) > 0.15).tolist()  # a deny list...
     allowed[40:] = [False] * (n_items - 40)  # ...and an allow list of the first 40 items
@@ -254,10 +245,7 @@ def test_a_batch_split_across_workers_equals_one_worker_and_the_oracle(
     rng = np.random.default_rng(13)
     n_users, n_items, k = 1000, 50, 6
     users_aug, items_aug_t = _tables(rng, n_users, n_items, 5)
-    per_user = [
-        sorted(rng.choice(n_items, rng.integers(0, 47), replace=False).tolist())
-        for _ in range(n_users)
-    ]
+    per_user = _rated(rng, n_users, n_items, 47)
     allowed = (rng.random(n_items) > 0.2).tolist()
     mask, seen, users = _mask(allowed), _seen(per_user), rng.permutation(n_users)
     path = graphs / "sliced.onnx"
@@ -287,10 +275,7 @@ def test_queued_batches_on_two_workers_equal_one_worker_and_fail_in_one_line(
     rng = np.random.default_rng(17)
     n_users, n_items, k = 1500, 60, 5
     users_aug, items_aug_t = _tables(rng, n_users, n_items, 5)
-    per_user = [
-        sorted(rng.choice(n_items, rng.integers(0, 40), replace=False).tolist())
-        for _ in range(n_users)
-    ]
+    per_user = _rated(rng, n_users, n_items, 40)
     folded = np.full(n_users, -1, dtype=np.int64)
     folded[::7] = np.arange(len(folded[::7]))
     plan = ListPlan(
