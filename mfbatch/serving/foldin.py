@@ -53,6 +53,12 @@ def fold_in_half_life(train: Mapping[str, Any]) -> float:
         return 0.0
     if train.get("fold_in_half_life") is not None:  # calibrated or given (0: unweighted)
         return float(train["fold_in_half_life"])
+    return _fitted_half_life(train)
+
+
+def _fitted_half_life(train: Mapping[str, Any]) -> float:
+    """The recency half-life the run's users' rows were last fitted under: the user
+    solve's, else training's (0: unweighted)."""
     return float(train.get("user_half_life") or train.get("recency_half_life") or 0.0)
 
 
@@ -70,7 +76,7 @@ def fold_in_prior(train: Mapping[str, Any]) -> tuple[float | None, float]:
         or l2 <= 0
     ):
         return None, 0.0
-    return float(l2), float(train.get("user_half_life") or train.get("recency_half_life") or 0.0)
+    return float(l2), _fitted_half_life(train)
 
 
 def recency_weights(users: np.ndarray, ts: np.ndarray, half_life: float) -> np.ndarray:
@@ -215,14 +221,13 @@ def _priors(indptr: np.ndarray, counts: np.ndarray | None, l2: float) -> np.ndar
     constant = np.full(len(indptr) - 1, l2, dtype=np.float64)
     if counts is None:
         return constant
-    total = np.concatenate([[0.0], np.cumsum(counts, dtype=np.float64)])
-    counted = total[indptr[1:]] - total[indptr[:-1]]
+    counted = _segment_sums(counts, indptr, np.float64)
     # A user with no usable rating keeps the constant: a zero prior and no data is 0/0.
     return np.where(counted > 0.0, counted, constant)
 
 
-def _segment_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-    cumulative = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+def _segment_sums(values: np.ndarray, indptr: np.ndarray, dtype: type = np.int64) -> np.ndarray:
+    cumulative = np.concatenate([[0], np.cumsum(values, dtype=dtype)])
     return cumulative[indptr[1:]] - cumulative[indptr[:-1]]
 
 

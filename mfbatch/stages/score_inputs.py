@@ -293,9 +293,13 @@ def load_inputs(config: Config, *, writable: bool = False) -> ScoreInputs:
             "listed"
         )
     recorded = stored.run.config.get("train", {})
-    weights = _fold_weights(stored.fresh, recorded, fold_in_half_life(recorded))
+    half_life = fold_in_half_life(recorded)
+    weights = _fold_weights(stored.fresh, recorded, half_life)
     l2, prior_half_life = fold_in_prior(recorded)
-    prior = _fold_weights(stored.fresh, recorded, prior_half_life) if l2 is not None else None
+    prior = None
+    if l2 is not None:  # the same weights unless calibration moved fold-in's half-life
+        same = prior_half_life == half_life
+        prior = weights if same else _fold_weights(stored.fresh, recorded, prior_half_life)
     fold = _fold_in(stored.fresh, users, dataset.n_users, weights, prior)
     fold = dataclasses.replace(
         fold,
